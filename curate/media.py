@@ -1,9 +1,253 @@
-"""Media stages (download → image dedup → re-balance → shards). PLACEHOLDER being filled in by the media work."""
+"""Media stages after selection: download → image dedup → re-balance → shards (recipe section ``media:``).
+
+``curate build`` calls :func:`run_media` once the selection parquet exists; ``curate download BUILD``,
+``curate shard BUILD`` and ``curate retry-failed BUILD`` (registered by :func:`register`) run parts of it on an
+existing build. Every stage records its verdicts in the build's catalog (``decisions`` with stage
+``download`` / ``image_dedup`` / ``rebalance``) and its parameters + input digest in ``stages``, so a rerun
+skips what is done, resumes what was killed, and redoes exactly the stages whose inputs changed (e.g. after
+``retry-failed`` brought back images). Details: docs/media.md.
+
+Stage order and inputs:
+
+1. ``download`` (:mod:`curate.download`): img2dataset for URL rows, decode check for local rows;
+2. ``image_dedup`` (:mod:`curate.imagededup`): exact sha256, pHash near-dups, optional SemDeDup;
+3. ``rebalance``: :func:`curate.balance.run_balance` on the survivors (stage name ``rebalance``), with the
+   build's own ``balance:`` settings unless ``media.rebalance.balance`` overrides them; per-concept losses and
+   the shortfall below ``floor`` go to ``media/report.json``;
+4. ``shards`` (:mod:`curate.shards`): webdataset tars + sizes.json + index.parquet + HF dataset card.
+"""
 
 from __future__ import annotations
 
-from curate.recipe import Strict
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from curate.balance import BalanceConfig
+from curate.catalog import Catalog
+from curate.download import DownloadConfig, download_counts, load_selection, retry_failed, run_download
+from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
+from curate.recipe import RecipeError, Strict, parse, read_yaml
+from curate.shards import ShardConfig, run_shards
+
+REBALANCE = "rebalance"
+DEDUP = "image_dedup"
+
+
+class RebalanceConfig(Strict):
+    """``media.rebalance``: re-run balancing on what survived download and dedup."""
+
+    enabled: bool = True
+    balance: Optional[BalanceConfig] = None  # None: the build's own ``balance:`` settings
 
 
 class MediaRecipe(Strict):
-    """Recipe section ``media:``; filled in by the download/shards work."""
+    """Recipe section ``media:``."""
+
+    download: DownloadConfig = DownloadConfig()
+    image_dedup: ImageDedupConfig = ImageDedupConfig()
+    rebalance: RebalanceConfig = RebalanceConfig()
+    shards: ShardConfig = ShardConfig()
+
+
+# --------------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _params(cat: Catalog, stage: str) -> Optional[dict]:
+    row = cat.execute("SELECT params FROM stages WHERE stage = ?", [stage]).fetchone()
+    return json.loads(row[0]) if row and row[0] else None
+
+
+def _stage(cat: Catalog, stage: str, params: dict, run, clear_later: list[str]):
+    """Run ``run()`` unless ``stage`` is done with ``params``; a rerun first clears the later stages."""
+    if cat.stage_done(stage, params):
+        return None
+    with cat.transaction():
+        for s in clear_later + [stage]:
+            cat.clear_decisions(s)
+            cat.execute("DELETE FROM balance_report WHERE stage = ?", [s])
+            cat.invalidate([s])
+        cat.mark_started(stage, params)
+    out = run()
+    cat.mark_done(stage)
+    return out
+
+
+def _survivors_sql() -> str:
+    return """SELECT m.uid FROM media_rows m JOIN downloads d USING (uid) WHERE d.status = 'success'
+              AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept)"""
+
+
+def balance_settings(cat: Catalog, cfg: RebalanceConfig) -> BalanceConfig:
+    if cfg.balance is not None:
+        return cfg.balance
+    p = _params(cat, "balance")
+    return BalanceConfig.model_validate(p) if p else BalanceConfig()
+
+
+def concept_losses(cat: Catalog, floor: int = 0) -> list[dict]:
+    """Per concept: samples in the selection, stored, after image dedup, final, and the shortfall below floor."""
+    rows = cat.execute(f"""
+        WITH c AS (SELECT uid, unnest(concept_ids) AS concept_id FROM media_rows),
+        st AS (SELECT uid FROM downloads WHERE status = 'success'),
+        dd AS (SELECT uid FROM st WHERE NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = st.uid AND NOT x.kept
+                                                    AND x.stage <> '{REBALANCE}')),
+        fin AS ({_survivors_sql()})
+        SELECT concept_id, count(*) AS selected,
+               count(*) FILTER (WHERE uid IN (SELECT uid FROM st)) AS stored,
+               count(*) FILTER (WHERE uid IN (SELECT uid FROM dd)) AS after_dedup,
+               count(*) FILTER (WHERE uid IN (SELECT uid FROM fin)) AS final
+        FROM c GROUP BY 1 ORDER BY selected - final DESC, concept_id""").fetchall()
+    return [{"concept_id": c, "selected": s, "stored": a, "after_dedup": d, "final": f,
+             "shortfall": max(floor - f, 0)} for c, s, a, d, f in rows]
+
+
+def run_rebalance(cat: Catalog, cfg: RebalanceConfig, progress: bool = True):
+    from curate.balance import run_balance
+
+    return run_balance(cat, balance_settings(cat, cfg), stage=REBALANCE, candidates_sql=_survivors_sql(),
+                       progress=progress)
+
+
+def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path, progress: bool = True,
+                       encoder=None) -> dict:
+    """Image dedup → re-balance → shards on the current downloads; returns the media report."""
+    build_dir = Path(build_dir)
+    fmt = recipe.download.encode_format
+    dedup_params = {**recipe.image_dedup.model_dump(), "input": candidates_digest(cat)}
+    res = _stage(cat, DEDUP, dedup_params,
+                 lambda: run_image_dedup(cat, recipe.image_dedup, build_dir, fmt, encoder=encoder, progress=progress),
+                 [REBALANCE])
+    if res is not None:
+        log(f"  image_dedup: {res.candidates:,} images, dropped {res.dropped}")
+    bal = balance_settings(cat, recipe.rebalance)
+    if recipe.rebalance.enabled:
+        h = hashlib.sha1("\n".join(sorted(r[0] for r in cat.execute(
+            _survivors_sql().replace("NOT x.kept", f"NOT x.kept AND x.stage <> '{REBALANCE}'")).fetchall())).encode())
+        rb_params = {"balance": bal.model_dump(), "input": h.hexdigest()[:16]}
+        rep = _stage(cat, REBALANCE, rb_params, lambda: run_rebalance(cat, recipe.rebalance, progress), [])
+        if rep is not None:
+            log(f"  {rep.summary()}")
+    else:
+        with cat.transaction():
+            cat.clear_decisions(REBALANCE)
+            cat.invalidate([REBALANCE])
+    report: dict = {"downloads": download_counts(cat),
+                    "image_dedup": dict(cat.execute(
+                        f"SELECT split_part(reason, ' (', 1), count(*) FROM decisions WHERE stage = '{DEDUP}' "
+                        "GROUP BY 1 ORDER BY 1").fetchall()),
+                    "rebalance_dropped": int(cat.scalar(
+                        f"SELECT count(*) FROM decisions WHERE stage = '{REBALANCE}' AND NOT kept") or 0),
+                    "concepts": concept_losses(cat, bal.floor if recipe.rebalance.enabled else 0)}
+    report["concepts_short"] = sum(1 for c in report["concepts"] if c["shortfall"] > 0)
+    if recipe.shards.enabled:
+        sr = run_shards(cat, recipe.shards, build_dir, fmt, progress=progress)
+        report["shards"] = {"dir": str(sr.out_dir), "shards": sr.shards, "samples": sr.samples}
+        log(f"  shards: {sr.samples:,} samples in {sr.shards:,} shards at {sr.out_dir} ({sr.written} written now)")
+    out = build_dir / "media" / "report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    if report["concepts_short"]:
+        log(f"  {report['concepts_short']:,} concepts below the floor after losses (see {out})")
+    return report
+
+
+def run_media(cat: Catalog, recipe: MediaRecipe, selection_path: str | Path, build_dir: str | Path,
+              progress: bool = True, encoder=None) -> dict:
+    """All media stages over the selection parquet (resumable; see the module doc). Returns the report."""
+    if selection_path is None or not Path(selection_path).exists():
+        raise RecipeError(f"media: selection parquet not found: {selection_path}")
+    load_selection(cat, selection_path)
+    if recipe.download.enabled:
+        counts = run_download(cat, recipe.download, build_dir, progress=progress)
+        log(f"  download: {counts}")
+    return run_after_download(cat, recipe, build_dir, progress=progress, encoder=encoder)
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI: curate download | shard | retry-failed
+# --------------------------------------------------------------------------------------------------------
+def load_media_recipe(build: Path, recipe: str | None = None) -> tuple[MediaRecipe, dict]:
+    """The ``media`` section of ``recipe`` (full recipe or bare section) or of ``BUILD/recipe.yaml``."""
+    path = Path(recipe) if recipe else build / "recipe.yaml"
+    data = read_yaml(path)
+    section = data.get("media", None) if ("media" in data or "sources" in data) else data
+    if section is None:
+        raise RecipeError(f"{path}: no media section (add `media:` to the recipe or pass --recipe)")
+    return parse(MediaRecipe, section, f"{path}: media"), data
+
+
+def _selection_of(build: Path, data: dict, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    name = (data.get("output") or {}).get("selection", "selection.parquet")
+    return build / name
+
+
+def _cmd(args) -> int:
+    build = Path(args.build)
+    try:
+        if not (build / "catalog.duckdb").exists():
+            raise RecipeError(f"{build}: no catalog.duckdb here (run `curate build` first)")
+        recipe, data = load_media_recipe(build, args.recipe)
+        over = {k: v for k, v in (("seed", getattr(args, "seed", None)),
+                                  ("samples_per_shard", getattr(args, "samples_per_shard", None))) if v is not None}
+        if over:
+            recipe = recipe.model_copy(update={"shards": parse(ShardConfig, {**recipe.shards.model_dump(), **over},
+                                                               "command line: shards")})
+        progress = not args.no_progress
+        with Catalog(build / "catalog.duckdb") as cat:
+            if args.media_cmd == "download":
+                load_selection(cat, _selection_of(build, data, args.selection))
+                print(json.dumps(run_download(cat, recipe.download, build, progress=progress)))
+            elif args.media_cmd == "retry-failed":
+                if not cat.stage_done("download"):
+                    raise RecipeError(f"{build}: run `curate download {build}` first")
+                n = retry_failed(cat, recipe.download, build, progress=progress)
+                print(json.dumps({"retried": n, **download_counts(cat)}))
+                print(f"now run `curate shard {build}` to dedup, re-balance and re-shard", file=sys.stderr)
+            else:
+                if not cat.stage_done("download"):
+                    raise RecipeError(f"{build}: run `curate download {build}` first")
+                rep = run_after_download(cat, recipe, build, progress=progress)
+                print(json.dumps({k: v for k, v in rep.items() if k != "concepts"}))
+    except (RecipeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``download``, ``shard`` and ``retry-failed`` to the ``curate`` CLI."""
+    helps = {"download": "download (img2dataset) / check local images of a build's selection",
+             "shard": "image dedup, re-balance and write webdataset shards of a downloaded build",
+             "retry-failed": "re-download only the rows whose download failed"}
+    for name, text in helps.items():
+        p = subparsers.add_parser(name, help=text, description=text)
+        p.add_argument("build", help="build folder (holds catalog.duckdb and recipe.yaml)")
+        p.add_argument("--recipe", help="recipe with a media: section (default: BUILD/recipe.yaml)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "download":
+            p.add_argument("--selection", help="selection parquet (default: BUILD/<output.selection>)")
+        if name == "shard":
+            p.add_argument("--seed", type=int, help="reshard with this seed")
+            p.add_argument("--samples-per-shard", type=int, help="reshard with this shard size")
+        p.set_defaults(func=_cmd, media_cmd=name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m curate.media")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The ``align`` command line: ``train``, ``extract``, ``export``, plus subcommands that plugins register.
+
+A plugin is a module listed in :data:`PLUGINS` that defines ``register(subparsers)``; it is imported lazily and
+skipped when it is not installed (e.g. ``align.eval.cli`` adds ``align eval`` and ``align select``). Errors in
+user input print ``error: <one line>`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from curate.recipe import RecipeError
+
+PLUGINS = ["align.eval.cli"]
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from align.config import load_train_recipe
+    from align.train import extract_split, load_encoders
+
+    recipe = load_train_recipe(args.config, args.set)
+    splits = ["train", "val"] if args.split == "all" else [args.split]
+    if recipe.val is None and "val" in splits:
+        if args.split == "val":
+            raise RecipeError(f"{args.config}: no val section to extract")
+        splits.remove("val")
+    vision, text = load_encoders(recipe, device=args.device)
+    for split in splits:
+        cache = extract_split(recipe, split, vision, text, overwrite=args.overwrite, progress=True)
+        skipped = cache.skips.get("counts", {})
+        print(f"{split}: {cache.num_images} images, {cache.num_texts} captions in {cache.root}"
+              f"; skipped {skipped or 'none'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Turn a training checkpoint (e.g. of a run that was stopped) into an AlignedModel folder."""
+    from safetensors.torch import load_file
+
+    from align.config import load_train_recipe
+    from align.model import AlignedModel, DualProjector
+    from align.train import latest_checkpoint, load_encoders
+
+    recipe = load_train_recipe(args.config, args.set)
+    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(recipe.output_dir)
+    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+        raise RecipeError(f"no checkpoint with model.safetensors found ({ckpt or recipe.output_dir / 'checkpoints'})")
+    vision, text = load_encoders(recipe, device="cpu")
+    tok_img = recipe.projector.image.kind == "token"
+    pooled = vision.dim * (2 if recipe.features.pooling == "cls+mean" else 1)
+    heads = DualProjector(recipe.projector.image, recipe.projector.text, vision.dim if tok_img else pooled,
+                          text.dim, vision.num_prefix_tokens)
+    state = load_file(str(ckpt / "model.safetensors"))
+    heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+    lt = state.get("loss.log_temperature")
+    model = AlignedModel.from_parts(heads, vision, text, recipe.projector.image, recipe.projector.text,
+                                    pooling=recipe.features.pooling,
+                                    temperature=None if lt is None else float(lt.exp()))
+    out = model.save_pretrained(args.out)
+    print(f"exported {ckpt} -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from align import train as train_mod
+
+    parser = argparse.ArgumentParser(prog="align", description="Align frozen unimodal encoders (tether).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train projectors (same as `accelerate launch align/train.py`)")
+    train_mod.build_parser(t)
+    t.set_defaults(func=train_mod.run)
+
+    e = sub.add_parser("extract", help="extract frozen features into the recipe's feature cache (resumable)")
+    e.add_argument("--config", required=True)
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--split", choices=["train", "val", "all"], default="all")
+    e.add_argument("--overwrite", action="store_true", help="rebuild a cache made with other settings")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_extract)
+
+    x = sub.add_parser("export", help="export a training checkpoint as an AlignedModel folder")
+    x.add_argument("--config", required=True)
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    x.add_argument("--checkpoint", help="checkpoint folder (default: latest in train.output_dir)")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=_export)
+
+    for name in PLUGINS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and (name == err.name or name.startswith(err.name + ".")):
+                continue  # plugin not installed / not written yet
+            raise
+        register = getattr(mod, "register", None)
+        if callable(register):
+            register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e.filename or e}: not found", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The training recipe (``align train`` / ``align extract`` / ``align/train.py``): typed, strict, one-line errors.
+
+A recipe has the sections ``vision``, ``text`` (frozen encoders), ``data`` and optional ``val`` (pairs, see
+:class:`align.data.DataConfig`), ``features`` (the cache, :class:`align.features.FeatureConfig`),
+``projector`` (one :class:`align.projectors.ProjectorConfig` per side), ``loss``
+(:class:`align.loss.LossConfig`) and ``train`` (:class:`TrainConfig`). Unknown keys are errors.
+
+Paths may use ``~``, ``$VAR`` and ``${VAR:-default}``; relative paths are relative to the directory the
+command runs in (the repository root for the shipped recipes, e.g. ``${TETHER_SHARED:-../shared}``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from align.data import DataConfig
+from align.features import FeatureConfig
+from align.loss import LossConfig
+from align.projectors import ProjectorConfig
+from curate.recipe import RecipeError, Strict, load_recipe, resolve_path
+
+
+class VisionConfig(Strict):
+    """Frozen vision encoder: hub id or local folder (``${TETHER_SHARED:-../shared}/models/dinov2-small``)."""
+
+    name: str
+    layer: int = -1  # hidden layer to read (-1 = final output); e.g. 11 for the shared DINOv2-S weights
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class TextConfig(Strict):
+    """Frozen text encoder (sentence-transformers folder or transformers model), mask-mean pooled."""
+
+    name: str
+    max_length: int = Field(77, ge=4)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class ProjectorsConfig(Strict):
+    image: ProjectorConfig = ProjectorConfig()
+    text: ProjectorConfig = ProjectorConfig()
+
+    @model_validator(mode="after")
+    def _same_dim(self) -> "ProjectorsConfig":
+        if self.image.out_dim != self.text.out_dim:
+            raise ValueError(f"image.out_dim ({self.image.out_dim}) and text.out_dim ({self.text.out_dim}) differ")
+        return self
+
+
+class TrainConfig(Strict):
+    """Optimisation, checkpointing and logging (recipe section ``train:``)."""
+
+    output_dir: str
+    source: Literal["cache", "encoders"] = "cache"  # cached features (fast) or frozen encoders every step
+    epochs: int = Field(15, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimiser steps (schedule still per epochs)
+    batch_size: int = Field(1024, ge=2)  # pairs per process per micro-step
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.02, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(None, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    augment: bool = True  # cache: pick one of the cached crops per pair; encoders: random resized crop + flip
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # encoders path only
+    num_workers: int = Field(0, ge=0)  # encoders path: image decoding workers
+    checkpoint_every: int = Field(500, ge=1)  # optimiser steps
+    keep_checkpoints: int = Field(2, ge=1)
+    val_every: int | None = Field(None, ge=1)  # optimiser steps; None = end of every epoch
+    log_every: int = Field(10, ge=1)
+    log_with: Literal["auto", "tensorboard", "jsonl", "none"] = "auto"
+    progress: bool = True
+
+
+class TrainRecipe(Strict):
+    vision: VisionConfig
+    text: TextConfig
+    data: DataConfig
+    val: DataConfig | None = None
+    features: FeatureConfig = FeatureConfig()
+    projector: ProjectorsConfig = ProjectorsConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainRecipe":
+        token = [s for s in ("image", "text") if getattr(self.projector, s).kind == "token"]
+        if token and self.train.source == "cache" and not self.features.tokens:
+            raise ValueError(f"token-level {token[0]} projector from the cache needs features.tokens: true")
+        return self
+
+    # -- paths ------------------------------------------------------------------------------------------------
+    @property
+    def output_dir(self) -> Path:
+        return resolve_path(self.train.output_dir)
+
+    def cache_dir(self, split: str) -> Path:
+        """Feature cache folder of ``split`` ("train" or "val")."""
+        return resolve_path(self.features.cache_dir) / split
+
+    def encoder_name(self, side: str) -> str:
+        """The encoder id with env vars expanded; an existing local folder becomes an absolute path."""
+        name = self.vision.name if side == "vision" else self.text.name
+        p = resolve_path(name)
+        return str(p.resolve()) if p.exists() else name
+
+
+def load_train_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainRecipe:
+    """Load and validate a training recipe; any problem → :class:`RecipeError` with one line."""
+    return load_recipe(path, TrainRecipe, overrides)
+
+
+def data_id(cfg: DataConfig) -> dict:
+    """The data part of a feature-cache key: the source spec with paths made absolute."""
+    d = cfg.model_dump()
+    paths = [d["path"]] if isinstance(d["path"], str) else d["path"]
+    resolved = [str(resolve_path(p).resolve()) if resolve_path(p).exists() or cfg.format != "hf" else p
+                for p in paths]
+    d["path"] = resolved[0] if isinstance(cfg.path, str) else resolved
+    return d
+
+
+__all__ = ["VisionConfig", "TextConfig", "ProjectorsConfig", "TrainConfig", "TrainRecipe", "load_train_recipe",
+           "data_id", "RecipeError"]

@@ -1,0 +1,350 @@
+"""Feature cache: frozen-encoder features extracted once, then reused by training and evaluation.
+
+Layout of a cache folder::
+
+    manifest.json              format, key (what made the features), dims, shards, skip counts, complete flag
+    shard-00000.safetensors    one shard per ``shard_size`` source images, written atomically (tmp + rename)
+
+Tensors of a shard (``n`` kept images, ``m`` kept captions, ``K`` crops)::
+
+    image         [n, K, Dv]      pooled vision features (crop 0 = the processor's plain view, 1.. = random crops)
+    image_tokens  [n, K, T, Dv]   optional token grids (prefix tokens first, then patches)
+    text          [m, Dt]         mask-mean-pooled text features
+    text_image    [m]             index of each caption's image inside the shard
+    text_tokens   [m, L, Dt]      optional per-token text states, ``text_mask`` [m, L]
+
+Shard metadata (safetensors header) holds the image keys, the captions and the decode skips of that shard.
+The *key* names everything that determines the features: encoder ids and weight fingerprints, layer,
+preprocessing, pooling, dtypes, crops, and the data source. :meth:`FeatureCache.check` refuses a cache whose
+key differs from what a recipe expects (:class:`StaleCacheError`, one line naming the first difference).
+Extraction resumes after a kill: finished shards are kept and skipped (the sample order is deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, random_resized_crop
+from curate.recipe import RecipeError, Strict
+
+FORMAT = "tether-features/1"
+MANIFEST = "manifest.json"
+
+
+class StaleCacheError(RecipeError):
+    """The cache on disk was made with other encoders/settings/data than the recipe asks for."""
+
+
+class FeatureConfig(Strict):
+    """Recipe section ``features:``."""
+
+    cache_dir: str = "features"  # relative to the recipe's train.output_dir parent unless absolute
+    pooling: Literal["cls", "mean", "cls+mean"] = "cls"
+    tokens: bool = False  # also store token grids (needed by token-level heads)
+    crops: int = Field(1, ge=1)  # 1 = plain view only; K > 1 adds K-1 random resized crops per image
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    shard_size: int = Field(1024, ge=1)
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    seed: int = 0
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_key(vision, text, cfg: FeatureConfig, data: dict | None = None) -> dict[str, Any]:
+    """Everything that determines the cached features (compared field by field by :meth:`FeatureCache.check`)."""
+    proc = vision.processor.to_dict() if hasattr(vision.processor, "to_dict") else repr(vision.processor)
+    if isinstance(proc, dict):
+        proc = {k: v for k, v in proc.items() if k not in ("_processor_class", "processor_class")}
+    return {
+        "vision": {"name": vision.name, "fingerprint": vision.fingerprint, "layer": vision.layer,
+                   "dtype": str(vision.dtype).replace("torch.", ""), "preprocess": _sha(proc)},
+        "text": {"name": text.name, "fingerprint": text.fingerprint, "max_length": text.max_length,
+                 "dtype": str(text.dtype).replace("torch.", ""), "pooling": "mean"},
+        "pooling": cfg.pooling, "tokens": cfg.tokens, "crops": cfg.crops,
+        "crop_scale": list(cfg.crop_scale) if cfg.crops > 1 else None, "seed": cfg.seed if cfg.crops > 1 else None,
+        "dtype": cfg.dtype, "data": data or {},
+    }
+
+
+def _first_diff(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            if d:
+                return d
+        return None
+    if a != b:
+        return f"{path or 'key'} is {a!r} in the cache but {b!r} now"
+    return None
+
+
+@dataclass
+class CachedFeatures:
+    """All shards of a cache concatenated in memory (float32 unless asked otherwise)."""
+
+    image: torch.Tensor  # [N, K, Dv]
+    text: torch.Tensor  # [M, Dt]
+    text_image: torch.Tensor  # [M] global image index
+    keys: list[str]
+    captions: list[str]
+    image_tokens: torch.Tensor | None = None  # [N, K, T, Dv]
+    text_tokens: torch.Tensor | None = None  # [M, L, Dt]
+    text_mask: torch.Tensor | None = None  # [M, L]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.text.shape[0])
+
+
+class FeatureCache:
+    """A finished (or in-progress) cache folder; open with :meth:`open`."""
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any]):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: str | Path, require_complete: bool = True) -> "FeatureCache":
+        root = Path(root)
+        mf = root / MANIFEST
+        if not mf.is_file():
+            raise RecipeError(f"{root}: no feature cache here (run `align extract --config ...` first)")
+        try:
+            manifest = json.loads(mf.read_text())
+        except ValueError as e:
+            raise RecipeError(f"{mf}: unreadable manifest ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise StaleCacheError(f"{root}: cache format {manifest.get('format')!r}, expected {FORMAT!r}; re-extract")
+        if require_complete and not manifest.get("complete"):
+            raise RecipeError(f"{root}: feature extraction did not finish; rerun `align extract` to resume it")
+        return cls(root, manifest)
+
+    # -- identity ---------------------------------------------------------------------------------------------
+    @property
+    def key(self) -> dict[str, Any]:
+        return self.manifest["key"]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return self.manifest["dims"]
+
+    @property
+    def num_images(self) -> int:
+        return sum(s["images"] for s in self.manifest["shards"])
+
+    @property
+    def num_texts(self) -> int:
+        return sum(s["texts"] for s in self.manifest["shards"])
+
+    @property
+    def skips(self) -> dict[str, Any]:
+        return self.manifest.get("skips", {})
+
+    def check(self, expected: dict[str, Any]) -> None:
+        """Raise :class:`StaleCacheError` (one line) unless the cache was made exactly as ``expected`` says."""
+        diff = _first_diff(self.key, expected)
+        if diff:
+            raise StaleCacheError(f"feature cache {self.root} is stale: {diff} "
+                                  f"(re-run `align extract --overwrite` or choose another features.cache_dir)")
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def iter_shards(self, tokens: bool = False, dtype: torch.dtype = torch.float32) -> Iterator[dict[str, Any]]:
+        """One dict per shard: the tensors (``*_tokens`` only when asked) plus ``keys`` and ``captions``."""
+        if tokens and not self.key.get("tokens"):
+            raise RecipeError(f"{self.root}: cache has no token grids; extract with features.tokens=true")
+        for s in self.manifest["shards"]:
+            out: dict[str, Any] = {}
+            with safe_open(str(self.root / s["file"]), framework="pt") as f:
+                meta = f.metadata() or {}
+                for name in f.keys():
+                    if not tokens and (name.endswith("tokens") or name == "text_mask"):
+                        continue
+                    t = f.get_tensor(name)
+                    out[name] = t.to(dtype) if t.is_floating_point() else t
+            out["keys"] = json.loads(meta.get("keys", "[]"))
+            out["captions"] = json.loads(meta.get("captions", "[]"))
+            yield out
+
+    def load(self, tokens: bool = False, dtype: torch.dtype = torch.float32) -> CachedFeatures:
+        imgs, txts, tix, keys, caps, itok, ttok, tmask = [], [], [], [], [], [], [], []
+        offset = 0
+        for sh in self.iter_shards(tokens=tokens, dtype=dtype):
+            imgs.append(sh["image"])
+            txts.append(sh["text"])
+            tix.append(sh["text_image"].long() + offset)
+            offset += sh["image"].shape[0]
+            keys += sh["keys"]
+            caps += sh["captions"]
+            if tokens:
+                itok.append(sh["image_tokens"])
+                ttok.append(sh["text_tokens"])
+                tmask.append(sh["text_mask"])
+        d = self.dims
+        k = int(self.key.get("crops", 1))
+        feats = CachedFeatures(
+            image=torch.cat(imgs) if imgs else torch.zeros(0, k, d["image"]),
+            text=torch.cat(txts) if txts else torch.zeros(0, d["text"]),
+            text_image=torch.cat(tix) if tix else torch.zeros(0, dtype=torch.long),
+            keys=keys, captions=caps)
+        if tokens and itok:
+            feats.image_tokens = torch.cat(itok)
+            L = max(t.shape[1] for t in ttok)
+            feats.text_tokens = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in ttok])
+            feats.text_mask = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])
+        return feats
+
+
+# -- extraction -------------------------------------------------------------------------------------------------
+
+def _chunks(it: Iterable[Sample], n: int) -> Iterator[list[Sample]]:
+    buf: list[Sample] = []
+    for s in it:
+        buf.append(s)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+@torch.no_grad()
+def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: SkipLog,
+                  store: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    images, kept = [], []
+    for s in chunk:
+        try:
+            images.append(decode_image(s.image, s.key))
+            kept.append(s)
+        except BadSample as e:
+            skips.add(e.reason, s.key)
+    bs = cfg.batch_size
+    pooled_crops, token_crops = [], []
+    for k in range(cfg.crops):
+        views = images if k == 0 else [random_resized_crop(im, crop_rng(cfg.seed, s.key, k), scale=cfg.crop_scale)
+                                       for im, s in zip(images, kept)]
+        pooled, toks = [], []
+        for i in range(0, len(views), bs):
+            t = vision.tokens(vision.preprocess(views[i:i + bs]))
+            pooled.append(vision.pool(t, cfg.pooling).to(store))
+            if cfg.tokens:
+                toks.append(t.to(store))
+        pooled_crops.append(torch.cat(pooled) if pooled else torch.zeros(0, vision.dim * (2 if cfg.pooling == "cls+mean" else 1), dtype=store))
+        if cfg.tokens and toks:
+            token_crops.append(torch.cat(toks))
+    captions = [c for s in kept for c in s.captions]
+    text_image = torch.tensor([i for i, s in enumerate(kept) for _ in s.captions], dtype=torch.long)
+    tpool, ttok, tmask = [], [], []
+    for i in range(0, len(captions), bs):
+        h, m = text.tokens(captions[i:i + bs])
+        tpool.append(text.mean_pool(h, m).to(store))
+        if cfg.tokens:
+            ttok.append(h.to(store))
+            tmask.append(m.to(torch.int8))
+    out = {"image": torch.stack(pooled_crops, 1).contiguous(),
+           "text": torch.cat(tpool) if tpool else torch.zeros(0, text.dim, dtype=store),
+           "text_image": text_image}
+    if cfg.tokens and token_crops:
+        out["image_tokens"] = torch.stack(token_crops, 1).contiguous()
+        L = max(t.shape[1] for t in ttok)
+        out["text_tokens"] = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in ttok])
+        out["text_mask"] = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])
+    meta = {"keys": json.dumps([s.key for s in kept]), "captions": json.dumps(captions),
+            "skips": json.dumps(skips.as_dict())}
+    return out, meta
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Path, cfg: FeatureConfig | None = None,
+                     data_id: dict | None = None, skips: SkipLog | None = None, overwrite: bool = False,
+                     progress: bool = True, total: int | None = None) -> FeatureCache:
+    """Encode ``samples`` with the frozen ``vision``/``text`` encoders into a cache at ``out_dir``.
+
+    Resumable: shards already on disk are skipped. A folder holding a cache with a different key is refused
+    (:class:`StaleCacheError`) unless ``overwrite``. ``skips`` receives the reader's skips (pass the same
+    SkipLog that the reader writes to) and the decode skips; the manifest records them all.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or FeatureConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = cache_key(vision, text, cfg, data_id)
+    mf = out / MANIFEST
+    if mf.exists():
+        try:
+            old = FeatureCache.open(out, require_complete=False)
+            old.check(key)
+        except RecipeError:
+            if not overwrite:
+                raise
+            for f in out.glob("shard-*.safetensors"):
+                f.unlink()
+        else:
+            if overwrite:
+                for f in out.glob("shard-*.safetensors"):
+                    f.unlink()
+    dims = {"image": vision.dim * (2 if cfg.pooling == "cls+mean" else 1), "text": text.dim,
+            "image_token": vision.dim, "num_prefix_tokens": vision.num_prefix_tokens}
+    manifest: dict[str, Any] = {"format": FORMAT, "key": key, "dims": dims, "shards": [], "complete": False}
+    _write_json_atomic(mf, manifest)
+    store = torch.float16 if cfg.dtype == "float16" else torch.float32
+    reader_skips = skips if skips is not None else SkipLog()
+    decode_skips = SkipLog()
+    bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress)
+    for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
+        name = f"shard-{idx:05d}.safetensors"
+        path = out / name
+        if not path.exists():
+            shard_skips = SkipLog()
+            tensors, meta = _encode_shard(chunk, vision, text, cfg, shard_skips, store)
+            tmp = out / (name + ".tmp")
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            n_img = f.get_slice("image").get_shape()[0]
+            n_txt = f.get_slice("text").get_shape()[0]
+        decode_skips.merge(json.loads(meta.get("skips", "{}")))
+        manifest["shards"].append({"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk)})
+        _write_json_atomic(mf, manifest)
+        bar.update(len(chunk))
+        bar.set_postfix(skipped=reader_skips.total + decode_skips.total)
+    bar.close()
+    all_skips = SkipLog()
+    all_skips.merge(reader_skips)
+    all_skips.merge(decode_skips)
+    manifest["skips"] = all_skips.as_dict()
+    manifest["complete"] = True
+    _write_json_atomic(mf, manifest)
+    if skips is not None:
+        skips.merge(decode_skips)
+    # stray shards from a longer earlier run of the same key (e.g. a larger limit) are not part of this cache
+    listed = {s["file"] for s in manifest["shards"]}
+    for f in out.glob("shard-*.safetensors"):
+        if f.name not in listed:
+            f.unlink()
+    return FeatureCache(out, manifest)
+

@@ -1,0 +1,636 @@
+"""Train the projectors that align a FROZEN vision encoder with a FROZEN text encoder.
+
+Run as ``accelerate launch align/train.py --config recipes/x.yaml [--set train.lr=5e-4 ...]``,
+``python align/train.py ...`` or ``align train ...``.
+
+* Two data paths (``train.source``): ``cache`` — features extracted once by :mod:`align.features` (extracted
+  here when missing, refused when stale), optionally several cached crops per image of which each epoch picks
+  one per pair; ``encoders`` — images decoded, randomly cropped/flipped and run through the frozen encoders at
+  every step (the paper's way).
+* accelerate ``Accelerator`` (mixed precision, DDP across processes, trackers), gradient accumulation, AdamW with
+  weight decay only on matrices (no decay for norms, biases, temperature), linear warm-up + cosine decay, seeded.
+* Sample order: a seeded permutation of all caption–image pairs per epoch, cut into global batches (each
+  process takes its slice). Checkpoints (``accelerator.save_state`` into a temporary folder renamed into place,
+  so a kill never leaves a half-written checkpoint) record epoch and batch position; a rerun resumes from the
+  latest one and skips the consumed batches, so kill + resume equals an uninterrupted run.
+* Progress bar with loss, samples/s and the share of time spent waiting for data; logs through accelerate's
+  ``log_with`` (tensorboard when installed, else a JSONL tracker); validation R@1/R@5 on the held-out ``val``
+  split from cached features every ``val_every`` steps / every epoch; export with :class:`align.model.AlignedModel`.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a script: align/ must not shadow packages (data, ...)
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+    _sys.path.insert(0, _os.path.dirname(_here))
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from align.config import TrainRecipe, data_id, load_train_recipe
+from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, iter_samples, random_resized_crop
+from align.features import CachedFeatures, FeatureCache, FeatureConfig, cache_key, extract_features
+from align.loss import ContrastiveLoss
+from align.model import AlignedModel, DualProjector
+from curate.recipe import RecipeError
+
+CKPT_PREFIX = "step-"
+KILL_ENV = "TETHER_KILL_AFTER_STEP"  # test hook: SIGKILL this process right after that optimiser step
+
+
+# -- encoders and feature caches ------------------------------------------------------------------------------
+
+def load_encoders(recipe: TrainRecipe, device: str = "cpu"):
+    """The frozen vision and text encoders named by the recipe."""
+    from align.encoders import TextEncoder, VisionEncoder
+
+    vision = VisionEncoder.load(recipe.encoder_name("vision"), device=device, dtype=recipe.vision.dtype,
+                                layer=recipe.vision.layer)
+    text = TextEncoder.load(recipe.encoder_name("text"), device=device, dtype=recipe.text.dtype,
+                            max_length=recipe.text.max_length)
+    return vision, text
+
+
+def split_features_config(recipe: TrainRecipe, split: str) -> FeatureConfig:
+    """Validation caches hold the plain view only (no crops)."""
+    return recipe.features if split == "train" else recipe.features.model_copy(update={"crops": 1})
+
+
+def split_data(recipe: TrainRecipe, split: str):
+    cfg = recipe.data if split == "train" else recipe.val
+    if cfg is None:
+        raise RecipeError(f"recipe has no {split!r} data section")
+    return cfg
+
+
+def expected_key(recipe: TrainRecipe, split: str, vision, text) -> dict:
+    return cache_key(vision, text, split_features_config(recipe, split), data_id(split_data(recipe, split)))
+
+
+def extract_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool = False,
+                  progress: bool = True) -> FeatureCache:
+    """Extract (or resume extracting) the feature cache of ``split``; returns the finished cache."""
+    data = split_data(recipe, split)
+    skips = SkipLog()
+    samples = iter_samples(data, skips=skips)
+    cache = extract_features(samples, vision, text, recipe.cache_dir(split), split_features_config(recipe, split),
+                             data_id=data_id(data), skips=skips, overwrite=overwrite, progress=progress,
+                             total=data.limit)
+    return cache
+
+
+def open_checked(recipe: TrainRecipe, split: str, vision, text) -> FeatureCache:
+    cache = FeatureCache.open(recipe.cache_dir(split))
+    cache.check(expected_key(recipe, split, vision, text))
+    return cache
+
+
+# -- sample order ------------------------------------------------------------------------------------------------
+
+@dataclass
+class EpochPlan:
+    """Seeded permutation of the ``n`` pairs per epoch, cut into full global batches (the rest is dropped)."""
+
+    n: int
+    global_batch: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        b = self.n // self.global_batch
+        return b - b % self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.grad_accum
+
+    def batches(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        nb = self.batches_per_epoch
+        return perm[: nb * self.global_batch].view(nb, self.global_batch)
+
+
+@dataclass
+class TrainState:
+    """Position of the run; saved in every checkpoint (accelerate ``register_for_checkpointing``)."""
+
+    epoch: int = 0
+    batch: int = 0  # micro-batches of ``epoch`` already consumed
+    step: int = 0  # optimiser steps done
+    samples: int = 0  # pairs seen (global)
+    val: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "samples": self.samples,
+                "val": self.val}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.batch, self.step = int(d["epoch"]), int(d["batch"]), int(d["step"])
+        self.samples, self.val = int(d["samples"]), dict(d.get("val", {}))
+
+
+# -- batch providers ------------------------------------------------------------------------------------------------
+
+class CacheBatches:
+    """Batches from cached features held in memory (on the training device)."""
+
+    def __init__(self, feats: CachedFeatures, tokens_image: bool, tokens_text: bool, augment: bool, seed: int,
+                 device: torch.device):
+        self.device = device
+        self.text_image = feats.text_image.to(device)
+        self.crops = int(feats.image.shape[1])
+        self.image = (feats.image_tokens if tokens_image else feats.image).to(device)
+        self.text = (feats.text_tokens if tokens_text else feats.text).to(device)
+        self.mask = feats.text_mask.to(device) if tokens_text else None
+        self.augment, self.seed = augment and self.crops > 1, seed
+        self._epoch, self._crop = -1, None
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.text.shape[0])
+
+    def crop_choice(self, epoch: int) -> torch.Tensor:
+        if self._epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 7_919 + 1_000_003 + epoch)
+            self._crop = torch.randint(self.crops, (self.num_pairs,), generator=g).to(self.device)
+            self._epoch = epoch
+        return self._crop
+
+    def epoch(self, epoch: int, rows: torch.Tensor) -> Iterator[dict[str, Any]]:
+        for idx in rows:
+            idx = idx.to(self.device)
+            img_idx = self.text_image[idx]
+            crop = self.crop_choice(epoch)[idx] if self.augment else torch.zeros_like(idx)
+            yield {"image": self.image[img_idx, crop].float(), "text": self.text[idx].float(),
+                   "text_mask": None if self.mask is None else self.mask[idx], "image_ids": img_idx,
+                   "skipped": {}}
+
+
+class _PairImages(torch.utils.data.Dataset):
+    """``(epoch, pair)`` → (pixel tensor, caption, image index) or a skip reason; augmentation seeded per epoch."""
+
+    def __init__(self, samples: list[Sample], processor, augment: bool, crop_scale, seed: int):
+        self.samples, self.processor = samples, processor
+        self.augment, self.crop_scale, self.seed = augment, tuple(crop_scale), seed
+        self.pairs = [(i, c) for i, s in enumerate(samples) for c in s.captions]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        epoch, j = item
+        i, caption = self.pairs[j]
+        s = self.samples[i]
+        try:
+            im = decode_image(s.image, s.key)
+        except BadSample as e:
+            return None, e.reason, s.key
+        if self.augment:
+            im = random_resized_crop(im, crop_rng(self.seed, s.key, 1_000 + epoch), scale=self.crop_scale)
+        px = self.processor(images=[im], return_tensors="pt")["pixel_values"][0]
+        return px, caption, i
+
+
+def _collate(items):
+    good = [it for it in items if it[0] is not None]
+    skipped: dict[str, int] = {}
+    for it in items:
+        if it[0] is None:
+            skipped[it[1]] = skipped.get(it[1], 0) + 1
+    if not good:
+        return {"pixels": None, "captions": [], "image_ids": torch.zeros(0, dtype=torch.long), "skipped": skipped}
+    return {"pixels": torch.stack([g[0] for g in good]), "captions": [g[1] for g in good],
+            "image_ids": torch.tensor([g[2] for g in good]), "skipped": skipped}
+
+
+class EncoderBatches:
+    """Batches made by running the frozen encoders on decoded (augmented) images and captions every step."""
+
+    def __init__(self, samples: list[Sample], vision, text, tokens_image: bool, tokens_text: bool, pooling: str,
+                 augment: bool, crop_scale, seed: int, num_workers: int, device: torch.device):
+        self.vision, self.text, self.device = vision, text, device
+        self.tokens_image, self.tokens_text, self.pooling = tokens_image, tokens_text, pooling
+        self.ds = _PairImages(samples, vision.processor, augment, crop_scale, seed)
+        self.num_workers = num_workers
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.ds)
+
+    def epoch(self, epoch: int, rows: torch.Tensor) -> Iterator[dict[str, Any]]:
+        batches = [[(epoch, int(j)) for j in r] for r in rows]
+        loader = torch.utils.data.DataLoader(self.ds, batch_sampler=batches, collate_fn=_collate,
+                                             num_workers=self.num_workers, generator=torch.Generator())
+        for b in loader:
+            if b["pixels"] is None:
+                yield {"image": None, "skipped": b["skipped"]}
+                continue
+            with torch.no_grad():
+                t = self.vision.tokens(b["pixels"].to(self.device))
+                img = t if self.tokens_image else self.vision.pool(t, self.pooling)
+                h, m = self.text.tokens(b["captions"])
+                txt = h if self.tokens_text else self.text.mean_pool(h, m)
+            yield {"image": img.float(), "text": txt.float(), "text_mask": m if self.tokens_text else None,
+                   "image_ids": b["image_ids"].to(self.device), "skipped": b["skipped"]}
+
+
+# -- model, optimiser, schedule ------------------------------------------------------------------------------------
+
+class AlignTask(nn.Module):
+    """Projectors + contrastive loss: what the optimiser trains (the loss holds the learnable temperature)."""
+
+    def __init__(self, heads: DualProjector, loss: ContrastiveLoss):
+        super().__init__()
+        self.heads, self.loss = heads, loss
+
+    def forward(self, image, text, text_mask=None, image_ids=None):
+        img, txt = self.heads(image, text, text_mask)
+        return self.loss(img, txt, image_ids)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms, biases and the temperature/bias scalars are excluded."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total: int, warmup: int, min_ratio: float = 0.0):
+    """LR multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+# -- validation --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, text_image: torch.Tensor,
+                     ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Image→text and text→image recall@k (%) on normalised embeddings; an image's hit is any of its captions.
+
+    Small stand-in until ``align.eval.retrieval`` is wired in (same definition)."""
+    sim = img @ txt.t()  # [N, M]
+    out: dict[str, float] = {}
+    n, m = sim.shape
+    for k in ks:
+        kk = min(k, m)
+        top_t = sim.topk(kk, dim=1).indices  # [N, kk] caption ids per image
+        hit_i2t = (text_image[top_t] == torch.arange(n, device=sim.device)[:, None]).any(1).float().mean()
+        top_i = sim.t().topk(min(k, n), dim=1).indices  # [M, k] image ids per caption
+        hit_t2i = (top_i == text_image[:, None]).any(1).float().mean()
+        out[f"i2t_R@{k}"] = float(hit_i2t) * 100
+        out[f"t2i_R@{k}"] = float(hit_t2i) * 100
+    return out
+
+
+@torch.no_grad()
+def validate(heads: DualProjector, feats: CachedFeatures, device: torch.device, batch: int = 1024) -> dict[str, float]:
+    was = heads.training
+    heads.eval()
+    img_x = feats.image_tokens[:, 0] if heads.image_tokens else feats.image[:, 0]
+    txt_x = feats.text_tokens if heads.text_tokens else feats.text
+    imgs = [heads.image(img_x[i:i + batch].float().to(device)) for i in range(0, len(img_x), batch)]
+    txts = [heads.text(txt_x[i:i + batch].float().to(device),
+                       feats.text_mask[i:i + batch].to(device) if heads.text_tokens else None)
+            for i in range(0, len(txt_x), batch)]
+    heads.train(was)
+    img = torch.nn.functional.normalize(torch.cat(imgs), dim=-1)
+    txt = torch.nn.functional.normalize(torch.cat(txts), dim=-1)
+    res = retrieval_recall(img, txt, feats.text_image.to(device))
+    res["chance_R@1"] = 100.0 / max(1, feats.num_images)
+    return res
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """``save_state`` into ``checkpoints/.tmp-step-N`` then rename to ``step-N``; keep the newest ``keep``."""
+    root = output_dir / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{CKPT_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
+        for p in old[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# -- trackers ---------------------------------------------------------------------------------------------------------
+
+def _jsonl_tracker_class():
+    from accelerate.tracking import GeneralTracker
+
+    class JSONLTracker(GeneralTracker):
+        """One JSON object per ``log`` call in ``<logging_dir>/<run>/log.jsonl`` (used when tensorboard is absent)."""
+
+        name = "jsonl"
+        requires_logging_directory = True
+        main_process_only = True
+
+        def __init__(self, run_name: str, logging_dir: str, **kwargs):
+            super().__init__()
+            self.path = Path(logging_dir) / run_name / "log.jsonl"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = None
+
+        @property
+        def tracker(self):
+            if self._f is None:
+                self._f = open(self.path, "a", encoding="utf-8")
+            return self._f
+
+        def store_init_configuration(self, values: dict):
+            self.log({"config": values}, step=0)
+
+        def log(self, values: dict, step: int | None = None, **kwargs):
+            self.tracker.write(json.dumps({"step": step, "time": time.time(), **values}, default=str) + "\n")
+            self.tracker.flush()
+
+        def finish(self):
+            if self._f is not None:
+                self._f.close()
+                self._f = None
+
+    return JSONLTracker
+
+
+def make_trackers(kind: str, logging_dir: Path):
+    if kind == "none":
+        return None
+    if kind in ("auto", "tensorboard"):
+        try:
+            import tensorboard  # noqa: F401
+            return "tensorboard"
+        except ImportError:
+            if kind == "tensorboard":
+                raise RecipeError("train.log_with=tensorboard but tensorboard is not installed "
+                                  "(pip install tensorboard, or use jsonl)") from None
+    return _jsonl_tracker_class()(run_name="align", logging_dir=str(logging_dir))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+# -- the program -------------------------------------------------------------------------------------------------------
+
+def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
+    """Run training as the recipe says; returns the summary also written to ``<output_dir>/metrics.json``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    tc = recipe.train
+    out_dir = recipe.output_dir
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision,
+                              log_with=make_trackers(tc.log_with, out_dir / "logs"),
+                              project_config=ProjectConfiguration(project_dir=str(out_dir),
+                                                                  logging_dir=str(out_dir / "logs")))
+    device = accelerator.device
+    set_seed(tc.seed)
+    vision, text = load_encoders(recipe, device=str(device))
+    tok_img = recipe.projector.image.kind == "token"
+    tok_txt = recipe.projector.text.kind == "token"
+    skips = SkipLog()
+
+    # data
+    splits = ["train"] if tc.source == "cache" else []
+    if recipe.val is not None:
+        splits.append("val")
+    for split in splits:  # main process extracts missing caches; a stale cache is refused, never rebuilt silently
+        if accelerator.is_main_process:
+            cdir = recipe.cache_dir(split)
+            if (cdir / "manifest.json").exists():
+                c = FeatureCache.open(cdir, require_complete=False)
+                c.check(expected_key(recipe, split, vision, text))
+                if not c.manifest.get("complete"):
+                    extract_split(recipe, split, vision, text, progress=tc.progress)
+            else:
+                extract_split(recipe, split, vision, text, progress=tc.progress)
+        accelerator.wait_for_everyone()
+    val_feats = None
+    if recipe.val is not None:
+        val_feats = open_checked(recipe, "val", vision, text).load(tokens=tok_img or tok_txt)
+    if tc.source == "cache":
+        cache = open_checked(recipe, "train", vision, text)
+        skips.merge(cache.skips)
+        feats = cache.load(tokens=tok_img or tok_txt)
+        provider: CacheBatches | EncoderBatches = CacheBatches(feats, tok_img, tok_txt, tc.augment, tc.seed, device)
+        dims = {"image": vision.dim if tok_img else cache.dims["image"], "text": cache.dims["text"]}
+    else:
+        samples = list(iter_samples(recipe.data, skips=skips))
+        provider = EncoderBatches(samples, vision, text, tok_img, tok_txt, recipe.features.pooling, tc.augment,
+                                  tc.crop_scale, tc.seed, tc.num_workers, device)
+        pooled_dim = vision.dim * (2 if recipe.features.pooling == "cls+mean" else 1)
+        dims = {"image": vision.dim if tok_img else pooled_dim, "text": text.dim}
+
+    world = accelerator.num_processes
+    plan = EpochPlan(provider.num_pairs, tc.batch_size * world, tc.grad_accum, tc.seed)
+    if plan.steps_per_epoch < 1:
+        raise RecipeError(f"{provider.num_pairs} pairs are fewer than one step of train.batch_size={tc.batch_size} "
+                          f"x {world} processes x grad_accum={tc.grad_accum}")
+    total_steps = plan.steps_per_epoch * tc.epochs
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else int(round(tc.warmup_ratio * total_steps))
+
+    # model
+    heads = DualProjector(recipe.projector.image, recipe.projector.text, dims["image"], dims["text"],
+                          vision.num_prefix_tokens)
+    task = AlignTask(heads, ContrastiveLoss.from_config(recipe.loss))
+    optimizer = torch.optim.AdamW(param_groups(task, tc.weight_decay), lr=tc.lr, betas=tc.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, tc.min_lr_ratio))
+    task, optimizer = accelerator.prepare(task, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(state)
+
+    ckpt = None
+    if resume == "auto":
+        ckpt = latest_checkpoint(out_dir)
+    elif resume not in ("never", "none"):
+        ckpt = Path(resume)
+        if not ckpt.is_dir():
+            raise RecipeError(f"--resume {resume}: no checkpoint folder there")
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, batch {state.batch}, step {state.step})")
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    if tc.log_with != "none":
+        accelerator.init_trackers("align", config=_flat(json.loads(recipe.model_dump_json())))
+
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    micro_total = total_steps * tc.grad_accum
+    bar = tqdm(total=micro_total, initial=state.step * tc.grad_accum, desc="train", unit="batch",
+               disable=not (tc.progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    losses: list[float] = []
+    t_start, data_wait, seen_here = time.perf_counter(), 0.0, 0
+    last_logs: dict[str, float] = {}
+    done = state.step >= total_steps
+    unwrapped = accelerator.unwrap_model(task)
+    while not done and state.epoch < tc.epochs:
+        rows = plan.batches(state.epoch)
+        rank = accelerator.process_index
+        local = rows[state.batch:, rank * tc.batch_size:(rank + 1) * tc.batch_size]
+        it = provider.epoch(state.epoch, local)
+        task.train()
+        while True:
+            t0 = time.perf_counter()
+            b = next(it, None)
+            data_wait += time.perf_counter() - t0
+            if b is None:
+                break
+            for reason, n in b.get("skipped", {}).items():
+                skips.add(reason, n=n)
+            sync = (state.batch + 1) % tc.grad_accum == 0
+            if b["image"] is not None:
+                ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(task)
+                with ctx:
+                    with accelerator.autocast():
+                        loss, logs = task(b["image"], b["text"], b["text_mask"], b["image_ids"])
+                    accelerator.backward(loss / tc.grad_accum)
+                last_logs = logs
+                losses.append(float(logs["loss"]))
+                seen_here += int(logs.get("batch", b["image"].shape[0]))
+            state.batch += 1
+            bar.update(1)
+            if not sync:
+                continue
+            if tc.max_grad_norm:
+                accelerator.clip_grad_norm_(task.parameters(), tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.samples += tc.batch_size * world * tc.grad_accum
+            elapsed = time.perf_counter() - t_start
+            if state.step % tc.log_every == 0 or state.step == total_steps:
+                rate = seen_here / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{last_logs.get('loss', float('nan')):.3f}", sps=f"{rate:.0f}",
+                                wait=f"{100 * data_wait / max(elapsed, 1e-9):.0f}%")
+                accelerator.log({**{f"train/{k}": v for k, v in last_logs.items()}, "train/lr": scheduler.get_last_lr()[0],
+                                 "train/samples_per_s": rate, "train/data_wait_frac": data_wait / max(elapsed, 1e-9),
+                                 "train/epoch": state.epoch}, step=state.step)
+            if val_feats is not None and tc.val_every and state.step % tc.val_every == 0:
+                state.val = validate(unwrapped.heads, val_feats, device)
+                accelerator.log({f"val/{k}": v for k, v in state.val.items()}, step=state.step)
+            end_of_epoch = state.batch >= plan.batches_per_epoch
+            done = state.step >= total_steps
+            if end_of_epoch:
+                if val_feats is not None and not tc.val_every:
+                    state.val = validate(unwrapped.heads, val_feats, device)
+                    accelerator.log({f"val/{k}": v for k, v in state.val.items()}, step=state.step)
+                state.epoch, state.batch = state.epoch + 1, 0
+            if state.step % tc.checkpoint_every == 0 or end_of_epoch or done:
+                save_checkpoint(accelerator, out_dir, state.step, tc.keep_checkpoints)
+            if kill_at and state.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if done or end_of_epoch:
+                break
+    bar.close()
+
+    if val_feats is not None and not state.val:
+        state.val = validate(unwrapped.heads, val_feats, device)
+    summary = {
+        "steps": state.step, "epochs_done": state.epoch, "samples": state.samples,
+        "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-10:])) if losses else None,
+        "samples_per_s": seen_here / max(time.perf_counter() - t_start, 1e-9),
+        "data_wait_frac": data_wait / max(time.perf_counter() - t_start, 1e-9),
+        "temperature": float(unwrapped.loss.temperature.item()), "val": state.val, "skips": skips.as_dict(),
+        "num_pairs": provider.num_pairs, "processes": world,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = AlignedModel.from_parts(unwrapped.heads, vision, text, recipe.projector.image, recipe.projector.text,
+                                        pooling=recipe.features.pooling, temperature=summary["temperature"])
+        model.save_pretrained(out_dir / "model")
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"done: {state.step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
+                          f"val {state.val}, skipped {skips}; model in {out_dir / 'model'}")
+    accelerator.end_training()
+    return summary
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="align train", description="Train projectors between frozen encoders.")
+    p.add_argument("--config", required=True, help="training recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (latest checkpoint in output_dir, default), never, or a checkpoint folder")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_train_recipe(args.config, args.set)
+    train(recipe, resume=args.resume)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Per-concept balancing of matched pairs: MetaCLIP t-balancing and freeze-align coverage balancing.
+
+Both read the candidates (default: every uid of the ``alive`` view) and their ``matches`` and write one
+``decisions`` row per candidate (kept or not, with the concept that decided it) plus a per-concept
+``balance_report`` (before, after, floor, shortfall). Both are deterministic for a seed and rerunnable: a rerun
+first deletes the stage's own decisions and report rows.
+
+**t-balancing** (``method: t``; MetaCLIP, Xu et al. 2023): a concept matched by ``n`` candidates keeps each of
+its pairs with probability ``p = t / max(n, t)``; a pair survives if ANY of its matched concepts wins its draw.
+The draw of (uid, concept) is ``u = hash(uid, concept, seed) / 2^64`` (DuckDB's ``hash``), so the outcome does
+not depend on row order, batching or the number of threads. :func:`preview_t` gives the expected output size
+``Σ_uid 1 - Π_concepts (1 - p)`` for a list of ``t`` before committing.
+
+**coverage** (``method: coverage``; freeze-align): concepts are visited weakest tail first (fewest candidate
+matches, then lowest score of their ``per_concept``-th best match, then concept id); each takes up to
+``per_concept`` of its best-scoring candidates not claimed by an earlier concept (unique assignment). The
+greedy runs in numpy over integer codes (one vectorised step per concept), so millions of pairs take seconds.
+
+Candidates without any match are dropped (``no concept match``) unless ``keep_unmatched``. A concept whose kept
+count stays below ``floor`` is reported with its shortfall.
+
+Re-balancing after losses (media stages): ``run_balance(cat, cfg, stage="rebalance",
+candidates_sql="SELECT uid FROM alive")`` judges only the survivors (``alive`` excludes everything any stage
+rejected, e.g. failed downloads or image duplicates) and records its decisions under its own stage name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.recipe import Strict
+
+TWO64 = "18446744073709551616.0"
+
+
+class BalanceConfig(Strict):
+    """Recipe section ``balance:``."""
+
+    method: Literal["t", "coverage", "none"] = "t"
+    t: int = Field(default=20_000, ge=1)
+    seed: int = 0
+    per_concept: int = Field(default=100, ge=1)
+    floor: int = Field(default=0, ge=0)
+    methods: list[Literal["lexical", "semantic"]] = ["lexical", "semantic"]
+    min_score: float | None = None
+    keep_unmatched: bool = False
+
+
+@dataclass
+class BalanceReport:
+    stage: str
+    method: str
+    candidates: int = 0
+    matched: int = 0
+    kept: int = 0
+    concepts: int = 0
+    shortfall: list[tuple[str, int, int]] = field(default_factory=list)  # (concept_id, after, floor)
+
+    @property
+    def dropped(self) -> int:
+        return self.candidates - self.kept
+
+    def summary(self) -> str:
+        s = (f"{self.stage}: {self.method} kept {self.kept:,} of {self.candidates:,} candidates "
+             f"({self.matched:,} matched, {self.concepts:,} concepts)")
+        if self.shortfall:
+            s += f"; {len(self.shortfall):,} concepts below floor"
+        return s
+
+
+def _prepare(cat: Catalog, cfg: BalanceConfig, candidates_sql: str | None) -> None:
+    """Temp tables ``_bc(uid)`` (candidates) and ``_bm(uid, concept_id, score)`` (their usable matches)."""
+    cand = candidates_sql or "SELECT uid FROM alive"
+    methods = ", ".join(f"'{m}'" for m in cfg.methods)
+    score_rule = f"AND coalesce(score, 1.0) >= {float(cfg.min_score)}" if cfg.min_score is not None else ""
+    cat.execute(f"CREATE OR REPLACE TEMP TABLE _bc AS SELECT DISTINCT uid FROM ({cand})")
+    cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bm AS
+        SELECT m.uid, m.concept_id, max(coalesce(m.score, 1.0)) AS score
+        FROM matches m SEMI JOIN _bc USING (uid)
+        WHERE m.method IN ({methods}) {score_rule}
+        GROUP BY m.uid, m.concept_id""")
+    cat.execute("CREATE OR REPLACE TEMP TABLE _bn AS SELECT concept_id, count(*) AS n FROM _bm GROUP BY 1")
+
+
+def _cleanup(cat: Catalog) -> None:
+    for t in ("_bc", "_bm", "_bn", "_bres"):
+        cat.execute(f"DROP TABLE IF EXISTS {t}")
+
+
+def run_balance(cat: Catalog, cfg: BalanceConfig, stage: str = "balance", candidates_sql: str | None = None,
+                progress: bool = True) -> BalanceReport:
+    """Balance the candidates (``candidates_sql`` → a ``uid`` column; default the ``alive`` view)."""
+    cat.clear_decisions(stage)
+    cat.execute("DELETE FROM balance_report WHERE stage = ?", [stage])
+    rep = BalanceReport(stage=stage, method=cfg.method)
+    if cfg.method == "none":
+        rep.candidates = rep.kept = int(cat.scalar(f"SELECT count(*) FROM ({candidates_sql or 'SELECT uid FROM alive'})"))
+        return rep
+    _prepare(cat, cfg, candidates_sql)
+    # _bres(uid, concept_id, kept, reason): the verdict of every MATCHED candidate
+    if cfg.method == "t":
+        _t_balance(cat, cfg)
+    else:
+        _coverage(cat, cfg, progress)
+    unmatched_reason = "'no concept match (kept)'" if cfg.keep_unmatched else "'no concept match'"
+    cat.execute(f"""INSERT INTO decisions
+        SELECT uid, '{stage}', kept, reason, NULL, concept_id FROM (
+          SELECT r.uid, r.kept, r.reason, r.concept_id FROM _bres r
+          UNION ALL
+          SELECT c.uid, {str(cfg.keep_unmatched).lower()}, {unmatched_reason}, NULL FROM _bc c ANTI JOIN _bm USING (uid)
+        ) ORDER BY uid""")
+    cat.execute(f"""INSERT INTO balance_report
+        SELECT '{stage}', n.concept_id, n.n, coalesce(a.after, 0), {cfg.floor},
+               greatest({cfg.floor} - coalesce(a.after, 0), 0)
+        FROM _bn n LEFT JOIN (
+          SELECT m.concept_id, count(*) AS after FROM _bm m SEMI JOIN (SELECT uid FROM _bres WHERE kept) k USING (uid)
+          GROUP BY 1) a USING (concept_id)""")
+    rep.candidates = int(cat.scalar("SELECT count(*) FROM _bc"))
+    rep.matched = int(cat.scalar("SELECT count(DISTINCT uid) FROM _bm"))
+    rep.kept = int(cat.scalar("SELECT count(*) FROM decisions WHERE stage = ? AND kept", [stage]))
+    rep.concepts = int(cat.scalar("SELECT count(*) FROM _bn"))
+    if cfg.floor:
+        rep.shortfall = [tuple(r) for r in cat.execute(
+            "SELECT concept_id, after, floor FROM balance_report WHERE stage = ? AND shortfall > 0 "
+            "ORDER BY shortfall DESC, concept_id", [stage]).fetchall()]
+    _cleanup(cat)
+    return rep
+
+
+def _t_balance(cat: Catalog, cfg: BalanceConfig) -> None:
+    t = int(cfg.t)
+    cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bres AS
+        SELECT uid, arg_min(concept_id, r) AS concept_id, min(r) < 1 AS kept,
+               CASE WHEN min(r) < 1 THEN 't-balance: won the draw of its concept (t={t})'
+                    ELSE 't-balance: lost the draw of every matched concept (t={t})' END AS reason
+        FROM (
+          SELECT m.uid, m.concept_id,
+                 (hash(m.uid || chr(31) || m.concept_id || chr(31) || '{int(cfg.seed)}') / {TWO64})
+                   / ({t} / greatest(n.n, {t})::DOUBLE) AS r
+          FROM _bm m JOIN _bn n USING (concept_id))
+        GROUP BY uid""")
+
+
+def _coverage(cat: Catalog, cfg: BalanceConfig, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    N = int(cfg.per_concept)
+    cat.execute("CREATE OR REPLACE TEMP TABLE _bu AS SELECT uid, (row_number() OVER (ORDER BY uid)) - 1 AS code "
+                "FROM (SELECT DISTINCT uid FROM _bm)")
+    cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bp AS
+        SELECT concept_id, (row_number() OVER (ORDER BY n, tail, concept_id)) - 1 AS prio FROM (
+          SELECT concept_id, count(*) AS n,
+                 min(score) FILTER (WHERE rk <= {N}) AS tail FROM (
+            SELECT concept_id, score, row_number() OVER (PARTITION BY concept_id ORDER BY score DESC, uid) AS rk
+            FROM _bm) GROUP BY concept_id)""")
+    arr = cat.execute("""SELECT p.prio, u.code FROM _bm m JOIN _bp p USING (concept_id) JOIN _bu u USING (uid)
+                         ORDER BY p.prio, m.score DESC, m.uid""").fetchnumpy()
+    prio = np.asarray(arr["prio"], dtype=np.int64)
+    code = np.asarray(arr["code"], dtype=np.int64)
+    n_uids = int(cat.scalar("SELECT count(*) FROM _bu"))
+    owner = np.full(n_uids, -1, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, prio[1:] != prio[:-1]]) if prio.size else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], prio.size]
+    for s, e in tqdm(zip(starts, ends), total=len(starts), desc="coverage balance", unit="concepts",
+                     disable=not progress, mininterval=0.5):
+        cand = code[s:e]
+        free = cand[owner[cand] < 0][:N]
+        owner[free] = prio[s]
+    import pyarrow as pa
+
+    cat.con.register("_bown", pa.table({"code": np.arange(n_uids, dtype=np.int64), "prio": owner}))
+    try:
+        cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bres AS
+            SELECT u.uid, p.concept_id, o.prio >= 0 AS kept,
+                   CASE WHEN o.prio >= 0 THEN 'coverage: among the {N} best unclaimed matches of its concept'
+                        ELSE 'coverage: not among the {N} best unclaimed matches of any matched concept' END AS reason
+            FROM _bown o JOIN _bu u USING (code) LEFT JOIN _bp p ON p.prio = o.prio""")
+    finally:
+        cat.con.unregister("_bown")
+    cat.execute("DROP TABLE _bu")
+    cat.execute("DROP TABLE _bp")
+
+
+def preview_t(cat: Catalog, ts: list[int], cfg: BalanceConfig | None = None,
+              candidates_sql: str | None = None) -> list[dict]:
+    """Expected t-balancing output per ``t`` (exact expectation of the seeded draws), without writing anything.
+
+    Returns one dict per t: ``t``, ``expected`` (pairs kept), ``candidates``, ``matched``, ``capped_concepts``
+    (concepts with more than t matches) and ``concepts``.
+    """
+    cfg = cfg or BalanceConfig()
+    _prepare(cat, cfg, candidates_sql)
+    try:
+        cat.execute("CREATE OR REPLACE TEMP TABLE _bt AS SELECT unnest(?::BIGINT[]) AS t", [list(map(int, ts))])
+        rows = cat.execute("""
+            SELECT t.t,
+              (SELECT sum(CASE WHEN any_full THEN 1.0 ELSE 1.0 - exp(slog) END) FROM (
+                 SELECT m.uid, bool_or(n.n <= t.t) AS any_full,
+                        sum(CASE WHEN n.n > t.t THEN ln(1.0 - t.t / n.n::DOUBLE) ELSE 0 END) AS slog
+                 FROM _bm m JOIN _bn n USING (concept_id) GROUP BY m.uid)) AS expected,
+              (SELECT count(*) FROM _bn WHERE n > t.t) AS capped
+            FROM _bt t ORDER BY t.t""").fetchall()
+        cand = int(cat.scalar("SELECT count(*) FROM _bc"))
+        matched = int(cat.scalar("SELECT count(DISTINCT uid) FROM _bm"))
+        concepts = int(cat.scalar("SELECT count(*) FROM _bn"))
+    finally:
+        _cleanup(cat)
+        cat.execute("DROP TABLE IF EXISTS _bt")
+    extra = 0 if not cfg.keep_unmatched else cand - matched
+    return [{"t": int(t), "expected": float(e or 0) + extra, "candidates": cand, "matched": matched,
+             "capped_concepts": int(c), "concepts": concepts} for t, e, c in rows]

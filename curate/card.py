@@ -1,0 +1,131 @@
+"""Data card of a build: ``card/README.md`` plus PNG plots, written from the catalog alone.
+
+Sections: stage funnel (rows judged / rejected / alive after each stage), top rejection reasons, per-concept
+counts before/after balancing (bar plot of the largest concepts), the head/tail curve (concept counts sorted,
+log scale, before vs after) and coverage of the ImageNet-1k classes (how many of the 1,000 wnids have at least
+1 / 10 / 100 samples before and after balancing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from curate.catalog import Catalog
+
+
+def _imagenet1k() -> set[str]:
+    try:
+        from curate.concepts import imagenet_wnids
+
+        return set(imagenet_wnids("1k"))
+    except Exception:  # noqa: BLE001 - timm data files absent: coverage falls back to the concepts table flag
+        return set()
+
+
+def concept_before_after(cat: Catalog, stage: str = "balance") -> list[tuple[str, str, int, int]]:
+    """``(concept_id, name, before, after)`` from ``balance_report`` sorted by ``before`` descending."""
+    return cat.execute("""SELECT r.concept_id, coalesce(any_value(c.name), r.concept_id), any_value(r.before),
+                                 any_value(r.after)
+                          FROM balance_report r LEFT JOIN concepts c USING (concept_id) WHERE r.stage = ?
+                          GROUP BY r.concept_id ORDER BY 3 DESC, 1""", [stage]).fetchall()
+
+
+def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, selection_rows: int | None = None
+               ) -> Path:
+    """Write ``<build_dir>/card/README.md`` and its PNGs; returns the markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(build_dir) / "card"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Data card: {name}", ""]
+    total = int(cat.scalar("SELECT count(*) FROM samples"))
+    alive = int(cat.scalar("SELECT count(*) FROM alive"))
+    lines += [f"Rows ingested: **{total:,}**; selected: **{alive:,}**"
+              + (f" (selection parquet rows: {selection_rows:,})" if selection_rows is not None else "") + ".", ""]
+    lines += ["## Stages", "", "| stage | status | judged | rejected | alive after |", "|---|---|---:|---:|---:|"]
+    for st, status, judged, rej, after in cat.stage_counts():
+        lines.append(f"| {st} | {status} | {judged:,} | {rej:,} | {after:,} |")
+    reasons = cat.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept GROUP BY ALL
+                             ORDER BY 3 DESC LIMIT 15""").fetchall()
+    lines += ["", "## Top rejection reasons", "", "| stage | reason | rows |", "|---|---|---:|"]
+    lines += [f"| {s} | {r} | {n:,} |" for s, r, n in reasons]
+
+    ba = concept_before_after(cat)
+    if ba:
+        head = ba[:top]
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(head)), 4))
+        xs = range(len(head))
+        ax.bar([x - 0.2 for x in xs], [r[2] for r in head], width=0.4, label="before balancing")
+        ax.bar([x + 0.2 for x in xs], [r[3] for r in head], width=0.4, label="after balancing")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([str(r[1])[:18] for r in head], rotation=70, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("samples")
+        ax.legend()
+        ax.set_title(f"{len(head)} largest concepts")
+        fig.tight_layout()
+        fig.savefig(out / "concepts_before_after.png", dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        before = sorted((r[2] for r in ba), reverse=True)
+        after = sorted((r[3] for r in ba if r[3] > 0), reverse=True)
+        ax.plot(range(1, len(before) + 1), before, label="before balancing")
+        if after:
+            ax.plot(range(1, len(after) + 1), after, label="after balancing")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("concept rank")
+        ax.set_ylabel("samples per concept")
+        ax.legend()
+        ax.set_title("head/tail curve")
+        fig.tight_layout()
+        fig.savefig(out / "head_tail.png", dpi=110)
+        plt.close(fig)
+
+        n_b = sum(r[2] for r in ba)
+        n_a = sum(r[3] for r in ba)
+        share = lambda rows, col, k: sum(r[col] for r in rows[:k]) / max(1, sum(r[col] for r in rows))  # noqa: E731
+        ba_after = sorted(ba, key=lambda r: -r[3])
+        lines += ["", "## Concepts before/after balancing", "",
+                  f"{len(ba):,} concepts matched; concept-sample pairs {n_b:,} → {n_a:,}. "
+                  f"Share of pairs in the 10 largest concepts: {share(ba, 2, 10):.1%} → {share(ba_after, 3, 10):.1%}.",
+                  "", "![per-concept counts](concepts_before_after.png)", "", "![head/tail curve](head_tail.png)", "",
+                  "| concept | name | before | after |", "|---|---|---:|---:|"]
+        lines += [f"| {c} | {nm} | {b:,} | {a:,} |" for c, nm, b, a in ba[:top]]
+        short = cat.execute("""SELECT concept_id, after, floor FROM balance_report
+                               WHERE stage = 'balance' AND shortfall > 0 ORDER BY shortfall DESC LIMIT 20""").fetchall()
+        if short:
+            lines += ["", f"Concepts below the floor ({short[0][2]}): "
+                      + ", ".join(f"{c} ({a})" for c, a, _ in short)]
+
+        in1k = _imagenet1k() or {r[0] for r in cat.execute(
+            "SELECT concept_id FROM concepts WHERE imagenet1k").fetchall()}
+        if in1k:
+            cov = {k: [0, 0] for k in (1, 10, 100)}
+            for c, _, b, a in ba:
+                if c in in1k:
+                    for k in cov:
+                        cov[k][0] += b >= k
+                        cov[k][1] += a >= k
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ks = list(cov)
+            ax.bar([i - 0.2 for i in range(3)], [cov[k][0] for k in ks], width=0.4, label="before")
+            ax.bar([i + 0.2 for i in range(3)], [cov[k][1] for k in ks], width=0.4, label="after")
+            ax.set_xticks(range(3))
+            ax.set_xticklabels([f">= {k} samples" for k in ks])
+            ax.set_ylabel(f"ImageNet-1k classes (of {len(in1k)})")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out / "imagenet1k_coverage.png", dpi=110)
+            plt.close(fig)
+            lines += ["", "## ImageNet-1k coverage", "", "| classes with | before balancing | after balancing |",
+                      "|---|---:|---:|"]
+            lines += [f"| >= {k} samples | {cov[k][0]:,} / {len(in1k)} | {cov[k][1]:,} / {len(in1k)} |" for k in ks]
+            lines += ["", "![ImageNet-1k coverage](imagenet1k_coverage.png)"]
+    md = out / "README.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md

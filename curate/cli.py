@@ -1,0 +1,224 @@
+"""``curate`` command line: build, inspect, stats, preview (+ subcommands from plugin modules).
+
+Errors in user input (recipes, files, data) print ``error: <one line>`` and exit with status 2; set
+``TETHER_DEBUG=1`` to get the Python traceback instead.
+
+Plugins: every module in :data:`PLUGINS` is imported lazily and, if it defines ``register(subparsers)``, may add
+subcommands (a plugin that is missing or has no ``register`` is skipped). A plugin subcommand sets its handler
+with ``parser.set_defaults(func=handler)``; ``handler(args)`` returns an exit status (or None for 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+PLUGINS = ["curate.media"]
+
+
+class UserError(Exception):
+    """A one-line problem with the user's input."""
+
+
+def _catalog_path(build: str) -> Path:
+    p = Path(build)
+    if p.is_dir():
+        p = p / "catalog.duckdb"
+    if not p.exists():
+        raise UserError(f"{build}: no build catalog here (run `curate build RECIPE` first)")
+    return p
+
+
+def _open(build: str):
+    from curate.catalog import Catalog
+
+    return Catalog(_catalog_path(build), read_only=True)
+
+
+def _table(headers: list[str], rows: list[tuple]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if v is None else (f"{v:,}" if isinstance(v, int) and not
+                                            isinstance(v, bool) else str(v)) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_build(args) -> int:
+    from curate.config import load_build_recipe
+    from curate.pipeline import build
+
+    recipe = load_build_recipe(args.recipe, args.set)
+    res = build(recipe, out=args.out, progress=not args.no_progress, until=args.until,
+                recipe_dir=Path(args.recipe).resolve().parent)
+    print(f"build: {res.build_dir}")
+    print(f"catalog: {res.catalog}")
+    if res.selection:
+        print(f"selection: {res.selection} ({res.selected:,} rows)" if res.selected is not None
+              else f"selection: {res.selection}")
+    if res.card:
+        print(f"data card: {res.card}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    with _open(args.build) as cat:
+        row = cat.sample(args.uid)
+        if row is None:
+            raise UserError(f"uid {args.uid!r} is not in {args.build}")
+        print(f"uid: {row['uid']}\nsource: {row['source']} row {row['row_index']}")
+        for k in ("url", "path", "caption", "width", "height", "extra"):
+            if row.get(k) is not None:
+                v = str(row[k])
+                print(f"{k}: {v if len(v) <= 200 else v[:200] + f'... ({len(v)} chars)'}")
+        ms = cat.execute("""SELECT m.concept_id, coalesce(c.name, ''), m.method, m.score, m.span FROM matches m
+                            LEFT JOIN concepts c USING (concept_id) WHERE m.uid = ? ORDER BY m.method,
+                            m.score DESC NULLS LAST, m.concept_id""", [args.uid]).fetchall()
+        print(f"matches: {len(ms)}")
+        for cid, name, method, score, span in ms:
+            print(f"  {cid} {name} [{method}] score={score if score is None else round(score, 4)}"
+                  + (f" span={span}" if span else ""))
+        decisions = {st: [] for st, *_ in cat.stage_status()}
+        for st, kept, reason, ref, cid in cat.why(args.uid):
+            decisions.setdefault(st, []).append((kept, reason, ref, cid))
+        print("decisions:")
+        verdict = "selected"
+        for st, status, *_ in cat.stage_status():
+            ds = decisions.get(st, [])
+            if not ds:
+                print(f"  {st}: passed (no objection)" + ("" if status == "done" else f" [stage {status}]"))
+            for kept, reason, ref, cid in ds:
+                print(f"  {st}: {'KEPT' if kept else 'DROPPED'} - {reason}"
+                      + (f" (duplicate of {ref})" if ref else "") + (f" [concept {cid}]" if cid else ""))
+                if not kept and verdict == "selected":
+                    verdict = f"dropped at {st}: {reason}"
+        alive = cat.scalar("SELECT count(*) FROM alive WHERE uid = ?", [args.uid])
+        print(f"verdict: {verdict if not alive else 'alive (no stage rejected it)'}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    with _open(args.build) as cat:
+        total = cat.scalar("SELECT count(*) FROM samples")
+        print(f"samples: {total:,}  alive: {cat.scalar('SELECT count(*) FROM alive'):,}")
+        print("\nper stage:")
+        print(_table(["stage", "status", "judged", "rejected", "alive after"], cat.stage_counts()))
+        reasons = cat.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept GROUP BY ALL
+                                 ORDER BY 3 DESC LIMIT ?""", [args.reasons]).fetchall()
+        if reasons:
+            print("\nrejection reasons:")
+            print(_table(["stage", "reason", "rows"], reasons))
+        cols, rows = cat.concept_counts_by_stage(limit=None if args.concept else args.concepts,
+                                                 concept=args.concept)
+        if rows:
+            n = cat.scalar("SELECT count(DISTINCT concept_id) FROM matches")
+            print(f"\nper concept (samples alive after each stage; {len(rows)} of {n:,} matched concepts):")
+            print(_table(cols, rows))
+        elif args.concept:
+            raise UserError(f"concept {args.concept!r} has no matches in {args.build}")
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from curate.balance import preview_t
+    from curate.catalog import Catalog
+    from curate.config import load_build_recipe
+    from curate.pipeline import build
+
+    try:
+        ts = [int(x) for x in args.t.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--t: expected comma-separated integers, got {args.t!r}") from None
+    if not ts or min(ts) < 1:
+        raise UserError("--t: give at least one positive integer")
+    recipe = load_build_recipe(args.recipe, args.set)
+    res = build(recipe, out=args.out, progress=not args.no_progress, until="match",
+                recipe_dir=Path(args.recipe).resolve().parent)
+    with Catalog(res.catalog) as cat:
+        rows = preview_t(cat, ts, recipe.balance)
+    c = rows[0]
+    print(f"candidates {c['candidates']:,} (matched {c['matched']:,}) over {c['concepts']:,} concepts")
+    print(_table(["t", "expected pairs", "share of candidates", "concepts capped"],
+                 [(r["t"], int(round(r["expected"])), f"{r['expected'] / max(1, r['candidates']):.1%}",
+                   r["capped_concepts"]) for r in rows]))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- main
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="curate", description="tether curation: sources → balanced selection")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="run (or resume) a build from a recipe")
+    b.add_argument("recipe")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    b.add_argument("--out", help="build folder (default: recipe `out` or builds/<name>)")
+    b.add_argument("--until", choices=["ingest", "filter", "dedup", "neardup", "concepts", "match", "balance",
+                                       "select"], help="stop after this stage")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_build)
+
+    i = sub.add_parser("inspect", help="every decision taken on one sample")
+    i.add_argument("build", help="build folder or catalog.duckdb")
+    i.add_argument("--uid", required=True)
+    i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("stats", help="counts per stage and per concept")
+    s.add_argument("build")
+    s.add_argument("--concepts", type=int, default=30, help="how many concepts to list (largest first)")
+    s.add_argument("--concept", help="only this concept id")
+    s.add_argument("--reasons", type=int, default=15, help="how many rejection reasons to list")
+    s.set_defaults(func=cmd_stats)
+
+    v = sub.add_parser("preview", help="expected t-balancing output size per t (runs the build up to match)")
+    v.add_argument("recipe")
+    v.add_argument("--t", required=True, help="comma-separated t values, e.g. 1000,5000,20000")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--out")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=cmd_preview)
+
+    for mod in PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        reg = getattr(m, "register", None)
+        if callable(reg):
+            reg(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = make_parser().parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, traceback only on request
+        if os.environ.get("TETHER_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+def _one_line(e: Exception) -> str:
+    from curate.recipe import RecipeError
+
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, (RecipeError, UserError)):
+        return msg
+    if isinstance(e, FileNotFoundError):
+        return f"file not found: {e.filename or msg}"
+    return f"{type(e).__name__}: {msg}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The top-level ``curate build`` recipe (:class:`BuildRecipe`) and its loader.
+
+Path rules: relative INPUT paths in a recipe (sources' ``path``/``captions``/``image_root``, the concepts
+``user_list``/``wordnet_dir``) resolve against the recipe file's folder, after ``${VAR:-default}`` / ``~``
+expansion; the build folder ``out`` resolves against the current working directory (default ``builds/<name>``),
+and ``curate build --out DIR`` overrides it. Missing input files are reported at load time, one line each.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import Field
+
+from curate.balance import BalanceConfig
+from curate.concepts import ConceptsConfig
+from curate.dedup import DedupConfig, FilterConfig
+from curate.match import MatchConfig
+from curate.media import MediaRecipe
+from curate.recipe import RecipeError, Strict, expand, parse, read_yaml, resolve_path
+from curate.selection import OutputConfig
+from curate.sources import IngestConfig, SourceConfig
+
+
+class BuildRecipe(Strict):
+    """``curate build`` recipe: sources → ingest → filter → dedup → concepts → match → balance → output."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    out: str | None = None
+    threads: int | None = Field(default=None, ge=1)
+    sources: list[SourceConfig] = Field(min_length=1)
+    ingest: IngestConfig = IngestConfig()
+    filter: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
+    concepts: ConceptsConfig = ConceptsConfig()
+    match: MatchConfig = MatchConfig()
+    balance: BalanceConfig = BalanceConfig()
+    output: OutputConfig = OutputConfig()
+    media: MediaRecipe | None = None
+
+    def build_dir(self, out: str | os.PathLike | None = None) -> Path:
+        return resolve_path(out or self.out or f"builds/{self.name}")
+
+    def with_absolute_paths(self, base: str | os.PathLike) -> "BuildRecipe":
+        """A copy whose relative input paths are resolved against ``base`` (the recipe's folder)."""
+        data = self.model_dump()
+
+        def fix(v):
+            return None if v is None else os.path.normpath(resolve_path(v, base))
+
+        for s in data["sources"]:
+            for k in ("path", "captions", "image_root"):
+                if s.get(k) and not (k == "path" and s.get("format") == "hf" and not _looks_local(s[k], base)):
+                    s[k] = fix(s[k])
+        for k in ("user_list", "wordnet_dir"):
+            if data["concepts"].get(k):
+                data["concepts"][k] = fix(data["concepts"][k])
+        return type(self).model_validate(data)
+
+    def check(self, source: str = "recipe") -> None:
+        """Input files exist and options are consistent; one-line RecipeError otherwise."""
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise RecipeError(f"{source}: sources: duplicate source name {sorted(dup)[0]!r}")
+        for i, s in enumerate(self.sources):
+            try:
+                s.check(f"sources[{i}]")
+            except RecipeError as e:
+                raise RecipeError(f"{source}: {e}") from None
+        if self.concepts.user_list and not Path(self.concepts.user_list).is_file():
+            raise RecipeError(f"{source}: concepts.user_list: file not found: {self.concepts.user_list}")
+
+
+def _looks_local(value: str, base) -> bool:
+    return Path(expand(value)).is_absolute() or resolve_path(value, base).exists() or value.startswith(".")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML); integer keys index lists (``sources.0.path=x``)."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise RecipeError(f"override {ov!r}: expected key.path=value")
+        key, val = ov.split("=", 1)
+        keys = [k for k in key.strip().split(".") if k]
+        if not keys:
+            raise RecipeError(f"override {ov!r}: empty key")
+        cur: object = data
+        for j, k in enumerate(keys):
+            last = j == len(keys) - 1
+            if isinstance(cur, list):
+                if not k.isdigit() or int(k) >= len(cur):
+                    raise RecipeError(f"override {ov!r}: {k} is not an index of a {len(cur)}-item list")
+                if last:
+                    cur[int(k)] = yaml.safe_load(val)
+                else:
+                    cur = cur[int(k)]
+            elif isinstance(cur, dict):
+                if last:
+                    cur[k] = yaml.safe_load(val)
+                else:
+                    nxt = cur.setdefault(k, {})
+                    if not isinstance(nxt, (dict, list)):
+                        raise RecipeError(f"override {ov!r}: {k} is not a section")
+                    cur = nxt
+            else:
+                raise RecipeError(f"override {ov!r}: {keys[j - 1]} is not a section")
+    return data
+
+
+def load_build_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> BuildRecipe:
+    """Load (with overrides), resolve input paths against the recipe's folder and check that input files exist."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    r = parse(BuildRecipe, data, str(path))
+    r = r.with_absolute_paths(Path(path).resolve().parent)
+    r.check(str(path))
+    return r

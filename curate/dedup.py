@@ -1,0 +1,217 @@
+"""Caption filters, exact dedup and optional near-duplicate captions (faiss over frozen text embeddings).
+
+Three stages, each recording one ``decisions`` row per sample it rejects (``kept = false``, a reason, and for
+duplicates ``ref_uid`` = the sample that was kept):
+
+* ``filter`` (:func:`run_filters`) — min words / chars, max words, and a cheap English heuristic (no language
+  identification library is a dependency): at least ``min_ascii_letter_share`` of the letters are A–Z, and a
+  caption of ``stopword_min_words`` or more words contains at least one spaCy English stop word (terse English
+  captions such as "Kids playing softball ." are short enough to pass); one SQL pass.
+* ``dedup`` (:func:`run_exact_dedup`) — exact duplicates by ``url``, by normalized caption (``caption``: lower
+  case, Unicode punctuation/symbols → space, whitespace collapsed) and by ``url_caption`` (url or local path +
+  normalized caption), applied in the configured order. Keep rule: the first sample in ``(source, row_index)``
+  order survives; all SQL (window functions), so 10M rows take seconds.
+* ``neardup`` (:func:`run_near_dup`) — captions embedded with a frozen sentence encoder
+  (:class:`align.encoders.TextEncoder`), greedy in ``(source, row_index)`` order: a caption whose cosine
+  similarity to an EARLIER KEPT caption is ≥ ``threshold`` is dropped with that caption as ``ref_uid``
+  (faiss inner-product index over kept embeddings + an exact within-chunk pass).
+
+Each stage reads the ``alive`` view, so it only judges samples that earlier stages kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.recipe import Strict
+
+NORM_CAPTION_SQL = ("trim(regexp_replace(regexp_replace(lower({c}), '[\\pP\\pS]+', ' ', 'g'), '\\s+', ' ', 'g'))")
+WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))"
+
+
+def norm_caption_sql(col: str = "caption") -> str:
+    """SQL expression normalizing a caption column for duplicate detection."""
+    return NORM_CAPTION_SQL.format(c=col)
+
+
+class FilterConfig(Strict):
+    """Recipe section ``filter:``. Zero / null disables a rule."""
+
+    min_words: int = Field(default=0, ge=0)
+    min_chars: int = Field(default=0, ge=0)
+    max_words: int | None = Field(default=None, ge=1)
+    english_only: bool = False
+    min_ascii_letter_share: float = Field(default=0.6, ge=0, le=1)
+    stopword_min_words: int = Field(default=8, ge=1)
+
+
+class NearDupConfig(Strict):
+    """Recipe section ``dedup.near:`` — off unless ``enabled``."""
+
+    enabled: bool = False
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    threshold: float = Field(default=0.95, gt=0, le=1)
+    batch_size: int = Field(default=256, ge=1)
+    chunk: int = Field(default=4096, ge=16)
+    max_length: int = Field(default=64, ge=8)
+    device: str = "cpu"
+
+
+class DedupConfig(Strict):
+    """Recipe section ``dedup:``: exact keys in the order applied, plus the optional near-dup pass."""
+
+    exact: list[Literal["url", "caption", "url_caption"]] = ["url", "url_caption"]
+    near: NearDupConfig = NearDupConfig()
+
+
+def english_stop_words() -> list[str]:
+    """spaCy's English stop words (alphabetic ASCII ones), sorted.
+
+    Read from spaCy's ``lang/en/stop_words.py`` source without importing spaCy (that import costs seconds);
+    falls back to the import when the file layout differs.
+    """
+    import ast
+    import importlib.util
+
+    words: set[str] = set()
+    spec = importlib.util.find_spec("spacy")
+    if spec is not None and spec.submodule_search_locations:
+        f = Path(list(spec.submodule_search_locations)[0]) / "lang" / "en" / "stop_words.py"
+        if f.is_file():
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 200:
+                    words.update(node.value.split())
+    if not words:
+        from spacy.lang.en.stop_words import STOP_WORDS
+
+        words = set(STOP_WORDS)
+    return sorted(w for w in words if w.isalpha() and w.isascii())
+
+
+def run_filters(cat: Catalog, cfg: FilterConfig, stage: str = "filter") -> int:
+    """Reject captions failing the basic filters; returns the number rejected."""
+    cat.clear_decisions(stage)
+    rules: list[tuple[str, str]] = []
+    words = WORDS_SQL.format(c="caption")
+    if cfg.min_chars:
+        rules.append((f"length(trim(caption)) < {cfg.min_chars}",
+                      f"'too short (' || length(trim(caption)) || ' < {cfg.min_chars} chars)'"))
+    if cfg.min_words:
+        rules.append((f"{words} < {cfg.min_words}", f"'too few words (' || {words} || ' < {cfg.min_words})'"))
+    if cfg.max_words:
+        rules.append((f"{words} > {cfg.max_words}", f"'too many words (' || {words} || ' > {cfg.max_words})'"))
+    if cfg.english_only:
+        letters = "length(regexp_replace(caption, '[^\\pL]', '', 'g'))"
+        ascii_letters = "length(regexp_replace(caption, '[^A-Za-z]', '', 'g'))"
+        share = f"({ascii_letters} / greatest({letters}, 1))"
+        sw = "[" + ", ".join(f"'{w}'" for w in english_stop_words()) + "]"
+        rules.append((f"{share} < {cfg.min_ascii_letter_share}", "'not English (mostly non-Latin letters)'"))
+        rules.append((f"{words} >= {cfg.stopword_min_words} AND "
+                      f"NOT list_has_any(regexp_split_to_array(lower(caption), '[^a-z]+'), {sw})",
+                      f"'not English (no English stop word in {cfg.stopword_min_words}+ words)'"))
+    if not rules:
+        return 0
+    case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"
+    cat.execute(f"""INSERT INTO decisions
+        SELECT uid, '{stage}', false, reason, NULL, NULL FROM (
+          SELECT uid, source, row_index, {case} AS reason FROM alive) WHERE reason IS NOT NULL
+        ORDER BY source, row_index""")
+    return int(cat.scalar("SELECT count(*) FROM decisions WHERE stage = ?", [stage]))
+
+
+def exact_key_sql(key: str) -> str:
+    norm = norm_caption_sql("caption")
+    return {
+        "url": "nullif(trim(url), '')",
+        "caption": norm,
+        "url_caption": f"coalesce(nullif(trim(url), ''), path) || chr(31) || {norm}",
+    }[key]
+
+
+def run_exact_dedup(cat: Catalog, cfg: DedupConfig, stage: str = "dedup") -> int:
+    """Exact duplicates by each configured key in turn (first in (source, row_index) order is kept)."""
+    cat.clear_decisions(stage)
+    for key in cfg.exact:
+        cat.execute(f"""INSERT INTO decisions
+            SELECT uid, '{stage}', false, 'duplicate {key}', first_uid, NULL FROM (
+              SELECT uid, source, row_index,
+                first_value(uid) OVER w AS first_uid, row_number() OVER w AS rn
+              FROM (SELECT uid, source, row_index, {exact_key_sql(key)} AS k FROM alive) WHERE k IS NOT NULL
+              WINDOW w AS (PARTITION BY k ORDER BY source, row_index)
+            ) WHERE rn > 1 ORDER BY source, row_index""")
+    return int(cat.scalar("SELECT count(*) FROM decisions WHERE stage = ?", [stage]))
+
+
+def greedy_near_dups(emb: np.ndarray, threshold: float, index=None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy near-dup pass over one chunk of L2-normalized embeddings in order.
+
+    ``index`` (a faiss IndexFlatIP, possibly empty) holds the embeddings kept in EARLIER chunks. Returns
+    ``ref`` (per row: -1 if kept, else the id of the kept row it duplicates; ids ≥ index.ntotal refer to rows of
+    this chunk as ``index.ntotal + i``) and the boolean kept mask. Kept rows are added to ``index``.
+    """
+    n = emb.shape[0]
+    base = index.ntotal if index is not None else 0
+    ref = np.full(n, -1, dtype=np.int64)
+    if index is not None and base:
+        d, i = index.search(emb, 1)
+        hit = d[:, 0] >= threshold
+        ref[hit] = i[hit, 0]
+    sims = emb @ emb.T
+    kept = ref < 0
+    for i in range(n):
+        if not kept[i]:
+            continue
+        js = np.flatnonzero(sims[i, :i] >= threshold)
+        js = js[kept[js]]
+        if js.size:
+            kept[i] = False
+            ref[i] = base + int(js[np.argmax(sims[i, js])])
+    if index is not None:
+        index.add(emb[kept])
+    return ref, kept
+
+
+def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encoder=None,
+                 progress: bool = True) -> int:
+    """Drop captions whose embedding is within ``threshold`` cosine of an earlier kept caption."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    cat.clear_decisions(stage)
+    if not cfg.enabled:
+        return 0
+    if encoder is None:
+        from align.encoders import TextEncoder
+
+        encoder = TextEncoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
+    total = int(cat.scalar("SELECT count(*) FROM alive"))
+    cur = cat.con.cursor()
+    reader = cur.sql("SELECT uid, caption FROM alive ORDER BY source, row_index").to_arrow_reader(cfg.chunk)
+    index = faiss.IndexFlatIP(encoder.dim)
+    kept_uids: list[str] = []  # uid of every vector in `index`, by id
+    dropped: list[tuple[str, str]] = []
+    bar = tqdm(total=total, desc="near-dup captions", unit="captions", disable=not progress)
+    for batch in reader:
+        uids = batch.column(0).to_pylist()
+        emb = encoder.encode(batch.column(1).to_pylist(), batch_size=cfg.batch_size).astype(np.float32)
+        base = index.ntotal
+        ref, kept = greedy_near_dups(emb, cfg.threshold, index)
+        for i in np.flatnonzero(~kept):
+            r = int(ref[i])
+            dropped.append((uids[i], kept_uids[r] if r < base else uids[r - base]))
+        kept_uids.extend(uids[j] for j in np.flatnonzero(kept))
+        bar.update(len(uids))
+    bar.close()
+    cur.close()
+    if dropped:
+        import pyarrow as pa
+
+        tbl = pa.table({"uid": [d[0] for d in dropped], "ref": [d[1] for d in dropped]})
+        cat.insert_arrow("decisions", tbl,
+                         f"uid, '{stage}', false, 'near-duplicate caption (cos >= {cfg.threshold})', ref, NULL")
+    return len(dropped)

@@ -1,0 +1,425 @@
+"""Download stage: img2dataset fetches URL rows; local rows are checked in place. Every row's outcome → catalog.
+
+URL rows (``url`` set, ``path`` empty) are written to an input parquet and handed to ``img2dataset.download``
+(the real library, called from Python) with the recipe's settings; its per-shard status parquet and
+``*_stats.json`` files stay in the build folder. Local rows (``path`` set) are decoded and hashed here, with the
+same bookkeeping. Every row ends up in
+
+  downloads(uid, attempt, status, error, sha256, width, height, original_width, original_height,
+            format, store, shard, key)
+  decisions(uid, stage='download', kept, reason)
+
+``status`` is img2dataset's own vocabulary (``success`` / ``failed_to_download`` / ``failed_to_resize``) plus
+``failed_to_decode`` / ``missing_file`` for local rows and ``no_source`` for rows with neither url nor path.
+``format``/``store``/``shard``/``key`` say where the image bytes are: an img2dataset output folder in
+``webdataset`` or ``files`` layout, or ``local`` (``key`` = the file path). :class:`ImageStore` reads them back.
+
+Resume: img2dataset runs in ``incremental`` mode (a shard whose ``_stats.json`` exists is done), and each
+finished img2dataset shard is loaded into the catalog in one transaction together with its
+``progress('download', unit)`` row, so a killed download loses and duplicates nothing.
+``retry_failed`` re-downloads only failed URL rows into a new attempt folder and replaces their outcomes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.recipe import RecipeError, Strict
+
+STAGE = "download"
+RETRY_STAGE = "download_retry"
+SUCCESS = "success"
+
+DOWNLOADS_SCHEMA = """CREATE TABLE IF NOT EXISTS downloads(
+    uid VARCHAR NOT NULL, attempt INTEGER, status VARCHAR, error VARCHAR, sha256 VARCHAR,
+    width INTEGER, height INTEGER, original_width INTEGER, original_height INTEGER,
+    format VARCHAR, store VARCHAR, shard VARCHAR, key VARCHAR)"""
+
+# The selection rows the media stages work on (a copy of the selection parquet, loaded once per build).
+MEDIA_ROWS_SCHEMA = """CREATE TABLE IF NOT EXISTS media_rows(
+    uid VARCHAR NOT NULL, pos BIGINT, url VARCHAR, path VARCHAR, caption VARCHAR, concept_ids VARCHAR[],
+    source VARCHAR)"""
+
+
+class DownloadConfig(Strict):
+    """``media.download``: img2dataset settings (names and meanings follow ``img2dataset.download``)."""
+
+    enabled: bool = True
+    image_size: int = Field(256, gt=0)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    skip_reencode: bool = False
+    output_format: Literal["webdataset", "files"] = "webdataset"
+    processes_count: int = Field(1, ge=1)
+    thread_count: int = Field(32, ge=1)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    min_image_size: int = Field(0, ge=0)
+    max_image_area: Optional[float] = Field(None, gt=0)
+    max_aspect_ratio: Optional[float] = Field(None, gt=0)
+    number_sample_per_shard: int = Field(10000, ge=1)
+    # multiprocessing (default, one machine); pyspark / ray: start your Spark session / Ray cluster first,
+    # img2dataset then distributes shards over it (see docs/media.md).
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    subjob_size: int = Field(1000, ge=1)
+    max_shard_retry: int = Field(1, ge=0)
+    user_agent_token: Optional[str] = None
+    disallowed_header_directives: Optional[list[str]] = None
+    # local rows: worker threads for the decode check
+    local_threads: int = Field(2, ge=1)
+    local_chunk: int = Field(2000, ge=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# selection → media_rows
+# --------------------------------------------------------------------------------------------------------
+def file_digest(path: str | Path) -> str:
+    """A cheap identity for an input file (size + mtime + first MiB), used in stage params."""
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def load_selection(cat: Catalog, selection_path: str | Path) -> int:
+    """(Re)load the selection parquet into ``media_rows`` (columns uid, url, path, caption, concept_ids, source).
+
+    Missing optional columns become NULL; a missing ``uid`` column or duplicate uids are a RecipeError.
+    Returns the row count. Skipped when the same file (by digest) is already loaded.
+    """
+    cat.execute(MEDIA_ROWS_SCHEMA)
+    digest = file_digest(selection_path)
+    if cat.stage_done("media_rows", {"digest": digest}):
+        return int(cat.scalar("SELECT count(*) FROM media_rows"))
+    cols = set(pq.read_schema(selection_path).names)
+    if "uid" not in cols:
+        raise RecipeError(f"{selection_path}: selection parquet has no 'uid' column")
+
+    def col(name: str, sql_type: str) -> str:
+        return f"CAST({name} AS {sql_type})" if name in cols else f"CAST(NULL AS {sql_type})"
+
+    with cat.transaction() as con:
+        con.execute("DELETE FROM media_rows")
+        con.execute(
+            f"""INSERT INTO media_rows SELECT CAST(uid AS VARCHAR), row_number() OVER () - 1,
+                nullif(trim({col('url', 'VARCHAR')}), ''), nullif(trim({col('path', 'VARCHAR')}), ''),
+                {col('caption', 'VARCHAR')}, {col('concept_ids', 'VARCHAR[]')}, {col('source', 'VARCHAR')}
+                FROM read_parquet(?)""",
+            [str(selection_path)],
+        )
+        dup = con.execute("SELECT uid FROM media_rows GROUP BY uid HAVING count(*) > 1 LIMIT 1").fetchone()
+        if dup:
+            raise RecipeError(f"{selection_path}: duplicate uid {dup[0]!r} in the selection")
+        cat.mark_started("media_rows", {"digest": digest})
+        n = int(con.execute("SELECT count(*) FROM media_rows").fetchone()[0])
+        cat.mark_done("media_rows", n)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------
+# reading image bytes back
+# --------------------------------------------------------------------------------------------------------
+class ImageStore:
+    """Random access to stored image bytes by a ``downloads`` row (format, store, shard, key).
+
+    webdataset: the tar ``store/shard.tar`` is indexed once (member → offset, size) and read with ``pread``;
+    files: ``store/shard/key.<ext>``; local: the file at ``key``.
+    """
+
+    def __init__(self, encode_format: str = "jpg"):
+        self.ext = encode_format
+        self._index: dict[str, dict[str, tuple[int, int]]] = {}
+        self._fds: dict[str, int] = {}
+
+    def _tar_index(self, tar_path: str) -> dict[str, tuple[int, int]]:
+        idx = self._index.get(tar_path)
+        if idx is None:
+            idx = {}
+            with tarfile.open(tar_path, "r:") as tf:
+                for m in tf:
+                    if m.isfile():
+                        idx[m.name] = (m.offset_data, m.size)
+            self._index[tar_path] = idx
+            self._fds[tar_path] = os.open(tar_path, os.O_RDONLY)
+        return idx
+
+    def read(self, fmt: str, store: str, shard: str, key: str) -> bytes:
+        if fmt == "local":
+            with open(key, "rb") as f:
+                return f.read()
+        if fmt == "files":
+            with open(Path(store) / shard / f"{key}.{self.ext}", "rb") as f:
+                return f.read()
+        if fmt == "webdataset":
+            tar_path = str(Path(store) / f"{shard}.tar")
+            off, size = self._tar_index(tar_path)[f"{key}.{self.ext}"]
+            return os.pread(self._fds[tar_path], size, off)
+        raise ValueError(f"unknown image store format {fmt!r}")
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._index.clear()
+
+    def __enter__(self) -> "ImageStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# local rows
+# --------------------------------------------------------------------------------------------------------
+def check_local_image(path: str) -> tuple[str, Optional[str], Optional[str], Optional[int], Optional[int]]:
+    """Decode-check one local file: ``(status, error, sha256, width, height)``.
+
+    JPEGs are decoded in draft mode (DCT scaling: every entropy-coded byte is still parsed, so truncation and
+    corruption are caught, ~10× faster than a full decode).
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "missing_file", f"no such file: {path}", None, None, None
+    except OSError as e:
+        return "missing_file", f"{type(e).__name__}: {e}", None, None, None
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder error is a per-row reason
+        return "failed_to_decode", f"{type(e).__name__}: {e}", sha, None, None
+    return SUCCESS, None, sha, w, h
+
+
+def _record(con, rows: list[tuple]) -> None:
+    """Insert ``downloads`` rows and their ``decisions(stage='download')`` (replacing earlier ones)."""
+    if not rows:
+        return
+    uids = [r[0] for r in rows]
+    tbl = pa.table({"uid": uids})
+    con.register("_rec_uids", tbl)
+    con.execute("DELETE FROM downloads WHERE uid IN (SELECT uid FROM _rec_uids)")
+    con.execute(f"DELETE FROM decisions WHERE stage = '{STAGE}' AND uid IN (SELECT uid FROM _rec_uids)")
+    con.unregister("_rec_uids")
+    con.executemany("INSERT INTO downloads VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    con.executemany(
+        "INSERT INTO decisions(uid, stage, kept, reason) VALUES (?, ?, ?, ?)",
+        [(r[0], STAGE, r[2] == SUCCESS, r[2] if r[2] == SUCCESS else f"{r[2]}: {r[3]}") for r in rows],
+    )
+
+
+def _local_rows(cat: Catalog, cfg: DownloadConfig, progress: bool) -> None:
+    """Check every local row in chunks of ``cfg.local_chunk`` (one transaction + progress unit per chunk)."""
+    from tqdm.auto import tqdm
+
+    rows = cat.execute("SELECT uid, path FROM media_rows WHERE path IS NOT NULL ORDER BY pos").fetchall()
+    done = cat.done_units(STAGE)
+    chunks = [(f"local/{i // cfg.local_chunk:06d}", rows[i:i + cfg.local_chunk])
+              for i in range(0, len(rows), cfg.local_chunk)]
+    todo = [c for c in chunks if c[0] not in done]
+    bar = tqdm(total=sum(len(c[1]) for c in todo), desc="check local images", unit="img", disable=not progress)
+    with ThreadPoolExecutor(cfg.local_threads) as pool:
+        for unit, chunk in todo:
+            results = list(pool.map(lambda r: check_local_image(str(Path(r[1]).resolve())), chunk))
+            recs = [(uid, 0, st, err, sha, w, h, w, h, "local", "", "", str(Path(p).resolve()))
+                    for (uid, p), (st, err, sha, w, h) in zip(chunk, results)]
+            with cat.transaction() as con:
+                _record(con, recs)
+                con.execute("INSERT INTO progress VALUES (?, ?)", [STAGE, unit])
+            bar.update(len(chunk))
+    bar.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# img2dataset
+# --------------------------------------------------------------------------------------------------------
+def img2dataset_kwargs(cfg: DownloadConfig) -> dict:
+    """The recipe's settings as ``img2dataset.download`` keyword arguments (input/output set by the caller)."""
+    kw = dict(
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_format=cfg.encode_format, encode_quality=cfg.encode_quality, skip_reencode=cfg.skip_reencode,
+        output_format=cfg.output_format, processes_count=cfg.processes_count, thread_count=cfg.thread_count,
+        timeout=cfg.timeout, retries=cfg.retries, min_image_size=cfg.min_image_size,
+        number_sample_per_shard=cfg.number_sample_per_shard, distributor=cfg.distributor,
+        subjob_size=cfg.subjob_size, max_shard_retry=cfg.max_shard_retry, user_agent_token=cfg.user_agent_token,
+        compute_hash="sha256", enable_wandb=False, extract_exif=False, incremental_mode="incremental",
+        input_format="parquet", url_col="url", caption_col="caption", save_additional_columns=["uid"],
+    )
+    if cfg.max_image_area is not None:
+        kw["max_image_area"] = cfg.max_image_area
+    if cfg.max_aspect_ratio is not None:
+        kw["max_aspect_ratio"] = cfg.max_aspect_ratio
+    if cfg.disallowed_header_directives is not None:
+        kw["disallowed_header_directives"] = cfg.disallowed_header_directives
+    return kw
+
+
+def run_img2dataset(url_list: Path, out_dir: Path, cfg: DownloadConfig) -> None:
+    """Call ``img2dataset.download`` (resumes by itself: shards with a ``_stats.json`` are skipped)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset  # imported late: it pulls albumentations/cv2
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    img2dataset.download(url_list=str(url_list), output_folder=str(out_dir), **img2dataset_kwargs(cfg))
+
+
+def _attempt_dir(build_dir: Path, attempt: int) -> Path:
+    return Path(build_dir) / "media" / "download" / f"attempt-{attempt:03d}"
+
+
+def _write_url_list(path: Path, rows: list[tuple]) -> None:
+    """Write the img2dataset input parquet atomically (kept as-is on resume: shard ids must not move)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table({"uid": [r[0] for r in rows], "url": [r[1] for r in rows],
+                             "caption": [r[2] or "" for r in rows]}), tmp)
+    os.replace(tmp, path)
+
+
+def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, progress: bool = True) -> int:
+    """Load every finished img2dataset shard (``NNNNN_stats.json`` present) not loaded yet into the catalog."""
+    from tqdm.auto import tqdm
+
+    done = cat.done_units(STAGE)
+    stats = sorted(out_dir.glob("*_stats.json"))
+    n = 0
+    for sj in tqdm(stats, desc="load download outcomes", unit="shard", disable=not progress):
+        shard = sj.name[: -len("_stats.json")]
+        unit = f"a{attempt:03d}/{shard}"
+        if unit in done:
+            continue
+        t = pq.read_table(out_dir / f"{shard}.parquet").to_pylist()
+        recs = [(r["uid"], attempt, r["status"], r.get("error_message"), r.get("sha256"), r.get("width"),
+                 r.get("height"), r.get("original_width"), r.get("original_height"), fmt, str(out_dir), shard,
+                 r["key"]) for r in t]
+        with cat.transaction() as con:
+            _record(con, recs)
+            con.execute("INSERT INTO progress VALUES (?, ?)", [STAGE, unit])
+        n += len(recs)
+    return n
+
+
+def _download_urls(cat: Catalog, cfg: DownloadConfig, rows: list[tuple], build_dir: Path, attempt: int,
+                   progress: bool) -> None:
+    if not rows:
+        return
+    adir = _attempt_dir(build_dir, attempt)
+    url_list = adir / "input.parquet"
+    _write_url_list(url_list, rows)
+    out = adir / "out"
+    expected = -(-len(rows) // cfg.number_sample_per_shard)
+    if len(list(out.glob("*_stats.json"))) < expected:
+        run_img2dataset(url_list, out, cfg)
+    load_outcomes(cat, out, attempt, cfg.output_format, progress)
+    loaded = cat.scalar("SELECT count(*) FROM downloads WHERE attempt = ? AND format <> 'local'", [attempt])
+    missing = len(rows) - int(loaded or 0)
+    if missing > 0:
+        # img2dataset gave up on whole shards (max_shard_retry exhausted): rerunning the stage resumes them.
+        raise RuntimeError(f"img2dataset left {missing} of {len(rows)} rows without an outcome in {out}; "
+                           "rerun to resume the unfinished shards")
+
+
+def _params(cfg: DownloadConfig, cat: Catalog) -> dict:
+    d = cfg.model_dump()
+    for k in ("processes_count", "thread_count", "distributor", "subjob_size", "local_threads"):
+        d.pop(k)  # how to run, not what comes out
+    d["selection"] = cat.execute("SELECT params FROM stages WHERE stage='media_rows'").fetchone()[0]
+    return d
+
+
+def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True) -> dict:
+    """Download / check every ``media_rows`` row once; returns counts per status. Resumable (see module doc)."""
+    cat.execute(DOWNLOADS_SCHEMA)
+    build_dir = Path(build_dir)
+    params = _params(cfg, cat)
+    if not cat.stage_done(STAGE, params):
+        prev = cat.execute("SELECT params FROM stages WHERE stage = ?", [STAGE]).fetchone()
+        if prev is None or prev[0] != json.dumps(params, sort_keys=True, default=str):
+            # new or changed settings: start over (a rerun with the same settings resumes instead)
+            with cat.transaction():
+                cat.execute("DELETE FROM downloads")
+                cat.clear_decisions(STAGE)
+                cat.invalidate([STAGE, RETRY_STAGE])
+                cat.mark_started(STAGE, params)
+            _clear_dir(build_dir / "media" / "download")
+        with cat.transaction() as con:
+            none = con.execute("""SELECT uid FROM media_rows WHERE url IS NULL AND path IS NULL
+                                  AND uid NOT IN (SELECT uid FROM downloads)""").fetchall()
+            _record(con, [(u, 0, "no_source", "row has neither url nor path", None, None, None, None, None,
+                           "none", "", "", "") for (u,) in none])
+        _local_rows(cat, cfg, progress)
+        urls = cat.execute("SELECT uid, url, caption FROM media_rows WHERE path IS NULL AND url IS NOT NULL "
+                           "ORDER BY pos").fetchall()
+        _download_urls(cat, cfg, urls, build_dir, 0, progress)
+        cat.mark_done(STAGE, int(cat.scalar("SELECT count(*) FROM downloads")))
+    return download_counts(cat)
+
+
+def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True) -> int:
+    """Re-download only the failed URL rows (a new attempt folder); returns how many were retried.
+
+    Resumable: a killed retry keeps its attempt number (``stages('download_retry')``) and its input list.
+    """
+    cat.execute(DOWNLOADS_SCHEMA)
+    row = cat.execute("SELECT status, params FROM stages WHERE stage = ?", [RETRY_STAGE]).fetchone()
+    if row and row[0] == "running":
+        attempt = json.loads(row[1])["attempt"]
+    else:
+        attempt = int(cat.scalar("SELECT coalesce(max(attempt), 0) FROM downloads")) + 1
+        cat.mark_started(RETRY_STAGE, {"attempt": attempt})
+    input_list = _attempt_dir(Path(build_dir), attempt) / "input.parquet"
+    if input_list.exists():
+        rows = [(r["uid"], r["url"], r["caption"]) for r in pq.read_table(input_list).to_pylist()]
+    else:
+        rows = cat.execute(
+            f"""SELECT m.uid, m.url, m.caption FROM media_rows m JOIN downloads d USING (uid)
+                WHERE d.status <> '{SUCCESS}' AND m.url IS NOT NULL AND m.path IS NULL ORDER BY m.pos""").fetchall()
+    _download_urls(cat, cfg, rows, Path(build_dir), attempt, progress)
+    cat.mark_done(RETRY_STAGE, len(rows))
+    return len(rows)
+
+
+def download_counts(cat: Catalog) -> dict[str, int]:
+    return dict(cat.execute("SELECT status, count(*) FROM downloads GROUP BY 1 ORDER BY 1").fetchall())
+
+
+def _clear_dir(d: Path) -> None:
+    import shutil
+
+    if d.exists():
+        shutil.rmtree(d)
+
+
+def iter_success(cat: Catalog, where: str = "TRUE") -> Iterable[tuple]:
+    """(uid, format, store, shard, key) for every successfully stored image of a row still alive."""
+    return cat.execute(
+        f"""SELECT d.uid, d.format, d.store, d.shard, d.key FROM downloads d JOIN media_rows m USING (uid)
+            WHERE d.status = '{SUCCESS}' AND NOT EXISTS
+              (SELECT 1 FROM decisions x WHERE x.uid = d.uid AND NOT x.kept) AND ({where})
+            ORDER BY m.pos""").fetchall()

@@ -1,0 +1,367 @@
+"""Image dedup after download: exact (sha256) → near (pHash + faiss binary index) → semantic (SemDeDup).
+
+Candidates are the rows still alive whose image was stored (``downloads.status = 'success'``). Each pass only
+sees the survivors of the previous one. Every candidate gets one ``decisions(stage='image_dedup')`` row; a
+dropped one records ``ref_uid`` = the kept sample it duplicates.
+
+**Keep rule (deterministic, the same for all three passes).** Candidates are ranked by original pixel area
+(``original_width × original_height``, larger first: a resized copy loses to its source), then by ``uid``
+(ascending). Walking that ranking, a candidate is dropped when a HIGHER-ranked candidate that was KEPT is its
+duplicate; ``ref_uid`` is that kept sample (for pHash the closest in Hamming distance, for SemDeDup the most
+cosine-similar; ties → the higher-ranked). Duplicates are never chained through a dropped sample, so the result
+does not depend on input order, batching or thread count.
+
+* **exact**: equal sha256 of the source bytes (img2dataset's ``compute_hash``; the file bytes for local rows).
+* **near**: imagehash pHash (``hash_size``² bits); pairs with Hamming distance ≤ ``threshold`` are found with a
+  faiss binary index: ``IndexBinaryFlat`` (exact brute force, SIMD popcount) or ``IndexBinaryMultiHash`` with
+  ``threshold + 1`` disjoint sub-hashes (also exact for that radius by the pigeonhole principle; sub-linear).
+* **semantic** (SemDeDup, Abbas et al. 2023): L2-normalised embeddings from a frozen
+  :class:`align.encoders.VisionEncoder`, spherical faiss k-means (``clusters`` or ``sqrt(n)``), and within each
+  cluster a pair is a duplicate when its cosine similarity is ≥ ``1 - epsilon``.
+
+Work that takes long is cached per (uid, sha256) in the catalog — ``image_hashes`` (pHash bytes) and
+``image_embeddings`` (which ``.npy`` chunk file and row holds the vector) — committed chunk by chunk, so a
+killed run resumes; the decisions themselves are written in one transaction at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.download import SUCCESS, ImageStore
+from curate.recipe import Strict
+
+STAGE = "image_dedup"
+
+CACHE_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS image_hashes(uid VARCHAR NOT NULL, sha256 VARCHAR, hash_size INTEGER, phash BLOB)",
+    """CREATE TABLE IF NOT EXISTS image_embeddings(uid VARCHAR NOT NULL, sha256 VARCHAR, model VARCHAR,
+        file VARCHAR, row INTEGER)""",
+]
+
+
+class PhashConfig(Strict):
+    enabled: bool = True
+    hash_size: int = Field(8, ge=4, le=32)
+    threshold: int = Field(4, ge=0)  # max Hamming distance (bits) of a near-duplicate pair
+    index: Literal["flat", "multihash"] = "flat"
+
+
+class SemanticConfig(Strict):
+    enabled: bool = False
+    encoder: str = "facebook/dinov2-small"  # hub id or local path (any align.encoders.VisionEncoder)
+    pooling: Literal["cls", "mean", "cls+mean"] = "cls"
+    layer: int = -1
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = Field(32, ge=1)
+    clusters: Optional[int] = Field(None, ge=1)  # default: round(sqrt(n))
+    kmeans_iters: int = Field(20, ge=1)
+    epsilon: float = Field(0.05, gt=0, lt=1)  # duplicate when cosine ≥ 1 - epsilon
+    seed: int = 0
+
+
+class ImageDedupConfig(Strict):
+    """``media.image_dedup``."""
+
+    enabled: bool = True
+    exact: bool = True
+    phash: PhashConfig = PhashConfig()
+    semantic: SemanticConfig = SemanticConfig()
+    threads: int = Field(2, ge=1)
+    chunk: int = Field(2000, ge=1)
+
+
+@dataclass
+class DedupResult:
+    candidates: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # pass → count
+    drops: list[tuple[str, str, str]] = field(default_factory=list)  # (uid, ref_uid, reason)
+
+    @property
+    def kept(self) -> int:
+        return self.candidates - sum(self.dropped.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# pure functions (numpy in, decisions out): usable without a catalog
+# --------------------------------------------------------------------------------------------------------
+def phash_bytes(data: bytes, hash_size: int = 8) -> bytes:
+    """pHash of an encoded image as packed bits (``hash_size**2 / 8`` bytes).
+
+    JPEGs are decoded with DCT scaling to ≥ 2× the hash's working size (4 × hash_size), which is what pHash
+    looks at anyway and several times faster than a full decode.
+    """
+    import imagehash
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        side = 4 * hash_size
+        if im.format == "JPEG":
+            im.draft("L", (2 * side, 2 * side))
+        h = imagehash.phash(im, hash_size=hash_size)
+    return np.packbits(h.hash.flatten()).tobytes()
+
+
+def greedy_keep(n: int, neighbours: Sequence[tuple[np.ndarray, np.ndarray]], larger_is_closer: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The keep rule over candidates given in rank order (0 = best).
+
+    ``neighbours[i] = (idx, score)``: candidates that duplicate ``i`` (any order, may include ``i``).
+    Returns ``keep`` (bool), ``ref`` (index of the kept sample each dropped one duplicates, -1 if kept) and
+    ``score`` of that pair.
+    """
+    keep = np.ones(n, bool)
+    ref = np.full(n, -1, np.int64)
+    best = np.zeros(n, np.float64)
+    for i in range(n):
+        idx, sc = neighbours[i]
+        m = (idx < i)
+        if not m.any():
+            continue
+        idx, sc = idx[m], sc[m]
+        m = keep[idx]
+        if not m.any():
+            continue
+        idx, sc = idx[m], sc[m]
+        order = np.lexsort((idx, -sc if larger_is_closer else sc))
+        keep[i] = False
+        ref[i] = idx[order[0]]
+        best[i] = sc[order[0]]
+    return keep, ref, best
+
+
+def near_duplicates(codes: np.ndarray, threshold: int, index: str = "flat"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy keep over packed binary codes ``[n, bytes]`` in rank order; Hamming distance ≤ ``threshold``."""
+    import faiss
+
+    n, nbytes = codes.shape
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0)
+    d = nbytes * 8
+    if index == "multihash" and threshold + 1 <= d:
+        nhash = threshold + 1
+        idx = faiss.IndexBinaryMultiHash(d, nhash, d // nhash)
+    else:
+        idx = faiss.IndexBinaryFlat(d)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    idx.add(codes)
+    lims, dist, ids = idx.range_search(codes, threshold + 1)  # faiss: distance < radius
+    neigh = [(ids[lims[i]:lims[i + 1]].astype(np.int64), dist[lims[i]:lims[i + 1]].astype(np.float64))
+             for i in range(n)]
+    return greedy_keep(n, neigh, larger_is_closer=False)
+
+
+def semantic_duplicates(emb: np.ndarray, epsilon: float, clusters: int | None = None, iters: int = 20,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SemDeDup over L2-normalised embeddings ``[n, d]`` in rank order: k-means, then within each cluster pairs
+    with cosine ≥ ``1 - epsilon`` are duplicates (greedy keep rule of the module)."""
+    import faiss
+
+    n = len(emb)
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0)
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    k = int(clusters or max(1, round(math.sqrt(n))))
+    k = max(1, min(k, n))
+    if k > 1:
+        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=False,
+                          min_points_per_centroid=1, max_points_per_centroid=max(256, n))
+        km.train(x)
+        _, assign = km.index.search(x, 1)
+        assign = assign[:, 0]
+    else:
+        assign = np.zeros(n, np.int64)
+    thr = 1.0 - epsilon
+    neigh: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0))] * n
+    for c in np.unique(assign):
+        members = np.flatnonzero(assign == c)  # ascending = rank order
+        if len(members) < 2:
+            continue
+        for s in range(0, len(members), 4096):
+            rows = members[s:s + 4096]
+            sim = x[rows] @ x[members].T
+            for r, i in enumerate(rows):
+                hit = np.flatnonzero(sim[r] >= thr)
+                neigh[i] = (members[hit], sim[r, hit].astype(np.float64))
+    return greedy_keep(n, neigh, larger_is_closer=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# catalog stage
+# --------------------------------------------------------------------------------------------------------
+LATER_STAGES = (STAGE, "rebalance")  # decisions of these stages do not limit this stage's candidates
+
+
+def _candidates(cat: Catalog) -> list[tuple]:
+    """(uid, sha256, format, store, shard, key) of alive stored images, in keep-rule rank order."""
+    ignore = ", ".join(f"'{s}'" for s in LATER_STAGES)
+    return cat.execute(
+        f"""SELECT d.uid, d.sha256, d.format, d.store, d.shard, d.key FROM downloads d JOIN media_rows m USING (uid)
+            WHERE d.status = '{SUCCESS}'
+              AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = d.uid AND NOT x.kept AND x.stage NOT IN ({ignore}))
+            ORDER BY coalesce(d.original_width, d.width, 0)::BIGINT * coalesce(d.original_height, d.height, 0) DESC,
+                     d.uid""").fetchall()
+
+
+def _missing(cat: Catalog, rows: list[tuple], table: str, extra: str, params: list) -> list[tuple]:
+    import pyarrow as pa
+
+    cat.con.register("_cand", pa.table({"uid": [r[0] for r in rows], "sha256": [r[1] for r in rows],
+                                        "i": list(range(len(rows)))}))
+    try:
+        miss = cat.execute(f"""SELECT i FROM _cand c WHERE NOT EXISTS (SELECT 1 FROM {table} t
+                               WHERE t.uid = c.uid AND t.sha256 IS NOT DISTINCT FROM c.sha256 {extra}) ORDER BY i""",
+                           params).fetchall()
+    finally:
+        cat.con.unregister("_cand")
+    return [rows[i] for (i,) in miss]
+
+
+def compute_phashes(cat: Catalog, rows: list[tuple], cfg: ImageDedupConfig, encode_format: str = "jpg",
+                    progress: bool = True) -> np.ndarray:
+    """pHash codes ``[len(rows), bytes]`` (cached in ``image_hashes``; computed chunk by chunk)."""
+    from tqdm.auto import tqdm
+
+    hs = cfg.phash.hash_size
+    todo = _missing(cat, rows, "image_hashes", "AND t.hash_size = ?", [hs])
+    bar = tqdm(total=len(todo), desc="pHash", unit="img", disable=not progress)
+    with ImageStore(encode_format) as store, ThreadPoolExecutor(cfg.threads) as pool:
+        for s in range(0, len(todo), cfg.chunk):
+            chunk = todo[s:s + cfg.chunk]
+            blobs = [store.read(*r[2:6]) for r in chunk]
+            hashes = list(pool.map(lambda b: phash_bytes(b, hs), blobs))
+            with cat.transaction() as con:
+                con.executemany("INSERT INTO image_hashes VALUES (?, ?, ?, ?)",
+                                [(r[0], r[1], hs, h) for r, h in zip(chunk, hashes)])
+            bar.update(len(chunk))
+    bar.close()
+    got = dict(((u, s), h) for u, s, h in cat.execute(
+        "SELECT uid, sha256, phash FROM image_hashes WHERE hash_size = ?", [hs]).fetchall())
+    return np.stack([np.frombuffer(got[(r[0], r[1])], np.uint8) for r in rows]) if rows else \
+        np.zeros((0, hs * hs // 8), np.uint8)
+
+
+def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemanticConfig, emb_dir: Path, encoder=None,
+                       encode_format: str = "jpg", chunk: int = 2000, progress: bool = True) -> np.ndarray:
+    """L2-normalised embeddings ``[len(rows), d]`` from a frozen vision encoder (cached as .npy chunks)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    if encoder is None:
+        from align.encoders import VisionEncoder
+
+        encoder = VisionEncoder.load(cfg.encoder, device=cfg.device, dtype=cfg.dtype, layer=cfg.layer)
+    model = f"{encoder.fingerprint}:{cfg.pooling}:{cfg.layer if cfg.layer is not None else encoder.layer}"
+    todo = _missing(cat, rows, "image_embeddings", "AND t.model = ?", [model])
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc="embed images", unit="img", disable=not progress)
+    with ImageStore(encode_format) as store:
+        for s in range(0, len(todo), chunk):
+            part = todo[s:s + chunk]
+            images = [Image.open(io.BytesIO(store.read(*r[2:6]))).convert("RGB") for r in part]
+            vecs = encoder.encode(images, pooling=cfg.pooling, batch_size=cfg.batch_size, normalize=True,
+                                  layer=cfg.layer)
+            n_files = int(cat.scalar("SELECT count(DISTINCT file) FROM image_embeddings") or 0)
+            name = f"{model.replace(':', '_').replace('+', '-')}-{n_files:06d}.npy"
+            tmp = emb_dir / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, vecs.astype(np.float32))
+            os.replace(tmp, emb_dir / name)
+            with cat.transaction() as con:
+                con.executemany("INSERT INTO image_embeddings VALUES (?, ?, ?, ?, ?)",
+                                [(r[0], r[1], model, name, j) for j, r in enumerate(part)])
+            bar.update(len(part))
+    bar.close()
+    loc = {(u, s): (f, j) for u, s, f, j in cat.execute(
+        "SELECT uid, sha256, file, row FROM image_embeddings WHERE model = ?", [model]).fetchall()}
+    files: dict[str, np.ndarray] = {}
+    out = []
+    for r in rows:
+        f, j = loc[(r[0], r[1])]
+        if f not in files:
+            files[f] = np.load(emb_dir / f)
+        out.append(files[f][j])
+    return np.stack(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def candidates_digest(cat: Catalog) -> str:
+    """Identity of this stage's input (which images, which bytes): part of its stage params."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for uid, sha, *_ in _candidates(cat):
+        h.update(f"{uid}\t{sha}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, encode_format: str = "jpg",
+                    encoder=None, progress: bool = True) -> DedupResult:
+    """Judge every stored, alive image once (see module doc); replaces earlier ``image_dedup`` decisions."""
+    for stmt in CACHE_SCHEMA:
+        cat.execute(stmt)
+    rows = _candidates(cat)
+    res = DedupResult(candidates=len(rows))
+    if not cfg.enabled:
+        with cat.transaction():
+            cat.clear_decisions(STAGE)
+        return res
+    alive = np.ones(len(rows), bool)
+    ref = np.full(len(rows), -1, np.int64)
+    reason: list[str | None] = [None] * len(rows)
+
+    def apply(name: str, sub: np.ndarray, keep: np.ndarray, r: np.ndarray, score: np.ndarray, fmt: str) -> None:
+        dropped = 0
+        for j in np.flatnonzero(~keep):
+            i = sub[j]
+            alive[i] = False
+            ref[i] = sub[r[j]]
+            reason[i] = fmt.format(score[j])
+            dropped += 1
+        res.dropped[name] = dropped
+
+    if cfg.exact:
+        first: dict[str, int] = {}
+        keep = np.ones(len(rows), bool)
+        r = np.full(len(rows), -1, np.int64)
+        for i, row in enumerate(rows):
+            if row[1] is None:
+                continue
+            if row[1] in first:
+                keep[i], r[i] = False, first[row[1]]
+            else:
+                first[row[1]] = i
+        apply("exact", np.arange(len(rows)), keep, r, np.zeros(len(rows)), "exact duplicate (same sha256)")
+    if cfg.phash.enabled:
+        sub = np.flatnonzero(alive)
+        codes = compute_phashes(cat, [rows[i] for i in sub], cfg, encode_format, progress)
+        keep, r, d = near_duplicates(codes, cfg.phash.threshold, cfg.phash.index)
+        apply("phash", sub, keep, r, d,
+              "near duplicate (pHash Hamming distance {:.0f} <= " + f"{cfg.phash.threshold})")
+    if cfg.semantic.enabled:
+        sub = np.flatnonzero(alive)
+        emb = compute_embeddings(cat, [rows[i] for i in sub], cfg.semantic, Path(build_dir) / "media" / "embeddings",
+                                 encoder=encoder, encode_format=encode_format, chunk=cfg.chunk, progress=progress)
+        keep, r, s = semantic_duplicates(emb, cfg.semantic.epsilon, cfg.semantic.clusters, cfg.semantic.kmeans_iters,
+                                         cfg.semantic.seed)
+        apply("semantic", sub, keep, r, s,
+              "semantic duplicate (cosine {:.4f} >= " + f"{1 - cfg.semantic.epsilon:.4f})")
+    recs = [(row[0], STAGE, bool(alive[i]), reason[i] or "unique image",
+             rows[ref[i]][0] if ref[i] >= 0 else None) for i, row in enumerate(rows)]
+    res.drops = [(r[0], r[4], r[3]) for r in recs if not r[2]]
+    with cat.transaction() as con:
+        cat.clear_decisions(STAGE)
+        con.executemany("INSERT INTO decisions(uid, stage, kept, reason, ref_uid) VALUES (?, ?, ?, ?, ?)", recs)
+    return res

@@ -1,0 +1,226 @@
+"""Caption→concept matching stage: ``run_match(cat, cfg)`` fills the catalog's ``matches`` table.
+
+Reads ``SELECT uid, caption FROM alive`` (captions that are NULL or blank are skipped: they match nothing) in
+``uid`` order and writes ``matches(uid, concept_id, method, score, span)``:
+
+* ``method='lexical'``: score 1.0, span = the surface form that matched (``dogs``); see :mod:`.lexical`;
+* ``method='semantic'``: score = cosine similarity, span NULL; see :mod:`.semantic`.
+
+Resume: lexical matching commits unit by unit (``progress(stage, unit)`` in the same transaction as the
+unit's rows) and skips finished units on rerun; semantic matching caches each unit's caption embeddings on
+disk and writes all its rows in one transaction at the end. A finished stage whose parameters (config, concept
+bank, input) are unchanged is not redone; changed parameters clear that method's rows and start over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.concepts import SURFACE_FORMS_DDL
+from curate.match.lexical import LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, naive_match
+from curate.match.semantic import EmbeddingCache, SemanticConfig, TopK, concept_prompt, encode_sorted
+from curate.recipe import RecipeError, Strict
+
+__all__ = ["MatchConfig", "LexicalConfig", "SemanticConfig", "run_match", "run_lexical", "run_semantic",
+           "LexicalMatcher", "choose_senses", "naive_match", "load_form_concepts", "iter_units"]
+
+INPUT_SQL = ("SELECT uid, caption FROM alive WHERE caption IS NOT NULL AND length(trim(caption)) > 0 "
+             "ORDER BY uid, caption")
+
+
+class MatchConfig(Strict):
+    """Recipe section ``match``."""
+
+    mode: Literal["lexical", "semantic", "both"] = "lexical"
+    lexical: LexicalConfig = Field(default_factory=LexicalConfig)
+    semantic: SemanticConfig = Field(default_factory=SemanticConfig)
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def iter_units(cat: Catalog, unit_rows: int) -> Iterator[tuple[int, list[str], list[str]]]:
+    """(unit index, uids, captions) over the input in fixed-size units, streamed (never all in memory).
+
+    Reads on a separate cursor so the caller may commit on ``cat`` between units.
+    """
+    cur = cat.con.cursor()
+    try:
+        reader = cur.sql(INPUT_SQL).to_arrow_reader(min(unit_rows, 100_000))
+        pending: list[pa.RecordBatch] = []
+        n = 0
+        unit = 0
+        for batch in reader:
+            pending.append(batch)
+            n += batch.num_rows
+            while n >= unit_rows:
+                tbl = pa.Table.from_batches(pending)
+                head, rest = tbl.slice(0, unit_rows), tbl.slice(unit_rows)
+                yield unit, head.column("uid").to_pylist(), head.column("caption").to_pylist()
+                unit += 1
+                pending, n = rest.to_batches(), rest.num_rows
+        if n:
+            tbl = pa.Table.from_batches(pending)
+            yield unit, tbl.column("uid").to_pylist(), tbl.column("caption").to_pylist()
+    finally:
+        cur.close()
+
+
+def _input_size(cat: Catalog) -> int:
+    return int(cat.scalar(f"SELECT count(*) FROM ({INPUT_SQL})") or 0)
+
+
+def _bank_fingerprint(cat: Catalog) -> str:
+    """Identity of the concept bank + surface forms, so that a rebuilt bank invalidates old matches."""
+    cat.execute(SURFACE_FORMS_DDL)
+    row = cat.execute(
+        "SELECT (SELECT count(*) FROM concepts), (SELECT coalesce(sum(hash(concept_id || coalesce(gloss, ''))), 0) "
+        "FROM concepts), (SELECT count(*) FROM surface_forms), "
+        "(SELECT coalesce(sum(hash(form || '|' || concept_id || '|' || coalesce(sense_rank, -1))), 0) "
+        "FROM surface_forms)").fetchone()
+    return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
+
+
+def _input_fingerprint(cat: Catalog) -> str:
+    row = cat.execute(f"SELECT count(*), coalesce(sum(hash(uid || caption)), 0) FROM ({INPUT_SQL})").fetchone()
+    return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
+
+
+def _params_json(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def _begin(cat: Catalog, stage: str, method: str, params: dict) -> bool:
+    """True when ``stage`` is already done with ``params``. Otherwise make sure it is marked running with
+    ``params``: resuming the same run keeps its rows and units; anything else clears them first."""
+    row = cat.execute("SELECT status, params FROM stages WHERE stage = ?", [stage]).fetchone()
+    if row and row[1] == _params_json(params):
+        if row[0] == "done":
+            return True
+        if row[0] == "running":
+            return False
+    with cat.transaction():
+        cat.execute("DELETE FROM matches WHERE method = ?", [method])
+        cat.invalidate([stage])
+        cat.mark_started(stage, params)
+    return False
+
+
+def _insert_matches(con, uids: list[str], concept_ids: list[str], method: str, scores: list[float],
+                    spans: list[str | None]) -> None:
+    tbl = pa.table({"uid": pa.array(uids, pa.string()), "concept_id": pa.array(concept_ids, pa.string()),
+                    "method": pa.array([method] * len(uids), pa.string()),
+                    "score": pa.array(scores, pa.float64()), "span": pa.array(spans, pa.string())})
+    con.register("_tether_matches", tbl)
+    try:
+        con.execute("INSERT INTO matches SELECT uid, concept_id, method, score, span FROM _tether_matches")
+    finally:
+        con.unregister("_tether_matches")
+
+
+def _count(cat: Catalog, method: str) -> int:
+    return int(cat.scalar("SELECT count(*) FROM matches WHERE method = ?", [method]) or 0)
+
+
+def load_form_concepts(cat: Catalog, senses: str = "first") -> dict[str, tuple[str, ...]]:
+    """form → concept ids from the catalog's ``surface_forms`` under the ``senses`` policy."""
+    cat.execute(SURFACE_FORMS_DDL)
+    rows = cat.execute("SELECT f.form, f.concept_id, f.sense_rank, f.kind, coalesce(c.imagenet1k, false) "
+                       "FROM surface_forms f JOIN concepts c USING (concept_id)").fetchall()
+    if not rows:
+        raise RecipeError("match: the catalog has no concept surface forms; build the concept bank first")
+    return choose_senses(rows, senses)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ stages
+def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
+    """Lexical matching, resumable unit by unit; returns the number of ``lexical`` rows in ``matches``."""
+    from tqdm.auto import tqdm
+
+    stage = "match_lexical"
+    params = {"cfg": cfg.model_dump(), "bank": _bank_fingerprint(cat), "input": _input_fingerprint(cat)}
+    if _begin(cat, stage, "lexical", params):
+        return _count(cat, "lexical")
+    matcher = LexicalMatcher(load_form_concepts(cat, cfg.senses), cfg.overlaps)
+    lemmatizer = Lemmatizer(cfg.spacy_model) if cfg.lemmatize else None
+    done = cat.done_units(stage)
+    bar = tqdm(total=_input_size(cat), desc="match lexical", unit="caption", disable=not progress)
+    for unit, uids, caps in iter_units(cat, cfg.unit_rows):
+        if str(unit) not in done:
+            idx, cids, forms = matcher.match(caps, lemmatizer(caps) if lemmatizer else None)
+            with cat.transaction() as con:
+                _insert_matches(con, [uids[i] for i in idx], cids, "lexical", [1.0] * len(idx), forms)
+                cat.add_unit(stage, str(unit))
+        bar.update(len(uids))
+    bar.close()
+    n = _count(cat, "lexical")
+    cat.mark_done(stage, n)
+    return n
+
+
+def _cache_root(cat: Catalog, cfg: SemanticConfig) -> Path:
+    if cfg.cache_dir:
+        from curate.recipe import resolve_path
+
+        return resolve_path(cfg.cache_dir)
+    return cat.path.with_name(cat.path.name + ".cache") / "match_semantic"
+
+
+def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encoder=None) -> int:
+    """Semantic top-K matching; returns the number of ``semantic`` rows in ``matches``.
+
+    ``encoder``: an already loaded :class:`align.encoders.TextEncoder` (else ``cfg.model`` is loaded).
+    """
+    from tqdm.auto import tqdm
+
+    stage = "match_semantic"
+    params = {"cfg": cfg.model_dump(exclude={"cache_dir", "batch_size", "device"}),
+              "bank": _bank_fingerprint(cat), "input": _input_fingerprint(cat)}
+    if _begin(cat, stage, "semantic", params):
+        return _count(cat, "semantic")
+    concepts = cat.execute("SELECT concept_id, name, lemmas, gloss FROM concepts ORDER BY concept_id").fetchall()
+    if not concepts:
+        raise RecipeError("match: the catalog has no concepts; build the concept bank first")
+    if encoder is None:
+        from align.encoders import TextEncoder
+
+        try:
+            encoder = TextEncoder.load(cfg.model, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length)
+        except OSError as e:
+            raise RecipeError(f"match.semantic.model: cannot load {cfg.model!r}: {str(e).splitlines()[0]}") from None
+    prompts = [concept_prompt(cfg.prompt, name, lemmas, gloss) for _, name, lemmas, gloss in concepts]
+    queries = encode_sorted(encoder, prompts, cfg.batch_size)
+    cache = EmbeddingCache(_cache_root(cat, cfg), f"{encoder.fingerprint}-{cfg.max_length}")
+    top = TopK(queries, cfg.top_k)
+    bar = tqdm(total=_input_size(cat), desc="match semantic", unit="caption", disable=not progress)
+    for unit, uids, caps in iter_units(cat, cfg.unit_rows):
+        emb = cache.get(unit, uids)
+        if emb is None:
+            emb = encode_sorted(encoder, caps, cfg.batch_size)
+            cache.put(unit, uids, emb)
+        top.add(emb, uids)
+        bar.update(len(uids))
+    bar.close()
+    hits = list(top.results(cfg.min_score))
+    with cat.transaction() as con:
+        con.execute("DELETE FROM matches WHERE method = 'semantic'")
+        _insert_matches(con, [u for _, u, _ in hits], [concepts[q][0] for q, _, _ in hits], "semantic",
+                        [s for _, _, s in hits], [None] * len(hits))
+        n = _count(cat, "semantic")
+        cat.mark_done(stage, n)
+    return n
+
+
+def run_match(cat: Catalog, cfg: MatchConfig, progress: bool = True) -> int:
+    """Run the configured matching mode(s); returns the number of rows in ``matches`` they own."""
+    n = 0
+    if cfg.mode in ("lexical", "both"):
+        n += run_lexical(cat, cfg.lexical, progress)
+    if cfg.mode in ("semantic", "both"):
+        n += run_semantic(cat, cfg.semantic, progress)
+    return n

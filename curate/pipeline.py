@@ -1,0 +1,193 @@
+"""Stage runner for ``curate build``: runs the stages in order over one catalog, resumably.
+
+Stages: ``ingest → filter → dedup → neardup → concepts → match → balance → select`` (then the media stages when
+the recipe has a ``media`` section). Each stage has the parameters it was run with (its recipe section) stored in
+the catalog's ``stages`` table.
+
+Rerun rules (what makes a killed or edited build converge to the result of one uninterrupted run):
+
+* a stage marked ``done`` with the same parameters, and no earlier stage rerun, is skipped;
+* otherwise every LATER stage is cleared first (its decisions/tables and bookkeeping — including stages this
+  module does not know, e.g. the media stages), because their outputs depend on this stage's;
+* a unit-resumable stage (``ingest``, ``match``) found ``running`` with the same parameters continues from its
+  committed units; any other stage is cleared and rerun from scratch (its partial writes never count: the
+  ``stages`` row only says ``done`` after the stage finished).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from curate.catalog import Catalog, _params_json
+from curate.config import BuildRecipe
+
+STAGES = ("ingest", "filter", "dedup", "neardup", "concepts", "match", "balance", "select")
+
+
+@dataclass
+class Stage:
+    name: str
+    params: dict
+    run: Callable[[], int | None]
+    clear: Callable[[], None]
+    resumable: bool = False
+
+
+@dataclass
+class BuildResult:
+    build_dir: Path
+    catalog: Path
+    selection: Path | None = None
+    selected: int | None = None
+    card: Path | None = None
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _drop_table_rows(cat: Catalog, table: str) -> None:
+    if cat.table_exists(table):
+        cat.execute(f"DELETE FROM {table}")
+
+
+def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: BuildResult, progress: bool,
+                recipe_dir: Path | None = None) -> list[Stage]:
+    from curate import balance, card, dedup, selection, sources
+
+    def clear_decisions(name: str) -> Callable[[], None]:
+        return lambda: cat.clear_decisions(name)
+
+    def run_concepts() -> int:
+        from curate.concepts import build_concepts
+
+        return build_concepts(cat, recipe.concepts, progress=progress, base_dir=recipe_dir)
+
+    def clear_concepts() -> None:
+        _drop_table_rows(cat, "concepts")
+        _drop_table_rows(cat, "surface_forms")
+
+    def run_match() -> int:
+        from curate.match import run_match
+
+        return run_match(cat, recipe.match, progress=progress)
+
+    def clear_match() -> None:
+        _drop_table_rows(cat, "matches")
+        subs = [r[0] for r in cat.execute("SELECT stage FROM stages WHERE stage LIKE 'match_%'").fetchall()]
+        cat.invalidate(["match", *subs])
+
+    def run_balance() -> int:
+        rep = balance.run_balance(cat, recipe.balance, "balance", progress=progress)
+        log(f"  {rep.summary()}")
+        return rep.kept
+
+    def clear_balance() -> None:
+        cat.clear_decisions("balance")
+        cat.execute("DELETE FROM balance_report WHERE stage = 'balance'")
+
+    def run_select() -> int:
+        path, n = selection.write_selection(cat, build_dir, recipe.output)
+        result.selection, result.selected = path, n
+        if recipe.output.card:
+            result.card = card.write_card(cat, build_dir, recipe.name, recipe.output.card_top_concepts, n)
+        return n
+
+    return [
+        Stage("ingest", {"sources": [s.model_dump() for s in recipe.sources], "ingest": recipe.ingest.model_dump()},
+              lambda: sources.run_ingest(cat, recipe.sources, recipe.ingest, progress=progress),
+              lambda: sources.clear_ingest(cat), resumable=True),
+        Stage("filter", recipe.filter.model_dump(), lambda: dedup.run_filters(cat, recipe.filter),
+              clear_decisions("filter")),
+        Stage("dedup", {"exact": recipe.dedup.exact}, lambda: dedup.run_exact_dedup(cat, recipe.dedup),
+              clear_decisions("dedup")),
+        Stage("neardup", recipe.dedup.near.model_dump(),
+              lambda: dedup.run_near_dup(cat, recipe.dedup.near, progress=progress), clear_decisions("neardup")),
+        Stage("concepts", recipe.concepts.model_dump(), run_concepts, clear_concepts),
+        Stage("match", recipe.match.model_dump(), run_match, clear_match, resumable=True),
+        Stage("balance", recipe.balance.model_dump(), run_balance, clear_balance),
+        Stage("select", recipe.output.model_dump(), run_select, lambda: None),
+    ]
+
+
+def run_stages(cat: Catalog, stages: list[Stage], result: BuildResult, until: str | None = None) -> None:
+    """Run ``stages`` in order with the rerun rules of this module; stop after ``until`` when given."""
+    known = {s.name for s in stages}
+    dirty = False  # an earlier stage ran in this invocation: every later one must rerun
+    for i, st in enumerate(stages):
+        row = cat.one("SELECT status, params FROM stages WHERE stage = ?", [st.name])
+        same = row is not None and row[1] == _params_json(st.params)
+        if not dirty and row is not None and row[0] == "done" and same:
+            result.skipped.append(st.name)
+            log(f"stage {st.name}: done earlier, skipped")
+        else:
+            if not dirty:
+                _clear_after(cat, stages, i, known)
+                dirty = True
+            resume = st.resumable and same and row is not None and row[0] == "running"
+            if resume:
+                log(f"stage {st.name}: resuming ({len(cat.done_units(st.name))} units done)")
+            else:
+                st.clear()
+                cat.invalidate([st.name])
+                cat.mark_started(st.name, st.params)
+                log(f"stage {st.name}: start")
+            t0 = time.time()
+            n = st.run()
+            cat.mark_done(st.name, n)
+            result.ran.append(st.name)
+            log(f"stage {st.name}: done ({n if n is not None else '-'} rows, {time.time() - t0:.1f}s)")
+        if until and st.name == until:
+            break
+
+
+def _clear_after(cat: Catalog, stages: list[Stage], i: int, known: set[str]) -> None:
+    """Clear every stage after ``i``: known ones via their clear(); stages this module does not know (media
+    stages, a stage's own sub-stages) that started after stage ``i`` lose their decisions and bookkeeping."""
+    recorded = cat.execute("SELECT stage, started FROM stages ORDER BY started").fetchall()
+    start_i = next((t for n, t in recorded if n == stages[i].name), None)
+    for name, started in reversed(recorded):
+        if name not in known and (start_i is None or started > start_i):
+            cat.clear_decisions(name)
+            cat.execute("DELETE FROM balance_report WHERE stage = ?", [name])
+            cat.invalidate([name])
+    names = {n for n, _ in recorded}
+    for s in reversed(stages[i + 1:]):
+        if s.name in names:
+            s.clear()
+            cat.invalidate([s.name])
+
+
+def _q(p: Path) -> str:
+    return str(p).replace("'", "''")
+
+
+def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, until: str | None = None,
+          recipe_dir: Path | None = None) -> BuildResult:
+    """Run (or resume) a build; returns where its outputs are."""
+    build_dir = recipe.build_dir(out)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / "recipe.yaml").write_text(yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False))
+    result = BuildResult(build_dir=build_dir, catalog=build_dir / "catalog.duckdb")
+    with Catalog(result.catalog, threads=recipe.threads) as cat:
+        stages = make_stages(cat, recipe, build_dir, result, progress, recipe_dir)
+        run_stages(cat, stages, result, until)
+        sel = build_dir / recipe.output.selection
+        if result.selection is None and "select" in result.skipped and sel.exists():
+            result.selection = sel
+            result.selected = int(cat.scalar(f"SELECT count(*) FROM read_parquet('{_q(sel)}')"))
+        if until is None and recipe.media is not None:
+            from curate.media import run_media
+
+            log("media stages: start")
+            run_media(cat, recipe.media, result.selection, build_dir, progress=progress)
+    return result

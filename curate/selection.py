@@ -1,0 +1,68 @@
+"""The build's output: a parquet selection of the samples that survived every stage, ready for img2dataset.
+
+Columns (one row per surviving sample, in ``(source, row_index)`` order):
+
+``uid`` · ``url`` (null for local rows) · ``path`` (absolute local image path, null for URL rows) · ``caption`` ·
+``concept_ids`` (every matched concept, sorted; empty list when none) · ``concept_names`` (same order) ·
+``balance_concept`` (the concept whose draw / quota kept the sample; null when balancing was off) · ``source`` ·
+``width`` · ``height`` · one column per ``output.extra_columns`` entry (from the source's extra columns).
+
+img2dataset reads it with ``input_format="parquet", url_col="url", caption_col="caption",
+save_additional_columns=["uid", ...]``. The file is written to a temporary name and renamed, so a killed
+build never leaves a truncated selection.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.recipe import Strict
+
+
+class OutputConfig(Strict):
+    """Recipe section ``output:``."""
+
+    selection: str = "selection.parquet"
+    extra_columns: list[str] = []
+    card: bool = True
+    card_top_concepts: int = Field(default=40, ge=1)
+
+
+def selection_sql(cfg: OutputConfig, balance_stage: str = "balance") -> str:
+    extras = "".join(
+        f", json_extract_string(s.extra, '$.\"{c}\"') AS \"{c}\"" for c in cfg.extra_columns)
+    return f"""
+        SELECT s.uid, s.url, s.path, s.caption,
+               coalesce(m.concept_ids, []::VARCHAR[]) AS concept_ids,
+               coalesce(m.concept_names, []::VARCHAR[]) AS concept_names,
+               b.concept_id AS balance_concept, s.source, s.width, s.height{extras}
+        FROM alive s
+        LEFT JOIN (
+          SELECT uid, list(concept_id ORDER BY concept_id) AS concept_ids,
+                 list(coalesce(name, concept_id) ORDER BY concept_id) AS concept_names
+          FROM (SELECT DISTINCT mm.uid, mm.concept_id, c.name FROM matches mm
+                LEFT JOIN concepts c USING (concept_id))
+          GROUP BY uid) m USING (uid)
+        LEFT JOIN (SELECT uid, concept_id FROM decisions WHERE stage = '{balance_stage}' AND kept) b USING (uid)
+        ORDER BY s.source, s.row_index"""
+
+
+def write_selection(cat: Catalog, build_dir: str | Path, cfg: OutputConfig) -> tuple[Path, int]:
+    """Write the selection parquet atomically; returns its path and row count."""
+    out = Path(build_dir) / cfg.selection
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    cat.execute(f"COPY ({selection_sql(cfg)}) TO '{_q(tmp)}' (FORMAT parquet, COMPRESSION zstd)")
+    os.replace(tmp, out)
+    n = int(cat.scalar(f"SELECT count(*) FROM read_parquet('{_q(out)}')"))
+    return out, n
+
+
+def _q(p: Path) -> str:
+    return str(p).replace("'", "''")

@@ -1,0 +1,227 @@
+"""Shard stage: the surviving samples → webdataset tars + ``sizes.json`` + parquet index + HF dataset card.
+
+Each sample is three tar members sharing a key (digits only, no dots): ``{key}.jpg`` (the stored image
+bytes, unchanged when they already are a JPEG, else converted once), ``{key}.txt`` (the caption) and
+``{key}.json`` with EXACTLY these non-null fields in every sample (Hugging Face ``datasets`` infers features
+from the first samples; a null or missing field breaks it)::
+
+    uid, caption, concept_ids (list of str), source, url ("" for local rows), sha256, width, height
+
+Order and resharding: samples are ordered by ``sha1(f"{seed}:{uid}")`` — a seeded shuffle that does not
+depend on catalog order; if the first sample has an empty ``concept_ids`` list, the first one with concepts is
+moved to the front so that schema inference sees a typed list) — and cut into shards of ``samples_per_shard`` named ``shard-00000.tar`` …; the same
+survivors + seed + shard size give byte-identical tars (fixed member metadata). Changing the seed or the
+shard size reshards (the old shards are removed first).
+
+Resume: a shard is written to ``.shard-NNNNN.tar.tmp`` and renamed when complete; its ``shard_index`` rows
+and its ``progress('shards', name)`` row are committed in one transaction after the rename, so a killed run
+rewrites at most the shard it was on and loses or duplicates nothing. ``sizes.json``, ``index.parquet`` and
+``README.md`` are (re)written at the end from the catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.download import SUCCESS, ImageStore
+from curate.recipe import Strict
+
+STAGE = "shards"
+
+SHARD_INDEX_SCHEMA = """CREATE TABLE IF NOT EXISTS shard_index(
+    uid VARCHAR NOT NULL, shard VARCHAR, key VARCHAR, pos BIGINT)"""
+
+
+class ShardConfig(Strict):
+    """``media.shards``."""
+
+    enabled: bool = True
+    out: str = "shards"  # folder inside the build folder (or absolute)
+    samples_per_shard: int = Field(1000, ge=1)
+    seed: int = 0
+    jpeg_quality: int = Field(95, ge=1, le=100)  # only for stored images that are not JPEG already
+    name: Optional[str] = None  # dataset name in the card (default: the build folder's name)
+
+
+@dataclass
+class ShardResult:
+    out_dir: Path
+    shards: int
+    samples: int
+    written: int  # shards written by this call (the rest were done before)
+    seconds: float
+
+
+def shard_order(uids: list[str], seed: int) -> list[str]:
+    """The seeded, catalog-order-independent sample order."""
+    return sorted(uids, key=lambda u: (hashlib.sha1(f"{seed}:{u}".encode()).digest(), u))
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.tar"
+
+
+def sample_key(pos: int) -> str:
+    return f"{pos:010d}"
+
+
+def as_jpeg(data: bytes, quality: int = 95) -> bytes:
+    """``data`` if it is a JPEG already, else the image re-encoded as an RGB JPEG."""
+    if data[:3] == b"\xff\xd8\xff":
+        return data
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+
+def sample_meta(uid: str, caption: Optional[str], concept_ids, source: Optional[str], url: Optional[str],
+                sha256: Optional[str], width: Optional[int], height: Optional[int]) -> dict:
+    """The per-sample JSON with a fixed, never-null field set."""
+    return {"uid": str(uid), "caption": caption or "", "concept_ids": [str(c) for c in (concept_ids or [])],
+            "source": source or "", "url": url or "", "sha256": sha256 or "", "width": int(width or 0),
+            "height": int(height or 0)}
+
+
+class ShardWriter:
+    """Writes one webdataset tar with fixed member metadata (deterministic bytes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o644, "", ""
+        self._tar.addfile(ti, io.BytesIO(data))
+
+    def write(self, key: str, image: bytes, caption: str, meta: dict) -> None:
+        self._add(f"{key}.jpg", image)
+        self._add(f"{key}.txt", caption.encode("utf-8"))
+        self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        self.count += 1
+
+    def commit(self) -> None:
+        self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def out_dir_of(cfg: ShardConfig, build_dir: str | Path) -> Path:
+    p = Path(cfg.out)
+    return p if p.is_absolute() else Path(build_dir) / p
+
+
+def _survivors(cat: Catalog) -> list[tuple]:
+    """(uid, caption, concept_ids, source, url, sha256, width, height, format, store, shard, key) of every alive
+    row with a stored image."""
+    return cat.execute(
+        f"""SELECT m.uid, m.caption, m.concept_ids, m.source, m.url, d.sha256, d.width, d.height,
+                   d.format, d.store, d.shard, d.key
+            FROM media_rows m JOIN downloads d USING (uid)
+            WHERE d.status = '{SUCCESS}' AND NOT EXISTS
+              (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept AND x.stage <> '{STAGE}')""").fetchall()
+
+
+def _clear_outputs(out: Path) -> None:
+    if not out.exists():
+        return
+    for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tar.tmp")):
+        p.unlink()
+    for name in ("sizes.json", "index.parquet", "README.md"):
+        (out / name).unlink(missing_ok=True)
+
+
+def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_format: str = "jpg",
+               progress: bool = True, dataset_name: str | None = None) -> ShardResult:
+    """Write (or resume, or reshard) the shards of the current survivors; see the module doc."""
+    from tqdm.auto import tqdm
+
+    from curate.hfdataset import write_card, write_index, write_sizes
+
+    t0 = time.time()
+    cat.execute(SHARD_INDEX_SCHEMA)
+    out = out_dir_of(cfg, build_dir)
+    rows = {r[0]: r for r in _survivors(cat)}
+    order = shard_order(list(rows), cfg.seed)
+    lead = next((i for i, u in enumerate(order) if rows[u][2]), 0)
+    if lead:  # schema inference reads the first samples: lead with one whose concept list is not empty
+        order.insert(0, order.pop(lead))
+    digest = hashlib.sha1("\n".join(order).encode()).hexdigest()[:16]
+    params = {"seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "out": str(out),
+              "jpeg_quality": cfg.jpeg_quality, "samples": digest}
+    row = cat.execute("SELECT status, params FROM stages WHERE stage = ?", [STAGE]).fetchone()
+    same = row is not None and row[1] == json.dumps(params, sort_keys=True, default=str)
+    if not same:
+        with cat.transaction():
+            cat.execute("DELETE FROM shard_index")
+            cat.invalidate([STAGE])
+            cat.mark_started(STAGE, params)
+        _clear_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob(".shard-*.tar.tmp"):
+        p.unlink()
+    n = cfg.samples_per_shard
+    plan = [(shard_name(i // n), order[i:i + n], i) for i in range(0, len(order), n)]
+    done = cat.done_units(STAGE)
+    for name, _, _ in plan:  # a recorded shard whose file vanished is written again
+        if name in done and not (out / name).exists():
+            with cat.transaction():
+                cat.execute("DELETE FROM shard_index WHERE shard = ?", [name])
+                cat.execute("DELETE FROM progress WHERE stage = ? AND unit = ?", [STAGE, name])
+            done.discard(name)
+    todo = [p for p in plan if p[0] not in done]
+    written = 0
+    bar = tqdm(total=sum(len(p[1]) for p in todo), desc="write shards", unit="sample", disable=not progress)
+    with ImageStore(encode_format) as store:
+        for name, uids, start in todo:
+            w = ShardWriter(out / name)
+            try:
+                for j, uid in enumerate(uids):
+                    uid, caption, cids, source, url, sha, width, height, fmt, st, sh, key = rows[uid]
+                    img = as_jpeg(store.read(fmt, st, sh, key), cfg.jpeg_quality)
+                    w.write(sample_key(start + j), img, caption or "",
+                            sample_meta(uid, caption, cids, source, url, sha, width, height))
+                w.commit()
+            except BaseException:
+                w.abort()
+                raise
+            with cat.transaction() as con:
+                con.executemany("INSERT INTO shard_index VALUES (?, ?, ?, ?)",
+                                [(u, name, sample_key(start + j), start + j) for j, u in enumerate(uids)])
+                con.execute("INSERT INTO progress VALUES (?, ?)", [STAGE, name])
+            written += 1
+            bar.update(len(uids))
+    bar.close()
+    write_sizes(cat, out)
+    write_index(cat, out)
+    write_card(out, name=dataset_name or cfg.name or Path(build_dir).resolve().name,
+               shards=len(plan), samples=len(order), seed=cfg.seed)
+    cat.mark_done(STAGE, len(order))
+    return ShardResult(out_dir=out, shards=len(plan), samples=len(order), written=written,
+                       seconds=time.time() - t0)

@@ -1,0 +1,271 @@
+"""A small, fast reader of the WordNet 3.0 noun database (the ``wndb(5WN)`` file format), offline.
+
+tether needs only the noun hierarchy: synset ids (ImageNet's ``n`` + 8-digit offset), lemma names, glosses,
+hypernym / hyponym links, the sense order of each lemma (``index.noun`` lists a lemma's synsets most frequent
+first) and the irregular plurals of ``noun.exc``. Reading ``data.noun`` directly takes about a second and
+needs nothing beyond the dictionary files, whichever of these holds them:
+
+* Debian / Ubuntu ``wordnet-base`` (``/usr/share/wordnet``);
+* an NLTK data directory (``<nltk_data>/corpora/wordnet`` or its ``wordnet.zip``);
+* Princeton's own install (``$WNHOME/dict``, ``$WNSEARCHDIR``) or any configured folder.
+
+NLTK's ``WordNetCorpusReader`` is not used: it needs a ``lexnames`` file Debian does not ship and (NLTK ≥ 3.9)
+refuses directories outside ``nltk.data.path``; it also builds every POS index, which tether does not need.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from curate.recipe import RecipeError, expand
+
+WORDNET_HELP = ("install WordNet 3.0 (`apt-get install wordnet-base`, or "
+                "`python -c \"import nltk; nltk.download('wordnet')\"`) or set concepts.wordnet_dir")
+
+ROOT_WNID = "n00001740"  # entity.n.01
+
+
+def wnid_of(offset: int | str) -> str:
+    """ImageNet-style id of a noun synset: ``n`` + zero-padded 8-digit byte offset in ``data.noun``."""
+    return f"n{int(offset):08d}"
+
+
+@dataclass
+class Synset:
+    """One noun synset. ``lemmas`` keep WordNet's spelling (``domestic_dog``, ``Canis_familiaris``)."""
+
+    wnid: str
+    lemmas: list[str]
+    gloss: str
+    hypernyms: list[str] = field(default_factory=list)  # includes instance hypernyms (@i)
+    hyponyms: list[str] = field(default_factory=list)  # includes instance hyponyms (~i)
+
+    @property
+    def definition(self) -> str:
+        """The gloss without its quoted usage examples."""
+        return self.gloss.split('; "', 1)[0].strip()
+
+
+def _candidate_dirs() -> list[Path]:
+    out: list[Path] = []
+    for var in ("WNSEARCHDIR",):
+        if os.environ.get(var):
+            out.append(Path(os.environ[var]))
+    if os.environ.get("WNHOME"):
+        out.append(Path(os.environ["WNHOME"]) / "dict")
+    out += [Path("/usr/share/wordnet"), Path("/usr/local/share/wordnet"), Path("/usr/local/WordNet-3.0/dict")]
+    nltk_dirs = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
+    nltk_dirs += [str(Path.home() / "nltk_data"), os.path.join(sys.prefix, "nltk_data"),
+                  os.path.join(sys.prefix, "share", "nltk_data"), os.path.join(sys.prefix, "lib", "nltk_data"),
+                  "/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data",
+                  "/usr/local/lib/nltk_data"]
+    out += [Path(d) for d in nltk_dirs]
+    return out
+
+
+def _locate_in(base: Path) -> Path | None:
+    """The folder (or zip) under ``base`` that holds ``data.noun``, trying the NLTK layouts too."""
+    for cand in (base, base / "dict", base / "wordnet", base / "corpora" / "wordnet"):
+        if (cand / "data.noun").is_file():
+            return cand
+    for z in (base / "corpora" / "wordnet.zip", base / "wordnet.zip", base):
+        if z.is_file() and zipfile.is_zipfile(z):
+            return z
+    return None
+
+
+def find_wordnet(path: str | os.PathLike | None = None) -> Path:
+    """Where the WordNet dictionary files are; a one-line :class:`RecipeError` saying how to install if absent.
+
+    ``path`` (when given) must hold them; otherwise the usual system and NLTK locations are searched.
+    """
+    if path:
+        base = Path(expand(str(path)))
+        hit = _locate_in(base)
+        if hit is None:
+            raise RecipeError(f"concepts.wordnet_dir: no WordNet dictionary (data.noun) under {base}; {WORDNET_HELP}")
+        return hit
+    for base in _candidate_dirs():
+        hit = _locate_in(base)
+        if hit is not None:
+            return hit
+    raise RecipeError(f"WordNet 3.0 not found (searched /usr/share/wordnet, $WNSEARCHDIR, NLTK data dirs); "
+                      f"{WORDNET_HELP}")
+
+
+def _open_text(where: Path, name: str) -> io.TextIOBase:
+    if where.is_file():  # a zip (NLTK's wordnet.zip holds wordnet/<name>)
+        zf = zipfile.ZipFile(where)
+        member = next((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == name), None)
+        if member is None:
+            raise FileNotFoundError(name)
+        return io.TextIOWrapper(zf.open(member), encoding="utf-8", errors="replace")
+    return open(where / name, encoding="utf-8", errors="replace")
+
+
+def read_irregular_plurals(where: Path) -> dict[str, list[str]]:
+    """Lowercased lemma → irregular plurals, from ``noun.exc`` (``mouse`` → ``mice``); {} when absent."""
+    out: dict[str, list[str]] = {}
+    try:
+        f = _open_text(where, "noun.exc")
+    except FileNotFoundError:
+        return out
+    with f:
+        for line in f:
+            t = line.split()
+            for base in t[1:]:
+                out.setdefault(base.replace("_", " ").lower(), []).append(t[0].replace("_", " "))
+    return out
+
+
+def irregular_plurals(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """Best effort: the irregular plurals of the WordNet found at ``path`` (or searched), {} without WordNet."""
+    try:
+        return read_irregular_plurals(find_wordnet(path))
+    except RecipeError:
+        return {}
+
+
+class WordNet:
+    """The WordNet noun hierarchy in memory (≈82k synsets, ≈117k lemmas; about a second to load).
+
+    Use :meth:`load` (cached per directory).
+    """
+
+    _cache: dict[str, "WordNet"] = {}
+
+    def __init__(self, where: Path):
+        self.where = where
+        self.synsets: dict[str, Synset] = {}
+        self.senses: dict[str, list[str]] = {}  # lowercased lemma → wnids, most frequent sense first
+        self.plurals: dict[str, list[str]] = {}  # lowercased lemma → irregular plural forms (noun.exc)
+        self._read_data()
+        self._read_index()
+        self._read_exceptions()
+        self._depth: dict[str, int] = {}
+        self._path: dict[str, tuple[str, ...]] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "WordNet":
+        where = find_wordnet(path)
+        key = str(where.resolve())
+        if key not in cls._cache:
+            try:
+                cls._cache[key] = cls(where)
+            except (OSError, ValueError, IndexError) as e:
+                raise RecipeError(f"WordNet files under {where} are unreadable or not WordNet 3.0 "
+                                  f"({type(e).__name__}: {e}); {WORDNET_HELP}") from None
+        return cls._cache[key]
+
+    # -- parsing ------------------------------------------------------------------------------------------
+    def _read_data(self) -> None:
+        with _open_text(self.where, "data.noun") as f:
+            for line in f:
+                if line.startswith("  "):  # licence header
+                    continue
+                head, _, gloss = line.partition(" | ")
+                t = head.split()
+                wnid = wnid_of(t[0])
+                n_words = int(t[3], 16)
+                lemmas = [t[4 + 2 * i] for i in range(n_words)]
+                i = 4 + 2 * n_words
+                n_ptr = int(t[i])
+                hyper: list[str] = []
+                hypo: list[str] = []
+                for j in range(i + 1, i + 1 + 4 * n_ptr, 4):
+                    sym, off, pos = t[j], t[j + 1], t[j + 2]
+                    if pos != "n":
+                        continue
+                    if sym in ("@", "@i"):
+                        hyper.append(wnid_of(off))
+                    elif sym in ("~", "~i"):
+                        hypo.append(wnid_of(off))
+                self.synsets[wnid] = Synset(wnid, lemmas, gloss.strip(), hyper, hypo)
+        if not self.synsets:
+            raise ValueError("data.noun holds no synsets")
+
+    def _read_index(self) -> None:
+        with _open_text(self.where, "index.noun") as f:
+            for line in f:
+                if line.startswith("  "):
+                    continue
+                t = line.split()
+                n_syn = int(t[2])
+                self.senses[t[0].replace("_", " ").lower()] = [wnid_of(o) for o in t[len(t) - n_syn:]]
+
+    def _read_exceptions(self) -> None:
+        self.plurals = read_irregular_plurals(self.where)
+
+    # -- queries ------------------------------------------------------------------------------------------
+    def __contains__(self, wnid: str) -> bool:
+        return wnid in self.synsets
+
+    def __len__(self) -> int:
+        return len(self.synsets)
+
+    def synset(self, wnid: str) -> Synset:
+        return self.synsets[wnid]
+
+    def first_sense(self, word: str) -> str | None:
+        """The most frequent noun sense of ``word`` (spaces or underscores), or None."""
+        s = self.senses.get(word.replace("_", " ").lower())
+        return s[0] if s else None
+
+    def sense_rank(self, lemma: str, wnid: str) -> int:
+        """0 for ``lemma``'s most frequent sense, 1 for the next …; a large number when unrelated."""
+        s = self.senses.get(lemma.replace("_", " ").lower(), [])
+        return s.index(wnid) if wnid in s else 99
+
+    def hypernym_path(self, wnid: str) -> tuple[str, ...]:
+        """A shortest path root → … → parent (empty for the root); its length is :meth:`depth`."""
+        if wnid in self._path:
+            return self._path[wnid]
+        # iterative post-order so that deep chains cannot hit the recursion limit
+        stack = [wnid]
+        while stack:
+            cur = stack[-1]
+            parents = [p for p in self.synsets[cur].hypernyms if p in self.synsets]
+            todo = [p for p in parents if p not in self._path]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            if cur in self._path:
+                continue
+            if not parents:
+                self._path[cur] = ()
+            else:
+                best = min(parents, key=lambda p: (len(self._path[p]), p))
+                self._path[cur] = self._path[best] + (best,)
+        return self._path[wnid]
+
+    def depth(self, wnid: str) -> int:
+        """Minimum number of hypernym links to the root (``entity`` = 0), as NLTK's ``min_depth``."""
+        return len(self.hypernym_path(wnid))
+
+    def descendants(self, wnid: str, max_depth: int | None = None) -> list[str]:
+        """``wnid`` and its hyponyms (instance hyponyms included) down to ``max_depth`` levels, BFS order."""
+        seen = {wnid}
+        order = [wnid]
+        frontier = [wnid]
+        level = 0
+        while frontier and (max_depth is None or level < max_depth):
+            nxt = []
+            for w in frontier:
+                for h in self.synsets[w].hyponyms:
+                    if h not in seen and h in self.synsets:
+                        seen.add(h)
+                        order.append(h)
+                        nxt.append(h)
+            frontier = nxt
+            level += 1
+        return order
+
+    def __iter__(self) -> Iterator[Synset]:
+        return iter(self.synsets.values())

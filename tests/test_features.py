@@ -1,0 +1,105 @@
+"""align.features: cache layout and shapes, tokens, crops, resume per shard, staleness refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from align.data import SkipLog, read_webdataset
+from align.encoders import VisionEncoder
+from align.features import FeatureCache, FeatureConfig, StaleCacheError, cache_key, extract_features
+from curate.recipe import RecipeError
+from test_align_data import synthetic_pairs, write_shard
+
+
+@pytest.fixture()
+def shard(tmp_path):
+    pairs = synthetic_pairs(7)
+    items = pairs[:2] + [("broken", b"\xff\xd8 not really", "a red car")] + pairs[2:]
+    items.append(("nocap", pairs[0][1], ""))
+    return write_shard(tmp_path / "d-000.tar", items)
+
+
+def _extract(shard, out, vision, text, **cfg):
+    skips = SkipLog()
+    cache = extract_features(read_webdataset(str(shard), skips=skips), vision, text, out,
+                             FeatureConfig(shard_size=3, batch_size=4, **cfg), data_id={"shard": str(shard)},
+                             skips=skips, progress=False)
+    return cache, skips
+
+
+def test_extract_shapes_and_skips(tmp_path, shard, tiny_vision, tiny_text):
+    cache, skips = _extract(shard, tmp_path / "c", tiny_vision, tiny_text, tokens=True, crops=2)
+    assert cache.num_images == 7 and cache.num_texts == 7
+    assert cache.skips["counts"] == {"corrupt_image": 1, "empty_caption": 1}
+    assert skips.counts == {"corrupt_image": 1, "empty_caption": 1}
+    f = FeatureCache.open(tmp_path / "c").load(tokens=True)
+    assert f.image.shape == (7, 2, 32) and f.text.shape == (7, 32)
+    assert f.image_tokens.shape == (7, 2, 1 + 16, 32)  # CLS + 4x4 patches
+    assert f.text_tokens.shape[0] == 7 and f.text_mask.shape == f.text_tokens.shape[:2]
+    assert "broken" not in f.keys and f.text_image.tolist() == list(range(7))
+    # crop 0 is the plain view: identical to encoding the image directly; crop 1 differs
+    from align.data import decode_image
+    first = next(read_webdataset(str(shard)))
+    direct = tiny_vision.encode([decode_image(first.image)], pooling="cls")
+    assert torch.allclose(f.image[0, 0], torch.from_numpy(direct[0]), atol=2e-2)
+    assert not torch.allclose(f.image[0, 0], f.image[0, 1], atol=1e-3)
+    # pooled CLS equals token 0; text pooled equals masked mean of tokens (fp16 storage tolerance)
+    assert torch.allclose(f.image[:, :, :], f.image_tokens[:, :, 0], atol=1e-6)
+    m = f.text_mask.unsqueeze(-1).float()
+    assert torch.allclose((f.text_tokens * m).sum(1) / m.sum(1), f.text, atol=2e-2)
+    assert f.captions[0] == "a red dog in the park"
+
+
+def test_resume_recomputes_only_missing_shards(tmp_path, shard, tiny_vision, tiny_text):
+    cache, _ = _extract(shard, tmp_path / "c", tiny_vision, tiny_text)
+    full = cache.load()
+    shards = sorted((tmp_path / "c").glob("shard-*.safetensors"))
+    assert len(shards) == 3  # 9 readable samples / shard_size 3
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
+    # simulate a kill after the first two shards: last shard gone, manifest incomplete
+    shards[-1].unlink()
+    mf = tmp_path / "c" / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["complete"], m["shards"] = False, m["shards"][:2]
+    mf.write_text(json.dumps(m))
+    with pytest.raises(RecipeError, match="did not finish"):
+        FeatureCache.open(tmp_path / "c")
+    cache2, _ = _extract(shard, tmp_path / "c", tiny_vision, tiny_text)
+    again = cache2.load()
+    assert torch.equal(full.image, again.image) and torch.equal(full.text, again.text)
+    assert full.keys == again.keys
+    for p in shards[:2]:
+        assert p.stat().st_mtime_ns == mtimes[p.name]
+    assert cache2.skips == cache.skips
+
+
+def test_stale_cache_is_refused(tmp_path, shard, tiny_vision, tiny_vision_dir, tiny_text):
+    cache, _ = _extract(shard, tmp_path / "c", tiny_vision, tiny_text)
+    cfg = FeatureConfig(shard_size=3, batch_size=4)
+    same = cache_key(tiny_vision, tiny_text, cfg, {"shard": str(shard)})
+    FeatureCache.open(tmp_path / "c").check(same)  # matches
+    other_layer = VisionEncoder.load(str(tiny_vision_dir), layer=1)
+    with pytest.raises(StaleCacheError, match="vision.layer is -1 in the cache but 1 now"):
+        cache.check(cache_key(other_layer, tiny_text, cfg, {"shard": str(shard)}))
+    # other weights: fingerprint differs (one parameter nudged)
+    other = VisionEncoder.load(str(tiny_vision_dir))
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.01)
+    with pytest.raises(StaleCacheError, match="vision.fingerprint"):
+        cache.check(cache_key(other, tiny_text, cfg, {"shard": str(shard)}))
+    with pytest.raises(StaleCacheError, match="pooling"):
+        cache.check(cache_key(tiny_vision, tiny_text, FeatureConfig(pooling="mean", shard_size=3, batch_size=4),
+                              {"shard": str(shard)}))
+    # extracting into the folder with other settings is refused too, unless overwrite
+    with pytest.raises(StaleCacheError):
+        _extract(shard, tmp_path / "c", tiny_vision, tiny_text, pooling="mean")
+    skips = SkipLog()
+    c2 = extract_features(read_webdataset(str(shard), skips=skips), tiny_vision, tiny_text, tmp_path / "c",
+                          FeatureConfig(shard_size=3, pooling="cls+mean"), data_id={"shard": str(shard)},
+                          overwrite=True, progress=False)
+    assert c2.load().image.shape == (7, 1, 64)
+    with pytest.raises(RecipeError, match="no token grids"):
+        c2.load(tokens=True)

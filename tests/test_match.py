@@ -1,0 +1,279 @@
+"""Caption→concept matching: lexical (Aho-Corasick) and semantic (frozen encoder + faiss) (curate/match)."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import TINY_WORDS
+from curate.catalog import Catalog
+from curate.concepts import ConceptsConfig, build_concepts
+from curate.match import (LexicalMatcher, MatchConfig, choose_senses, iter_units, load_form_concepts,
+                          naive_match, run_match)
+from curate.match.semantic import TopK, concept_prompt
+from curate.recipe import RecipeError, parse
+
+NO_WN = "nonexistent-wordnet-dir"
+WORDS = ["dog", "cat", "hot dog", "box", "bicycle", "wolf", "grass"]
+
+
+def _catalog(path: Path, captions: list[str | None]) -> Catalog:
+    cat = Catalog(path)
+    tbl = pa.table({"uid": [f"u{i:05d}" for i in range(len(captions))], "caption": captions})
+    cat.con.register("_caps", tbl)
+    cat.execute("INSERT INTO samples(uid, caption) SELECT uid, caption FROM _caps")
+    cat.con.unregister("_caps")
+    return cat
+
+
+def _matches(cat: Catalog, method: str = "lexical") -> list[tuple]:
+    return cat.execute("SELECT uid, concept_id, method, score, span FROM matches WHERE method = ? "
+                       "ORDER BY uid, concept_id", [method]).fetchall()
+
+
+@pytest.fixture
+def word_cat(tmp_path):
+    caps = ["Two dogs run on the grass.", "A cathedral at night", "a cat sleeps on a box", "A hot-dog stand!",
+            "boxes, and more BOXES", "two wolves howl", None, "   ", "a dog's bicycle", "catalog of dogma"]
+    cat = _catalog(tmp_path / "b.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=WORDS, wordnet_dir=NO_WN), progress=False)
+    yield cat
+    cat.close()
+
+
+def test_choose_senses_policies():
+    rows = [("crane", "bird", 4, "lemma", True), ("crane", "machine", 3, "lemma", True),
+            ("crane", "stretch", 0, "lemma", False), ("glasses", "spectacles", 0, "lemma", False),
+            ("glasses", "glass", 0, "inflection", False)]
+    assert choose_senses(rows, "all") == {"crane": ("bird", "machine", "stretch"), "glasses": ("glass", "spectacles")}
+    assert choose_senses(rows, "first") == {"crane": ("stretch",), "glasses": ("spectacles",)}
+    assert choose_senses(rows, "imagenet_first") == {"crane": ("machine",), "glasses": ("spectacles",)}
+
+
+def test_lexical_whole_words_and_plurals(word_cat):
+    assert run_match(word_cat, MatchConfig(), progress=False) == 9
+    got = {(u, c, s) for u, c, _, _, s in _matches(word_cat)}
+    assert got == {("u00000", "user:dog", "dogs"), ("u00000", "user:grass", "grass"),
+                   ("u00002", "user:cat", "cat"), ("u00002", "user:box", "box"),
+                   ("u00003", "user:hot dog", "hot dog"), ("u00003", "user:dog", "dog"),
+                   ("u00004", "user:box", "boxes"), ("u00008", "user:bicycle", "bicycle"),
+                   ("u00008", "user:dog", "dog")}
+    # explicit expectations: plural → lemma concept; "cathedral"/"catalog"/"dogma" match nothing
+    assert ("u00000", "user:dog", "dogs") in got and ("u00004", "user:box", "boxes") in got
+    assert not any(u in ("u00001", "u00009") for u, _, _ in got)
+    assert {c for u, c, _ in got if u == "u00008"} == {"user:dog", "user:bicycle"}
+    assert all(m[2] == "lexical" and m[3] == 1.0 for m in _matches(word_cat))
+    # "wolves" is irregular and this bank has no WordNet: only spaCy lemmatization finds it
+    assert not any(u == "u00005" for u, _, _ in got)
+
+
+def test_lexical_equals_metaclip_reference(tmp_path):
+    rng = random.Random(0)
+    vocab = TINY_WORDS + ["hot", "dog", "hotdog", "cathedral", "dogs", "boxes", "box"]
+    caps = [" ".join(rng.choice(vocab) for _ in range(rng.randint(8, 15))) + rng.choice([".", "!", ""])
+            for _ in range(400)]
+    cat = _catalog(tmp_path / "r.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=WORDS + ["man", "woman", "red ball"],
+                                       wordnet_dir=NO_WN), progress=False)
+    forms = load_form_concepts(cat, "first")
+    oracle = naive_match(caps, forms)
+    run_match(cat, MatchConfig(lexical={"unit_rows": 64}), progress=False)
+    got: list[set[str]] = [set() for _ in caps]
+    for uid, cid, *_ in _matches(cat):
+        got[int(uid[1:])].add(cid)
+    assert got == oracle
+    assert sum(map(len, got)) > 300  # the comparison is not vacuous
+    cat.close()
+
+
+def test_overlaps_longest(word_cat):
+    run_match(word_cat, MatchConfig(lexical={"overlaps": "longest"}), progress=False)
+    assert [(c, s) for u, c, _, _, s in _matches(word_cat) if u == "u00003"] == [("user:hot dog", "hot dog")]
+
+
+def test_lemmatize_with_spacy(word_cat):
+    pytest.importorskip("spacy")
+    try:
+        run_match(word_cat, MatchConfig(lexical={"lemmatize": True}), progress=False)
+    except RecipeError as e:
+        pytest.skip(str(e))
+    assert ("u00005", "user:wolf", "lexical", 1.0, "wolf") in _matches(word_cat)
+
+
+def test_lexical_resume_after_kill(tmp_path, monkeypatch):
+    rng = random.Random(1)
+    caps = [" ".join(rng.choice(TINY_WORDS) for _ in range(10)) for _ in range(1000)]
+    cfg = MatchConfig(lexical={"unit_rows": 100})
+    ref = _catalog(tmp_path / "ref.duckdb", caps)
+    build_concepts(ref, ConceptsConfig(imagenet1k=False, words=WORDS + ["man", "ball"], wordnet_dir=NO_WN), False)
+    n_ref = run_match(ref, cfg, progress=False)
+    expected = _matches(ref)
+    ref.close()
+
+    cat = _catalog(tmp_path / "k.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=WORDS + ["man", "ball"], wordnet_dir=NO_WN), False)
+    calls = {"n": 0}
+    orig = LexicalMatcher.match
+
+    def dies_on_fourth_unit(self, captions, lemma_texts=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return orig(self, captions, lemma_texts)
+
+    monkeypatch.setattr(LexicalMatcher, "match", dies_on_fourth_unit)
+    with pytest.raises(KeyboardInterrupt):
+        run_match(cat, cfg, progress=False)
+    cat.close()
+    cat = Catalog(tmp_path / "k.duckdb")  # reopen as a restarted process would
+    assert cat.done_units("match_lexical") == {"0", "1", "2"}
+    assert run_match(cat, cfg, progress=False) == n_ref
+    assert calls["n"] == 4 + 7  # only the 7 unfinished units were matched again
+    assert _matches(cat) == expected
+    # done + unchanged: nothing is redone; changed config: rows replaced, not appended
+    assert run_match(cat, cfg, progress=False) == n_ref and calls["n"] == 11
+    run_match(cat, MatchConfig(lexical={"unit_rows": 100, "overlaps": "longest"}), progress=False)
+    assert cat.scalar("SELECT count(*) FROM (SELECT uid, concept_id FROM matches GROUP BY ALL HAVING count(*) > 1)") == 0
+    cat.close()
+
+
+def test_iter_units_exact_sizes(word_cat):
+    units = list(iter_units(word_cat, 3))
+    assert [len(u[1]) for u in units] == [3, 3, 2]  # 8 non-blank captions
+    assert [u[0] for u in units] == [0, 1, 2]
+    assert [x for u in units for x in u[1]] == sorted(x for u in units for x in u[1])
+
+
+def test_match_config_errors():
+    with pytest.raises(RecipeError, match=r"match: mode: .*got 'fuzzy'"):
+        parse(MatchConfig, {"mode": "fuzzy"}, "match")
+    with pytest.raises(RecipeError, match="match: lexical.sense: unknown key"):
+        parse(MatchConfig, {"lexical": {"sense": "all"}}, "match")
+
+
+def test_topk_matches_bruteforce():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(7, 16)).astype(np.float32)
+    x = np.round(rng.normal(size=(230, 16)), 1).astype(np.float32)
+    x[50] = x[10]  # an exact tie: the earlier caption must win
+    uids = [f"c{i:03d}" for i in range(len(x))]
+    top = TopK(q, 5)
+    for s in range(0, len(x), 64):
+        top.add(x[s:s + 64], uids[s:s + 64])
+    got = {}
+    for qi, u, score in top.results():
+        got.setdefault(qi, []).append((u, score))
+    sims = q @ x.T
+    for qi in range(len(q)):
+        order = sorted(range(len(x)), key=lambda j: (-round(float(sims[qi, j]), 4), j))[:5]
+        assert [u for u, _ in got[qi]] == [uids[j] for j in order]
+        assert np.allclose([s for _, s in got[qi]], sims[qi, order], atol=1e-4)
+
+
+def test_concept_prompt():
+    assert concept_prompt("{name}, {gloss}", "dog", ["dog", "domestic dog"], "a canine") == "dog, a canine"
+    assert concept_prompt("{name}, {gloss}", "dog", None, None) == "dog"
+    assert concept_prompt("a photo of {lemmas}", "dog", ["dog", "pooch"], None) == "a photo of dog, pooch"
+
+
+def test_semantic_tiny_encoder_and_cache(word_cat, tiny_text_dir, tmp_path):
+    from align.encoders import TextEncoder
+
+    enc = TextEncoder.load(str(tiny_text_dir))
+    calls = {"n": 0}
+    orig = enc.encode
+
+    def counting(texts, **kw):
+        calls["n"] += 1
+        return orig(texts, **kw)
+
+    enc.encode = counting  # type: ignore[method-assign]
+    from curate.match import run_semantic
+    from curate.match.semantic import SemanticConfig
+
+    cfg = SemanticConfig(model=str(tiny_text_dir), top_k=3, unit_rows=3, cache_dir=str(tmp_path / "cache"))
+    n = run_semantic(word_cat, cfg, progress=False, encoder=enc)
+    assert n == len(WORDS) * 3 and calls["n"] == 1 + 3  # prompts + three caption units
+    rows = _matches(word_cat, "semantic")
+    per = {}
+    for uid, cid, method, score, span in rows:
+        per.setdefault(cid, []).append(score)
+        assert span is None and -1.0001 <= score <= 1.0001
+    assert set(per) == {f"user:{w}" for w in WORDS} and all(len(v) == 3 for v in per.values())
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+    # an embedding identical to a direct encode of the same caption
+    uid, cid, _, score, _ = rows[0]
+    cap = word_cat.scalar("SELECT caption FROM samples WHERE uid = ?", [uid])
+    prompt = concept_prompt(cfg.prompt, cid[5:], [cid[5:]], None)
+    e = orig([cap, prompt], normalize=True)
+    assert abs(float(e[0] @ e[1]) - score) < 1e-4
+    # killed before writing: rerun re-embeds no caption (cache), only the concept prompts
+    word_cat.execute("UPDATE stages SET status = 'running' WHERE stage = 'match_semantic'")
+    word_cat.execute("DELETE FROM matches WHERE method = 'semantic'")
+    calls["n"] = 0
+    assert run_semantic(word_cat, cfg, progress=False, encoder=enc) == n and calls["n"] == 1
+    assert _matches(word_cat, "semantic") == rows
+    # min_score filters; "both" keeps the lexical rows beside the semantic ones
+    strict = cfg.model_copy(update={"min_score": 0.999})
+    assert run_semantic(word_cat, strict, progress=False, encoder=enc) < n
+
+
+def test_semantic_by_model_path_in_both_mode(word_cat, tiny_text_dir, tmp_path):
+    cfg = MatchConfig(mode="both", semantic={"model": str(tiny_text_dir), "top_k": 2})
+    n = run_match(word_cat, cfg, progress=False)
+    assert n == len(_matches(word_cat)) + len(_matches(word_cat, "semantic")) == 9 + 2 * len(WORDS)
+    assert (word_cat.path.parent / "b.duckdb.cache" / "match_semantic").is_dir()
+
+
+# --------------------------------------------------------------------------------------- real data
+def _flickr_captions(flickr8k: Path) -> list[str]:
+    caps = []
+    for line in (flickr8k / "captions.txt").read_text(encoding="utf-8").splitlines():
+        key, _, cap = line.partition("\t")
+        if cap:
+            caps.append(cap)
+    return caps
+
+
+DOG_RE = re.compile(r"\b(dog|dogs)\b", re.I)
+
+
+@pytest.mark.real
+def test_real_flickr8k_dog_captions(flickr8k, minilm_path, tmp_path):
+    if not Path("/usr/share/wordnet/data.noun").is_file():
+        pytest.skip("Debian wordnet-base not installed")
+    caps = _flickr_captions(flickr8k)
+    assert len(caps) > 40_000
+    cat = _catalog(tmp_path / "f.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=True, subtrees=[{"root": "n02084071", "max_depth": 2}]),
+                   progress=False)
+    run_match(cat, MatchConfig(), progress=False)
+    dog_uids = {f"u{i:05d}" for i, c in enumerate(caps) if DOG_RE.search(c)}
+    matched = {u for (u,) in cat.execute("SELECT uid FROM matches WHERE concept_id = 'n02084071'").fetchall()}
+    assert len(dog_uids) > 5000 and matched == dog_uids  # every dog caption, and only those
+    breeds = cat.execute("SELECT count(DISTINCT m.concept_id) FROM matches m JOIN concepts c USING (concept_id) "
+                         "WHERE list_contains(c.hypernyms, 'n02084071')").fetchone()[0]
+    assert breeds >= 5  # hyponyms (puppy, poodle, terrier, ...) matched too
+    assert cat.scalar("SELECT count(*) FROM matches m JOIN samples s USING (uid) "
+                      "WHERE m.concept_id = 'n02121808' AND NOT regexp_matches(lower(s.caption), "
+                      "'\\b(cat|cats|house cat|housecat|domestic cat)\\b')") == 0  # no "cathedral" hits
+    cat.close()
+
+    # semantic, real MiniLM, on a 600-caption subset: the top-20 captions of "dog" are dog captions
+    sub = caps[:600]
+    cat = _catalog(tmp_path / "s.duckdb", sub)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=["n02084071", "n02121808", "n02374451",
+                                                                  "n02834778", "n09217230"]), progress=False)
+    run_match(cat, MatchConfig(mode="semantic", semantic={"model": str(minilm_path), "top_k": 20}),
+              progress=False)
+    top = cat.execute("SELECT s.caption FROM matches m JOIN samples s USING (uid) WHERE m.concept_id = "
+                      "'n02084071' ORDER BY m.score DESC").fetchall()
+    assert len(top) == 20
+    doggy = sum(bool(re.search(r"\b(dogs?|pupp(y|ies)|terriers?|poodles?|collies?)\b", c, re.I)) for (c,) in top)
+    assert doggy >= 17, top
+    cat.close()

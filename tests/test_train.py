@@ -1,0 +1,190 @@
+"""align/train.py: cached and encoders-every-step training, resume after a kill, bad input, a real Flickr8k run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from align.cli import main as cli_main
+from align.config import load_train_recipe
+from align.train import EpochPlan, retrieval_recall, train, warmup_cosine
+from test_align_data import synthetic_pairs, write_shard
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def text_dir(tiny_text_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with a tokenizer that really uses its word vocabulary (transformers 5 ignores
+    ``vocab_file=``, which maps every word to [UNK]); identical otherwise."""
+    from transformers import BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_text_vocab")
+    for f in tiny_text_dir.iterdir():
+        if not f.name.startswith("tokenizer"):
+            shutil.copy(f, d / f.name)
+    BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pairs")
+    pairs = synthetic_pairs(200)
+    bad = [("corrupt", b"\xff\xd8\xff garbage", "a red dog in the park"), ("blank", pairs[0][1], " ")]
+    write_shard(d / "train-000.tar", pairs[:100] + bad)
+    write_shard(d / "train-001.tar", pairs[100:])
+    write_shard(d / "val-000.tar", synthetic_pairs(70, seed=1))
+    return d
+
+
+def make_recipe(path: Path, vision_dir, text_dir, data_dir, **over) -> Path:
+    r = {
+        "vision": {"name": str(vision_dir)},
+        "text": {"name": str(text_dir), "max_length": 16},
+        "data": {"format": "webdataset", "path": str(data_dir / "train-{000..001}.tar")},
+        "val": {"format": "webdataset", "path": str(data_dir / "val-000.tar")},
+        "features": {"cache_dir": str(path.parent / "cache"), "shard_size": 64, "crops": 2},
+        "projector": {"image": {"kind": "mlp", "out_dim": 64}, "text": {"kind": "mlp", "out_dim": 64}},
+        "train": {"output_dir": str(path.parent / "run"), "epochs": 8, "batch_size": 32, "lr": 3e-3,
+                  "checkpoint_every": 100, "log_every": 5, "progress": False},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        r[sec][key] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def test_plan_schedule_and_recall_helpers():
+    plan = EpochPlan(n=103, global_batch=10, grad_accum=3, seed=0)
+    assert plan.batches_per_epoch == 9 and plan.steps_per_epoch == 3
+    b0, b0b, b1 = plan.batches(0), plan.batches(0), plan.batches(1)
+    assert b0.shape == (9, 10) and torch.equal(b0, b0b) and not torch.equal(b0, b1)
+    assert len(set(b0.flatten().tolist())) == 90
+    f = warmup_cosine(total=100, warmup=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.55)
+    # recall: image 0 has captions 0,1; image 1 has caption 2
+    img = torch.eye(3)[:2]
+    txt = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0.9, 0.1]])
+    r = retrieval_recall(img, txt, torch.tensor([0, 0, 1]), ks=(1, 2))
+    assert r["i2t_R@1"] == 50.0 and r["i2t_R@2"] == 100.0  # image 1's best caption is caption 0 (wrong)
+    assert r["t2i_R@1"] == pytest.approx(200 / 3) and r["t2i_R@2"] == 100.0
+
+
+def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision_dir, text_dir, data_dir):
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir)
+    s = train(load_train_recipe(rp))
+    assert s["steps"] == 8 * (200 // 32) and s["num_pairs"] == 200
+    assert s["last_loss"] < s["first_loss"] - 0.5
+    assert s["val"]["t2i_R@5"] > 3 * 5 * s["val"]["chance_R@1"]  # chance R@5 = 5/70
+    assert s["skips"]["counts"] == {"corrupt_image": 1, "empty_caption": 1}
+    run = tmp_path / "run"
+    assert (run / "model" / "config.json").is_file() and (run / "metrics.json").is_file()
+    log = [json.loads(line) for line in (run / "logs" / "align" / "log.jsonl").read_text().splitlines()]
+    assert any("train/samples_per_s" in x for x in log) and any("val/t2i_R@1" in x for x in log)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000042", "step-00000048"]  # keep_checkpoints=2, no temp folders left
+    # a second call resumes from the final checkpoint and does no more steps
+    s2 = train(load_train_recipe(rp))
+    assert s2["steps"] == s["steps"] and s2["first_loss"] is None
+
+
+def test_token_heads_and_encoder_path(tmp_path, tiny_vision_dir, text_dir, data_dir):
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, features__tokens=True,
+                     projector__image={"kind": "token", "out_dim": 32},
+                     projector__text={"kind": "token", "out_dim": 32})
+    s = train(load_train_recipe(rp, ["train.epochs=4"]))
+    assert s["last_loss"] < s["first_loss"] and s["val"]["t2i_R@5"] > 2 * 5 * s["val"]["chance_R@1"]
+    from align.model import AlignedModel
+
+    m = AlignedModel.from_pretrained(tmp_path / "run" / "model")
+    assert m.encode_text(["a red dog"]).shape == (1, 32)
+    # encoders every step (random crops), pooled heads; the corrupt image is skipped inside batches and counted
+    s = train(load_train_recipe(rp, ["train.source=encoders", "train.epochs=1", "train.output_dir=" +
+                                     str(tmp_path / "enc"), "projector.image.kind=mlp", "projector.text.kind=mlp",
+                                     "features.pooling=cls+mean"]))
+    assert s["steps"] == 201 // 32 and s["skips"]["counts"]["empty_caption"] == 1
+    assert s["skips"]["counts"].get("corrupt_image", 0) <= 1 and torch.isfinite(torch.tensor(s["last_loss"]))
+    assert load_file(str(tmp_path / "enc" / "model" / "model.safetensors"))["image.block.skip.weight"].shape == (32, 64)
+
+
+def _run_script(rp: Path, env_extra: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "align" / "train.py"), "--config", str(rp)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_vision_dir, text_dir, data_dir):
+    # 6 steps/epoch, 4 epochs; checkpoints every 5 steps and at epoch ends -> killed (SIGKILL) after step 17,
+    # the rerun resumes from step 15 = epoch 2, batch 3 (mid-epoch) and redoes steps 16-17
+    over = dict(train__epochs=4, train__checkpoint_every=5, features__crops=2)
+    ref = train(load_train_recipe(make_recipe(tmp_path / "ref" / "r.yaml", tiny_vision_dir, text_dir, data_dir,
+                                              **over)))
+    kill_r = make_recipe(tmp_path / "kill" / "r.yaml", tiny_vision_dir, text_dir, data_dir, **over)
+    p = _run_script(kill_r, {"TETHER_KILL_AFTER_STEP": "17"})
+    assert p.returncode == -9, p.stderr[-2000:]
+    ck = sorted(x.name for x in (tmp_path / "kill" / "run" / "checkpoints").iterdir())
+    assert ck[-1] == "step-00000015" and not (tmp_path / "kill" / "run" / "model").exists()
+    p = _run_script(kill_r)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "(epoch 2, batch 3, step 15)" in p.stdout + p.stderr
+    a = load_file(str(tmp_path / "ref" / "run" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "kill" / "run" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    got = json.loads((tmp_path / "kill" / "run" / "metrics.json").read_text())
+    assert got["steps"] == ref["steps"] and got["val"] == pytest.approx(ref["val"])
+
+
+def test_bad_recipes_give_one_line(tmp_path, tiny_vision_dir, text_dir, data_dir, capsys):
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir)
+    cases = [
+        (["--set", "train.learning_rate=1"], "train.learning_rate: unknown key"),
+        (["--set", "train.batch_size=abc"], "train.batch_size"),
+        (["--set", "projector.image.kind=token"], "needs features.tokens: true"),
+        (["--set", "data.path=" + str(tmp_path / "none-*.tar")], "no webdataset shards match"),
+    ]
+    for extra, want in cases:
+        assert cli_main(["train", "--config", str(rp), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and "\n" not in err, err
+    # a cache made with other settings is refused, not silently reused or rebuilt
+    assert cli_main(["extract", "--config", str(rp), "--split", "val"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--config", str(rp), "--set", "vision.layer=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stale" in err and "vision.layer" in err and "\n" not in err
+    assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_dinov2s_minilm_flickr8k(tmp_path, dinov2_small, minilm_path, flickr8k):
+    """Real weights, real photos: 400 train images x 5 captions, 100 test images; loss falls, R@1 >> chance."""
+    rp = tmp_path / "r.yaml"
+    r = yaml.safe_load((REPO / "recipes" / "align_cpu_flickr8k.yaml").read_text())
+    r["vision"]["name"] = str(dinov2_small)
+    r["text"]["name"] = str(minilm_path)
+    r["data"].update(path=str(flickr8k), limit=400)
+    r["val"].update(path=str(flickr8k), limit=100)
+    r["features"].update(cache_dir=str(tmp_path / "cache"), batch_size=50)
+    r["train"].update(output_dir=str(tmp_path / "run"), epochs=20, batch_size=250, progress=False)
+    rp.write_text(yaml.safe_dump(r))
+    s = train(load_train_recipe(rp))
+    assert s["num_pairs"] == 2000 and s["skips"]["counts"] == {}
+    assert s["last_loss"] < s["first_loss"] - 1.0
+    chance = s["val"]["chance_R@1"]  # 1% for 100 images
+    assert s["val"]["t2i_R@1"] > 5 * chance and s["val"]["i2t_R@1"] > 5 * chance, s["val"]

@@ -320,6 +320,8 @@ class ConvVisionEncoder(VisionEncoder):
 
     def _freeze(self) -> None:
         super()._freeze()
+        if self.classifier is not None:  # usually a submodule already; an external head is frozen alike
+            self.classifier.eval().requires_grad_(False).to(device=self.device, dtype=self.dtype)
         # NHWC is several times faster for depthwise convolutions on CPU (oneDNN); results are unchanged
         self.model.to(memory_format=torch.channels_last)
 

@@ -188,59 +188,84 @@ def assemble_zip_parts(parts: Sequence[Path], dest: Path, zip_root: str = "", pr
     """
     parts = [Path(p) for p in parts]
     stamp = _source_stamp(parts)
-    stamp_path = dest / STAMP_FILE
-    if stamp_path.exists():
-        try:
-            if json.loads(stamp_path.read_text()) == stamp:
-                return dest
-        except (OSError, ValueError):
-            pass
+    if _stamp_matches(dest, stamp):
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
-        prefix = zip_root.rstrip("/") + "/" if zip_root else ""
-        with _ConcatReader(parts) as raw, zipfile.ZipFile(io.BufferedReader(raw, 1 << 20)) as zf:
-            members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()
-                       and not m.filename.endswith("desktop.ini")]
-            if not members:
-                raise MissingModelError(f"{dest.name}: no files under {zip_root!r} in the joined zip parts")
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True,
-                           desc=f"unzip {dest.name}")
-            for m in members:
-                rel = m.filename[len(prefix):]
-                if rel.startswith("/") or ".." in Path(rel).parts:
-                    raise MissingModelError(f"{dest.name}: unsafe path {m.filename!r} in the zip parts")
-                out = tmp / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(m) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                if bar is not None:
-                    bar.update(m.file_size)
-            if bar is not None:
-                bar.close()
-        (tmp / STAMP_FILE).write_text(json.dumps(stamp))
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.tmp-old-{os.getpid()}")
-            os.replace(dest, old)
+    with _dir_lock(dest.parent / f".{dest.name}.lock"):
+        if _stamp_matches(dest, stamp):  # another process finished it while we waited
+            return dest
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a killed run (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp.chmod(0o755)
         try:
+            _unzip_parts(parts, tmp, zip_root, dest.name, progress)
+            (tmp / STAMP_FILE).write_text(json.dumps(stamp))
+            old = None
+            if dest.exists():
+                old = dest.with_name(f".{dest.name}.tmp-old-{os.getpid()}")
+                os.replace(dest, old)
             os.replace(tmp, dest)
-        except OSError:
-            # another process put a complete copy in place first: keep theirs
-            if not (dest / STAMP_FILE).exists():
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _stamp_matches(dest: Path, stamp: list[list]) -> bool:
+    try:
+        return json.loads((dest / STAMP_FILE).read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+class _dir_lock:
+    """Exclusive advisory lock on a file (POSIX ``flock``; a no-op where ``fcntl`` does not exist)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = None
+
+    def __enter__(self) -> "_dir_lock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self._f = open(self.path, "a+")
+        fcntl.flock(self._f.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()  # closing releases the lock
+
+
+def _unzip_parts(parts: Sequence[Path], out_dir: Path, zip_root: str, label: str, progress: bool) -> None:
+    """Stream the files under ``zip_root`` of the zip split over ``parts`` into ``out_dir`` (CRC-checked)."""
+    prefix = zip_root.rstrip("/") + "/" if zip_root else ""
+    with _ConcatReader(parts) as raw, zipfile.ZipFile(io.BufferedReader(raw, 1 << 20)) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()
+                   and not m.filename.endswith("desktop.ini")]
+        if not members:
+            raise MissingModelError(f"{label}: no files under {zip_root!r} in the joined zip parts")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True, desc=f"unzip {label}")
+        for m in members:
+            rel = m.filename[len(prefix):]
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise MissingModelError(f"{label}: unsafe path {m.filename!r} in the zip parts")
+            out = out_dir / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            if bar is not None:
+                bar.update(m.file_size)
+        if bar is not None:
+            bar.close()
 
 
 def zip_parts_dir(name: str, progress: bool = True) -> Path | None:
@@ -398,6 +423,8 @@ for _i, _res in ((0, 224), (1, 240), (2, 260)):
 def backbone_spec(name_or_path: str | os.PathLike) -> BackboneSpec | None:
     """The backbone a name (``efficientnet-lite0``, ``google/efficientnet-lite0``…) or ``.pth`` file refers to."""
     s = str(name_or_path)
+    if Path(os.path.expanduser(s)).is_dir():  # a folder is a transformers model, never a state_dict
+        return None
     base = Path(s).name.lower()
     if base in BACKBONES:
         return BACKBONES[base]
@@ -509,13 +536,12 @@ def _verify(args) -> None:
 
     base_speed = None
     if args.baseline:
-        base = load_vision_encoder(args.baseline)
-        base_speed = throughput(base)
-        print(f"baseline {args.baseline}: {base_speed:.1f} images/s (encode, cls pooling, batch {args.batch})")
-    print("| model | input | top-1 (mean=std=0.5) | top-1 (ImageNet mean/std) | encode images/s |"
-          + (" ratio vs baseline |" if base_speed else ""))
-    print("|---|---|---|---|---|" + ("---|" if base_speed else ""))
+        base_speed = throughput(load_vision_encoder(args.baseline))
+        print(f"baseline {args.baseline}: {base_speed:.1f} images/s (encode, cls pooling, batch {args.batch})",
+              flush=True)
+    rows = []
     for name in args.models:
+        speed = throughput(load_vision_encoder(name))
         accs = []
         for norm in ({}, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}):
             enc = load_vision_encoder(name, **norm)
@@ -524,10 +550,13 @@ def _verify(args) -> None:
                 logits = enc.logits(enc.preprocess(images[i:i + args.batch]))
                 correct += int((logits.argmax(1) == y[i:i + args.batch]).sum())
             accs.append(100.0 * correct / len(images))
-        speed = throughput(load_vision_encoder(name))
-        crop = BACKBONES[name].image_size
-        print(f"| {name} | {crop}px | {accs[0]:.1f} | {accs[1]:.1f} | {speed:.1f} |"
-              + (f" {speed / base_speed:.2f}× |" if base_speed else ""), flush=True)
+        rows.append(f"| {name} | {BACKBONES[name].image_size}px | {accs[0]:.1f} | {accs[1]:.1f} | {speed:.1f} |"
+                    + (f" {speed / base_speed:.2f}× |" if base_speed else ""))
+        print(rows[-1], flush=True)
+    print("\n| model | input | top-1 (mean=std=0.5) | top-1 (ImageNet mean/std) | encode images/s |"
+          + (" ratio vs baseline |" if base_speed else ""))
+    print("|---|---|---|---|---|" + ("---|" if base_speed else ""))
+    print("\n".join(rows))
     print(f"({len(images)} images from {args.images}; torch threads {args.threads})")
 
 
@@ -545,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ve.add_argument("--limit", type=int, default=None, help="evaluate an evenly spaced subset of this size")
     ve.add_argument("--batch", type=int, default=50)
     ve.add_argument("--threads", type=int, default=2)
-    ve.add_argument("--speed-images", type=int, default=200, help="images timed for throughput")
+    ve.add_argument("--speed-images", type=int, default=100, help="images timed for throughput")
     ve.add_argument("--baseline", default=None, help="vision encoder timed side by side (e.g. ../shared/models/dinov2-small)")
     args = ap.parse_args(argv)
     try:

@@ -5,11 +5,12 @@ Token heads: DINOv2-S grids (257 tokens = CLS + 256 patches, 384-d) and MiniLM-l
 padding), at smaller batches; the fused pooling of :class:`align.projectors.TokenBlock` is compared with the
 naive "project every token, then mean" computation it replaces (identical result).
 
-Every configuration is timed in the same run; samples/s = batch / median step time over ``--iters`` steps after
-warm-up, and each line prints its ratio against the baseline measured side by side.
+Every configuration is timed in the same run, round-robin (one step of each per round, so that all of them see
+the same machine load); samples/s = batch / median step time over ``--iters`` rounds after one warm-up round,
+and each line prints its ratio against the baseline measured side by side.
 
     python bench/bench_heads.py                     # 2 threads, defaults below
-    python bench/bench_heads.py --threads 2 --iters 10 --token-batch 64 --text-batch 256
+    python bench/bench_heads.py --threads 2 --iters 7 --token-batch 16 --text-batch 128 --adamw --json out.json
 """
 
 from __future__ import annotations
@@ -40,50 +41,56 @@ def naive_forward(head: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | N
     raise TypeError(type(head))
 
 
-def time_step(head: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, iters: int, step: bool,
-              forward: Callable | None = None) -> float:
-    """Median seconds of one training step: head forward, InfoNCE against fixed partners, backward (+ AdamW)."""
+class Case:
+    """One configuration: a closure doing one training step on a fixed batch."""
+
+    def __init__(self, name: str, batch: int, tokens: int, baseline: str | None, step: Callable[[], None]):
+        self.name, self.batch, self.tokens, self.baseline, self.step = name, batch, tokens, baseline, step
+        self.times: list[float] = []
+
+
+def head_case(name: str, head: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, baseline: str | None,
+              adamw: bool, forward: Callable | None = None) -> Case:
+    """Head forward → InfoNCE against fixed random partners → backward (→ AdamW step with ``adamw``)."""
     loss_fn = ContrastiveLoss()
     partner = torch.randn(x.shape[0], head.out_dim)
-    opt = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=1e-3) if step else None
+    opt = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=1e-3) if adamw else None
     fwd = forward or (lambda h, a, m: h(a, m))
     head.train()
-    times = []
-    for i in range(iters + 2):  # 2 warm-up steps
-        t0 = time.perf_counter()
+
+    def step() -> None:
         loss, _ = loss_fn(fwd(head, x, mask), partner)
         loss.backward()
         if opt is not None:
             opt.step()
         head.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        loss_fn.zero_grad(set_to_none=True)
+
+    return Case(name, x.shape[0], x.shape[1] if x.ndim == 3 else 1, baseline, step)
 
 
-def time_loss(batch: int, dim: int, iters: int) -> float:
-    """Median seconds of the InfoNCE loss alone (normalise, [B, B] logits, both directions, backward)."""
+def loss_case(batch: int, dim: int) -> Case:
+    """The InfoNCE loss alone (normalise, [B, B] logits, both directions, backward) — part of every head step."""
     loss_fn = ContrastiveLoss()
-    img = torch.randn(batch, dim, requires_grad=True)
-    txt = torch.randn(batch, dim)
-    times = []
-    for i in range(iters + 2):
-        t0 = time.perf_counter()
+    img, txt = torch.randn(batch, dim, requires_grad=True), torch.randn(batch, dim)
+
+    def step() -> None:
         loss_fn(img, txt)[0].backward()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        img.grad = None
+
+    return Case("InfoNCE loss only", batch, 1, None, step)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=7, help="timed rounds (after 1 warm-up round)")
     ap.add_argument("--batch", type=int, default=1024, help="pooled heads")
-    ap.add_argument("--token-batch", type=int, default=64, help="image token head (257 tokens)")
-    ap.add_argument("--text-batch", type=int, default=256, help="text token head (32 tokens)")
+    ap.add_argument("--token-batch", type=int, default=16, help="image token head (257 tokens)")
+    ap.add_argument("--text-batch", type=int, default=128, help="text token head (32 tokens)")
     ap.add_argument("--in-dim", type=int, default=384)
     ap.add_argument("--out-dim", type=int, default=1024)
+    ap.add_argument("--adamw", action="store_true", help="include the AdamW step in every timed step")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,35 +102,41 @@ def main(argv: list[str] | None = None) -> int:
     lengths = torch.randint(8, 33, (args.text_batch,))
     mask = (torch.arange(32)[None, :] < lengths[:, None]).long()
 
-    rows: list[dict] = []
+    def head(kind: str, side: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_projector(kind, side, d, out_dim=o)
 
-    def run(name: str, kind: str, side: str, x, m, baseline: str | None, forward=None) -> None:
-        for step in (False, True):
-            torch.manual_seed(0)
-            head = build_projector(kind, side, d, out_dim=o)
-            sec = time_step(head, x, m, args.iters, step, forward)
-            row = {"config": name, "head": kind, "side": side, "batch": x.shape[0],
-                   "tokens": x.shape[1] if x.ndim == 3 else 1, "step": "fwd+bwd+AdamW" if step else "fwd+bwd",
-                   "sec_per_step": sec, "samples_per_s": x.shape[0] / sec, "baseline": baseline}
-            base = next((r for r in rows if r["config"] == baseline and r["step"] == row["step"]), None)
-            row["ratio"] = row["samples_per_s"] / base["samples_per_s"] if base else 1.0
-            rows.append(row)
-            print(f"{name:<28} {row['step']:<14} batch {row['batch']:>5} x {row['tokens']:>3} tok  "
-                  f"{row['samples_per_s']:>10.0f} samples/s  {row['ratio']:>6.2f}x vs {baseline or 'itself'}",
-                  flush=True)
-
-    print(f"torch {torch.__version__}, {args.threads} threads, in {d} -> out {o}, median of {args.iters} steps")
-    sec = time_loss(args.batch, o, args.iters)
-    rows.append({"config": "InfoNCE loss only", "batch": args.batch, "sec_per_step": sec,
-                 "samples_per_s": args.batch / sec})
-    print(f"{'InfoNCE loss only':<28} {'fwd+bwd':<14} batch {args.batch:>5} x {o:>4}-d  "
-          f"{args.batch / sec:>10.0f} samples/s  (part of every pooled step below)", flush=True)
-    run("linear (pooled)", "linear", "image", pooled, None, None)
-    run("mlp (pooled)", "mlp", "image", pooled, None, "linear (pooled)")
-    run("token image naive", "token", "image", grid, None, "linear (pooled)", forward=naive_forward)
-    run("token image (fused pool)", "token", "image", grid, None, "token image naive")
-    run("token text naive", "token", "text", text, mask, "linear (pooled)", forward=naive_forward)
-    run("token text (fused pool)", "token", "text", text, mask, "token text naive")
+    lin = "linear (pooled)"
+    cases = [
+        loss_case(args.batch, o),
+        head_case(lin, head("linear", "image"), pooled, None, None, args.adamw),
+        head_case("mlp (pooled)", head("mlp", "image"), pooled, None, lin, args.adamw),
+        head_case("token image, naive", head("token", "image"), grid, None, lin, args.adamw, naive_forward),
+        head_case("token image", head("token", "image"), grid, None, "token image, naive", args.adamw),
+        head_case("token text, naive", head("token", "text"), text, mask, lin, args.adamw, naive_forward),
+        head_case("token text", head("token", "text"), text, mask, "token text, naive", args.adamw),
+    ]
+    what = "fwd+loss+bwd" + ("+AdamW" if args.adamw else "")
+    print(f"torch {torch.__version__}, {args.threads} threads, in {d} -> out {o}, {what}, median of "
+          f"{args.iters} rounds; the configurations run round-robin so that all see the same machine load",
+          flush=True)
+    for r in range(args.iters + 1):  # round 0 = warm-up
+        for c in cases:
+            t0 = time.perf_counter()
+            c.step()
+            if r:
+                c.times.append(time.perf_counter() - t0)
+    by_name = {c.name: c for c in cases}
+    rows = []
+    for c in cases:
+        sps = c.batch / statistics.median(c.times)
+        base = by_name.get(c.baseline) if c.baseline else None
+        ratio = sps / (base.batch / statistics.median(base.times)) if base else 1.0
+        rows.append({"config": c.name, "batch": c.batch, "tokens": c.tokens, "step": what,
+                     "sec_per_step": statistics.median(c.times), "samples_per_s": sps, "baseline": c.baseline,
+                     "ratio": ratio})
+        print(f"{c.name:<20} batch {c.batch:>5} x {c.tokens:>3} tok  {sps:>9.0f} samples/s  "
+              f"{ratio:>6.2f}x vs {c.baseline or 'itself'}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
                                         indent=1))

@@ -113,7 +113,7 @@ def run_balance(cat: Catalog, cfg: BalanceConfig, stage: str = "balance", candid
           SELECT r.uid, r.kept, r.reason, r.concept_id FROM _bres r
           UNION ALL
           SELECT c.uid, {str(cfg.keep_unmatched).lower()}, {unmatched_reason}, NULL FROM _bc c ANTI JOIN _bm USING (uid)
-        ) ORDER BY uid""")
+        )""")
     cat.execute(f"""INSERT INTO balance_report
         SELECT '{stage}', n.concept_id, n.n, coalesce(a.after, 0), {cfg.floor},
                greatest({cfg.floor} - coalesce(a.after, 0), 0)

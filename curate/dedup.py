@@ -30,7 +30,7 @@ from pydantic import Field
 from curate.catalog import Catalog
 from curate.recipe import Strict
 
-NORM_CAPTION_SQL = ("trim(regexp_replace(regexp_replace(lower({c}), '[\\pP\\pS]+', ' ', 'g'), '\\s+', ' ', 'g'))")
+NORM_CAPTION_SQL = "trim(regexp_replace(lower({c}), '[\\pP\\pS\\s]+', ' ', 'g'))"
 WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))"
 
 
@@ -119,8 +119,7 @@ def run_filters(cat: Catalog, cfg: FilterConfig, stage: str = "filter") -> int:
     case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"
     cat.execute(f"""INSERT INTO decisions
         SELECT uid, '{stage}', false, reason, NULL, NULL FROM (
-          SELECT uid, source, row_index, {case} AS reason FROM alive) WHERE reason IS NOT NULL
-        ORDER BY source, row_index""")
+          SELECT uid, {case} AS reason FROM alive) WHERE reason IS NOT NULL""")
     return int(cat.scalar("SELECT count(*) FROM decisions WHERE stage = ?", [stage]))
 
 
@@ -134,16 +133,21 @@ def exact_key_sql(key: str) -> str:
 
 
 def run_exact_dedup(cat: Catalog, cfg: DedupConfig, stage: str = "dedup") -> int:
-    """Exact duplicates by each configured key in turn (first in (source, row_index) order is kept)."""
+    """Exact duplicates by each configured key in turn (first in (source, row_index) order is kept).
+
+    Hash aggregation (no sort): group alive rows by key, keep groups of 2+, join back to find the later rows.
+    """
     cat.clear_decisions(stage)
     for key in cfg.exact:
+        cat.execute(f"""CREATE OR REPLACE TEMP TABLE _dk AS
+            SELECT uid, source, row_index, {exact_key_sql(key)} AS k FROM alive""")
         cat.execute(f"""INSERT INTO decisions
-            SELECT uid, '{stage}', false, 'duplicate {key}', first_uid, NULL FROM (
-              SELECT uid, source, row_index,
-                first_value(uid) OVER w AS first_uid, row_number() OVER w AS rn
-              FROM (SELECT uid, source, row_index, {exact_key_sql(key)} AS k FROM alive) WHERE k IS NOT NULL
-              WINDOW w AS (PARTITION BY k ORDER BY source, row_index)
-            ) WHERE rn > 1 ORDER BY source, row_index""")
+            SELECT d.uid, '{stage}', false, 'duplicate {key}', f.first_uid, NULL
+            FROM _dk d JOIN (
+              SELECT k, arg_min(uid, (source, row_index)) AS first_uid FROM _dk WHERE k IS NOT NULL
+              GROUP BY k HAVING count(*) > 1) f USING (k)
+            WHERE d.uid <> f.first_uid""")
+        cat.execute("DROP TABLE _dk")
     return int(cat.scalar("SELECT count(*) FROM decisions WHERE stage = ?", [stage]))
 
 

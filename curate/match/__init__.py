@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
@@ -111,16 +112,20 @@ def _begin(cat: Catalog, stage: str, method: str, params: dict) -> bool:
     return False
 
 
-def _insert_matches(con, uids: list[str], concept_ids: list[str], method: str, scores: list[float],
-                    spans: list[str | None]) -> None:
-    tbl = pa.table({"uid": pa.array(uids, pa.string()), "concept_id": pa.array(concept_ids, pa.string()),
-                    "method": pa.array([method] * len(uids), pa.string()),
-                    "score": pa.array(scores, pa.float64()), "span": pa.array(spans, pa.string())})
+def _insert_table(con, tbl: pa.Table) -> None:
     con.register("_tether_matches", tbl)
     try:
         con.execute("INSERT INTO matches SELECT uid, concept_id, method, score, span FROM _tether_matches")
     finally:
         con.unregister("_tether_matches")
+
+
+def _insert_matches(con, uids: list[str], concept_ids: list[str], method: str, scores: list[float],
+                    spans: list[str | None]) -> None:
+    _insert_table(con, pa.table({"uid": pa.array(uids, pa.string()),
+                                 "concept_id": pa.array(concept_ids, pa.string()),
+                                 "method": pa.array([method] * len(uids), pa.string()),
+                                 "score": pa.array(scores, pa.float64()), "span": pa.array(spans, pa.string())}))
 
 
 def _count(cat: Catalog, method: str) -> int:
@@ -150,11 +155,15 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     lemmatizer = Lemmatizer(cfg.spacy_model) if cfg.lemmatize else None
     done = cat.done_units(stage)
     bar = tqdm(total=_input_size(cat), desc="match lexical", unit="caption", disable=not progress)
+    concept_arr, form_arr = pa.array(matcher.concept_ids, pa.string()), pa.array(matcher.forms, pa.string())
     for unit, uids, caps in iter_units(cat, cfg.unit_rows):
         if str(unit) not in done:
-            idx, cids, forms = matcher.match(caps, lemmatizer(caps) if lemmatizer else None)
+            ci, ki, fi = matcher.match(caps, lemmatizer(caps) if lemmatizer else None)
+            tbl = pa.table({"uid": pa.array(uids, pa.string()).take(ci), "concept_id": concept_arr.take(ki),
+                            "method": pa.array(["lexical"] * len(ci), pa.string()),
+                            "score": pa.array(np.ones(len(ci)), pa.float64()), "span": form_arr.take(fi)})
             with cat.transaction() as con:
-                _insert_matches(con, [uids[i] for i in idx], cids, "lexical", [1.0] * len(idx), forms)
+                _insert_table(con, tbl)
                 cat.add_unit(stage, str(unit))
         bar.update(len(uids))
     bar.close()

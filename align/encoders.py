@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from align.zoo import (  # noqa: F401  (re-exported: the public names of the offline zoo)
+    BACKBONES,
     OFFLINE_COPIES,
     ImageTransform,
     MissingModelError,
@@ -313,7 +314,7 @@ class ConvVisionEncoder(VisionEncoder):
         spec = backbone_spec(name_or_path)
         if spec is None:
             raise MissingModelError(f"{name_or_path}: not a known plain PyTorch backbone "
-                                    f"(known: {', '.join(sorted(_zoo_backbones()))})")
+                                    f"(known: {', '.join(sorted(BACKBONES))})")
         model = spec.load(resolve_model(name_or_path))
         return cls(model, spec.transform(mean, std), spec.dim, name=name_or_path, device=device, dtype=dtype,
                    layer=layer, features=spec.features, classifier=spec.classifier(model), cls_pool=cls_pool)
@@ -359,12 +360,6 @@ class ConvVisionEncoder(VisionEncoder):
             raise ValueError(f"{self.name}: this backbone has no classifier head")
         pooled = self.feature_map(pixel_values).mean((2, 3))
         return self.classifier(pooled.to(self.dtype)).float()
-
-
-def _zoo_backbones() -> list[str]:
-    from align.zoo import BACKBONES
-
-    return list(BACKBONES)
 
 
 def load_vision_encoder(name_or_path: str, **kw: Any) -> VisionEncoder:

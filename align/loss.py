@@ -118,6 +118,14 @@ def positives(n: int, image_ids: torch.Tensor | None, device: torch.device) -> t
     return image_ids[:, None] == image_ids[None, :]
 
 
+def _hits(sim: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """Per row of ``sim`` (queries × keys): is the best-scoring key a positive?"""
+    best = sim.argmax(1)
+    if ids is None:
+        return best == torch.arange(sim.shape[0], device=sim.device)
+    return ids[best] == ids
+
+
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE (``kind="infonce"``) or SigLIP sigmoid loss (``kind="siglip"``) over the global batch.
 
@@ -188,16 +196,16 @@ class ContrastiveLoss(nn.Module):
             img = F.normalize(img.to(dtype), dim=-1)
             txt = F.normalize(txt.to(dtype), dim=-1)
             img, txt, ids = self._global(img, txt, image_ids)
-            pos = positives(img.shape[0], ids, img.device)
             temperature = self.temperature.to(dtype)
             sim = img @ txt.t()
             if self.kind == "infonce":
-                loss, logs = self._infonce(sim / temperature, pos, ids is None)
+                loss, logs = self._infonce(sim / temperature, ids)
             else:
+                pos = positives(img.shape[0], ids, img.device)
                 loss, logs = self._siglip(sim / temperature + self.logit_bias.to(dtype), pos)
         with torch.no_grad():
-            hit_i2t = pos.gather(1, sim.argmax(1, keepdim=True)).to(dtype).mean()
-            hit_t2i = pos.t().gather(1, sim.t().argmax(1, keepdim=True)).to(dtype).mean()
+            hit_i2t = _hits(sim, ids).to(dtype).mean()
+            hit_t2i = _hits(sim.t(), ids).to(dtype).mean()
             stats = dict(logs, loss=loss.detach(), temperature=temperature.detach(), acc_i2t=hit_i2t,
                          acc_t2i=hit_t2i, acc=(hit_i2t + hit_t2i) / 2)
             values = torch.stack([v.to(dtype) for v in stats.values()]).tolist()  # one device sync
@@ -205,14 +213,13 @@ class ContrastiveLoss(nn.Module):
         out["batch"] = float(img.shape[0])
         return loss, out
 
-    def _infonce(self, logits: torch.Tensor, pos: torch.Tensor, diagonal: bool):
+    def _infonce(self, logits: torch.Tensor, ids: torch.Tensor | None):
         """Mean of image→text and text→image cross-entropy; soft targets uniform over positive columns."""
-        if diagonal:
+        if ids is None:  # class-index targets: no [N, N] target matrix
             target_i2t = target_t2i = torch.arange(logits.shape[0], device=logits.device)
         else:
-            p = pos.float()
-            target_i2t = p / p.sum(1, keepdim=True)
-            target_t2i = p.t() / p.t().sum(1, keepdim=True)
+            p = positives(logits.shape[0], ids, logits.device).to(logits.dtype)  # symmetric
+            target_i2t = target_t2i = p / p.sum(1, keepdim=True)
         loss_i2t = F.cross_entropy(logits, target_i2t, label_smoothing=self.label_smoothing)
         loss_t2i = F.cross_entropy(logits.t(), target_t2i, label_smoothing=self.label_smoothing)
         loss = (loss_i2t + loss_t2i) / 2

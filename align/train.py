@@ -346,7 +346,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path
     tmp = root / f".tmp-{CKPT_PREFIX}{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)  # every rank writes its RNG state here, so it must exist before the barrier
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -440,6 +440,10 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
                               project_config=ProjectConfiguration(project_dir=str(out_dir),
                                                                   logging_dir=str(out_dir / "logs")))
     device = accelerator.device
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RecipeError(f"launched {launched} processes but accelerate sees {accelerator.num_processes}; on CPU "
+                          "use `accelerate launch --cpu ...` or set ACCELERATE_USE_CPU=true")
     set_seed(tc.seed)
     vision, text = load_encoders(recipe, device=str(device))
     tok_img = recipe.projector.image.kind == "token"

@@ -7,7 +7,9 @@ naive "project every token, then mean" computation it replaces (identical result
 
 Every configuration is timed in the same run, round-robin (one step of each per round, so that all of them see
 the same machine load); samples/s = batch / median step time over ``--iters`` rounds after one warm-up round,
-and each line prints its ratio against the baseline measured side by side.
+and each line prints its ratio against the baseline measured side by side. Samples per CPU-second (process time
+of all threads) are printed too: with ``--threads 1`` they estimate one core's throughput even when other jobs
+share the machine.
 
     python bench/bench_heads.py                     # 2 threads, defaults below
     python bench/bench_heads.py --threads 2 --iters 7 --token-batch 16 --text-batch 128 --adamw --json out.json
@@ -46,7 +48,8 @@ class Case:
 
     def __init__(self, name: str, batch: int, tokens: int, baseline: str | None, step: Callable[[], None]):
         self.name, self.batch, self.tokens, self.baseline, self.step = name, batch, tokens, baseline, step
-        self.times: list[float] = []
+        self.times: list[float] = []  # wall seconds per step
+        self.cpu: list[float] = []  # CPU seconds per step (all threads of this process)
 
 
 def head_case(name: str, head: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, baseline: str | None,
@@ -122,21 +125,23 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     for r in range(args.iters + 1):  # round 0 = warm-up
         for c in cases:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             c.step()
             if r:
                 c.times.append(time.perf_counter() - t0)
+                c.cpu.append(time.process_time() - c0)
     by_name = {c.name: c for c in cases}
     rows = []
     for c in cases:
         sps = c.batch / statistics.median(c.times)
         base = by_name.get(c.baseline) if c.baseline else None
         ratio = sps / (base.batch / statistics.median(base.times)) if base else 1.0
+        cpu_sps = c.batch / statistics.median(c.cpu)
         rows.append({"config": c.name, "batch": c.batch, "tokens": c.tokens, "step": what,
                      "sec_per_step": statistics.median(c.times), "samples_per_s": sps, "baseline": c.baseline,
-                     "ratio": ratio})
+                     "ratio": ratio, "samples_per_cpu_s": cpu_sps})
         print(f"{c.name:<20} batch {c.batch:>5} x {c.tokens:>3} tok  {sps:>9.0f} samples/s  "
-              f"{ratio:>6.2f}x vs {c.baseline or 'itself'}", flush=True)
+              f"{ratio:>6.2f}x vs {c.baseline or 'itself':<20} ({cpu_sps:.0f} samples per CPU-second)", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
                                         indent=1))

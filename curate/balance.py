@@ -7,8 +7,8 @@ first deletes the stage's own decisions and report rows.
 
 **t-balancing** (``method: t``; MetaCLIP, Xu et al. 2023): a concept matched by ``n`` candidates keeps each of
 its pairs with probability ``p = t / max(n, t)``; a pair survives if ANY of its matched concepts wins its draw.
-The draw of (uid, concept) is ``u = hash(uid, concept, seed) / 2^64`` (DuckDB's ``hash``), so the outcome does
-not depend on row order, batching or the number of threads. :func:`preview_t` gives the expected output size
+The draw of (uid, concept) is ``u = hash(uid, concept, seed) / 2^64`` (DuckDB's multi-argument ``hash``), so the
+outcome does not depend on row order, batching or the number of threads (it may change with the DuckDB version). :func:`preview_t` gives the expected output size
 ``Σ_uid 1 - Π_concepts (1 - p)`` for a list of ``t`` before committing.
 
 **coverage** (``method: coverage``; freeze-align): concepts are visited weakest tail first (fewest candidate
@@ -75,15 +75,25 @@ class BalanceReport:
 
 def _prepare(cat: Catalog, cfg: BalanceConfig, candidates_sql: str | None) -> None:
     """Temp tables ``_bc(uid)`` (candidates) and ``_bm(uid, concept_id, score)`` (their usable matches)."""
-    cand = candidates_sql or "SELECT uid FROM alive"
     methods = ", ".join(f"'{m}'" for m in cfg.methods)
     score_rule = f"AND coalesce(score, 1.0) >= {float(cfg.min_score)}" if cfg.min_score is not None else ""
-    cat.execute(f"CREATE OR REPLACE TEMP TABLE _bc AS SELECT DISTINCT uid FROM ({cand})")
-    cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bm AS
-        SELECT m.uid, m.concept_id, max(coalesce(m.score, 1.0)) AS score
-        FROM matches m SEMI JOIN _bc USING (uid)
-        WHERE m.method IN ({methods}) {score_rule}
-        GROUP BY m.uid, m.concept_id""")
+    if candidates_sql:
+        cat.execute(f"CREATE OR REPLACE TEMP TABLE _bc AS SELECT DISTINCT uid FROM ({candidates_sql})")
+    else:  # uids are unique in samples: no DISTINCT needed
+        cat.execute("CREATE OR REPLACE TEMP TABLE _bc AS SELECT uid FROM alive")
+    present = [r[0] for r in cat.execute(
+        f"SELECT DISTINCT method FROM matches WHERE method IN ({methods})").fetchall()]
+    if len(present) > 1:  # a (uid, concept) pair may be matched by both methods: one row per pair
+        cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bm AS
+            SELECT m.uid, m.concept_id, max(coalesce(m.score, 1.0)) AS score
+            FROM matches m SEMI JOIN _bc USING (uid)
+            WHERE m.method IN ({methods}) {score_rule}
+            GROUP BY m.uid, m.concept_id""")
+    else:  # the match stage writes one row per (uid, concept, method): no grouping needed
+        cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bm AS
+            SELECT m.uid, m.concept_id, coalesce(m.score, 1.0) AS score
+            FROM matches m SEMI JOIN _bc USING (uid)
+            WHERE m.method IN ({methods}) {score_rule}""")
     cat.execute("CREATE OR REPLACE TEMP TABLE _bn AS SELECT concept_id, count(*) AS n FROM _bm GROUP BY 1")
 
 
@@ -121,8 +131,8 @@ def run_balance(cat: Catalog, cfg: BalanceConfig, stage: str = "balance", candid
           SELECT m.concept_id, count(*) AS after FROM _bm m SEMI JOIN (SELECT uid FROM _bres WHERE kept) k USING (uid)
           GROUP BY 1) a USING (concept_id)""")
     rep.candidates = int(cat.scalar("SELECT count(*) FROM _bc"))
-    rep.matched = int(cat.scalar("SELECT count(DISTINCT uid) FROM _bm"))
-    rep.kept = int(cat.scalar("SELECT count(*) FROM decisions WHERE stage = ? AND kept", [stage]))
+    rep.matched, kept = cat.one("SELECT count(*), count(*) FILTER (WHERE kept) FROM _bres")
+    rep.kept = int(kept) + (rep.candidates - int(rep.matched) if cfg.keep_unmatched else 0)
     rep.concepts = int(cat.scalar("SELECT count(*) FROM _bn"))
     if cfg.floor:
         rep.shortfall = [tuple(r) for r in cat.execute(
@@ -140,7 +150,7 @@ def _t_balance(cat: Catalog, cfg: BalanceConfig) -> None:
                     ELSE 't-balance: lost the draw of every matched concept (t={t})' END AS reason
         FROM (
           SELECT m.uid, m.concept_id,
-                 (hash(m.uid || chr(31) || m.concept_id || chr(31) || '{int(cfg.seed)}') / {TWO64})
+                 (hash(m.uid, m.concept_id, {int(cfg.seed)}::BIGINT) / {TWO64})
                    / ({t} / greatest(n.n, {t})::DOUBLE) AS r
           FROM _bm m JOIN _bn n USING (concept_id))
         GROUP BY uid""")

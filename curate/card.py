@@ -46,7 +46,7 @@ def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, se
     lines += [f"Rows ingested: **{total:,}**; selected: **{alive:,}**"
               + (f" (selection parquet rows: {selection_rows:,})" if selection_rows is not None else "") + ".", ""]
     lines += ["## Stages", "", "| stage | status | judged | rejected | alive after |", "|---|---|---:|---:|---:|"]
-    for st, status, judged, rej, after in cat.stage_counts():
+    for st, status, judged, rej, after in [r for r in cat.stage_counts() if r[0] != "select"]:
         lines.append(f"| {st} | {status} | {judged:,} | {rej:,} | {after:,} |")
     reasons = cat.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept GROUP BY ALL
                              ORDER BY 3 DESC LIMIT 15""").fetchall()

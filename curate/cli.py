@@ -187,6 +187,9 @@ def make_parser() -> argparse.ArgumentParser:
             m = importlib.import_module(mod)
         except ImportError:
             continue
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not take the core commands down
+            print(f"warning: plugin {mod} failed to import: {_one_line(e)}", file=sys.stderr)
+            continue
         reg = getattr(m, "register", None)
         if callable(reg):
             reg(sub)

@@ -4,11 +4,11 @@
 
 * ``concepts(concept_id, name, lemmas, gloss, depth, hypernyms, imagenet1k, origin)`` — ``concept_id`` is an
   ImageNet/WordNet id (``n02084071``) or ``user:<word>`` for a plain word from a user list;
-* ``surface_forms(form, concept_id, sense_rank, kind)`` — every lowercased, punctuation-free lemma name
-  (``_`` → space) and, with ``inflections: true``, its plural forms (``dog`` → ``dogs``; irregular ones from
-  WordNet's ``noun.exc``: ``mouse`` → ``mice``, ``fireman`` → ``firemen``). ``sense_rank`` is the position of
-  the concept among the form's WordNet senses (0 = most frequent), used by the matcher's ambiguity policy;
-  ``kind`` is ``lemma`` or ``inflection``.
+* ``surface_forms(form, concept_id, sense_rank, kind, lemma)`` — every lowercased, punctuation-free lemma
+  name (``_`` → space) and, with ``inflections: true``, its plural forms (``dog`` → ``dogs``; irregular ones
+  from WordNet's ``noun.exc``: ``mouse`` → ``mice``, ``fireman`` → ``firemen``). ``lemma`` is the normalized
+  lemma the form derives from, ``sense_rank`` the concept's position among that lemma's WordNet senses (0 = most
+  frequent); both drive the matcher's ambiguity policy. ``kind`` is ``lemma`` or ``inflection``.
 
 Concept sets (combinable; duplicates collapse to the first origin in this priority order, which is also the
 order a ``max_concepts`` cap keeps): the user list, ImageNet-1k, WordNet subtrees, ImageNet-21k, then hyponym
@@ -37,7 +37,7 @@ WNID_RE = re.compile(r"^n\d{8}$")
 _NON_WORD = re.compile(r"[\W_]+")
 
 SURFACE_FORMS_DDL = """CREATE TABLE IF NOT EXISTS surface_forms(
-    form VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, sense_rank INTEGER, kind VARCHAR)"""
+    form VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, sense_rank INTEGER, kind VARCHAR, lemma VARCHAR)"""
 
 TIMM_HELP = "pip install --no-deps timm (its data files are read by path; timm itself is never imported)"
 
@@ -93,17 +93,23 @@ def regular_plural(word: str) -> str:
 def plural_forms(form: str, irregular: dict[str, list[str]] | None = None) -> list[str]:
     """Plural(s) of a normalized noun phrase; the last word is the head (``hot dog`` → ``hot dogs``).
 
-    ``irregular`` maps a lemma (whole phrase or head word) to its irregular plurals (WordNet ``noun.exc``).
+    ``irregular`` maps a lemma (whole phrase or head word) to irregular plurals (WordNet ``noun.exc``). Those
+    are alternatives, not replacements (``camera`` → ``camerae`` and ``cameras``; ``brother`` → ``brethren``
+    and ``brothers``), and ``noun.exc`` leaves out what WordNet's own ``-men`` → ``-man`` rule covers, so
+    ``woman`` → ``women`` is generated here. A spurious extra (``mouses``) costs nothing: it never occurs.
     """
     irregular = irregular or {}
-    if form in irregular:
-        return [normalize(p) for p in irregular[form]]
     head, sep, last = form.rpartition(" ")
     if not last.isalpha():
         return []
-    if last in irregular:
-        return [f"{head}{sep}{normalize(p)}" for p in irregular[last]]
-    return [f"{head}{sep}{regular_plural(last)}"]
+    out = [normalize(p) for p in irregular.get(form, [])]
+    out += [f"{head}{sep}{normalize(p)}" for p in irregular.get(last, [])]
+    if last.endswith("man"):
+        out.append(f"{head}{sep}{last[:-3]}men")
+    out.append(f"{head}{sep}{regular_plural(last)}")
+    if last.endswith("ch"):  # /k/ sound: stomach → stomachs, monarch → monarchs
+        out.append(f"{head}{sep}{last}s")
+    return list(dict.fromkeys(p for p in out if p))
 
 
 def _stopwords() -> frozenset[str]:
@@ -261,13 +267,13 @@ def select_concepts(cfg: ConceptsConfig,
 
 
 def surface_forms(bank: Iterable[Concept], cfg: ConceptsConfig, wn: WordNet | None = None,
-                  progress: bool = False) -> dict[tuple[str, str], tuple[int, str]]:
-    """(form, concept_id) → (sense_rank, kind) for every concept in ``bank``."""
+                  progress: bool = False) -> dict[tuple[str, str], tuple[int, str, str]]:
+    """(form, concept_id) → (sense_rank, kind, lemma) for every concept in ``bank``."""
     from tqdm.auto import tqdm
 
     stop = _stopwords() if cfg.drop_stopword_forms else frozenset()
     irregular = wn.plurals if wn is not None else (irregular_plurals(cfg.wordnet_dir) if cfg.inflections else {})
-    out: dict[tuple[str, str], tuple[int, str]] = {}
+    out: dict[tuple[str, str], tuple[int, str, str]] = {}
 
     def keep(form: str) -> bool:
         return len(form) >= cfg.min_form_chars and not (cfg.drop_stopword_forms and (form in stop or form.isdigit()))
@@ -287,7 +293,7 @@ def surface_forms(bank: Iterable[Concept], cfg: ConceptsConfig, wn: WordNet | No
                 key = (form, c.concept_id)
                 prev = out.get(key)
                 if prev is None or (rank, kind != "lemma") < (prev[0], prev[1] != "lemma"):
-                    out[key] = (rank, kind)
+                    out[key] = (rank, kind, base)
     return out
 
 
@@ -315,17 +321,18 @@ def build_concepts(cat: Catalog, cfg: ConceptsConfig, progress: bool = True,
         "concept_id": [k[1] for k in keys],
         "sense_rank": pa.array([forms[k][0] for k in keys], pa.int32()),
         "kind": [forms[k][1] for k in keys],
+        "lemma": [forms[k][2] for k in keys],
     })
-    cat.execute(SURFACE_FORMS_DDL)
     with cat.transaction() as con:
         con.execute("DELETE FROM concepts")
-        con.execute("DELETE FROM surface_forms")
+        con.execute("DROP TABLE IF EXISTS surface_forms")  # recreated: also upgrades an older layout
+        con.execute(SURFACE_FORMS_DDL)
         con.register("_tether_concepts", concepts_tbl)
         con.register("_tether_forms", forms_tbl)
         try:
             con.execute("INSERT INTO concepts SELECT concept_id, name, lemmas, gloss, depth, hypernyms, imagenet1k, "
                         "origin FROM _tether_concepts")
-            con.execute("INSERT INTO surface_forms SELECT form, concept_id, sense_rank, kind FROM _tether_forms")
+            con.execute("INSERT INTO surface_forms SELECT form, concept_id, sense_rank, kind, lemma FROM _tether_forms")
         finally:
             con.unregister("_tether_concepts")
             con.unregister("_tether_forms")

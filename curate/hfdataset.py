@@ -30,7 +30,12 @@ SHARD_GLOB = "shard-*.tar"
 
 def features():
     """The ``datasets.Features`` of a tether webdataset sample (as the webdataset builder names them)."""
-    from datasets import Features, Image, List, Value
+    from datasets import Features, Image, Value
+
+    try:
+        from datasets import List
+    except ImportError:  # datasets < 4
+        from datasets import Sequence as List
 
     return Features({
         "jpg": Image(),
@@ -73,17 +78,29 @@ def write_index(cat: Catalog, out: Path) -> Path:
     return path
 
 
-def card_text(name: str, shards: int, samples: int, seed: int) -> str:
-    from datasets import DatasetInfo
+# ``DatasetInfo(features=features())._to_yaml_dict()`` written out, so that writing a card does not import
+# ``datasets`` (seconds of start-up); tests/test_shards.py checks that the two agree.
+FEATURES_YAML: list[dict] = [
+    {"name": "jpg", "dtype": "image"},
+    {"name": "txt", "dtype": "string"},
+    {"name": "json", "struct": [
+        {"name": "uid", "dtype": "string"}, {"name": "caption", "dtype": "string"},
+        {"name": "concept_ids", "list": "string"}, {"name": "source", "dtype": "string"},
+        {"name": "url", "dtype": "string"}, {"name": "sha256", "dtype": "string"},
+        {"name": "width", "dtype": "int64"}, {"name": "height", "dtype": "int64"}]},
+    {"name": "__key__", "dtype": "string"},
+    {"name": "__url__", "dtype": "string"},
+]
 
-    info = DatasetInfo(features=features())
+
+def card_text(name: str, shards: int, samples: int, seed: int) -> str:
     meta = {
         "pretty_name": name,
         "task_categories": ["image-to-text", "zero-shot-image-classification"],
         "size_categories": [_size_category(samples)],
         "configs": [{"config_name": "default", "default": True,
                      "data_files": [{"split": "train", "path": SHARD_GLOB}]}],
-        "dataset_info": {"config_name": "default", **info._to_yaml_dict()},
+        "dataset_info": {"config_name": "default", "features": FEATURES_YAML},
     }
     body = f"""# {name}
 

@@ -1,7 +1,9 @@
 """Image dedup after download: exact (sha256) → near (pHash + faiss binary index) → semantic (SemDeDup).
 
-Candidates are the rows still alive whose image was stored (``downloads.status = 'success'``). Each pass only
-sees the survivors of the previous one. Every candidate gets one ``decisions(stage='image_dedup')`` row; a
+Candidates are the rows still alive whose image was stored (``downloads.status = 'success'``). Rows that point
+at the same source (path or url) are ONE image with several captions (Flickr8k/COCO style): the image is judged
+once and all its rows share the verdict (``group_same_source``). Each pass only sees the survivors of the
+previous one. Every candidate gets one ``decisions(stage='image_dedup')`` row; a
 dropped one records ``ref_uid`` = the kept sample it duplicates.
 
 **Keep rule (deterministic, the same for all three passes).** Candidates are ranked by original pixel area
@@ -54,7 +56,7 @@ class PhashConfig(Strict):
     enabled: bool = True
     hash_size: int = Field(8, ge=4, le=32)
     threshold: int = Field(4, ge=0)  # max Hamming distance (bits) of a near-duplicate pair
-    index: Literal["flat", "multihash"] = "flat"
+    index: Literal["flat", "multihash"] = "multihash"  # both exact for the threshold; multihash is sub-linear
 
 
 class SemanticConfig(Strict):
@@ -75,6 +77,7 @@ class ImageDedupConfig(Strict):
     """``media.image_dedup``."""
 
     enabled: bool = True
+    group_same_source: bool = True  # rows with the same path/url = one image with several captions
     exact: bool = True
     phash: PhashConfig = PhashConfig()
     semantic: SemanticConfig = SemanticConfig()
@@ -113,31 +116,34 @@ def phash_bytes(data: bytes, hash_size: int = 8) -> bytes:
     return np.packbits(h.hash.flatten()).tobytes()
 
 
-def greedy_keep(n: int, neighbours: Sequence[tuple[np.ndarray, np.ndarray]], larger_is_closer: bool
+def greedy_keep(n: int, q: np.ndarray, idx: np.ndarray, score: np.ndarray, larger_is_closer: bool
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The keep rule over candidates given in rank order (0 = best).
+    """The keep rule over ``n`` candidates given in rank order (0 = best).
 
-    ``neighbours[i] = (idx, score)``: candidates that duplicate ``i`` (any order, may include ``i``).
-    Returns ``keep`` (bool), ``ref`` (index of the kept sample each dropped one duplicates, -1 if kept) and
-    ``score`` of that pair.
+    Duplicate pairs come as flat arrays: candidate ``q[k]`` duplicates candidate ``idx[k]`` with ``score[k]``
+    (any order; self pairs and both directions allowed). Returns ``keep`` (bool), ``ref`` (index of the kept,
+    higher-ranked sample each dropped one duplicates; -1 if kept) and the ``score`` of that pair. Only
+    candidates with a higher-ranked duplicate are visited in Python, so n in the millions is fine.
     """
     keep = np.ones(n, bool)
     ref = np.full(n, -1, np.int64)
     best = np.zeros(n, np.float64)
-    for i in range(n):
-        idx, sc = neighbours[i]
-        m = (idx < i)
-        if not m.any():
-            continue
-        idx, sc = idx[m], sc[m]
-        m = keep[idx]
-        if not m.any():
-            continue
-        idx, sc = idx[m], sc[m]
-        order = np.lexsort((idx, -sc if larger_is_closer else sc))
-        keep[i] = False
-        ref[i] = idx[order[0]]
-        best[i] = sc[order[0]]
+    q, idx, score = np.asarray(q, np.int64), np.asarray(idx, np.int64), np.asarray(score, np.float64)
+    m = idx < q  # only pairs pointing at a higher-ranked candidate matter
+    q, idx, score = q[m], idx[m], score[m]
+    if not len(q):
+        return keep, ref, best
+    # per candidate: its pairs, closest first (ties → higher-ranked partner)
+    order = np.lexsort((idx, -score if larger_is_closer else score, q))
+    q, idx, score = q[order], idx[order], score[order]
+    starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+    ends = np.r_[starts[1:], len(q)]
+    for s, e in zip(starts, ends):  # ascending q = rank order, so partners are final when visited
+        part = idx[s:e]
+        ok = np.flatnonzero(keep[part])
+        if len(ok):
+            i = q[s]
+            keep[i], ref[i], best[i] = False, part[ok[0]], score[s + ok[0]]
     return keep, ref, best
 
 
@@ -158,9 +164,8 @@ def near_duplicates(codes: np.ndarray, threshold: int, index: str = "flat"
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     idx.add(codes)
     lims, dist, ids = idx.range_search(codes, threshold + 1)  # faiss: distance < radius
-    neigh = [(ids[lims[i]:lims[i + 1]].astype(np.int64), dist[lims[i]:lims[i + 1]].astype(np.float64))
-             for i in range(n)]
-    return greedy_keep(n, neigh, larger_is_closer=False)
+    q = np.repeat(np.arange(n, dtype=np.int64), np.diff(lims).astype(np.int64))
+    return greedy_keep(n, q, ids, dist, larger_is_closer=False)
 
 
 def semantic_duplicates(emb: np.ndarray, epsilon: float, clusters: int | None = None, iters: int = 20,
@@ -185,7 +190,7 @@ def semantic_duplicates(emb: np.ndarray, epsilon: float, clusters: int | None = 
     else:
         assign = np.zeros(n, np.int64)
     thr = 1.0 - epsilon
-    neigh: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0))] * n
+    qs, js, ss = [], [], []
     for c in np.unique(assign):
         members = np.flatnonzero(assign == c)  # ascending = rank order
         if len(members) < 2:
@@ -193,10 +198,13 @@ def semantic_duplicates(emb: np.ndarray, epsilon: float, clusters: int | None = 
         for s in range(0, len(members), 4096):
             rows = members[s:s + 4096]
             sim = x[rows] @ x[members].T
-            for r, i in enumerate(rows):
-                hit = np.flatnonzero(sim[r] >= thr)
-                neigh[i] = (members[hit], sim[r, hit].astype(np.float64))
-    return greedy_keep(n, neigh, larger_is_closer=True)
+            r, col = np.nonzero(sim >= thr)
+            qs.append(rows[r])
+            js.append(members[col])
+            ss.append(sim[r, col])
+    if not qs:
+        return greedy_keep(n, np.zeros(0), np.zeros(0), np.zeros(0), larger_is_closer=True)
+    return greedy_keep(n, np.concatenate(qs), np.concatenate(js), np.concatenate(ss), larger_is_closer=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -206,10 +214,12 @@ LATER_STAGES = (STAGE, "rebalance")  # decisions of these stages do not limit th
 
 
 def _candidates(cat: Catalog) -> list[tuple]:
-    """(uid, sha256, format, store, shard, key) of alive stored images, in keep-rule rank order."""
+    """(uid, sha256, format, store, shard, key, source) of alive stored images, in keep-rule rank order;
+    ``source`` is the row's path or url (rows sharing it are one image with several captions)."""
     ignore = ", ".join(f"'{s}'" for s in LATER_STAGES)
     return cat.execute(
-        f"""SELECT d.uid, d.sha256, d.format, d.store, d.shard, d.key FROM downloads d JOIN media_rows m USING (uid)
+        f"""SELECT d.uid, d.sha256, d.format, d.store, d.shard, d.key, coalesce(m.path, m.url)
+            FROM downloads d JOIN media_rows m USING (uid)
             WHERE d.status = '{SUCCESS}'
               AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = d.uid AND NOT x.kept AND x.stage NOT IN ({ignore}))
             ORDER BY coalesce(d.original_width, d.width, 0)::BIGINT * coalesce(d.original_height, d.height, 0) DESC,
@@ -230,6 +240,19 @@ def _missing(cat: Catalog, rows: list[tuple], table: str, extra: str, params: li
     return [rows[i] for (i,) in miss]
 
 
+def _insert(cat: Catalog, table: str, cols: dict) -> None:
+    """Append one Arrow batch to ``table`` in its own transaction (a committed chunk of a resumable step)."""
+    import pyarrow as pa
+
+    tbl = pa.table(cols)
+    with cat.transaction() as con:
+        con.register("_ins", tbl)
+        try:
+            con.execute(f"INSERT INTO {table}({', '.join(cols)}) SELECT {', '.join(cols)} FROM _ins")
+        finally:
+            con.unregister("_ins")
+
+
 def compute_phashes(cat: Catalog, rows: list[tuple], cfg: ImageDedupConfig, encode_format: str = "jpg",
                     progress: bool = True) -> np.ndarray:
     """pHash codes ``[len(rows), bytes]`` (cached in ``image_hashes``; computed chunk by chunk)."""
@@ -243,9 +266,8 @@ def compute_phashes(cat: Catalog, rows: list[tuple], cfg: ImageDedupConfig, enco
             chunk = todo[s:s + cfg.chunk]
             blobs = [store.read(*r[2:6]) for r in chunk]
             hashes = list(pool.map(lambda b: phash_bytes(b, hs), blobs))
-            with cat.transaction() as con:
-                con.executemany("INSERT INTO image_hashes VALUES (?, ?, ?, ?)",
-                                [(r[0], r[1], hs, h) for r, h in zip(chunk, hashes)])
+            _insert(cat, "image_hashes", {"uid": [r[0] for r in chunk], "sha256": [r[1] for r in chunk],
+                                          "hash_size": [hs] * len(chunk), "phash": hashes})
             bar.update(len(chunk))
     bar.close()
     got = dict(((u, s), h) for u, s, h in cat.execute(
@@ -280,9 +302,9 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemanticConfig, emb
             with open(tmp, "wb") as f:
                 np.save(f, vecs.astype(np.float32))
             os.replace(tmp, emb_dir / name)
-            with cat.transaction() as con:
-                con.executemany("INSERT INTO image_embeddings VALUES (?, ?, ?, ?, ?)",
-                                [(r[0], r[1], model, name, j) for j, r in enumerate(part)])
+            _insert(cat, "image_embeddings", {"uid": [r[0] for r in part], "sha256": [r[1] for r in part],
+                                              "model": [model] * len(part), "file": [name] * len(part),
+                                              "row": list(range(len(part)))})
             bar.update(len(part))
     bar.close()
     loc = {(u, s): (f, j) for u, s, f, j in cat.execute(
@@ -318,50 +340,70 @@ def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, 
         with cat.transaction():
             cat.clear_decisions(STAGE)
         return res
-    alive = np.ones(len(rows), bool)
-    ref = np.full(len(rows), -1, np.int64)
-    reason: list[str | None] = [None] * len(rows)
+    # one image per source (path / url): the first row in rank order represents all rows sharing it
+    group: list[int] = []
+    reps: list[int] = []
+    rep_of: dict[object, int] = {}
+    for i, row in enumerate(rows):
+        key = row[6] if (cfg.group_same_source and row[6] is not None) else ("#", i)
+        if key not in rep_of:
+            rep_of[key] = len(reps)
+            reps.append(i)
+        group.append(rep_of[key])
+    base = [rows[i] for i in reps]
+    alive = np.ones(len(base), bool)
+    ref = np.full(len(base), -1, np.int64)
+    reason: list[str | None] = [None] * len(base)
+    size = np.bincount(np.asarray(group, np.int64), minlength=len(base)) if rows else np.zeros(0, np.int64)
 
     def apply(name: str, sub: np.ndarray, keep: np.ndarray, r: np.ndarray, score: np.ndarray, fmt: str) -> None:
-        dropped = 0
-        for j in np.flatnonzero(~keep):
+        gone = np.flatnonzero(~keep)
+        for j in gone:
             i = sub[j]
-            alive[i] = False
-            ref[i] = sub[r[j]]
-            reason[i] = fmt.format(score[j])
-            dropped += 1
-        res.dropped[name] = dropped
+            alive[i], ref[i], reason[i] = False, sub[r[j]], fmt.format(score[j])
+        res.dropped[name] = int(size[sub[gone]].sum())
 
     if cfg.exact:
         first: dict[str, int] = {}
-        keep = np.ones(len(rows), bool)
-        r = np.full(len(rows), -1, np.int64)
-        for i, row in enumerate(rows):
+        keep = np.ones(len(base), bool)
+        r = np.full(len(base), -1, np.int64)
+        for i, row in enumerate(base):
             if row[1] is None:
                 continue
             if row[1] in first:
                 keep[i], r[i] = False, first[row[1]]
             else:
                 first[row[1]] = i
-        apply("exact", np.arange(len(rows)), keep, r, np.zeros(len(rows)), "exact duplicate (same sha256)")
+        apply("exact", np.arange(len(base)), keep, r, np.zeros(len(base)), "exact duplicate (same sha256)")
     if cfg.phash.enabled:
         sub = np.flatnonzero(alive)
-        codes = compute_phashes(cat, [rows[i] for i in sub], cfg, encode_format, progress)
+        codes = compute_phashes(cat, [base[i] for i in sub], cfg, encode_format, progress)
         keep, r, d = near_duplicates(codes, cfg.phash.threshold, cfg.phash.index)
         apply("phash", sub, keep, r, d,
               "near duplicate (pHash Hamming distance {:.0f} <= " + f"{cfg.phash.threshold})")
     if cfg.semantic.enabled:
         sub = np.flatnonzero(alive)
-        emb = compute_embeddings(cat, [rows[i] for i in sub], cfg.semantic, Path(build_dir) / "media" / "embeddings",
+        emb = compute_embeddings(cat, [base[i] for i in sub], cfg.semantic, Path(build_dir) / "media" / "embeddings",
                                  encoder=encoder, encode_format=encode_format, chunk=cfg.chunk, progress=progress)
         keep, r, s = semantic_duplicates(emb, cfg.semantic.epsilon, cfg.semantic.clusters, cfg.semantic.kmeans_iters,
                                          cfg.semantic.seed)
         apply("semantic", sub, keep, r, s,
               "semantic duplicate (cosine {:.4f} >= " + f"{1 - cfg.semantic.epsilon:.4f})")
-    recs = [(row[0], STAGE, bool(alive[i]), reason[i] or "unique image",
-             rows[ref[i]][0] if ref[i] >= 0 else None) for i, row in enumerate(rows)]
-    res.drops = [(r[0], r[4], r[3]) for r in recs if not r[2]]
+    import pyarrow as pa
+
+    g = np.asarray(group, np.int64)
+    kept = alive[g] if len(rows) else np.zeros(0, bool)
+    tbl = pa.table({
+        "uid": [r[0] for r in rows], "stage": [STAGE] * len(rows), "kept": kept.tolist(),
+        "reason": [reason[k] or "unique image" for k in g.tolist()],
+        "ref_uid": [base[ref[k]][0] if ref[k] >= 0 else None for k in g.tolist()],
+    })
+    res.drops = [(u, rf, why) for u, k, why, rf in zip(tbl["uid"].to_pylist(), kept.tolist(),
+                                                       tbl["reason"].to_pylist(), tbl["ref_uid"].to_pylist()) if not k]
     with cat.transaction() as con:
         cat.clear_decisions(STAGE)
-        con.executemany("INSERT INTO decisions(uid, stage, kept, reason, ref_uid) VALUES (?, ?, ?, ?, ?)", recs)
+        con.register("_dd", tbl)
+        con.execute("INSERT INTO decisions(uid, stage, kept, reason, ref_uid) SELECT uid, stage, kept, reason, ref_uid "
+                    "FROM _dd")
+        con.unregister("_dd")
     return res

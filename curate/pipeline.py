@@ -38,6 +38,7 @@ class Stage:
     run: Callable[[], int | None]
     clear: Callable[[], None]
     resumable: bool = False
+    outputs_exist: Callable[[], bool] = lambda: True  # a done stage whose files vanished reruns
 
 
 @dataclass
@@ -115,7 +116,8 @@ def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: Buil
         Stage("concepts", recipe.concepts.model_dump(), run_concepts, clear_concepts),
         Stage("match", recipe.match.model_dump(), run_match, clear_match, resumable=True),
         Stage("balance", recipe.balance.model_dump(), run_balance, clear_balance),
-        Stage("select", recipe.output.model_dump(), run_select, lambda: None),
+        Stage("select", recipe.output.model_dump(), run_select, lambda: None,
+              outputs_exist=lambda: (build_dir / recipe.output.selection).exists()),
     ]
 
 
@@ -126,7 +128,7 @@ def run_stages(cat: Catalog, stages: list[Stage], result: BuildResult, until: st
     for i, st in enumerate(stages):
         row = cat.one("SELECT status, params FROM stages WHERE stage = ?", [st.name])
         same = row is not None and row[1] == _params_json(st.params)
-        if not dirty and row is not None and row[0] == "done" and same:
+        if not dirty and row is not None and row[0] == "done" and same and st.outputs_exist():
             result.skipped.append(st.name)
             log(f"stage {st.name}: done earlier, skipped")
         else:
@@ -179,6 +181,8 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
     (build_dir / "recipe.yaml").write_text(yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False))
     result = BuildResult(build_dir=build_dir, catalog=build_dir / "catalog.duckdb")
     with Catalog(result.catalog, threads=recipe.threads) as cat:
+        if progress and sys.stderr.isatty():  # DuckDB's own bar for the long single-statement stages
+            cat.execute("SET enable_progress_bar = true")
         stages = make_stages(cat, recipe, build_dir, result, progress, recipe_dir)
         run_stages(cat, stages, result, until)
         sel = build_dir / recipe.output.selection

@@ -25,12 +25,12 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog
@@ -96,20 +96,47 @@ def sample_meta(uid: str, caption: Optional[str], concept_ids, source: Optional[
             "height": int(height or 0)}
 
 
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar's record size: archives are padded to a multiple of it
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header for a regular file (mode 0644, uid/gid 0, mtime 0): deterministic and cheap."""
+    nb = name.encode("utf-8")
+    if len(nb) > 100:
+        raise ValueError(f"tar member name too long: {name!r}")
+    h = bytearray(_BLOCK)
+    h[0:len(nb)] = nb
+    h[100:108] = b"0000644\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b"        "
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
 class ShardWriter:
-    """Writes one webdataset tar with fixed member metadata (deterministic bytes)."""
+    """Writes one webdataset tar (plain ustar, fixed member metadata: deterministic bytes) to a temp name;
+    :meth:`commit` fsyncs and renames it into place."""
 
     def __init__(self, path: Path):
         self.path = path
         self.tmp = path.with_name(f".{path.name}.tmp")
-        self._f = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self._f = open(self.tmp, "wb", buffering=1 << 20)
+        self._n = 0
         self.count = 0
 
     def _add(self, name: str, data: bytes) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o644, "", ""
-        self._tar.addfile(ti, io.BytesIO(data))
+        pad = -len(data) % _BLOCK
+        self._f.write(_ustar_header(name, len(data)))
+        self._f.write(data)
+        if pad:
+            self._f.write(bytes(pad))
+        self._n += _BLOCK + len(data) + pad
 
     def write(self, key: str, image: bytes, caption: str, meta: dict) -> None:
         self._add(f"{key}.jpg", image)
@@ -118,7 +145,8 @@ class ShardWriter:
         self.count += 1
 
     def commit(self) -> None:
-        self._tar.close()
+        end = self._n + 2 * _BLOCK
+        self._f.write(bytes(2 * _BLOCK + (-end % _RECORD)))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -126,7 +154,6 @@ class ShardWriter:
 
     def abort(self) -> None:
         try:
-            self._tar.close()
             self._f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
@@ -212,8 +239,11 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
                 w.abort()
                 raise
             with cat.transaction() as con:
-                con.executemany("INSERT INTO shard_index VALUES (?, ?, ?, ?)",
-                                [(u, name, sample_key(start + j), start + j) for j, u in enumerate(uids)])
+                con.register("_si", pa.table({"uid": uids, "shard": [name] * len(uids),
+                                              "key": [sample_key(start + j) for j in range(len(uids))],
+                                              "pos": list(range(start, start + len(uids)))}))
+                con.execute("INSERT INTO shard_index SELECT uid, shard, key, pos FROM _si")
+                con.unregister("_si")
                 con.execute("INSERT INTO progress VALUES (?, ?)", [STAGE, name])
             written += 1
             bar.update(len(uids))

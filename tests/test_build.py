@@ -108,6 +108,11 @@ def test_build_stats_inspect_preview(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("skipped") == 6 and "stage balance: start" in err and "stage select: start" in err
     assert pq.read_table(out / "selection.parquet").num_rows > len(rows)
+    # a done stage whose output file vanished runs again
+    (out / "selection.parquet").unlink()
+    assert main(["build", str(rp), "--out", str(out), "--no-progress", "--set", "balance.t=100"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped") == 7 and "stage select: start" in err and (out / "selection.parquet").exists()
 
     assert main(["stats", str(out), "--concepts", "3"]) == 0
     so = capsys.readouterr().out

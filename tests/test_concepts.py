@@ -100,9 +100,11 @@ def test_inflections():
     assert [regular_plural(w) for w in ("dog", "box", "bench", "city", "day", "bus")] == \
         ["dogs", "boxes", "benches", "cities", "days", "buses"]
     assert plural_forms("hot dog") == ["hot dogs"]
-    assert plural_forms("field mouse", {"mouse": ["mice"]}) == ["field mice"]
-    assert plural_forms("fireman", {"fireman": ["firemen"]}) == ["firemen"]
+    assert plural_forms("field mouse", {"mouse": ["mice"]}) == ["field mice", "field mouses"]
+    assert plural_forms("fireman", {"fireman": ["firemen"]}) == ["firemen", "firemans"]
+    assert plural_forms("young woman") == ["young women", "young womans"]  # WordNet's -men rule, not in noun.exc
     assert plural_forms("2") == []
+    assert plural_forms("stomach") == ["stomaches", "stomachs"]
     assert normalize("  St. Bernard's   DOG!") == "st bernard s dog"
 
 
@@ -164,6 +166,15 @@ def test_imagenet1k_bank(cat):
                         "ORDER BY concept_id").fetchall()
     assert crane == [("n02012849", 4), ("n03126707", 3)]  # the bird and the machine, WordNet sense order
     assert cat.scalar("SELECT concept_id FROM surface_forms WHERE form = 'great white sharks'") == "n01484850"
+
+
+def test_forms_record_their_lemma(cat):
+    _has_debian_wordnet()
+    cfg = ConceptsConfig(imagenet1k=False, words=["n10287213", "n08212347"], wordnet_dir=str(DEBIAN_WN))
+    build_concepts(cat, cfg, progress=False)  # man (adult male) and work force (whose lemmas include "men")
+    rows = cat.execute("SELECT concept_id, kind, lemma, sense_rank FROM surface_forms WHERE form = 'men' "
+                       "ORDER BY concept_id").fetchall()
+    assert rows == [("n08212347", "lemma", "men", 0), ("n10287213", "inflection", "man", 0)]
 
 
 def test_subtree_and_hyponym_expansion(cat):

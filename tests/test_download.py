@@ -82,7 +82,7 @@ def test_download_kill_resume_end_to_end(flickr8k, tmp_path):
     row's outcome, image dedup, re-balance report, shards, sizes.json, HF loading and retry-failed are checked."""
     photos = sorted((flickr8k / "images").glob("*.jpg"))[500:507]
     with PhotoServer(flickr8k / "images", truncate_from=photos[0].name, slow_s=8) as srv:
-        srv.delay_s = 0.25  # slow enough per image that the first img2dataset shard ends well before the last
+        srv.delay_s = 0.1  # slow enough per image that the first img2dataset shard ends well before the last
         b = srv.base
         rows = [{"uid": f"u{i:02d}", "url": srv.url(p.name), "caption": f"photo {i}", "source": "web",
                  "concept_ids": ["n1" if i < 4 else "n2"]} for i, p in enumerate(photos[:6])]

@@ -32,12 +32,9 @@ def test_binary_indexes_match_brute_force():
     order = rng.permutation(len(codes))
     codes = codes[order]
     n = len(codes)
-    neigh = []
-    for i in range(n):
-        d = np.array([_hamming(codes[i], codes[j]) for j in range(n)])
-        idx = np.flatnonzero(d <= 3)
-        neigh.append((idx, d[idx].astype(float)))
-    want = greedy_keep(n, neigh, larger_is_closer=False)
+    d = np.array([[_hamming(codes[i], codes[j]) for j in range(n)] for i in range(n)])
+    q, j = np.nonzero(d <= 3)
+    want = greedy_keep(n, q, j, d[q, j].astype(float), larger_is_closer=False)
     for index in ("flat", "multihash"):
         keep, ref, dist = near_duplicates(codes, 3, index)
         assert np.array_equal(keep, want[0]) and np.array_equal(ref, want[1]), index
@@ -47,9 +44,7 @@ def test_binary_indexes_match_brute_force():
 
 def test_greedy_keep_never_chains_through_dropped():
     # 0~1 and 1~2 but not 0~2: 1 is dropped for 0, so 2 (whose only duplicate 1 was dropped) survives
-    neigh = [(np.array([1]), np.array([1.0])), (np.array([0, 2]), np.array([1.0, 1.0])),
-             (np.array([1]), np.array([1.0]))]
-    keep, ref, _ = greedy_keep(3, neigh, larger_is_closer=False)
+    keep, ref, _ = greedy_keep(3, np.array([0, 1, 1, 2]), np.array([1, 0, 2, 1]), np.ones(4), larger_is_closer=False)
     assert keep.tolist() == [True, False, True] and ref.tolist() == [-1, 0, -1]
 
 
@@ -178,3 +173,25 @@ def test_semantic_dedup_with_dinov2_small(dinov2_small, flickr8k, tmp_path):
         run_image_dedup(cat, cfg, build, encoder=enc, progress=False)
         drops = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
     assert drops == {u: o for u, (o, _) in truth.items()}
+
+
+def test_rows_sharing_an_image_are_judged_together(tmp_path):
+    """Several captions of one file are not duplicates of each other; a copy of the file drops all its rows."""
+    for name, seed in (("x.jpg", 1), ("y.jpg", 2)):
+        (tmp_path / name).write_bytes(_noise_jpeg(seed))
+    shutil.copyfile(tmp_path / "x.jpg", tmp_path / "x_copy.jpg")
+    rows = [{"uid": u, "path": str(tmp_path / f), "caption": u, "concept_ids": ["n1"]}
+            for u, f in (("a0", "x.jpg"), ("a1", "x.jpg"), ("a2", "x.jpg"), ("b0", "x_copy.jpg"),
+                         ("b1", "x_copy.jpg"), ("c0", "y.jpg"))]
+    build = tmp_path / "b"
+    make_build(build, rows)
+    with Catalog(build / "catalog.duckdb") as cat:
+        load_selection(cat, build / "selection.parquet")
+        run_download(cat, DownloadConfig(), build, progress=False)
+        res = run_image_dedup(cat, ImageDedupConfig(), build, progress=False)
+        got = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+        assert got == {"b0": "a0", "b1": "a0"} and res.dropped["exact"] == 2
+        assert cat.scalar("SELECT count(*) FROM image_hashes") == 2  # x and y hashed once each
+        res = run_image_dedup(cat, ImageDedupConfig(group_same_source=False), build, progress=False)
+        got = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+        assert got == {"a1": "a0", "a2": "a0", "b0": "a0", "b1": "a0"}

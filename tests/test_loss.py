@@ -185,6 +185,16 @@ def test_config_and_errors():
         ContrastiveLoss()(torch.randn(3, 4), torch.randn(3, 4), image_ids=[1, 2])
 
 
+def test_low_precision_inputs_are_computed_in_float32():
+    torch.manual_seed(0)
+    img, txt = torch.randn(16, 8).bfloat16(), torch.randn(16, 8).bfloat16()
+    ref, _ = ContrastiveLoss()(img.float(), txt.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = ContrastiveLoss()(img, txt)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+
+
 def test_single_process_gather_is_identity():
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_rows(x, [3]) is x

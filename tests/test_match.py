@@ -47,12 +47,18 @@ def word_cat(tmp_path):
 
 
 def test_choose_senses_policies():
-    rows = [("crane", "bird", 4, "lemma", True), ("crane", "machine", 3, "lemma", True),
-            ("crane", "stretch", 0, "lemma", False), ("glasses", "spectacles", 0, "lemma", False),
-            ("glasses", "glass", 0, "inflection", False)]
-    assert choose_senses(rows, "all") == {"crane": ("bird", "machine", "stretch"), "glasses": ("glass", "spectacles")}
-    assert choose_senses(rows, "first") == {"crane": ("stretch",), "glasses": ("spectacles",)}
-    assert choose_senses(rows, "imagenet_first") == {"crane": ("machine",), "glasses": ("spectacles",)}
+    rows = [("crane", "bird", 4, "crane", True), ("crane", "machine", 3, "crane", True),
+            ("crane", "stretch", 0, "crane", False), ("glasses", "spectacles", 0, "glasses", False),
+            ("glasses", "glass", 0, "glass", False), ("glasses", "glassful", 2, "glass", False),
+            ("men", "workforce", 0, "men", False), ("men", "man", 0, "man", False),
+            ("men", "serviceman", 1, "man", False)]
+    assert choose_senses(rows, "all") == {"crane": ("bird", "machine", "stretch"),
+                                          "glasses": ("glass", "glassful", "spectacles"),
+                                          "men": ("man", "serviceman", "workforce")}
+    # first: the most frequent sense of each lemma the form comes from
+    assert choose_senses(rows, "first") == {"crane": ("stretch",), "glasses": ("glass", "spectacles"),
+                                            "men": ("man", "workforce")}
+    assert choose_senses(rows, "imagenet_first")["crane"] == ("machine",)
 
 
 def test_lexical_whole_words_and_plurals(word_cat):
@@ -138,7 +144,62 @@ def test_lexical_resume_after_kill(tmp_path, monkeypatch):
     # done + unchanged: nothing is redone; changed config: rows replaced, not appended
     assert run_match(cat, cfg, progress=False) == n_ref and calls["n"] == 11
     run_match(cat, MatchConfig(lexical={"unit_rows": 100, "overlaps": "longest"}), progress=False)
-    assert cat.scalar("SELECT count(*) FROM (SELECT uid, concept_id FROM matches GROUP BY ALL HAVING count(*) > 1)") == 0
+    dup = "SELECT count(*) FROM (SELECT uid, concept_id FROM matches GROUP BY ALL HAVING count(*) > 1)"
+    assert cat.scalar(dup) == 0
+    cat.close()
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from curate.catalog import Catalog
+from curate.match import LexicalMatcher, MatchConfig, run_match
+orig = LexicalMatcher.match
+def slow(self, captions, lemma_texts=None):
+    out = orig(self, captions, lemma_texts)
+    print("unit", flush=True)
+    time.sleep(0.3)
+    return out
+LexicalMatcher.match = slow
+run_match(Catalog({db!r}), MatchConfig(lexical={{"unit_rows": 100}}), progress=False)
+print("finished", flush=True)
+"""
+
+
+def test_lexical_resume_after_sigkill(tmp_path):
+    import subprocess
+    import sys
+
+    rng = random.Random(2)
+    caps = [" ".join(rng.choice(TINY_WORDS) for _ in range(10)) for _ in range(1000)]
+    words = ConceptsConfig(imagenet1k=False, words=WORDS + ["man", "ball"], wordnet_dir=NO_WN)
+    ref = _catalog(tmp_path / "ref.duckdb", caps)
+    build_concepts(ref, words, False)
+    run_match(ref, MatchConfig(lexical={"unit_rows": 100}), progress=False)
+    expected = _matches(ref)
+    ref.close()
+    db = tmp_path / "k.duckdb"
+    cat = _catalog(db, caps)
+    build_concepts(cat, words, False)
+    cat.close()
+    script = KILL_SCRIPT.format(repo=str(Path(__file__).resolve().parent.parent), db=str(db))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        seen = 0
+        while seen < 4:  # let it commit a few units, then kill it in the middle of the next ones
+            line = proc.stdout.readline()
+            assert line, "matcher subprocess ended early"
+            seen += line.startswith("unit")
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    cat = Catalog(db)
+    done = cat.done_units("match_lexical")
+    assert 3 <= len(done) < 10  # killed mid-stage, with some units committed
+    assert cat.scalar("SELECT count(*) FROM matches") > 0
+    run_match(cat, MatchConfig(lexical={"unit_rows": 100}), progress=False)
+    assert _matches(cat) == expected  # no loss, no duplicates
     cat.close()
 
 
@@ -166,8 +227,8 @@ def test_topk_matches_bruteforce():
     for s in range(0, len(x), 64):
         top.add(x[s:s + 64], uids[s:s + 64])
     got = {}
-    for qi, u, score in top.results():
-        got.setdefault(qi, []).append((u, score))
+    for qi, u, score in zip(*top.results()):
+        got.setdefault(int(qi), []).append((u, score))
     sims = q @ x.T
     for qi in range(len(q)):
         order = sorted(range(len(x)), key=lambda j: (-round(float(sims[qi, j]), 4), j))[:5]

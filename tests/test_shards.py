@@ -114,6 +114,18 @@ def test_local_rows_to_loadable_shards(flickr8k, tmp_path):
     assert folder.features == load_shards(out).features and len(folder) == 13
     assert load_index(out)["uid"] == [s[2]["uid"] for s in samples]
     assert "configs:" in (out / "README.md").read_text()
+    import webdataset as wds  # the webdataset library reads the tars too
+
+    got = [(x["__key__"], json.loads(x["json"])["uid"]) for x in wds.WebDataset(files, shardshuffle=False)]
+    assert got == [(s[1], s[2]["uid"]) for s in samples]
+
+
+def test_card_features_match_datasets():
+    from datasets import DatasetInfo
+
+    from curate.hfdataset import FEATURES_YAML, features
+
+    assert DatasetInfo(features=features())._to_yaml_dict()["features"] == FEATURES_YAML
 
 
 def test_empty_concept_lists_load_with_card_features(tmp_path):
@@ -141,6 +153,26 @@ def test_empty_concept_lists_load_with_card_features(tmp_path):
     files = [str(p) for p in (build / "shards").glob("shard-*.tar")]
     plain = load_dataset("webdataset", data_files={"train": files}, split="train", cache_dir=str(tmp_path / "hf2"))
     assert plain[0]["json"]["concept_ids"] == ["n1"] and plain.features == ds.features
+
+
+def test_image_store_reads_every_layout(tmp_path):
+    from curate.download import ImageStore
+    from curate.shards import ShardWriter, sample_meta
+
+    blobs = [bytes([i]) * (100 + 700 * i) for i in range(3)]
+    (tmp_path / "files" / "00000").mkdir(parents=True)
+    (tmp_path / "files" / "00000" / "000000001.jpg").write_bytes(blobs[0])
+    w = ShardWriter(tmp_path / "00003.tar")
+    for i, b in enumerate(blobs):
+        w.write(f"00003{i:04d}", b, "cap", sample_meta("u", "cap", [], "", "", "", 1, 1))
+    w.commit()
+    (tmp_path / "local.bin").write_bytes(blobs[2])
+    with ImageStore("jpg") as st:
+        assert st.read("files", str(tmp_path / "files"), "00000", "000000001") == blobs[0]
+        assert [st.read("webdataset", str(tmp_path), "00003", f"00003{i:04d}") for i in range(3)] == blobs
+        assert st.read("local", "", "", str(tmp_path / "local.bin")) == blobs[2]
+        with pytest.raises(ValueError):
+            st.read("zip", "", "", "")
 
 
 def _shard_bytes(folder: Path) -> dict[str, bytes]:

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from align.eval.cka import similarity_scores
-from align.eval.retrieval import PairedSet, embed_images, normalize, retrieval_metrics
+from align.eval.retrieval import PairedSet, embed_images, normalize, ranks
 from curate.recipe import RecipeError, Strict
 
 METRICS = ("linear_cka", "unbiased_cka", "mutual_knn")
@@ -218,8 +218,10 @@ def fit_linear_probe(X: np.ndarray, Y: np.ndarray, dim: int = 256, steps: int = 
     if len(va) >= 2:
         with torch.no_grad():
             vl = float(loss_fn(torch.as_tensor(va)))
-        m = retrieval_metrics(probe.project_x(X[va]), probe.project_y(Y[va]), np.arange(len(va)), ks=(1,))
-        probe.val = {"val_loss": vl, "val_t2i_R@1": m["t2i_R@1"], "val_i2t_R@1": m["i2t_R@1"], "n_val": len(va)}
+        px, py, gv = probe.project_x(X[va]), probe.project_y(Y[va]), g[va]
+        # rows of one group (e.g. one image repeated for its captions) are all correct for each other
+        probe.val = {"val_loss": vl, "val_t2i_R@1": 100.0 * float((ranks(py, px, gv, gv) < 1).mean()),
+                     "val_i2t_R@1": 100.0 * float((ranks(px, py, gv, gv) < 1).mean()), "n_val": len(va)}
     return probe
 
 

@@ -82,7 +82,8 @@ def _bank_fingerprint(cat: Catalog) -> str:
     row = cat.execute(
         "SELECT (SELECT count(*) FROM concepts), (SELECT coalesce(sum(hash(concept_id || coalesce(gloss, ''))), 0) "
         "FROM concepts), (SELECT count(*) FROM surface_forms), "
-        "(SELECT coalesce(sum(hash(form || '|' || concept_id || '|' || coalesce(sense_rank, -1))), 0) "
+        "(SELECT coalesce(sum(hash(form || '|' || concept_id || '|' || coalesce(sense_rank, -1) || '|' "
+        "|| coalesce(lemma, ''))), 0) "
         "FROM surface_forms)").fetchone()
     return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
 
@@ -120,14 +121,6 @@ def _insert_table(con, tbl: pa.Table) -> None:
         con.unregister("_tether_matches")
 
 
-def _insert_matches(con, uids: list[str], concept_ids: list[str], method: str, scores: list[float],
-                    spans: list[str | None]) -> None:
-    _insert_table(con, pa.table({"uid": pa.array(uids, pa.string()),
-                                 "concept_id": pa.array(concept_ids, pa.string()),
-                                 "method": pa.array([method] * len(uids), pa.string()),
-                                 "score": pa.array(scores, pa.float64()), "span": pa.array(spans, pa.string())}))
-
-
 def _count(cat: Catalog, method: str) -> int:
     return int(cat.scalar("SELECT count(*) FROM matches WHERE method = ?", [method]) or 0)
 
@@ -135,7 +128,7 @@ def _count(cat: Catalog, method: str) -> int:
 def load_form_concepts(cat: Catalog, senses: str = "first") -> dict[str, tuple[str, ...]]:
     """form → concept ids from the catalog's ``surface_forms`` under the ``senses`` policy."""
     cat.execute(SURFACE_FORMS_DDL)
-    rows = cat.execute("SELECT f.form, f.concept_id, f.sense_rank, f.kind, coalesce(c.imagenet1k, false) "
+    rows = cat.execute("SELECT f.form, f.concept_id, f.sense_rank, f.lemma, coalesce(c.imagenet1k, false) "
                        "FROM surface_forms f JOIN concepts c USING (concept_id)").fetchall()
     if not rows:
         raise RecipeError("match: the catalog has no concept surface forms; build the concept bank first")
@@ -200,7 +193,7 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
 
         try:
             encoder = TextEncoder.load(cfg.model, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise RecipeError(f"match.semantic.model: cannot load {cfg.model!r}: {str(e).splitlines()[0]}") from None
     prompts = [concept_prompt(cfg.prompt, name, lemmas, gloss) for _, name, lemmas, gloss in concepts]
     queries = encode_sorted(encoder, prompts, cfg.batch_size)
@@ -215,11 +208,14 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
         top.add(emb, uids)
         bar.update(len(uids))
     bar.close()
-    hits = list(top.results(cfg.min_score))
+    qi, hit_uids, scores = top.results(cfg.min_score)
+    concept_arr = pa.array([c[0] for c in concepts], pa.string())
+    tbl = pa.table({"uid": pa.array(hit_uids.tolist(), pa.string()), "concept_id": concept_arr.take(qi),
+                    "method": pa.array(["semantic"] * len(qi), pa.string()), "score": pa.array(scores),
+                    "span": pa.nulls(len(qi), pa.string())})
     with cat.transaction() as con:
         con.execute("DELETE FROM matches WHERE method = 'semantic'")
-        _insert_matches(con, [u for _, u, _ in hits], [concepts[q][0] for q, _, _ in hits], "semantic",
-                        [s for _, _, s in hits], [None] * len(hits))
+        _insert_table(con, tbl)
         n = _count(cat, "semantic")
         cat.mark_done(stage, n)
     return n

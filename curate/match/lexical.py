@@ -11,9 +11,12 @@ cost measured in ``docs/bench_match.md``.
 Ambiguity (one form naming several synsets, e.g. ``crane`` the bird and the machine) follows ``senses``:
 
 * ``all`` — every concept of the bank that has the form (MetaCLIP's entry-level counting, per sense);
-* ``first`` (default) — only the form's most frequent WordNet sense present in the bank (lowest
-  ``sense_rank``; a lemma beats an inflection on ties; equal keys are all kept);
-* ``imagenet_first`` — an ImageNet-1k concept when one has the form, else as ``first``.
+* ``first`` (default) — for each lemma the form comes from, only that lemma's most frequent WordNet sense
+  present in the bank (lowest ``sense_rank``; exact ties all kept). A form derived from two different lemmas
+  keeps one sense of each, because which lemma a caption means is not a matter of sense frequency: ``men``
+  is the plural of ``man`` AND a lemma of "work force"; ``glasses`` is ``spectacles`` AND the plural of
+  ``glass``;
+* ``imagenet_first`` — ImageNet-1k concepts only, when one has the form; else as ``first``.
 
 ``overlaps: longest`` drops a hit contained in a longer hit (``hot dog`` then no longer also yields ``dog``);
 the default ``all`` keeps both, as MetaCLIP does.
@@ -43,25 +46,27 @@ class LexicalConfig(Strict):
     unit_rows: int = Field(200_000, ge=1, description="captions per resumable unit (one commit each)")
 
 
-def choose_senses(rows: Iterable[tuple[str, str, int, str, bool]],
+def choose_senses(rows: Iterable[tuple[str, str, int | None, str, bool]],
                   policy: SensePolicy) -> dict[str, tuple[str, ...]]:
     """form → concept ids it stands for under ``policy``.
 
-    ``rows`` are ``(form, concept_id, sense_rank, kind, imagenet1k)`` as in the ``surface_forms`` table.
+    ``rows`` are ``(form, concept_id, sense_rank, lemma, imagenet1k)`` (``surface_forms`` joined with
+    ``concepts``).
     """
-    by_form: dict[str, list[tuple[tuple[int, int], str, bool]]] = {}
-    for form, cid, rank, kind, in1k in rows:
-        key = (99 if rank is None else int(rank), 0 if kind == "lemma" else 1)
-        by_form.setdefault(form, []).append((key, cid, bool(in1k)))
+    by_form: dict[str, list[tuple[int, str, str, bool]]] = {}
+    for form, cid, rank, lemma, in1k in rows:
+        by_form.setdefault(form, []).append((99 if rank is None else int(rank), lemma or form, cid, bool(in1k)))
     out: dict[str, tuple[str, ...]] = {}
     for form, cands in by_form.items():
         if policy == "all":
-            out[form] = tuple(sorted({c for _, c, _ in cands}))
+            out[form] = tuple(sorted({c for _, _, c, _ in cands}))
             continue
-        if policy == "imagenet_first" and any(i for _, _, i in cands):
-            cands = [c for c in cands if c[2]]
-        best = min(k for k, _, _ in cands)
-        out[form] = tuple(sorted({c for k, c, _ in cands if k == best}))
+        if policy == "imagenet_first" and any(i for *_, i in cands):
+            cands = [c for c in cands if c[3]]
+        best: dict[str, int] = {}
+        for rank, lemma, _, _ in cands:
+            best[lemma] = min(rank, best.get(lemma, rank))
+        out[form] = tuple(sorted({c for rank, lemma, c, _ in cands if rank == best[lemma]}))
     return out
 
 

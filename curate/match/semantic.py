@@ -128,10 +128,10 @@ class TopK:
         self.scores = np.take_along_axis(cand_s, keep, 1)
         self.uids = np.take_along_axis(cand_u, keep, 1)
 
-    def results(self, min_score: float | None = None) -> Iterable[tuple[int, str, float]]:
-        """(query index, uid, score) for every kept hit, best first per query."""
-        for qi in range(self.scores.shape[0]):
-            for s, u in zip(self.scores[qi], self.uids[qi]):
-                if not np.isfinite(s) or (min_score is not None and s < min_score):
-                    continue
-                yield qi, u, float(s)
+    def results(self, min_score: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Arrays (query index, uid, score) of every kept hit, best first within each query."""
+        keep = np.isfinite(self.scores)
+        if min_score is not None:
+            keep &= self.scores >= min_score
+        q = np.broadcast_to(np.arange(self.scores.shape[0])[:, None], self.scores.shape)
+        return q[keep], self.uids[keep], self.scores[keep].astype(np.float64)

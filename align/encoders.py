@@ -308,15 +308,16 @@ class ConvVisionEncoder(VisionEncoder):
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", layer: int = -1,
              cls_pool: str = "avg", mean: Sequence[float] | None = None,
-             std: Sequence[float] | None = None) -> "ConvVisionEncoder":
+             std: Sequence[float] | None = None, crop_padding: int | None = None) -> "ConvVisionEncoder":
         """A zoo backbone by name (``efficientnet-lite0``) or weights file; ``mean``/``std`` override the
-        backbone's normalisation (EfficientNet-Lite: 0.5/0.5)."""
+        backbone's normalisation (EfficientNet-Lite: 0.5/0.5), ``crop_padding`` its resize margin (the shortest
+        edge is resized to resolution + crop_padding before the center crop; EfficientNet-Lite: 32)."""
         spec = backbone_spec(name_or_path)
         if spec is None:
             raise MissingModelError(f"{name_or_path}: not a known plain PyTorch backbone "
                                     f"(known: {', '.join(sorted(BACKBONES))})")
         model = spec.load(resolve_model(name_or_path))
-        return cls(model, spec.transform(mean, std), spec.dim, name=name_or_path, device=device, dtype=dtype,
+        return cls(model, spec.transform(mean, std, crop_padding), spec.dim, name=name_or_path, device=device, dtype=dtype,
                    layer=layer, features=spec.features, classifier=spec.classifier(model), cls_pool=cls_pool)
 
     def _freeze(self) -> None:

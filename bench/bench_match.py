@@ -184,7 +184,7 @@ def semantic_part(a, caps: list[str], tmp: Path) -> None:
     with Timer() as t_s:
         top = TopK(q, 100)
         for s in range(0, len(emb), 50_000):
-            top.add(emb[s:s + 50_000], [str(i) for i in range(s, min(len(emb), s + 50_000))])
+            top.add(emb[s:s + 50_000], s)
     print(f"[semantic] all-MiniLM-L6-v2 CPU, torch threads={torch.get_num_threads()}: embedding "
           f"{len(sub) / t_sorted.wall:,.0f} captions/s wall, {len(sub) / t_sorted.cpu:,.0f} per CPU-second "
           f"(length-sorted batches) vs {len(sub) / t_plain.wall:,.0f} wall, {len(sub) / t_plain.cpu:,.0f} per "

@@ -182,7 +182,8 @@ def bench_semantic(photos: list[Path], n_vec: int, n_embed: int) -> None:
     _, wall_b, _ = _timed(full)
     (_, _, _), wall_o, _ = _timed(lambda: semantic_duplicates(x[:nb], epsilon=0.01, seed=0))
     print(f"  {nb:,} vectors: full n x n similarity {wall_b:.2f} s vs SemDeDup {wall_o:.2f} s = "
-          f"{wall_b / wall_o:.1f}x (the full form grows as n^2: {n_vec:,} would take ~{wall_b * (n_vec / nb) ** 2:.0f} s)")
+          f"{wall_b / wall_o:.1f}x (the full form grows as n^2: {n_vec:,} would take "
+          f"~{wall_b * (n_vec / nb) ** 2:.0f} s)")
 
 
 def main() -> None:

@@ -34,14 +34,17 @@ def _task(kind: str, dims: dict, out_dim: int) -> tuple[AlignTask, torch.optim.O
     return task, torch.optim.AdamW(param_groups(task, 0.02), lr=1e-3)
 
 
-def _steps(task, opt, batches, n_steps: int, warm: int = 2) -> tuple[float, int]:
-    """Run ``warm`` + ``n_steps`` steps; return (seconds for the timed steps, pairs in them)."""
+def _steps(task, opt, batches, n_steps: int, warm: int = 2, bf16: bool = False) -> tuple[float, int]:
+    """Run ``warm`` + ``n_steps`` steps; return (seconds for the timed steps, pairs in them).
+
+    ``bf16``: forward under CPU bfloat16 autocast, as ``train.mixed_precision: bf16`` does."""
     task.train()
     seen, t0 = 0, None
     for i, b in enumerate(batches):
         if i == warm:
             t0 = time.perf_counter()
-        loss, _ = task(b["image"], b["text"], b["text_mask"], b["image_ids"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = task(b["image"], b["text"], b["text_mask"], b["image_ids"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -52,7 +55,7 @@ def _steps(task, opt, batches, n_steps: int, warm: int = 2) -> tuple[float, int]
     return time.perf_counter() - t0, seen
 
 
-def bench_cache(kind: str, batch: int, n_steps: int, out_dim: int) -> float:
+def bench_cache(kind: str, batch: int, n_steps: int, out_dim: int, bf16: bool = False) -> float:
     n = batch * (n_steps + 2)
     d_img, d_tok, d_txt, T, L = 768, 384, 384, 257, 32
     g = torch.Generator().manual_seed(0)
@@ -66,7 +69,7 @@ def bench_cache(kind: str, batch: int, n_steps: int, out_dim: int) -> float:
     prov = CacheBatches(feats, tokens, tokens, augment=False, seed=0, device=torch.device("cpu"))
     rows = EpochPlan(n, batch, 1, 0).batches(0)
     task, opt = _task(kind, {"image": d_img, "image_token": d_tok, "text": d_txt}, out_dim)
-    secs, seen = _steps(task, opt, prov.epoch(0, rows), n_steps)
+    secs, seen = _steps(task, opt, prov.epoch(0, rows), n_steps, bf16=bf16)
     return seen / secs
 
 
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--enc-batch", type=int, default=32)
     ap.add_argument("--enc-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--precision", default="fp32,bf16", help="fp32 and/or bf16 (CPU autocast) for the cache path")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,15 +111,18 @@ def main() -> None:
     rates = {}
     for kind in args.heads.split(","):
         b = args.token_batch if kind == "token" else args.batch
-        rates[kind] = bench_cache(kind, b, args.steps, args.out_dim)
-        print(f"cache   {kind:6s} head  batch {b:5d}: {rates[kind]:10.0f} samples/s")
+        for prec in args.precision.split(","):
+            r = bench_cache(kind, b, args.steps, args.out_dim, bf16=prec == "bf16")
+            rates[f"{kind}/{prec}"] = r
+            print(f"cache   {kind:6s} head  {prec}  batch {b:5d}: {r:10.0f} samples/s")
     enc, what = bench_encoders(args.enc_batch, args.enc_steps, args.out_dim, args.tiny)
     print(f"encoders every step (mlp head, batch {args.enc_batch}, {what}): {enc:.1f} samples/s")
     for kind, r in rates.items():
         print(f"ratio cache/{kind} vs encoders-every-step: {r / enc:.0f}x")
-    if "mlp" in rates:
+    best = max((r for k, r in rates.items() if k.startswith("mlp/")), default=None)
+    if best is not None:
         print(f"goal >= 5000 samples/s for the pooled MLP head at batch {args.batch}: "
-              f"{'MET' if rates['mlp'] >= 5000 else 'NOT met'} ({rates['mlp']:.0f})")
+              f"{'MET' if best >= 5000 else 'NOT met'} (best {best:.0f})")
 
 
 if __name__ == "__main__":

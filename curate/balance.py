@@ -8,13 +8,17 @@ first deletes the stage's own decisions and report rows.
 **t-balancing** (``method: t``; MetaCLIP, Xu et al. 2023): a concept matched by ``n`` candidates keeps each of
 its pairs with probability ``p = t / max(n, t)``; a pair survives if ANY of its matched concepts wins its draw.
 The draw of (uid, concept) is ``u = hash(uid, concept, seed) / 2^64`` (DuckDB's multi-argument ``hash``), so the
-outcome does not depend on row order, batching or the number of threads (it may change with the DuckDB version). :func:`preview_t` gives the expected output size
+outcome does not depend on row order, batching or the number of threads (it may change with the DuckDB
+version). :func:`preview_t` gives the expected output size
 ``Σ_uid 1 - Π_concepts (1 - p)`` for a list of ``t`` before committing.
 
 **coverage** (``method: coverage``; freeze-align): concepts are visited weakest tail first (fewest candidate
 matches, then lowest score of their ``per_concept``-th best match, then concept id); each takes up to
 ``per_concept`` of its best-scoring candidates not claimed by an earlier concept (unique assignment). The
 greedy runs in numpy over integer codes (one vectorised step per concept), so millions of pairs take seconds.
+
+Matches are read one row per (uid, concept): rows of both methods for the same pair are merged (max score);
+with a single method present the match stage's guarantee of one row per (uid, concept, method) is relied on.
 
 Candidates without any match are dropped (``no concept match``) unless ``keep_unmatched``. A concept whose kept
 count stays below ``floor`` is reported with its shortfall.
@@ -109,7 +113,8 @@ def run_balance(cat: Catalog, cfg: BalanceConfig, stage: str = "balance", candid
     cat.execute("DELETE FROM balance_report WHERE stage = ?", [stage])
     rep = BalanceReport(stage=stage, method=cfg.method)
     if cfg.method == "none":
-        rep.candidates = rep.kept = int(cat.scalar(f"SELECT count(*) FROM ({candidates_sql or 'SELECT uid FROM alive'})"))
+        cand = candidates_sql or "SELECT uid FROM alive"
+        rep.candidates = rep.kept = int(cat.scalar(f"SELECT count(*) FROM ({cand})"))
         return rep
     _prepare(cat, cfg, candidates_sql)
     # _bres(uid, concept_id, kept, reason): the verdict of every MATCHED candidate
@@ -194,6 +199,19 @@ def _coverage(cat: Catalog, cfg: BalanceConfig, progress: bool) -> None:
         cat.con.unregister("_bown")
     cat.execute("DROP TABLE _bu")
     cat.execute("DROP TABLE _bp")
+
+
+def candidates_before(cat: Catalog, stage: str = "balance") -> str | None:
+    """SQL selecting the uids that were alive when ``stage`` last started (None: it never ran → ``alive``).
+
+    Lets ``preview_t`` work on a finished build: the stage's own and later decisions are ignored.
+    """
+    if cat.one("SELECT 1 FROM stages WHERE stage = ?", [stage]) is None:
+        return None
+    name = stage.replace("'", "''")
+    return ("SELECT uid FROM samples s WHERE NOT EXISTS (SELECT 1 FROM decisions d JOIN stages st USING (stage) "
+            f"WHERE d.uid = s.uid AND NOT d.kept AND st.started < "
+            f"(SELECT started FROM stages WHERE stage = '{name}'))")
 
 
 def preview_t(cat: Catalog, ts: list[int], cfg: BalanceConfig | None = None,

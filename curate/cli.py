@@ -82,12 +82,14 @@ def cmd_inspect(args) -> int:
         for cid, name, method, score, span in ms:
             print(f"  {cid} {name} [{method}] score={score if score is None else round(score, 4)}"
                   + (f" span={span}" if span else ""))
-        decisions = {st: [] for st, *_ in cat.stage_status()}
+        decisions: dict[str, list] = {}
         for st, kept, reason, ref, cid in cat.why(args.uid):
             decisions.setdefault(st, []).append((kept, reason, ref, cid))
+        ran = [(st, status) for st, status, *_ in cat.stage_status()]
+        ran += [(st, "unrecorded") for st in decisions if st not in {r[0] for r in ran}]
         print("decisions:")
         verdict = "selected"
-        for st, status, *_ in cat.stage_status():
+        for st, status in ran:
             ds = decisions.get(st, [])
             if not ds:
                 print(f"  {st}: passed (no objection)" + ("" if status == "done" else f" [stage {status}]"))
@@ -124,7 +126,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from curate.balance import preview_t
+    from curate.balance import candidates_before, preview_t
     from curate.catalog import Catalog
     from curate.config import load_build_recipe
     from curate.pipeline import build
@@ -139,7 +141,7 @@ def cmd_preview(args) -> int:
     res = build(recipe, out=args.out, progress=not args.no_progress, until="match",
                 recipe_dir=Path(args.recipe).resolve().parent)
     with Catalog(res.catalog) as cat:
-        rows = preview_t(cat, ts, recipe.balance)
+        rows = preview_t(cat, ts, recipe.balance, candidates_sql=candidates_before(cat, "balance"))
     c = rows[0]
     print(f"candidates {c['candidates']:,} (matched {c['matched']:,}) over {c['concepts']:,} concepts")
     print(_table(["t", "expected pairs", "share of candidates", "concepts capped"],

@@ -13,8 +13,8 @@
 Concept sets (combinable; duplicates collapse to the first origin in this priority order, which is also the
 order a ``max_concepts`` cap keeps): the user list, ImageNet-1k, WordNet subtrees, ImageNet-21k, then hyponym
 expansion. ImageNet class lists are read by path from the files that ship inside the ``timm`` package
-(``timm/data/_info``; timm is never imported — it needs torchvision). WordNet comes from
-:mod:`curate.wordnet`. A user list with plain words only needs neither.
+(``timm/data/_info``, located by :func:`curate.resources.timm_info_dir`; timm is never imported). WordNet
+comes from :mod:`curate.wordnet`. A user list with plain words only needs neither.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.recipe import RecipeError, Strict, resolve_path
+from curate.resources import timm_info_dir
 from curate.wordnet import WordNet, irregular_plurals
 
 WNID_RE = re.compile(r"^n\d{8}$")
@@ -38,9 +39,6 @@ _NON_WORD = re.compile(r"[\W_]+")
 
 SURFACE_FORMS_DDL = """CREATE TABLE IF NOT EXISTS surface_forms(
     form VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, sense_rank INTEGER, kind VARCHAR, lemma VARCHAR)"""
-
-TIMM_HELP = "pip install --no-deps timm (its data files are read by path; timm itself is never imported)"
-
 
 def normalize(text: str) -> str:
     """Lowercase; every run of punctuation, ``_`` and whitespace becomes one space; trimmed.
@@ -129,17 +127,6 @@ def _stopwords() -> frozenset[str]:
 
 
 # --------------------------------------------------------------------------------------------- ImageNet
-def timm_info_dir() -> Path:
-    """``timm/data/_info`` located without importing timm; RecipeError when timm is not installed."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        raise RecipeError(f"ImageNet class lists need the timm package: {TIMM_HELP}")
-    d = Path(list(spec.submodule_search_locations)[0]) / "data" / "_info"
-    if not (d / "imagenet_synsets.txt").is_file():
-        raise RecipeError(f"timm at {d.parent.parent} lacks data/_info/imagenet_synsets.txt; {TIMM_HELP}")
-    return d
-
-
 def imagenet_wnids(which: Literal["1k", "21k"] = "1k") -> list[str]:
     """The ImageNet-1k (1,000) or ImageNet-21k (fall 2011, 21,843) wnids, in class-index order."""
     name = {"1k": "imagenet_synsets.txt", "21k": "imagenet21k_goog_synsets.txt"}[which]
@@ -208,8 +195,10 @@ def select_concepts(cfg: ConceptsConfig,
         user_entries += _read_user_list(path)
         user_src = str(path)
     wn = WordNet.load(cfg.wordnet_dir) if _needs_wordnet(cfg, user_entries) else None
-    in1k = set(imagenet_wnids("1k")) if (cfg.imagenet1k or cfg.imagenet21k) else set()
-    names = imagenet_names() if (cfg.imagenet1k or cfg.imagenet21k) else {}
+    want_imagenet = cfg.imagenet1k or cfg.imagenet21k
+    # the imagenet1k flag marks ImageNet-1k classes whatever selected them (used by senses: imagenet_first)
+    in1k = set(imagenet_wnids("1k")) if (want_imagenet or timm_info_dir(required=False)) else set()
+    names = imagenet_names() if want_imagenet else {}
 
     chosen: dict[str, Concept] = {}
 

@@ -54,6 +54,9 @@ class BuildRecipe(Strict):
             for k in ("path", "captions", "image_root"):
                 if s.get(k) and not (k == "path" and s.get("format") == "hf" and not _looks_local(s[k], base)):
                     s[k] = fix(s[k])
+            if s.get("data_files"):
+                df = s["data_files"]
+                s["data_files"] = fix(df) if isinstance(df, str) else [fix(f) for f in df]
         for k in ("user_list", "wordnet_dir"):
             if data["concepts"].get(k):
                 data["concepts"][k] = fix(data["concepts"][k])

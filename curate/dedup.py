@@ -14,7 +14,9 @@ duplicates ``ref_uid`` = the sample that was kept):
 * ``neardup`` (:func:`run_near_dup`) — captions embedded with a frozen sentence encoder
   (:class:`align.encoders.TextEncoder`), greedy in ``(source, row_index)`` order: a caption whose cosine
   similarity to an EARLIER KEPT caption is ≥ ``threshold`` is dropped with that caption as ``ref_uid``
-  (faiss inner-product index over kept embeddings + an exact within-chunk pass).
+  (faiss inner-product index over kept embeddings + an exact within-chunk pass). Chunk embeddings are cached
+  under ``<catalog>.cache/neardup/`` (keyed by encoder fingerprint and the chunk's uid list), so a killed run
+  resumes without re-embedding.
 
 Each stage reads the ``alive`` view, so it only judges samples that earlier stages kept.
 """
@@ -166,6 +168,32 @@ def _inserted(cat: Catalog, sql: str) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def _embedding_cache_dir(cat: Catalog, encoder, cfg: NearDupConfig) -> Path | None:
+    """``<catalog>.cache/neardup/<encoder fingerprint>-<max_length>/`` (None: encoder without a fingerprint)."""
+    fp = getattr(encoder, "fingerprint", None)
+    if not fp:
+        return None
+    return Path(str(cat.path) + ".cache") / "neardup" / f"{fp}-{cfg.max_length}"
+
+
+def _chunk_embeddings(cache: Path | None, ci: int, uids: list[str], captions, encoder, batch_size: int
+                      ) -> np.ndarray:
+    """Embeddings of one chunk, from the on-disk cache when it holds this exact uid list (resume after a kill)."""
+    import hashlib
+
+    key = hashlib.sha1("\x1f".join(uids).encode()).hexdigest()[:16]
+    f = cache / f"{ci:06d}-{key}.npy" if cache is not None else None
+    if f is not None and f.exists():
+        return np.load(f)
+    emb = encoder.encode(captions(), batch_size=batch_size).astype(np.float32)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f.name + ".tmp.npy")
+        np.save(tmp, emb)
+        tmp.replace(f)  # atomic: a killed run never leaves a truncated chunk
+    return emb
+
+
 def greedy_near_dups(emb: np.ndarray, threshold: float, index=None) -> tuple[np.ndarray, np.ndarray]:
     """Greedy near-dup pass over one chunk of L2-normalized embeddings in order.
 
@@ -209,15 +237,16 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encod
 
         encoder = TextEncoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
     total = int(cat.scalar("SELECT count(*) FROM alive"))
+    cache = _embedding_cache_dir(cat, encoder, cfg)
     cur = cat.con.cursor()
     reader = cur.sql("SELECT uid, caption FROM alive ORDER BY source, row_index").to_arrow_reader(cfg.chunk)
     index = faiss.IndexFlatIP(encoder.dim)
     kept_uids: list[str] = []  # uid of every vector in `index`, by id
     dropped: list[tuple[str, str]] = []
     bar = tqdm(total=total, desc="near-dup captions", unit="captions", disable=not progress)
-    for batch in reader:
+    for ci, batch in enumerate(reader):
         uids = batch.column(0).to_pylist()
-        emb = encoder.encode(batch.column(1).to_pylist(), batch_size=cfg.batch_size).astype(np.float32)
+        emb = _chunk_embeddings(cache, ci, uids, lambda: batch.column(1).to_pylist(), encoder, cfg.batch_size)
         base = index.ntotal
         ref, kept = greedy_near_dups(emb, cfg.threshold, index)
         for i in np.flatnonzero(~kept):

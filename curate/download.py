@@ -18,6 +18,7 @@ Resume: img2dataset runs in ``incremental`` mode (a shard whose ``_stats.json`` 
 finished img2dataset shard is loaded into the catalog in one transaction together with its
 ``progress('download', unit)`` row, so a killed download loses and duplicates nothing.
 ``retry_failed`` re-downloads only failed URL rows into a new attempt folder and replaces their outcomes.
+Rows sharing a URL (several captions of one image) download it once and all receive its outcome.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ MEDIA_ROWS_SCHEMA = """CREATE TABLE IF NOT EXISTS media_rows(
 class DownloadConfig(Strict):
     """``media.download``: img2dataset settings (names and meanings follow ``img2dataset.download``)."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: run_media skips this stage (keeps what an earlier run downloaded)
     image_size: int = Field(256, gt=0)
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
     resize_only_if_bigger: bool = True
@@ -303,19 +304,32 @@ def _attempt_dir(build_dir: Path, attempt: int) -> Path:
     return Path(build_dir) / "media" / "download" / f"attempt-{attempt:03d}"
 
 
-def _write_url_list(path: Path, rows: list[tuple]) -> None:
-    """Write the img2dataset input parquet atomically (kept as-is on resume: shard ids must not move)."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.table({"uid": [r[0] for r in rows], "url": [r[1] for r in rows],
-                             "caption": [r[2] or "" for r in rows]}), tmp)
-    os.replace(tmp, path)
+def _write_url_lists(adir: Path, rows: list[tuple]) -> None:
+    """``rows.parquet`` (every row of this attempt) and ``input.parquet`` (img2dataset's input: one row per
+    distinct URL, the first in order). Written atomically once and kept on resume (shard ids must not move)."""
+    adir.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    distinct = [r for r in rows if not (r[1] in seen or seen.add(r[1]))]
+    for name, part in (("rows.parquet", rows), ("input.parquet", distinct)):
+        path = adir / name
+        if path.exists():
+            continue
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(pa.table({"uid": [r[0] for r in part], "url": [r[1] for r in part],
+                                 "caption": [r[2] or "" for r in part]}), tmp)
+        os.replace(tmp, path)
 
 
-def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, progress: bool = True) -> int:
-    """Load every finished img2dataset shard (``NNNNN_stats.json`` present) not loaded yet into the catalog."""
+def _read_rows(path: Path) -> list[tuple]:
+    return [(r["uid"], r["url"], r["caption"]) for r in pq.read_table(path).to_pylist()]
+
+
+def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, members: dict[str, list[str]] | None = None,
+                  progress: bool = True) -> int:
+    """Load every finished img2dataset shard (``NNNNN_stats.json`` present) not loaded yet into the catalog.
+
+    ``members`` maps a URL to every uid that asked for it: each gets the outcome of the one download.
+    """
     from tqdm.auto import tqdm
 
     done = cat.done_units(STAGE)
@@ -326,10 +340,11 @@ def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, progress:
         unit = f"a{attempt:03d}/{shard}"
         if unit in done:
             continue
-        t = pq.read_table(out_dir / f"{shard}.parquet").to_pylist()
-        recs = [(r["uid"], attempt, r["status"], r.get("error_message"), r.get("sha256"), r.get("width"),
+        recs = [(uid, attempt, r["status"], r.get("error_message"), r.get("sha256"), r.get("width"),
                  r.get("height"), r.get("original_width"), r.get("original_height"), fmt, str(out_dir), shard,
-                 r["key"]) for r in t]
+                 r["key"])
+                for r in pq.read_table(out_dir / f"{shard}.parquet").to_pylist()
+                for uid in ((members or {}).get(r["url"]) or [r["uid"]])]
         with cat.transaction() as con:
             _record(con, recs)
             con.execute("INSERT INTO progress VALUES (?, ?)", [STAGE, unit])
@@ -339,17 +354,22 @@ def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, progress:
 
 def _download_urls(cat: Catalog, cfg: DownloadConfig, rows: list[tuple], build_dir: Path, attempt: int,
                    progress: bool) -> None:
+    """Download the distinct URLs of ``rows`` (uid, url, caption) with img2dataset and record every row."""
     if not rows:
         return
     adir = _attempt_dir(build_dir, attempt)
-    url_list = adir / "input.parquet"
-    _write_url_list(url_list, rows)
+    _write_url_lists(adir, rows)
+    rows = _read_rows(adir / "rows.parquet")
+    members: dict[str, list[str]] = {}
+    for uid, url, _ in rows:
+        members.setdefault(url, []).append(uid)
     out = adir / "out"
-    expected = -(-len(rows) // cfg.number_sample_per_shard)
+    expected = -(-len(members) // cfg.number_sample_per_shard)
     if len(list(out.glob("*_stats.json"))) < expected:
-        run_img2dataset(url_list, out, cfg)
-    load_outcomes(cat, out, attempt, cfg.output_format, progress)
-    loaded = cat.scalar("SELECT count(*) FROM downloads WHERE attempt = ? AND format <> 'local'", [attempt])
+        run_img2dataset(adir / "input.parquet", out, cfg)
+    load_outcomes(cat, out, attempt, cfg.output_format, members, progress)
+    loaded = cat.scalar("SELECT count(*) FROM downloads WHERE attempt = ? AND format IN ('webdataset', 'files')",
+                        [attempt])
     missing = len(rows) - int(loaded or 0)
     if missing > 0:
         # img2dataset gave up on whole shards (max_shard_retry exhausted): rerunning the stage resumes them.
@@ -408,9 +428,9 @@ def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
     else:
         attempt = int(cat.scalar("SELECT coalesce(max(attempt), 0) FROM downloads")) + 1
         cat.mark_started(RETRY_STAGE, {"attempt": attempt})
-    input_list = _attempt_dir(Path(build_dir), attempt) / "input.parquet"
-    if input_list.exists():
-        rows = [(r["uid"], r["url"], r["caption"]) for r in pq.read_table(input_list).to_pylist()]
+    listed = _attempt_dir(Path(build_dir), attempt) / "rows.parquet"
+    if listed.exists():
+        rows = _read_rows(listed)
     else:
         rows = cat.execute(
             f"""SELECT m.uid, m.url, m.caption FROM media_rows m JOIN downloads d USING (uid)

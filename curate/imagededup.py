@@ -34,7 +34,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import numpy as np
 from pydantic import Field
@@ -221,7 +221,8 @@ def _candidates(cat: Catalog) -> list[tuple]:
         f"""SELECT d.uid, d.sha256, d.format, d.store, d.shard, d.key, coalesce(m.path, m.url)
             FROM downloads d JOIN media_rows m USING (uid)
             WHERE d.status = '{SUCCESS}'
-              AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = d.uid AND NOT x.kept AND x.stage NOT IN ({ignore}))
+              AND NOT EXISTS (SELECT 1 FROM decisions x
+                              WHERE x.uid = d.uid AND NOT x.kept AND x.stage NOT IN ({ignore}))
             ORDER BY coalesce(d.original_width, d.width, 0)::BIGINT * coalesce(d.original_height, d.height, 0) DESC,
                      d.uid""").fetchall()
 

@@ -28,7 +28,8 @@ from typing import Optional
 
 from curate.balance import BalanceConfig
 from curate.catalog import Catalog
-from curate.download import DownloadConfig, download_counts, load_selection, retry_failed, run_download
+from curate.download import (DOWNLOADS_SCHEMA, MEDIA_ROWS_SCHEMA, DownloadConfig, download_counts, load_selection,
+                             retry_failed, run_download)
 from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
 from curate.recipe import RecipeError, Strict, parse, read_yaml
 from curate.shards import ShardConfig, run_shards
@@ -121,6 +122,8 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     """Image dedup → re-balance → shards on the current downloads; returns the media report."""
     build_dir = Path(build_dir)
     fmt = recipe.download.encode_format
+    cat.execute(MEDIA_ROWS_SCHEMA)
+    cat.execute(DOWNLOADS_SCHEMA)  # download disabled on a fresh build: nothing stored, nothing to shard
     dedup_params = {**recipe.image_dedup.model_dump(), "input": candidates_digest(cat)}
     res = _stage(cat, DEDUP, dedup_params,
                  lambda: run_image_dedup(cat, recipe.image_dedup, build_dir, fmt, encoder=encoder, progress=progress),
@@ -138,6 +141,7 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     else:
         with cat.transaction():
             cat.clear_decisions(REBALANCE)
+            cat.execute("DELETE FROM balance_report WHERE stage = ?", [REBALANCE])
             cat.invalidate([REBALANCE])
     report: dict = {"downloads": download_counts(cat),
                     "image_dedup": dict(cat.execute(

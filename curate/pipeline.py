@@ -154,11 +154,13 @@ def run_stages(cat: Catalog, stages: list[Stage], result: BuildResult, until: st
 
 def _clear_after(cat: Catalog, stages: list[Stage], i: int, known: set[str]) -> None:
     """Clear every stage after ``i``: known ones via their clear(); stages this module does not know (media
-    stages, a stage's own sub-stages) that started after stage ``i`` lose their decisions and bookkeeping."""
+    stages, later stages' sub-stages) that started after stage ``i`` lose their decisions and bookkeeping.
+    Stage ``i``'s own sub-stages (``<name>_*``) are left to stage ``i`` (it resumes or clears them itself)."""
     recorded = cat.execute("SELECT stage, started FROM stages ORDER BY started").fetchall()
     start_i = next((t for n, t in recorded if n == stages[i].name), None)
+    own = stages[i].name + "_"  # sub-stages of stage i itself (match_lexical …) resume with it
     for name, started in reversed(recorded):
-        if name not in known and (start_i is None or started > start_i):
+        if name not in known and not name.startswith(own) and (start_i is None or started > start_i):
             cat.clear_decisions(name)
             cat.execute("DELETE FROM balance_report WHERE stage = ?", [name])
             cat.invalidate([name])

@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
 
 from curate.catalog import Catalog
 from curate.recipe import Strict
@@ -27,7 +29,7 @@ class OutputConfig(Strict):
     """Recipe section ``output:``."""
 
     selection: str = "selection.parquet"
-    extra_columns: list[str] = []
+    extra_columns: list[Annotated[str, StringConstraints(pattern=r"^[^'\"]+$")]] = []
     card: bool = True
     card_top_concepts: int = Field(default=40, ge=1)
 

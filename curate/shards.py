@@ -7,11 +7,11 @@ from the first samples; a null or missing field breaks it)::
 
     uid, caption, concept_ids (list of str), source, url ("" for local rows), sha256, width, height
 
-Order and resharding: samples are ordered by ``sha1(f"{seed}:{uid}")`` — a seeded shuffle that does not
-depend on catalog order; if the first sample has an empty ``concept_ids`` list, the first one with concepts is
-moved to the front so that schema inference sees a typed list) — and cut into shards of ``samples_per_shard`` named ``shard-00000.tar`` …; the same
-survivors + seed + shard size give byte-identical tars (fixed member metadata). Changing the seed or the
-shard size reshards (the old shards are removed first).
+Order and resharding: samples are ordered by ``sha1(f"{seed}:{uid}")``, a seeded shuffle that does not
+depend on catalog order (if the first sample has an empty ``concept_ids`` list, the first one with concepts
+is moved to the front so that schema inference sees a typed list), and cut into shards of
+``samples_per_shard`` named ``shard-00000.tar`` …; the same survivors + seed + shard size give byte-identical
+tars (fixed member metadata). Changing the seed or the shard size reshards (the old shards are removed first).
 
 Resume: a shard is written to ``.shard-NNNNN.tar.tmp`` and renamed when complete; its ``shard_index`` rows
 and its ``progress('shards', name)`` row are committed in one transaction after the rename, so a killed run

@@ -11,7 +11,7 @@ Formats (``format:`` in a source section):
 * ``folder`` — a local image folder (``path``) plus a captions file (``captions:``, itself csv/tsv/jsonl/flickr);
   image paths in the captions file are relative to the folder.
 * ``hf`` — a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder (``path``) or a hub/builder name
-  (``dataset``, ``config_name``, ``split``, ``streaming``), read as Arrow batches.
+  (``dataset``, ``config_name``, ``data_files``, ``split``, ``streaming``), read as Arrow batches.
 
 Ingest contract: EVERY source row becomes a ``samples`` row (uid ``<source>:<uid column or row index>``); rows that
 cannot be used get a ``decisions(stage='ingest', kept=false, reason=...)`` row: malformed line, null / empty
@@ -50,6 +50,7 @@ class SourceConfig(Strict):
     captions: str | None = None
     captions_format: Literal["csv", "tsv", "jsonl", "flickr"] | None = None
     dataset: str | None = None
+    data_files: str | list[str] | None = None
     config_name: str | None = None
     split: str = "train"
     streaming: bool = False
@@ -194,12 +195,12 @@ def _read_csv(path: Path, cfg: SourceConfig, fmt: str, block_rows: int) -> Itera
             tbl = _split_flickr(tbl)
         if bad:
             yield tbl
-            yield _bad_rows(bad, tbl.schema)
+            yield _bad_rows(bad)
             bad.clear()
         else:
             yield tbl
     if bad:
-        yield _bad_rows(bad, None)
+        yield _bad_rows(bad)
 
 
 def _split_flickr(tbl: pa.Table) -> pa.Table:
@@ -211,7 +212,8 @@ def _split_flickr(tbl: pa.Table) -> pa.Table:
     return tbl.append_column("_flickr_image", img)
 
 
-def _bad_rows(bad: list[dict], schema: pa.Schema | None) -> pa.Table:
+def _bad_rows(bad: list[dict]) -> pa.Table:
+    """Rows the CSV parser could not split: kept as rows with a ``_parse_error`` and the raw text."""
     return pa.table({"_parse_error": [b["_parse_error"] for b in bad], "_raw": [b["_raw"] for b in bad]})
 
 
@@ -281,8 +283,11 @@ def _read_hf(cfg: SourceConfig, block_rows: int) -> Iterator[pa.Table]:
                     raise RecipeError(f"source {cfg.name!r}: split {cfg.split!r} not in {sorted(ds)}")
                 ds = ds[cfg.split]
         else:
+            files = cfg.data_files
+            if files is not None:
+                files = [str(resolve_path(f)) for f in ([files] if isinstance(files, str) else files)]
             ds = datasets.load_dataset(cfg.dataset or str(resolve_path(cfg.path)), cfg.config_name,
-                                       split=cfg.split, streaming=cfg.streaming)
+                                       data_files=files, split=cfg.split, streaming=cfg.streaming)
     except RecipeError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a user-facing one-liner

@@ -128,12 +128,24 @@ def test_build_stats_inspect_preview(tmp_path, capsys):
     so = capsys.readouterr().out
     assert "[lexical]" in so and "balance: " in so and "t-balance" in so
 
+    # coverage balancing through the recipe: each concept claims at most per_concept samples, uniquely
+    assert main(["build", str(rp), "--out", str(out), "--no-progress", "--set", "balance.method=coverage",
+                 "--set", "balance.per_concept=25"]) == 0
+    cov = pq.read_table(out / "selection.parquet").to_pylist()
+    owners = [r["balance_concept"] for r in cov]
+    assert len(cov) == len(set(r["uid"] for r in cov)) == 10 * 25  # 10 concepts, each has >= 25 candidates
+    assert all(owners.count(c) == 25 for c in set(owners))
+    capsys.readouterr()
+
     assert main(["preview", str(rp), "--out", str(out), "--t", "10,40,100000", "--no-progress"]) == 0
     so = capsys.readouterr().out
     lines = [ln.split() for ln in so.splitlines() if ln[:1].isdigit()]
     assert [int(ln[0].replace(",", "")) for ln in lines] == [10, 40, 100000]
     exp = [int(ln[1].replace(",", "")) for ln in lines]
-    assert exp[0] < exp[1] < exp[2]
+    with Catalog(out / "catalog.duckdb", read_only=True) as cat:
+        matched = cat.scalar("SELECT count(DISTINCT uid) FROM matches")
+    # on a finished build the preview still sees the pre-balance candidates: t above every count keeps all
+    assert exp[0] < exp[1] < exp[2] == matched
 
 
 @pytest.mark.parametrize("text,msg", [

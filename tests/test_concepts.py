@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from curate.catalog import Catalog
-from curate.concepts import (ConceptsConfig, build_concepts, normalize, plural_forms, regular_plural,
+from curate.concepts import (ConceptsConfig, Subtree, build_concepts, normalize, plural_forms, regular_plural,
                              timm_info_dir)
 from curate.recipe import RecipeError, parse
 from curate.wordnet import WordNet, find_wordnet
@@ -185,6 +185,11 @@ def test_subtree_and_hyponym_expansion(cat):
     assert n == 1 + len(wn.synset("n02084071").hyponyms)
     assert cat.scalar("SELECT origin FROM concepts WHERE concept_id = 'n01322604'") == "subtree:n02084071"
     assert cat.scalar("SELECT depth FROM concepts WHERE concept_id = 'n01322604'") == 9
+    # max_depth 1 stops above the breeds; at 2 the ImageNet-1k breeds come in, flagged as ImageNet-1k classes
+    assert cat.scalar("SELECT count(*) FROM concepts WHERE concept_id = 'n02085620'") == 0
+    build_concepts(cat, cfg.model_copy(update={"subtrees": [Subtree(root="n02084071", max_depth=2)]}), False)
+    flags = dict(cat.execute("SELECT concept_id, imagenet1k FROM concepts").fetchall())
+    assert flags["n02085620"] is True and flags["n02084071"] is False  # Chihuahua is a class, dog is not
     # a user wnid expanded to all its hyponyms
     cfg = ConceptsConfig(imagenet1k=False, words=["n02121808"], hyponyms=True, wordnet_dir=str(DEBIAN_WN))
     n = build_concepts(cat, cfg, progress=False)

@@ -146,3 +146,14 @@ def test_near_dup_real_minilm(tmp_path, minilm_path):
     run_near_dup(cat, NearDupConfig(enabled=True, threshold=0.9), encoder=enc, progress=False)
     d = _decided(cat, "neardup")
     assert set(d) == {"u1", "u4"} and d["u1"][1] == "u0" and d["u4"][1] == "u2"
+    # embeddings were cached per chunk; a rerun (e.g. after a kill) reads them instead of re-embedding
+    cached = list((tmp_path / "c.duckdb.cache" / "neardup").rglob("*.npy"))
+    assert len(cached) == 1 and np.allclose(np.load(cached[0]), enc.encode(caps), atol=1e-5)
+
+    class NoEncode:
+        dim, fingerprint = enc.dim, enc.fingerprint
+
+        def encode(self, *a, **k):
+            raise AssertionError("should have used the cache")
+
+    assert run_near_dup(cat, NearDupConfig(enabled=True, threshold=0.9), encoder=NoEncode(), progress=False) == 2

@@ -16,8 +16,7 @@ import pytest
 
 from curate.catalog import Catalog
 from curate.download import DownloadConfig, img2dataset_kwargs
-from curate.media import MediaRecipe, run_after_download, run_media
-from curate.download import retry_failed
+from curate.media import MediaRecipe, run_media
 from httpserver import PhotoServer, make_build
 from test_shards import FIELDS, read_tars
 
@@ -91,6 +90,8 @@ def test_download_kill_resume_end_to_end(flickr8k, tmp_path):
              "concept_ids": ["n2"]},
             {"uid": "l00", "path": str(photos[6]), "caption": "a local photo", "source": "disk",
              "concept_ids": ["n2"]},
+            {"uid": "u01-cap2", "url": srv.url(photos[1].name), "caption": "second caption of photo 1",
+             "source": "web", "concept_ids": ["n1"]},  # same URL: downloaded once, both rows kept
         ]
         fails = {"f-404": "/missing.jpg", "f-html": "/html.jpg", "f-trunc": "/truncated.jpg", "f-tiny": "/tiny.jpg",
                  "f-slow": "/slow.jpg", "f-fixed": "/fixed.jpg"}
@@ -107,10 +108,13 @@ def test_download_kill_resume_end_to_end(flickr8k, tmp_path):
         with Catalog(build / "catalog.duckdb") as cat:
             rep = run_media(cat, recipe, sel, build, progress=False)
             # the img2dataset shards finished before the kill were not downloaded again
-            first = [u for u, s in cat.execute("SELECT uid, shard FROM downloads").fetchall()
+            first = [(u, k) for u, s, k in cat.execute("SELECT uid, shard, key FROM downloads").fetchall()
                      if s in {n[:5] for n in done_before}]
-            assert len(first) == 4 * len(done_before)
-            assert all(srv.hits[_path(rows, u)] == hits_before[_path(rows, u)] == 1 for u in first)
+            assert len({k for _, k in first}) == 4 * len(done_before)
+            assert all(srv.hits[_path(rows, u)] == hits_before[_path(rows, u)] == 1 for u, _ in first)
+            assert srv.hits[_path(rows, "u01")] == 1  # requested once for its two rows
+            assert cat.one("SELECT key FROM downloads WHERE uid = 'u01'") == \
+                cat.one("SELECT key FROM downloads WHERE uid = 'u01-cap2'")
             out = {u: (s, e, sha, w, h, a) for u, s, e, sha, w, h, a in cat.execute(
                 "SELECT uid, status, error, sha256, width, height, attempt FROM downloads").fetchall()}
             assert set(out) == {r["uid"] for r in rows}  # every row has exactly one outcome
@@ -133,23 +137,24 @@ def test_download_kill_resume_end_to_end(flickr8k, tmp_path):
             assert dd == [("u06-dup", "u00", "exact duplicate (same sha256)")]
             short = {c["concept_id"]: c for c in rep["concepts"]}
             assert short["n3"]["selected"] == 6 and short["n3"]["final"] == 0 and short["n3"]["shortfall"] == 3
-            assert short["n1"]["final"] == 4 and short["n2"]["final"] == 3 and short["n2"]["after_dedup"] == 3
+            assert short["n1"]["final"] == 5 and short["n2"]["final"] == 3 and short["n2"]["after_dedup"] == 3
         # img2dataset's own artefacts are kept
         i2d = build / "media" / "download" / "attempt-000" / "out"
         assert (i2d / "00000_stats.json").exists() and (i2d / "00000.parquet").exists()
         stats = [json.loads(p.read_text()) for p in sorted(i2d.glob("*_stats.json"))]
-        assert sum(s["successes"] for s in stats) == 7 and sum(s["count"] for s in stats) == 13
+        assert sum(s["successes"] for s in stats) == 7 and sum(s["count"] for s in stats) == 13  # distinct URLs
 
         samples = read_tars(build / "shards")
-        assert len(samples) == 7 and rep["shards"]["samples"] == 7
+        assert len(samples) == 8 and rep["shards"]["samples"] == 8
         by_uid = {m["uid"]: (m, jpg, txt) for _, _, m, jpg, txt in samples}
-        assert set(by_uid) == {f"u{i:02d}" for i in range(6)} | {"l00"}
+        assert set(by_uid) == {f"u{i:02d}" for i in range(6)} | {"l00", "u01-cap2"}
+        assert by_uid["u01"][1] == by_uid["u01-cap2"][1] and by_uid["u01-cap2"][2] == "second caption of photo 1"
         for m, jpg, txt in by_uid.values():
             assert set(m) == FIELDS and m["caption"] == txt and jpg[:3] == b"\xff\xd8\xff"
         assert by_uid["u03"][0]["url"] == srv.url(photos[3].name) and by_uid["l00"][0]["url"] == ""
         assert by_uid["l00"][1] == photos[6].read_bytes()  # local JPEG bytes stored as they are
         sizes = json.loads((build / "shards" / "sizes.json").read_text())
-        assert sizes == {"shard-00000.tar": 3, "shard-00001.tar": 3, "shard-00002.tar": 1}
+        assert sizes == {"shard-00000.tar": 3, "shard-00001.tar": 3, "shard-00002.tar": 2}
 
         from datasets import load_dataset
 
@@ -161,17 +166,24 @@ def test_download_kill_resume_end_to_end(flickr8k, tmp_path):
                            cache_dir=str(tmp_path / "hf"))
         assert sorted(idx["uid"]) == sorted(by_uid)
 
-        # retry-failed: only the failed rows are requested again; the now-fixed one comes back
+        # `curate retry-failed BUILD`: only the failed rows are requested again; the now-fixed one comes back
+        import yaml
+
+        from curate.media import main as media_main
+
+        (build / "recipe.yaml").write_text(yaml.safe_dump({"name": "t", "media": recipe.model_dump()}))
         srv.fix()
         srv.hits.clear()
+        assert media_main(["retry-failed", str(build), "--no-progress"]) == 0
+        assert not any(h.startswith("/img/") for h in srv.hits)
+        assert srv.hits["/fixed.jpg"] == 1 and set(srv.hits) == set(fails.values())
         with Catalog(build / "catalog.duckdb") as cat:
-            assert retry_failed(cat, recipe.download, build, progress=False) == len(fails)
-            assert not any(h.startswith("/img/") for h in srv.hits)
-            assert srv.hits["/fixed.jpg"] == 1 and set(srv.hits) == set(fails.values())
             st = dict(cat.execute("SELECT uid, status || ':' || attempt FROM downloads").fetchall())
             assert st["f-fixed"] == "success:1" and st["f-404"] == "failed_to_download:1" and st["u00"] == "success:0"
             assert cat.scalar("SELECT count(*) FROM downloads") == len(rows)
             assert cat.scalar("SELECT count(*) FROM decisions WHERE stage='download'") == len(rows)
-            rep2 = run_after_download(cat, recipe, build, progress=False)
-        assert rep2["shards"]["samples"] == 8 and "f-fixed" in {s[2]["uid"] for s in read_tars(build / "shards")}
+        # `curate shard BUILD`: dedup, re-balance and shards see the changed input and rerun
+        assert media_main(["shard", str(build), "--no-progress"]) == 0
+        rep2 = json.loads((build / "media" / "report.json").read_text())
+        assert rep2["shards"]["samples"] == 9 and "f-fixed" in {s[2]["uid"] for s in read_tars(build / "shards")}
         assert {c["concept_id"]: c["final"] for c in rep2["concepts"]}["n3"] == 1

@@ -17,6 +17,10 @@ from curate.imagededup import (ImageDedupConfig, greedy_keep, near_duplicates, p
 from httpserver import make_build
 
 
+def _drops(cat: Catalog) -> dict[str, str]:
+    return dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+
+
 def _hamming(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.unpackbits(np.bitwise_xor(a, b)).sum())
 
@@ -146,14 +150,14 @@ def test_semantic_dedup_with_tiny_encoder_and_resume(tiny_vision, tmp_path):
         load_selection(cat, build / "selection.parquet")
         run_download(cat, DownloadConfig(), build, progress=False)
         res = run_image_dedup(cat, cfg, build, encoder=tiny_vision, progress=False)
-        drops = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+        drops = _drops(cat)
         assert drops == {"b0": "a0", "b1": "a1"} and res.dropped == {"semantic": 2}
         files = sorted((build / "media" / "embeddings").glob("*.npy"))
         assert len(files) == 3 and cat.scalar("SELECT count(*) FROM image_embeddings") == 8
         # rerun: embeddings come from the cache (no new chunk files), same verdicts
         run_image_dedup(cat, cfg, build, encoder=tiny_vision, progress=False)
         assert sorted((build / "media" / "embeddings").glob("*.npy")) == files
-        again = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+        again = _drops(cat)
         assert again == drops
 
 
@@ -171,7 +175,7 @@ def test_semantic_dedup_with_dinov2_small(dinov2_small, flickr8k, tmp_path):
         load_selection(cat, build / "selection.parquet")
         run_download(cat, DownloadConfig(), build, progress=False)
         run_image_dedup(cat, cfg, build, encoder=enc, progress=False)
-        drops = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+        drops = _drops(cat)
     assert drops == {u: o for u, (o, _) in truth.items()}
 
 
@@ -189,9 +193,9 @@ def test_rows_sharing_an_image_are_judged_together(tmp_path):
         load_selection(cat, build / "selection.parquet")
         run_download(cat, DownloadConfig(), build, progress=False)
         res = run_image_dedup(cat, ImageDedupConfig(), build, progress=False)
-        got = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+        got = _drops(cat)
         assert got == {"b0": "a0", "b1": "a0"} and res.dropped["exact"] == 2
         assert cat.scalar("SELECT count(*) FROM image_hashes") == 2  # x and y hashed once each
         res = run_image_dedup(cat, ImageDedupConfig(group_same_source=False), build, progress=False)
-        got = dict(cat.execute("SELECT uid, ref_uid FROM decisions WHERE stage='image_dedup' AND NOT kept").fetchall())
+        got = _drops(cat)
         assert got == {"a1": "a0", "a2": "a0", "b0": "a0", "b1": "a0"}

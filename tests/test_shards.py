@@ -106,13 +106,14 @@ def test_local_rows_to_loadable_shards(flickr8k, tmp_path):
     from curate.hfdataset import load_index, load_shards
 
     files = sorted(str(p) for p in out.glob("shard-*.tar"))
-    ds = load_dataset("webdataset", data_files={"train": files}, split="train")  # features inferred
+    hf = str(tmp_path / "hf")
+    ds = load_dataset("webdataset", data_files={"train": files}, split="train", cache_dir=hf)  # features inferred
     assert len(ds) == 13 and ds[0]["json"]["uid"] == samples[0][2]["uid"] and ds[0]["txt"] == samples[0][4]
     assert ds[0]["jpg"].size == (samples[0][2]["width"], samples[0][2]["height"])
     # the card's configs + features (own cache_dir: datasets caches a folder by its name, see docs/media.md)
-    folder = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
-    assert folder.features == load_shards(out).features and len(folder) == 13
-    assert load_index(out)["uid"] == [s[2]["uid"] for s in samples]
+    folder = load_dataset(str(out), split="train", cache_dir=hf)
+    assert folder.features == load_shards(out, cache_dir=hf).features and len(folder) == 13
+    assert load_index(out, cache_dir=hf)["uid"] == [s[2]["uid"] for s in samples]
     assert "configs:" in (out / "README.md").read_text()
     import webdataset as wds  # the webdataset library reads the tars too
 
@@ -268,3 +269,37 @@ def test_killed_shard_stage_resumes_without_loss(flickr8k, tmp_path):
     assert _shard_bytes(build / "shards") == _shard_bytes(ref / "shards")
     assert not list((build / "shards").glob(".*.tmp"))
     assert (build / "shards" / "sizes.json").read_text() == (ref / "shards" / "sizes.json").read_text()
+
+
+def test_local_check_resumes_after_a_crash(tmp_path, monkeypatch):
+    """A crash in the middle of the local decode check keeps the committed chunks and redoes only the rest."""
+    import curate.download as dl
+    from curate.download import DownloadConfig, load_selection, run_download
+
+    rows = []
+    for i in range(10):
+        p = tmp_path / f"i{i}.jpg"
+        Image.new("RGB", (20 + i, 20), (i * 20, 0, 0)).save(p)
+        rows.append({"uid": f"u{i}", "path": str(p), "caption": "c", "concept_ids": ["n1"]})
+    build = tmp_path / "b"
+    make_build(build, rows)
+    real, calls = dl.check_local_image, []
+
+    def flaky(path):
+        calls.append(path)
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # what a kill looks like to the code that has not committed yet
+        return real(path)
+
+    cfg = DownloadConfig(local_chunk=3, local_threads=1)
+    with Catalog(build / "catalog.duckdb") as cat:
+        load_selection(cat, build / "selection.parquet")
+        monkeypatch.setattr(dl, "check_local_image", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            run_download(cat, cfg, build, progress=False)
+        assert cat.scalar("SELECT count(*) FROM downloads") == 6 and len(cat.done_units("download")) == 2
+        calls.clear()
+        assert run_download(cat, cfg, build, progress=False) == {"success": 10}
+        assert len(calls) == 4  # only the 4 rows of the unfinished chunks were checked again
+        assert cat.scalar("SELECT count(DISTINCT uid) FROM downloads") == 10
+        assert cat.scalar("SELECT count(*) FROM decisions WHERE stage = 'download'") == 10

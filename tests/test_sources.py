@@ -167,6 +167,14 @@ def test_hf_dataset_source(tmp_path):
     assert run_ingest(cat, [src], IngestConfig(batch_rows=5), progress=False) == 12
     assert _reasons(cat) == {"hf:11": "null caption"}
     assert cat.scalar("SELECT caption FROM samples WHERE uid = 'hf:4'") == "a horse 4"
+    # a builder dataset (the `json` builder over local files), streamed
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image_url": f"http://j/{i}", "text": f"a cow {i}"}) + "\n"
+                                              for i in range(7)))
+    cat2 = _cat(tmp_path, "b.duckdb")
+    src2 = SourceConfig(name="js", format="hf", dataset="json", data_files=str(tmp_path / "d.jsonl"),
+                        streaming=True, url_column="image_url", caption_column="text")
+    assert run_ingest(cat2, [src2], IngestConfig(batch_rows=3), progress=False) == 7
+    assert cat2.scalar("SELECT caption FROM samples WHERE uid = 'js:6'") == "a cow 6" and _reasons(cat2) == {}
 
 
 def test_rebatch_is_exact():

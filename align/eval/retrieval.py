@@ -49,6 +49,21 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
+def _correct_pairs(qid: np.ndarray, gid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse (query row, gallery col) pairs of correct items, grouped by query; and their offsets [Q+1]."""
+    order = np.argsort(gid, kind="stable")
+    sg = gid[order]
+    lo, hi = np.searchsorted(sg, qid, "left"), np.searchsorted(sg, qid, "right")
+    cnt = hi - lo
+    if len(cnt) and (cnt == 0).any():
+        bad = int(np.nonzero(cnt == 0)[0][0])
+        raise ValueError(f"query {bad} (id {int(qid[bad])}) has no correct item in the gallery")
+    offsets = np.concatenate([[0], np.cumsum(cnt)])
+    rows = np.repeat(np.arange(len(qid)), cnt)
+    cols = order[np.repeat(lo, cnt) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], cnt))]
+    return rows, cols, offsets
+
+
 def ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor,
           query_ids: Sequence[int] | np.ndarray, gallery_ids: Sequence[int] | np.ndarray,
           chunk: int = 1024) -> np.ndarray:
@@ -56,28 +71,30 @@ def ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor
 
     ``queries`` [Q, D], ``gallery`` [G, D]; ``query_ids`` [Q] and ``gallery_ids`` [G] are integer ids that
     define correctness. Returns int64 ranks [Q].
+
+    Per chunk of queries only ONE dense pass follows the matrix product: ``(sims >= best).sum(1)``; the best
+    correct score and the correct items tied with it come from the (few) correct entries, gathered sparsely.
     """
     q = _as_tensor(queries, "queries")
     g = _as_tensor(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"queries have dim {q.shape[1]} but gallery has dim {g.shape[1]}")
-    qid = torch.as_tensor(np.asarray(query_ids, dtype=np.int64))
-    gid = torch.as_tensor(np.asarray(gallery_ids, dtype=np.int64))
+    qid = np.asarray(query_ids, dtype=np.int64)
+    gid = np.asarray(gallery_ids, dtype=np.int64)
     if qid.shape != (q.shape[0],) or gid.shape != (g.shape[0],):
-        raise ValueError(f"ids must be 1-D with one id per row: got {tuple(qid.shape)} for {q.shape[0]} queries "
-                         f"and {tuple(gid.shape)} for {g.shape[0]} gallery items")
+        raise ValueError(f"ids must be 1-D with one id per row: got {qid.shape} for {q.shape[0]} queries "
+                         f"and {gid.shape} for {g.shape[0]} gallery items")
+    rows, cols, offsets = (torch.as_tensor(a) for a in _correct_pairs(qid, gid))
     out = torch.empty(q.shape[0], dtype=torch.int64)
     gt = g.t().contiguous()
-    neg_inf = torch.tensor(float("-inf"))
     for s in range(0, q.shape[0], chunk):
-        sims = q[s:s + chunk] @ gt                                    # [c, G]
-        correct = qid[s:s + chunk, None] == gid[None, :]              # [c, G]
-        has = correct.any(1)
-        if not bool(has.all()):
-            bad = int(s + torch.nonzero(~has)[0, 0])
-            raise ValueError(f"query {bad} (id {int(qid[bad])}) has no correct item in the gallery")
-        best = torch.where(correct, sims, neg_inf).amax(1, keepdim=True)
-        out[s:s + chunk] = ((sims >= best) & ~correct).sum(1)
+        e = min(s + chunk, q.shape[0])
+        sims = q[s:e] @ gt                                            # [c, G]
+        r, c = rows[offsets[s]:offsets[e]] - s, cols[offsets[s]:offsets[e]]
+        vals = sims[r, c]
+        best = torch.full((e - s,), float("-inf")).scatter_reduce(0, r, vals, "amax")
+        tied_correct = torch.zeros(e - s, dtype=torch.int64).scatter_add(0, r, (vals >= best[r]).long())
+        out[s:e] = (sims >= best[:, None]).sum(1) - tied_correct
     return out.numpy()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.catalog import Catalog
+from curate.catalog import Catalog, _params_json
 from curate.concepts import SURFACE_FORMS_DDL
 from curate.match.lexical import LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, naive_match
 from curate.match.semantic import EmbeddingCache, SemanticConfig, TopK, concept_prompt, encode_sorted
@@ -91,10 +91,6 @@ def _bank_fingerprint(cat: Catalog) -> str:
 def _input_fingerprint(cat: Catalog) -> str:
     row = cat.execute(f"SELECT count(*), coalesce(sum(hash(uid || caption)), 0) FROM ({INPUT_SQL})").fetchone()
     return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
-
-
-def _params_json(params: dict) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
 
 
 def _begin(cat: Catalog, stage: str, method: str, params: dict) -> bool:
@@ -196,21 +192,28 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
         except (OSError, ValueError) as e:
             raise RecipeError(f"match.semantic.model: cannot load {cfg.model!r}: {str(e).splitlines()[0]}") from None
     prompts = [concept_prompt(cfg.prompt, name, lemmas, gloss) for _, name, lemmas, gloss in concepts]
-    queries = encode_sorted(encoder, prompts, cfg.batch_size)
+    with tqdm(total=len(prompts), desc="embed concept prompts", unit="concept", disable=not progress) as pbar:
+        queries = encode_sorted(encoder, prompts, cfg.batch_size, pbar)
     cache = EmbeddingCache(_cache_root(cat, cfg), f"{encoder.fingerprint}-{cfg.max_length}")
     top = TopK(queries, cfg.top_k)
     bar = tqdm(total=_input_size(cat), desc="match semantic", unit="caption", disable=not progress)
+    all_uids: list[pa.Array] = []  # compact Arrow strings: position → uid at the end
+    start = 0
     for unit, uids, caps in iter_units(cat, cfg.unit_rows):
         emb = cache.get(unit, uids)
         if emb is None:
-            emb = encode_sorted(encoder, caps, cfg.batch_size)
+            emb = encode_sorted(encoder, caps, cfg.batch_size, bar)
             cache.put(unit, uids, emb)
-        top.add(emb, uids)
-        bar.update(len(uids))
+        else:
+            bar.update(len(uids))  # cached by an earlier (killed) run
+        top.add(emb, start)
+        all_uids.append(pa.array(uids, pa.string()))
+        start += len(uids)
     bar.close()
-    qi, hit_uids, scores = top.results(cfg.min_score)
+    qi, pos, scores = top.results(cfg.min_score)
     concept_arr = pa.array([c[0] for c in concepts], pa.string())
-    tbl = pa.table({"uid": pa.array(hit_uids.tolist(), pa.string()), "concept_id": concept_arr.take(qi),
+    uid_arr = pa.chunked_array(all_uids, pa.string()).take(pa.array(pos, pa.int64()))
+    tbl = pa.table({"uid": uid_arr, "concept_id": concept_arr.take(qi),
                     "method": pa.array(["semantic"] * len(qi), pa.string()), "score": pa.array(scores),
                     "span": pa.nulls(len(qi), pa.string())})
     with cat.transaction() as con:

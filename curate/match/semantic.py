@@ -46,11 +46,20 @@ def concept_prompt(template: str, name: str, lemmas: Sequence[str] | None, gloss
     return template.format(name=name, lemmas=", ".join(lemmas), gloss=gloss or "")
 
 
-def encode_sorted(encoder, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+def encode_sorted(encoder, texts: Sequence[str], batch_size: int = 256, bar=None) -> np.ndarray:
     """L2-normalized embeddings of ``texts`` in input order, encoded in length order so that each batch pads
-    to similar lengths (on Flickr-style captions this about halves the padded tokens, hence the time)."""
+    to similar lengths (less padding; measured in docs/bench_match.md). ``bar``: a tqdm bar advanced
+    by the number of texts after each batch."""
     order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
-    emb = encoder.encode([texts[i] for i in order], batch_size=batch_size, normalize=True)
+    parts = []
+    for s in range(0, len(order), batch_size):
+        parts.append(encoder.encode([texts[i] for i in order[s:s + batch_size]], batch_size=batch_size,
+                                    normalize=True))
+        if bar is not None:
+            bar.update(len(parts[-1]))
+    if not parts:
+        return encoder.encode([], batch_size=batch_size, normalize=True)
+    emb = np.concatenate(parts)
     out = np.empty_like(emb)
     out[order] = emb
     return out
@@ -97,41 +106,46 @@ class EmbeddingCache:
 class TopK:
     """Running per-concept top-K over caption units, via faiss exact inner-product search.
 
-    Ties are broken by arrival order (earlier captions win), so the result is deterministic.
+    Captions are identified by their global position in the input stream (int64), so the state is two
+    ``queries × K`` arrays (float32 scores, int64 positions) however long the stream. Queries are searched in
+    blocks to bound faiss's temporary result arrays. Ties are broken by position (earlier captions win), so
+    the result is deterministic.
     """
 
-    def __init__(self, queries: np.ndarray, k: int):
+    def __init__(self, queries: np.ndarray, k: int, block: int = 4096):
         self.q = np.ascontiguousarray(queries, dtype=np.float32)
-        self.k = k
+        self.k, self.block = k, block
         n = self.q.shape[0]
         self.scores = np.full((n, 0), -np.inf, dtype=np.float32)
-        self.uids = np.empty((n, 0), dtype=object)
+        self.pos = np.empty((n, 0), dtype=np.int64)
 
-    def add(self, emb: np.ndarray, uids: Sequence[str]) -> None:
+    def add(self, emb: np.ndarray, start: int) -> None:
+        """Offer captions ``start … start + len(emb) - 1`` (their normalized embeddings)."""
         import faiss
 
-        if len(uids) == 0 or self.q.shape[0] == 0:
+        n = self.q.shape[0]
+        if len(emb) == 0 or n == 0:
             return
         x = np.ascontiguousarray(emb, dtype=np.float32)
         index = faiss.IndexFlatIP(x.shape[1])
         index.add(x)
         kk = min(self.k, x.shape[0])
-        d, i = index.search(self.q, kk)
-        uid_arr = np.asarray(list(uids), dtype=object)
-        # faiss returns each row sorted by score; to keep ties in arrival order, re-sort stably by position
-        order = np.lexsort((i, -d), axis=1)
-        d = np.take_along_axis(d, order, 1)
-        i = np.take_along_axis(i, order, 1)
-        cand_s = np.concatenate([self.scores, d], axis=1)
-        cand_u = np.concatenate([self.uids, uid_arr[i]], axis=1)
-        keep = np.argsort(-cand_s, axis=1, kind="stable")[:, : self.k]
-        self.scores = np.take_along_axis(cand_s, keep, 1)
-        self.uids = np.take_along_axis(cand_u, keep, 1)
+        width = min(self.k, self.scores.shape[1] + kk)
+        new_s = np.empty((n, width), dtype=np.float32)
+        new_p = np.empty((n, width), dtype=np.int64)
+        for b in range(0, n, self.block):
+            d, i = index.search(self.q[b:b + self.block], kk)
+            cand_s = np.concatenate([self.scores[b:b + self.block], d], axis=1)
+            cand_p = np.concatenate([self.pos[b:b + self.block], i.astype(np.int64) + start], axis=1)
+            keep = np.lexsort((cand_p, -cand_s), axis=1)[:, :width]  # score desc, then position asc
+            new_s[b:b + self.block] = np.take_along_axis(cand_s, keep, 1)
+            new_p[b:b + self.block] = np.take_along_axis(cand_p, keep, 1)
+        self.scores, self.pos = new_s, new_p
 
     def results(self, min_score: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Arrays (query index, uid, score) of every kept hit, best first within each query."""
+        """Arrays (query index, caption position, score) of every kept hit, best first within each query."""
         keep = np.isfinite(self.scores)
         if min_score is not None:
             keep &= self.scores >= min_score
         q = np.broadcast_to(np.arange(self.scores.shape[0])[:, None], self.scores.shape)
-        return q[keep], self.uids[keep], self.scores[keep].astype(np.float64)
+        return q[keep], self.pos[keep], self.scores[keep].astype(np.float64)

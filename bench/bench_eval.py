@@ -114,6 +114,15 @@ def bench_retrieval(n_img: int, per: int, dim: int) -> None:
           f"{1024 * len(txt) * 4 / 2**20:.0f} MiB per chunk")
 
 
+def calibrate() -> None:
+    """Effective GEMM speed of this machine right now (other jobs share the cores): context for the timings."""
+    for dt in (np.float32, np.float64):
+        a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(dt)
+        a @ a
+        _, t = _t(lambda: a @ a)
+        print(f"[calibration] {np.dtype(dt).name} GEMM 2048^3: {2 * 2048 ** 3 / t / 1e9:.1f} GFLOP/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["cka", "zeroshot", "retrieval"])
@@ -121,7 +130,8 @@ def main() -> None:
     ap.add_argument("--cka-d", type=int, default=1024)
     ap.add_argument("--cka-baseline-n", type=int, default=4_000, help="rows for the n×n baseline (RAM: ~5 n^2 x 8 B)")
     args = ap.parse_args()
-    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+    calibrate()
     if args.only in (None, "cka"):
         bench_cka(args.cka_n, args.cka_d, args.cka_baseline_n)
     if args.only in (None, "zeroshot"):

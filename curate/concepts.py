@@ -35,7 +35,7 @@ from curate.resources import timm_info_dir
 from curate.wordnet import WordNet, irregular_plurals
 
 WNID_RE = re.compile(r"^n\d{8}$")
-_NON_WORD = re.compile(r"[\W_]+")
+NON_WORD = re.compile(r"[\W_]+")
 
 SURFACE_FORMS_DDL = """CREATE TABLE IF NOT EXISTS surface_forms(
     form VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, sense_rank INTEGER, kind VARCHAR, lemma VARCHAR)"""
@@ -46,7 +46,7 @@ def normalize(text: str) -> str:
     Captions and surface forms go through the same function, so ``"St. Bernard's"`` and lemma
     ``St_Bernard`` meet as ``st bernard``.
     """
-    return _NON_WORD.sub(" ", text.lower()).strip()
+    return NON_WORD.sub(" ", text.lower()).strip()
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -30,7 +30,7 @@ import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Literal, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -449,12 +449,3 @@ def _clear_dir(d: Path) -> None:
 
     if d.exists():
         shutil.rmtree(d)
-
-
-def iter_success(cat: Catalog, where: str = "TRUE") -> Iterable[tuple]:
-    """(uid, format, store, shard, key) for every successfully stored image of a row still alive."""
-    return cat.execute(
-        f"""SELECT d.uid, d.format, d.store, d.shard, d.key FROM downloads d JOIN media_rows m USING (uid)
-            WHERE d.status = '{SUCCESS}' AND NOT EXISTS
-              (SELECT 1 FROM decisions x WHERE x.uid = d.uid AND NOT x.kept) AND ({where})
-            ORDER BY m.pos""").fetchall()

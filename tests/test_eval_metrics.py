@@ -298,3 +298,28 @@ def test_align_select_cli_ranks_and_resumes(tmp_path, tiny_vision_dir, tiny_text
     res2 = json.loads((out / "selection.json").read_text())
     assert [r["linear_cka"] for r in res2["rows"]] == pytest.approx([r["linear_cka"] for r in rows])
     assert main(["select", "--vision", "x@depth=3", "--text", "y", "--data", str(root)]) == 2
+
+
+def test_align_eval_from_feature_cache_matches_encoding(tmp_path, tiny_model_dir, tiny_vision, tiny_text,
+                                                         tiny_vision_dir, tiny_text_dir):
+    """`align eval --features <align extract cache>`: projectors only, same numbers as full re-encoding."""
+    from align.cli import main
+    from align.data import Sample
+    from align.features import FeatureConfig, extract_features
+
+    root = _flickr_like(tmp_path / "f8k")
+    pairs = PairedSet.from_flickr8k(root, "test")
+    by = pairs.captions_by_image()
+    samples = [Sample(key=p.name, image=str(p), captions=by[i]) for i, p in enumerate(pairs.image_paths)]
+    extract_features(samples, tiny_vision, tiny_text, tmp_path / "feats", FeatureConfig(dtype="float32"),
+                     progress=False)
+    extra = ["--vision-path", str(tiny_vision_dir), "--text-path", str(tiny_text_dir)]
+    assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--features", str(tmp_path / "feats"),
+                 "--out", str(tmp_path / "a")] + extra) == 0
+    assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--data", str(root),
+                 "--out", str(tmp_path / "b")] + extra) == 0
+    a = json.loads((tmp_path / "a" / "retrieval.json").read_text())["metrics"]
+    b = json.loads((tmp_path / "b" / "retrieval.json").read_text())["metrics"]
+    assert a["n_texts"] == b["n_texts"] == 12
+    for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "t2i_median_rank"):
+        assert a[k] == pytest.approx(b[k]), k

@@ -27,7 +27,7 @@ from curate.catalog import Catalog, _params_json
 from curate.concepts import SURFACE_FORMS_DDL
 from curate.match.lexical import LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, naive_match
 from curate.match.semantic import EmbeddingCache, SemanticConfig, TopK, concept_prompt, encode_sorted
-from curate.recipe import RecipeError, Strict
+from curate.recipe import RecipeError, Strict, resolve_path
 
 __all__ = ["MatchConfig", "LexicalConfig", "SemanticConfig", "run_match", "run_lexical", "run_semantic",
            "LexicalMatcher", "choose_senses", "naive_match", "load_form_concepts", "iter_units"]
@@ -163,8 +163,6 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
 
 def _cache_root(cat: Catalog, cfg: SemanticConfig) -> Path:
     if cfg.cache_dir:
-        from curate.recipe import resolve_path
-
         return resolve_path(cfg.cache_dir)
     return cat.path.with_name(cat.path.name + ".cache") / "match_semantic"
 

@@ -30,7 +30,7 @@ import ahocorasick
 import numpy as np
 from pydantic import Field
 
-from curate.concepts import _NON_WORD, normalize
+from curate.concepts import NON_WORD, normalize
 from curate.recipe import RecipeError, Strict
 
 SensePolicy = Literal["all", "first", "imagenet_first"]
@@ -115,7 +115,7 @@ class LexicalMatcher:
         ri: list[int] = []
         rv: list[int] = []
         if self.overlaps == "all" and lemma_texts is None:  # the hot path, kept flat
-            it, sub = self.automaton.iter, _NON_WORD.sub
+            it, sub = self.automaton.iter, NON_WORD.sub
             for i, cap in enumerate(captions):
                 if cap:
                     found = [v for _, v in it(" " + sub(" ", cap.lower()) + " ")]

@@ -14,8 +14,8 @@ Run as ``accelerate launch align/train.py --config recipes/x.yaml [--set train.l
   so a kill never leaves a half-written checkpoint) record epoch and batch position; a rerun resumes from the
   latest one and skips the consumed batches, so kill + resume equals an uninterrupted run.
 * Progress bar with loss, samples/s and the share of time spent waiting for data; logs through accelerate's
-  ``log_with`` (tensorboard when installed, else a JSONL tracker); validation R@1/R@5 on the held-out ``val``
-  split from cached features every ``val_every`` steps / every epoch; export with :class:`align.model.AlignedModel`.
+  ``log_with`` (tensorboard when installed, else a JSONL tracker); validation retrieval R@1/5/10
+  (``align.eval.retrieval``) on the held-out ``val`` split from cached features every ``val_every`` steps / epoch; export with :class:`align.model.AlignedModel`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from torch import nn
 
 from align.config import TrainRecipe, data_id, load_train_recipe
 from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, iter_samples, random_resized_crop
+from align.eval.retrieval import retrieval_metrics
 from align.features import CachedFeatures, FeatureCache, FeatureConfig, cache_key, extract_features
 from align.loss import ContrastiveLoss
 from align.model import AlignedModel, DualProjector
@@ -292,27 +293,8 @@ def warmup_cosine(total: int, warmup: int, min_ratio: float = 0.0):
 # -- validation --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, text_image: torch.Tensor,
-                     ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Image→text and text→image recall@k (%) on normalised embeddings; an image's hit is any of its captions.
-
-    Small stand-in until ``align.eval.retrieval`` is wired in (same definition)."""
-    sim = img @ txt.t()  # [N, M]
-    out: dict[str, float] = {}
-    n, m = sim.shape
-    for k in ks:
-        kk = min(k, m)
-        top_t = sim.topk(kk, dim=1).indices  # [N, kk] caption ids per image
-        hit_i2t = (text_image[top_t] == torch.arange(n, device=sim.device)[:, None]).any(1).float().mean()
-        top_i = sim.t().topk(min(k, n), dim=1).indices  # [M, k] image ids per caption
-        hit_t2i = (top_i == text_image[:, None]).any(1).float().mean()
-        out[f"i2t_R@{k}"] = float(hit_i2t) * 100
-        out[f"t2i_R@{k}"] = float(hit_t2i) * 100
-    return out
-
-
-@torch.no_grad()
 def validate(heads: DualProjector, feats: CachedFeatures, device: torch.device, batch: int = 1024) -> dict[str, float]:
+    """Retrieval R@1/5/10 (%, ``align.eval.retrieval``) of the current heads on cached validation features."""
     was = heads.training
     heads.eval()
     img_x = feats.image_tokens[:, 0] if heads.image_tokens else feats.image[:, 0]
@@ -322,9 +304,9 @@ def validate(heads: DualProjector, feats: CachedFeatures, device: torch.device, 
                        feats.text_mask[i:i + batch].to(device) if heads.text_tokens else None)
             for i in range(0, len(txt_x), batch)]
     heads.train(was)
-    img = torch.nn.functional.normalize(torch.cat(imgs), dim=-1)
-    txt = torch.nn.functional.normalize(torch.cat(txts), dim=-1)
-    res = retrieval_recall(img, txt, feats.text_image.to(device))
+    img = torch.nn.functional.normalize(torch.cat(imgs).float(), dim=-1).cpu().numpy()
+    txt = torch.nn.functional.normalize(torch.cat(txts).float(), dim=-1).cpu().numpy()
+    res = retrieval_metrics(img, txt, feats.text_image.numpy(), ks=(1, 5, 10))
     res["chance_R@1"] = 100.0 / max(1, feats.num_images)
     return res
 

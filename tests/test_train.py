@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from align.cli import main as cli_main
 from align.config import load_train_recipe
-from align.train import EpochPlan, retrieval_recall, train, warmup_cosine
+from align.train import EpochPlan, train, validate, warmup_cosine
 from test_align_data import synthetic_pairs, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def make_recipe(path: Path, vision_dir, text_dir, data_dir, **over) -> Path:
     return path
 
 
-def test_plan_schedule_and_recall_helpers():
+def test_plan_schedule_and_validation(tiny_vision):
     plan = EpochPlan(n=103, global_batch=10, grad_accum=3, seed=0)
     assert plan.batches_per_epoch == 9 and plan.steps_per_epoch == 3
     b0, b0b, b1 = plan.batches(0), plan.batches(0), plan.batches(1)
@@ -78,12 +78,26 @@ def test_plan_schedule_and_recall_helpers():
     f = warmup_cosine(total=100, warmup=10, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) == pytest.approx(0.55)
-    # recall: image 0 has captions 0,1; image 1 has caption 2
-    img = torch.eye(3)[:2]
-    txt = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0.9, 0.1]])
-    r = retrieval_recall(img, txt, torch.tensor([0, 0, 1]), ks=(1, 2))
-    assert r["i2t_R@1"] == 50.0 and r["i2t_R@2"] == 100.0  # image 1's best caption is caption 0 (wrong)
-    assert r["t2i_R@1"] == pytest.approx(200 / 3) and r["t2i_R@2"] == 100.0
+    # validation: identity linear heads on features where caption j describes image j // 2 -> perfect recall;
+    # crop 1 (augmented views) must not be used
+    from align.features import CachedFeatures
+    from align.model import DualProjector
+    from align.projectors import ProjectorConfig
+
+    pc = ProjectorConfig(kind="linear", out_dim=8)
+    heads = DualProjector(pc, pc, 8, 8)
+    for lin in (heads.image.proj, heads.text.proj):
+        torch.nn.init.eye_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    base = torch.eye(8)[:4] + 0.01
+    tix = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    feats = CachedFeatures(image=torch.stack([base, torch.roll(base, 1, 0)], 1), text=base[tix], text_image=tix,
+                           keys=list("abcd"), captions=[""] * 8)
+    r = validate(heads, feats, torch.device("cpu"))
+    assert r["i2t_R@1"] == 100.0 and r["t2i_R@1"] == 100.0 and r["chance_R@1"] == 25.0
+    feats.text_image = torch.tensor([1, 1, 2, 2, 3, 3, 0, 0])  # wrong pairing -> nothing retrieved at rank 1
+    r = validate(heads, feats, torch.device("cpu"))
+    assert r["i2t_R@1"] == 0.0 and r["t2i_R@1"] == 0.0
 
 
 def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision_dir, text_dir, data_dir):

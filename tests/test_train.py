@@ -69,7 +69,7 @@ def make_recipe(path: Path, vision_dir, text_dir, data_dir, **over) -> Path:
     return path
 
 
-def test_plan_schedule_and_validation(tiny_vision):
+def test_plan_schedule_and_validation():
     plan = EpochPlan(n=103, global_batch=10, grad_accum=3, seed=0)
     assert plan.batches_per_epoch == 9 and plan.steps_per_epoch == 3
     b0, b0b, b1 = plan.batches(0), plan.batches(0), plan.batches(1)

@@ -57,7 +57,7 @@ class TrainConfig(Strict):
     output_dir: str
     source: Literal["cache", "encoders"] = "cache"  # cached features (fast) or frozen encoders every step
     epochs: int = Field(15, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # stop after this many optimiser steps (schedule still per epochs)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimiser steps (the LR schedule ends there)
     batch_size: int = Field(1024, ge=2)  # pairs per process per micro-step
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)

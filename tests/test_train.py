@@ -113,6 +113,10 @@ def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision
     assert any("train/samples_per_s" in x for x in log) and any("val/t2i_R@1" in x for x in log)
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-00000042", "step-00000048"]  # keep_checkpoints=2, no temp folders left
+    # `align export` turns the latest checkpoint into the same AlignedModel
+    assert cli_main(["export", "--config", str(rp), "--out", str(tmp_path / "exp")]) == 0
+    a, b = load_file(str(run / "model" / "model.safetensors")), load_file(str(tmp_path / "exp" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a second call resumes from the final checkpoint and does no more steps
     s2 = train(load_train_recipe(rp))
     assert s2["steps"] == s["steps"] and s2["first_loss"] is None

@@ -98,6 +98,38 @@ def ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor
     return out.numpy()
 
 
+def paired_ranks(image_emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch.Tensor,
+                 text_image: Sequence[int] | np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Image→text and text→image ranks from ONE pass over the similarity matrix (chunks of image rows).
+
+    Same definitions as :func:`ranks` (which would need two matrix products): image→text per row as there;
+    text→image per column, counting the wrong images whose score reaches the caption's own image score.
+    """
+    im = _as_tensor(image_emb, "image embeddings")
+    tx = _as_tensor(text_emb, "text embeddings")
+    if im.shape[1] != tx.shape[1]:
+        raise ValueError(f"image embeddings have dim {im.shape[1]} but text embeddings have dim {tx.shape[1]}")
+    owner_np = np.asarray(text_image, dtype=np.int64)
+    n = im.shape[0]
+    rows, cols, offsets = (torch.as_tensor(a) for a in _correct_pairs(np.arange(n), owner_np))
+    owner = torch.as_tensor(owner_np)
+    own_score = (im[owner] * tx).sum(1)                           # each caption's score with its own image
+    t2i = torch.zeros(tx.shape[0], dtype=torch.int64)
+    i2t = torch.empty(n, dtype=torch.int64)
+    txt_t = tx.t().contiguous()
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        sims = im[s:e] @ txt_t                                      # [c, M]
+        r, c = rows[offsets[s]:offsets[e]] - s, cols[offsets[s]:offsets[e]]
+        vals = sims[r, c]
+        best = torch.full((e - s,), float("-inf")).scatter_reduce(0, r, vals, "amax")
+        tied = torch.zeros(e - s, dtype=torch.int64).scatter_add(0, r, (vals >= best[r]).long())
+        i2t[s:e] = (sims >= best[:, None]).sum(1) - tied
+        t2i += (sims >= own_score[None, :]).sum(0)
+        t2i[c] -= (vals >= own_score[c]).long()                     # the caption's own image is not wrong
+    return i2t.numpy(), t2i.numpy()
+
+
 def recall_at(r: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
     """Fraction of queries whose rank is below each K."""
     r = np.asarray(r)
@@ -116,9 +148,7 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: S
     if len(text_image) and (text_image.min() < 0 or text_image.max() >= n_img):
         raise ValueError(f"text_image indexes must lie in [0, {n_img}), got range "
                          f"[{text_image.min()}, {text_image.max()}]")
-    img_ids = np.arange(n_img)
-    r_i2t = ranks(image_emb, text_emb, img_ids, text_image, chunk=chunk)
-    r_t2i = ranks(text_emb, image_emb, text_image, img_ids, chunk=chunk)
+    r_i2t, r_t2i = paired_ranks(image_emb, text_emb, text_image, chunk=chunk)
     out: dict[str, float] = {}
     for name, r in (("i2t", r_i2t), ("t2i", r_t2i)):
         for k, v in recall_at(r, ks).items():

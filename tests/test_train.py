@@ -171,6 +171,41 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_vision_dir, text_di
     assert got["steps"] == ref["steps"] and got["val"] == pytest.approx(ref["val"])
 
 
+def _torchrun(rp: Path, env: dict, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 align/train.py``; on timeout the whole process group is killed."""
+    import signal
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "align" / "train.py"), "--config", str(rp), *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"2-process training timed out: {(out + err)[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_two_cpu_processes(tmp_path, tiny_vision_dir, text_dir, data_dir):
+    """DDP over 2 CPU processes (gloo): global batches are split, every rank's RNG state is checkpointed."""
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, train__epochs=2,
+                     train__batch_size=16)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    p = _torchrun(rp, env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["steps"] == 2 * (200 // 32) and m["samples"] == m["steps"] * 32
+    last = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    assert (last / "random_states_0.pkl").is_file() and (last / "random_states_1.pkl").is_file()
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    # launched with 2 processes but accelerate not told to use them on CPU: refused, not 2 unsynced copies
+    env.pop("ACCELERATE_USE_CPU")
+    p = _torchrun(rp, env, "--set", f"train.output_dir={tmp_path / 'run2'}")
+    assert p.returncode != 0 and "ACCELERATE_USE_CPU" in p.stderr
+
+
 def test_bad_recipes_give_one_line(tmp_path, tiny_vision_dir, text_dir, data_dir, capsys):
     rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir)
     cases = [

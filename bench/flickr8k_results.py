@@ -1,0 +1,197 @@
+"""Flickr8k alignment results: variants x seeds trained from ONE feature cache, one table.
+
+Every variant is a set of recipe overrides on top of ``--config`` (+ ``--set``); every (variant, seed) trains
+projectors from the recipe's feature cache (``align extract`` it first, or let the first run extract it), then
+
+* retrieval: Flickr8k test images (1k) x their captions (5k), from the cached ``val`` features (the training
+  run's own validation, identical to ``align eval --task retrieval --features <cache>/val``);
+* zero-shot: the ImageNet sample, with frozen image features and frozen prompt features computed ONCE per
+  encoder (``<out>/zeroshot-*.npz``) and only the projectors applied per model (token heads: not evaluated).
+
+Writes ``<out>/results.json`` and ``<out>/results.md`` (mean ± std over seeds, and each variant's ratio to the
+first variant, the baseline) and prints the table. Finished runs (``metrics.json`` present) are not retrained,
+so a killed sweep resumes where it stopped.
+
+    python bench/flickr8k_results.py --config recipes/quickstart_align.yaml --seeds 0 1 2 \\
+        --variant mlp= --variant 'linear=projector.image.kind=linear;projector.text.kind=linear' \\
+        --out runs/results/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from align.config import TrainRecipe, load_train_recipe  # noqa: E402
+from curate.recipe import RecipeError  # noqa: E402
+
+COLUMNS = [("t2i_R@1", "T→I R@1"), ("t2i_R@5", "T→I R@5"), ("i2t_R@1", "I→T R@1"), ("i2t_R@5", "I→T R@5"),
+           ("zs_top1", "IN zero-shot top-1"), ("zs_top5", "IN top-5"), ("train_s", "train s")]
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``NAME=key.a=v1;key.b=v2`` → (NAME, overrides); ``NAME=`` is the recipe unchanged."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name:
+        raise RecipeError(f"--variant {spec!r}: expected NAME=override;override (or NAME= for none)")
+    return name, [s.strip() for s in rest.split(";") if s.strip()]
+
+
+class FrozenZeroShot:
+    """Frozen ImageNet-sample image features and prompt features of one (vision, pooling, text) setting, computed
+    once and stored in an ``.npz``; :meth:`evaluate` applies a trained model's projectors only."""
+
+    def __init__(self, recipe: TrainRecipe, data: Path, prompts: str, out: Path):
+        self.recipe, self.data, self.prompts = recipe, data, prompts
+        key = json.dumps([recipe.encoder_name("vision"), recipe.vision.layer, recipe.features.pooling,
+                          recipe.encoder_name("text"), recipe.text.max_length, str(data.resolve()), prompts])
+        self.path = out / f"zeroshot-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+        self._feats: dict[str, Any] | None = None
+
+    def _compute(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        from align.eval.classnames import load_labeled_images
+        from align.eval.prompts import build_prompts
+        from align.train import load_encoders
+
+        labeled = load_labeled_images(self.data)
+        vision, text = load_encoders(self.recipe)
+        image_rows = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(labeled), 32), desc="zero-shot image features", unit="batch"):
+                imgs = [labeled.open(j) for j in range(i, min(i + 32, len(labeled)))]
+                image_rows.append(vision.pool(vision.tokens(vision.preprocess(imgs)),
+                                              self.recipe.features.pooling).float().numpy())
+            per_class = build_prompts(labeled.classnames, self.prompts, labeled.glosses or None)
+            texts = [t for ps in per_class for t in ps]
+            text_rows = []
+            for i in tqdm(range(0, len(texts), 128), desc="zero-shot prompt features", unit="batch"):
+                h, m = text.tokens(texts[i:i + 128])
+                text_rows.append(text.mean_pool(h, m).float().numpy())
+        feats = {"image": np.concatenate(image_rows), "keys": np.array(labeled.keys()),
+                 "labels": np.asarray(labeled.labels), "text": np.concatenate(text_rows),
+                 "n_templates": np.array(len(per_class[0]))}
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, **feats)
+        tmp.replace(self.path)
+        return feats
+
+    def features(self) -> dict[str, Any]:
+        if self._feats is None:
+            self._feats = dict(np.load(self.path)) if self.path.exists() else self._compute()
+        return self._feats
+
+    def evaluate(self, model) -> dict[str, float]:
+        from align.eval.zeroshot import classification_metrics
+
+        f = self.features()
+        t = int(f["n_templates"])
+        emb = model.project_text_features(f["text"])  # [C*T, D], L2-normalised
+        w = emb.reshape(-1, t, emb.shape[-1]).mean(1)
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        img = model.project_image_features(f["image"])
+        m = classification_metrics(img, w, f["labels"])
+        return {"zs_top1": m["top1"], "zs_top5": m["top5"]}
+
+
+def run_one(config: str, overrides: list[str], out_dir: Path, zeroshot: FrozenZeroShot | None) -> dict[str, Any]:
+    """Train (unless finished) and evaluate one (variant, seed); returns its flat metrics."""
+    from align.model import AlignedModel
+    from align.train import train
+
+    done = out_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    recipe = load_train_recipe(config, overrides + [f"train.output_dir={out_dir}", "train.progress=false"])
+    t0 = time.perf_counter()
+    s = train(recipe, resume="never" if not (out_dir / "metrics.json").exists() else "auto")
+    row: dict[str, Any] = {"train_s": time.perf_counter() - t0, "steps": s["steps"], "num_pairs": s["num_pairs"],
+                           "first_loss": s["first_loss"], "last_loss": s["last_loss"],
+                           "temperature": s["temperature"], **{k: v for k, v in (s["val"] or {}).items()}}
+    tokens = "token" in (recipe.projector.image.kind, recipe.projector.text.kind)
+    if zeroshot is not None and not tokens:
+        row.update(zeroshot.evaluate(AlignedModel.from_pretrained(out_dir / "model")))
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def summarise(results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Markdown table (mean ± std over seeds, ratio to the first variant) and the JSON summary."""
+    summary: dict[str, Any] = {}
+    for name, rows in results.items():
+        summary[name] = {}
+        for key, _ in COLUMNS:
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                summary[name][key] = {"mean": statistics.fmean(vals),
+                                      "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+    base = next(iter(summary.values()), {})
+    head = "| variant | seeds | " + " | ".join(h for _, h in COLUMNS) + " | T→I R@1 vs baseline |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for name, cols in summary.items():
+        cells = [f"{cols[k]['mean']:.1f} ± {cols[k]['std']:.1f}" if k in cols else "—" for k, _ in COLUMNS]
+        ratio = (f"{cols['t2i_R@1']['mean'] / base['t2i_R@1']['mean']:.2f}×"
+                 if "t2i_R@1" in cols and base.get("t2i_R@1", {}).get("mean") else "—")
+        lines.append(f"| {name} | {len(results[name])} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n", summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "recipes" / "quickstart_align.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="NAME=key=value;key=value (repeatable; the first is the baseline); default: the recipe")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--imagenet", default=None, help="ImageNet sample folder (default $TETHER_SHARED/data/"
+                   "imagenet-sample); 'none' skips zero-shot")
+    p.add_argument("--prompts", default="photo", help="prompt set for zero-shot (photo | clip80 | ...)")
+    p.add_argument("--out", default="runs/results/flickr8k")
+    args = p.parse_args(argv)
+    try:
+        from curate.recipe import shared_dir
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        variants = [parse_variant(v) for v in args.variant] or [("recipe", [])]
+        imagenet = Path(args.imagenet) if args.imagenet else shared_dir() / "data" / "imagenet-sample"
+        results: dict[str, list[dict[str, Any]]] = {}
+        for name, sets in variants:
+            ov = list(args.set) + sets
+            zs = None
+            if args.imagenet != "none":
+                if not imagenet.is_dir():
+                    raise RecipeError(f"{imagenet}: no ImageNet sample (pass --imagenet DIR or --imagenet none)")
+                zs = FrozenZeroShot(load_train_recipe(args.config, ov), imagenet, args.prompts, out)
+            for seed in args.seeds:
+                row = run_one(args.config, ov + [f"train.seed={seed}"], out / name / f"seed{seed}", zs)
+                results.setdefault(name, []).append({"seed": seed, **row})
+                print(f"{name} seed {seed}: " + ", ".join(f"{k} {row[k]:.1f}" for k, _ in COLUMNS if k in row),
+                      flush=True)
+        table, summary = summarise(results)
+        meta = {"command": " ".join(["python", "bench/flickr8k_results.py", *(argv or sys.argv[1:])]),
+                "config": args.config, "set": args.set, "variants": dict(variants), "seeds": args.seeds}
+        (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=2))
+        (out / "results.md").write_text(f"`{meta['command']}`\n\n{table}")
+        print(table)
+        return 0
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

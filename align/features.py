@@ -9,7 +9,7 @@ Tensors of a shard (``n`` kept images, ``m`` kept captions, ``K`` crops)::
 
     image         [n, K, Dv]      pooled vision features (crop 0 = the processor's plain view, 1.. = random crops)
     image_tokens  [n, K, T, Dv]   optional token grids (prefix tokens first, then patches)
-    text          [m, Dt]         mask-mean-pooled text features
+    text          [m, Dt]         pooled text features (the text encoder's own pooling: mean, cls or max)
     text_image    [m]             index of each caption's image inside the shard
     text_tokens   [m, L, Dt]      optional per-token text states, ``text_mask`` [m, L]
 
@@ -65,14 +65,12 @@ def _sha(obj: Any) -> str:
 
 def cache_key(vision, text, cfg: FeatureConfig, data: dict | None = None) -> dict[str, Any]:
     """Everything that determines the cached features (compared field by field by :meth:`FeatureCache.check`)."""
-    proc = vision.processor.to_dict() if hasattr(vision.processor, "to_dict") else repr(vision.processor)
-    if isinstance(proc, dict):
-        proc = {k: v for k, v in proc.items() if k not in ("_processor_class", "processor_class")}
+    proc = vision.preprocessing  # the processor's config (+ backbone specifics), without class names
     return {
         "vision": {"name": vision.name, "fingerprint": vision.fingerprint, "layer": vision.layer,
                    "dtype": str(vision.dtype).replace("torch.", ""), "preprocess": _sha(proc)},
         "text": {"name": text.name, "fingerprint": text.fingerprint, "max_length": text.max_length,
-                 "dtype": str(text.dtype).replace("torch.", ""), "pooling": "mean"},
+                 "dtype": str(text.dtype).replace("torch.", ""), "pooling": getattr(text, "pooling", "mean")},
         "pooling": cfg.pooling, "tokens": cfg.tokens, "crops": cfg.crops,
         "crop_scale": list(cfg.crop_scale) if cfg.crops > 1 else None, "seed": cfg.seed if cfg.crops > 1 else None,
         "dtype": cfg.dtype, "data": data or {},
@@ -253,7 +251,7 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
     tpool, ttok, tmask = [], [], []
     for i in range(0, len(captions), bs):
         h, m = text.tokens(captions[i:i + bs])
-        tpool.append(text.mean_pool(h, m).to(store))
+        tpool.append(text.pool(h, m).to(store))
         if cfg.tokens:
             ttok.append(h.to(store))
             tmask.append(m.to(torch.int8))

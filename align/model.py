@@ -192,7 +192,7 @@ class AlignedModel(nn.Module):
         out = [np.zeros((0, self.config["embed_dim"]), np.float32)]
         for i in range(0, len(texts), batch_size):
             h, m = enc.tokens(texts[i:i + batch_size])
-            x = h if self.heads.text_tokens else enc.mean_pool(h, m)
+            x = h if self.heads.text_tokens else enc.pool(h, m)
             out.append(_np(self.heads.text(x.float(), m if self.heads.text_tokens else None)))
         return np.concatenate(out)
 

@@ -250,7 +250,7 @@ class EncoderBatches:
                 t = self.vision.tokens(b["pixels"].to(self.device))
                 img = t if self.tokens_image else self.vision.pool(t, self.pooling)
                 h, m = self.text.tokens(b["captions"])
-                txt = h if self.tokens_text else self.text.mean_pool(h, m)
+                txt = h if self.tokens_text else self.text.pool(h, m)
             yield {"image": img.float(), "text": txt.float(), "text_mask": m if self.tokens_text else None,
                    "image_ids": b["image_ids"].to(self.device), "skipped": b["skipped"]}
 

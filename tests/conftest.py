@@ -69,7 +69,7 @@ def tiny_text_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_text")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(TINY_WORDS)) + list("abcdefghijklmnopqrstuvwxyz")
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(d)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

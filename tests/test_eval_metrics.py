@@ -351,3 +351,17 @@ def test_hf_dataset_label_column(tmp_path):
 
     with pytest.raises(RecipeError, match="no column"):
         from_hf_dataset(plain, label_column="label")
+
+
+def test_spearman_and_ranking_agreement():
+    from align.eval.select import ranking_agreement, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share average ranks: a = ranks (0.5, 0.5, 2, 3) vs b = (0, 1, 2, 3) -> rho = 0.9486833
+    assert spearman([5, 5, 7, 9], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    rows = [{"linear_cka": c, "unbiased_cka": c, "mutual_knn": c, "val_loss": 3 - c, "val_t2i_R@1": 10 * c}
+            for c in (0.1, 0.5, 0.9)]
+    agree = ranking_agreement(rows)
+    assert agree["linear_cka_vs_val_loss"] == pytest.approx(1.0)          # lower loss = better: sign flipped
+    assert agree["mutual_knn_vs_val_t2i_R@1"] == pytest.approx(1.0)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from align.eval.prompts import PROMPT_SETS
 from curate.recipe import RecipeError, load_recipe, parse
 
 
@@ -210,7 +211,7 @@ def register(subparsers) -> None:
     e.add_argument("--data", help="Flickr8k-style folder / image,caption CSV|JSONL (retrieval); ImageFolder, "
                                   "wnid-prefixed folder or saved HF dataset (zeroshot)")
     e.add_argument("--split", default="test")
-    e.add_argument("--prompts", default="clip80", help="clip80 | photo | wordnet | clip80+wordnet")
+    e.add_argument("--prompts", default="clip80", choices=list(PROMPT_SETS), help="zero-shot prompt set")
     e.add_argument("--features", help="cached frozen features (align extract folder or .npz with features+keys)")
     e.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many images")
     e.add_argument("--seed", type=int, default=0)

@@ -77,7 +77,7 @@ def write_selection(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
         cols += ["val_loss", "val_t2i_R@1", "val_i2t_R@1"]
     md = [f"# Encoder-pair selection\n\nData: `{meta.get('data')}` split `{meta.get('split')}`, "
           f"{meta.get('n_images')} images / {meta.get('n_captions')} captions; ranked by "
-          f"`{meta.get('rank_by')}` (mutual kNN with k = {meta.get('knn_k')}).\n",
+          f"`{meta.get('rank_by')}` (mutual kNN with k = {meta.get('knn_k')}).\n\n",
           markdown_table(rows, cols)]
     agree = result.get("agreement") or {}
     if agree:

@@ -244,14 +244,24 @@ def _fit_linear_probe(X: np.ndarray, Y: np.ndarray, dim: int, steps: int, lr: fl
     return probe
 
 
+def _avg_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 with tied values sharing their average rank."""
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x), dtype=float)
+    _, inv = np.unique(x, return_inverse=True)
+    sums = np.bincount(inv, weights=r)
+    return (sums / np.bincount(inv))[inv]
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 items or constant input."""
-    from scipy.stats import spearmanr
-
+    a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3:
         return float("nan")
-    r = spearmanr(np.asarray(a, float), np.asarray(b, float)).statistic
-    return float(r)
+    ra, rb = _avg_ranks(a) - (len(a) - 1) / 2, _avg_ranks(b) - (len(b) - 1) / 2
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ def bench_cka(n: int, d: int, baseline_n: int) -> None:
     linear_cka(X[:500], Y[:500])
     v, t = _t(lambda: linear_cka(X, Y))
     print(f"[cka] feature-space linear CKA {n}x{d} (fp32 in, fp64 centring+products): {t:.3f} s  (value {v:.6f})")
+    v32, t32 = _t(lambda: linear_cka(X, Y, products="float32"))
+    print(f"[cka] same with products='float32' (centring still fp64): {t32:.3f} s  (|diff| to fp64 {abs(v32 - v):.1e})")
     Xb, Yb = X[:baseline_n], Y[:baseline_n]
     vb, tb = _t(lambda: linear_cka_gram(Xb, Yb))
     vf, tf = _t(lambda: linear_cka(Xb, Yb))

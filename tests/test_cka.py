@@ -60,6 +60,8 @@ def test_fp32_and_fp64_agree_on_badly_centred_inputs(feats):
         a, b = fn(X64, Y64), fn(X32, Y32)
         assert abs(a - b) < 1e-5, (fn.__name__, a, b)
         assert fn(X, Y) == pytest.approx(a, abs=1e-9)                     # offsets removed exactly
+    # the faster float32-product option: centring in float64 is what matters
+    assert abs(linear_cka(X32, Y32, products="float32") - linear_cka(X64, Y64)) < 1e-5
     # the failure mode the centring avoids: HSIC_1 of uncentred float32 kernels is off by orders of magnitude
     naive32 = _naive_hsic1(X32, Y32)
     assert abs(naive32 - hsic1(X, Y)) > 0.5 * abs(hsic1(X, Y))

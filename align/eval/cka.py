@@ -45,20 +45,29 @@ def center(X: np.ndarray) -> np.ndarray:
 
 def _gram_fro(Xc: np.ndarray) -> float:
     """``||Xc^T Xc||_F`` using the smaller of the two Gram matrices (same non-zero spectrum)."""
-    g = Xc.T @ Xc if Xc.shape[1] <= Xc.shape[0] else Xc @ Xc.T
+    g = (Xc.T @ Xc if Xc.shape[1] <= Xc.shape[0] else Xc @ Xc.T).astype(np.float64)
     return float(np.sqrt(np.sum(g * g)))
 
 
-def linear_cka(X: np.ndarray, Y: np.ndarray) -> float:
-    """Linear CKA in the feature-space form, centred and accumulated in float64. Returns 0 for constant input."""
+def linear_cka(X: np.ndarray, Y: np.ndarray, products: str = "float64") -> float:
+    """Linear CKA in the feature-space form. Returns 0 for constant input.
+
+    Always centred in float64. ``products="float64"`` (default) also accumulates the d×d products in float64;
+    ``"float32"`` runs them as float32 GEMMs on the centred data (about 2× faster, relative error ~1e-6 —
+    the offset problem is removed by the centring, not by the product precision).
+    """
+    if products not in ("float64", "float32"):
+        raise ValueError(f"products must be 'float64' or 'float32', got {products!r}")
     X, Y = _pair(X, Y)
     Xc, Yc = center(X), center(Y)
+    if products == "float32":
+        Xc, Yc = Xc.astype(np.float32), Yc.astype(np.float32)
     if Xc.shape[0] < max(Xc.shape[1], Yc.shape[1]):
         # fewer items than features: the n×n Grams are the cheap side
-        K, L = Xc @ Xc.T, Yc @ Yc.T
+        K, L = (Xc @ Xc.T).astype(np.float64), (Yc @ Yc.T).astype(np.float64)
         num, dx, dy = float(np.sum(K * L)), float(np.linalg.norm(K)), float(np.linalg.norm(L))
     else:
-        cross = Yc.T @ Xc
+        cross = (Yc.T @ Xc).astype(np.float64)
         num, dx, dy = float(np.sum(cross * cross)), _gram_fro(Xc), _gram_fro(Yc)
     den = dx * dy
     return num / den if den > 0 else 0.0

@@ -255,22 +255,6 @@ class PairedSet:
         return cls.from_table(p)
 
 
-def evaluate_retrieval(encode_image: Callable[[list], np.ndarray], encode_text: Callable[[list[str]], np.ndarray],
-                       pairs: PairedSet, batch_size: int = 64, image_features: np.ndarray | None = None,
-                       ks: Sequence[int] = DEFAULT_KS, progress: bool = True) -> dict[str, float]:
-    """Embed ``pairs`` with the two callables and compute :func:`retrieval_metrics`.
-
-    ``encode_image`` receives a list of PIL images (or, when ``image_features`` is given, is skipped and those
-    already-embedded rows are used: evaluation from cached features).
-    """
-    if image_features is None:
-        image_features = embed_images(encode_image, pairs.image_paths, batch_size, progress)
-    if len(image_features) != len(pairs):
-        raise ValueError(f"{len(image_features)} image embeddings for {len(pairs)} images")
-    txt = encode_text(pairs.captions)
-    return retrieval_metrics(normalize(image_features), normalize(txt), pairs.caption_image, ks)
-
-
 def embed_images(encode_image: Callable[[list], np.ndarray], paths: Sequence[Any], batch_size: int = 64,
                  progress: bool = True, cache_dir: str | Path | None = None, opener: Callable[[Any], Any] | None = None,
                  desc: str = "embed images") -> np.ndarray:

@@ -1,8 +1,8 @@
 """Class names (and WordNet glosses) for zero-shot classification, and labelled image sets.
 
 ImageNet wnids → names come from WordNet lemmas. Source order: timm's data files
-(``timm/data/_info/imagenet_synset_to_lemma.txt`` / ``imagenet_synset_to_definition.txt``, located by path via
-``importlib.util.find_spec`` — timm is never imported, it needs torchvision), else the WordNet 3.0 dictionary
+(``timm/data/_info/imagenet_synset_to_lemma.txt`` / ``imagenet_synset_to_definition.txt``, located by
+:func:`curate.resources.timm_info_dir` — timm is never imported, it needs torchvision), else the WordNet 3.0 dictionary
 (``/usr/share/wordnet/data.noun`` from Debian ``wordnet-base``, or ``$WNHOME/dict``), where a wnid's offset is
 the byte offset of its synset line.
 
@@ -13,7 +13,6 @@ column and a label column (``ClassLabel`` names used when present).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,22 +23,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from curate.recipe import RecipeError
+from curate.resources import TIMM_HELP
+from curate.resources import timm_info_dir as _timm_dir
 
 WNID = re.compile(r"^n\d{8}$")
 WNID_PREFIX = re.compile(r"^(n\d{8})(?:[_\-.]|$)")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def timm_info_dir() -> Path | None:
-    """``timm/data/_info`` of an installed timm (without importing it), or None."""
-    try:
-        spec = importlib.util.find_spec("timm")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0]) / "data" / "_info"
-    return d if d.is_dir() else None
 
 
 def _read_tsv(path: Path) -> dict[str, str]:
@@ -53,7 +42,7 @@ def _read_tsv(path: Path) -> dict[str, str]:
 
 @lru_cache(maxsize=None)
 def _timm_tables() -> tuple[dict[str, str], dict[str, str]] | None:
-    d = timm_info_dir()
+    d = _timm_dir(required=False)
     if d is None:
         return None
     lem, dfn = d / "imagenet_synset_to_lemma.txt", d / "imagenet_synset_to_definition.txt"
@@ -94,7 +83,7 @@ def wnid_lemmas(wnid: str) -> list[str]:
         return [s.strip() for s in t[0][wnid].split(",") if s.strip()]
     syn = _wordnet_synset(wnid)
     if syn is None:
-        raise RecipeError(f"{wnid}: unknown WordNet id (install timm --no-deps or Debian wordnet-base)")
+        raise RecipeError(f"{wnid}: unknown WordNet id (install timm's data files or Debian wordnet-base)")
     return syn[0]
 
 
@@ -109,10 +98,10 @@ def wnid_gloss(wnid: str) -> str | None:
 
 def imagenet_wnids() -> list[str]:
     """The 1,000 ImageNet-1k wnids in the standard (sorted) label order."""
-    d = timm_info_dir()
+    d = _timm_dir(required=False)
     if d is not None and (d / "imagenet_synsets.txt").exists():
         return [ln.strip() for ln in (d / "imagenet_synsets.txt").read_text().splitlines() if ln.strip()]
-    raise RecipeError("ImageNet-1k class list needs timm's data files (pip install --no-deps timm)")
+    raise RecipeError(f"ImageNet-1k class list needs timm's data files: {TIMM_HELP}")
 
 
 def names_for_wnids(wnids: Sequence[str]) -> list[str]:

@@ -116,9 +116,12 @@ def run_one(config: str, overrides: list[str], out_dir: Path, zeroshot: FrozenZe
     if done.exists():
         return json.loads(done.read_text())
     recipe = load_train_recipe(config, overrides + [f"train.output_dir={out_dir}", "train.progress=false"])
+    metrics = out_dir / "metrics.json"  # written when training finished (killed later, e.g. in zero-shot)
+    trained_before = metrics.exists()
     t0 = time.perf_counter()
-    s = train(recipe, resume="never" if not (out_dir / "metrics.json").exists() else "auto")
-    row: dict[str, Any] = {"train_s": time.perf_counter() - t0, "steps": s["steps"], "num_pairs": s["num_pairs"],
+    s = json.loads(metrics.read_text()) if trained_before else train(recipe)  # train() resumes a killed run
+    row: dict[str, Any] = {"train_s": None if trained_before else time.perf_counter() - t0,
+                           "steps": s["steps"], "num_pairs": s["num_pairs"],
                            "first_loss": s["first_loss"], "last_loss": s["last_loss"],
                            "temperature": s["temperature"], **{k: v for k, v in (s["val"] or {}).items()}}
     tokens = "token" in (recipe.projector.image.kind, recipe.projector.text.kind)
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 row = run_one(args.config, ov + [f"train.seed={seed}"], out / name / f"seed{seed}", zs)
                 results.setdefault(name, []).append({"seed": seed, **row})
-                print(f"{name} seed {seed}: " + ", ".join(f"{k} {row[k]:.1f}" for k, _ in COLUMNS if k in row),
+                print(f"{name} seed {seed}: " + ", ".join(f"{k} {row[k]:.1f}" for k, _ in COLUMNS if row.get(k) is not None),
                       flush=True)
         table, summary = summarise(results)
         meta = {"command": " ".join(["python", "bench/flickr8k_results.py", *(argv or sys.argv[1:])]),

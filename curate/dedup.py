@@ -198,26 +198,26 @@ def greedy_near_dups(emb: np.ndarray, threshold: float, index=None) -> tuple[np.
     """Greedy near-dup pass over one chunk of L2-normalized embeddings in order.
 
     ``index`` (a faiss IndexFlatIP, possibly empty) holds the embeddings kept in EARLIER chunks. Returns
-    ``ref`` (per row: -1 if kept, else the id of the kept row it duplicates; ids ≥ index.ntotal refer to rows of
+    ``ref`` (per row: -1 if kept, else the id of the MOST similar earlier kept row it duplicates; ids ≥ index.ntotal refer to rows of
     this chunk as ``index.ntotal + i``) and the boolean kept mask. Kept rows are added to ``index``.
     """
     n = emb.shape[0]
     base = index.ntotal if index is not None else 0
     ref = np.full(n, -1, dtype=np.int64)
+    best = np.full(n, -np.inf, dtype=np.float64)  # similarity of the best earlier KEPT row found so far
     if index is not None and base:
         d, i = index.search(emb, 1)
-        hit = d[:, 0] >= threshold
-        ref[hit] = i[hit, 0]
+        best[:], ref[:] = d[:, 0], i[:, 0]
     sims = emb @ emb.T
-    kept = ref < 0
+    kept = np.zeros(n, dtype=bool)
     for i in range(n):
-        if not kept[i]:
-            continue
-        js = np.flatnonzero(sims[i, :i] >= threshold)
-        js = js[kept[js]]
+        js = np.flatnonzero(kept[:i] & (sims[i, :i] >= threshold))
         if js.size:
-            kept[i] = False
-            ref[i] = base + int(js[np.argmax(sims[i, js])])
+            j = int(js[np.argmax(sims[i, js])])
+            if sims[i, j] > best[i]:
+                best[i], ref[i] = sims[i, j], base + j
+        kept[i] = not best[i] >= threshold
+    ref[kept] = -1
     if index is not None:
         index.add(emb[kept])
     return ref, kept

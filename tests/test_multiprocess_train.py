@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from test_align_data import synthetic_pairs, write_shard

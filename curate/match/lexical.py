@@ -6,7 +6,7 @@ sides) and each caption is scanned once as ``" " + normalize(caption) + " "``: a
 whole-word occurrence (``cathedral`` never yields ``cat``) and the cost per caption no longer grows with the
 number of forms. Plurals are handled on the concept side (the bank holds ``dogs`` for ``dog``); optional
 spaCy lemmatization of captions (``lemmatize: true``) additionally catches inflections the bank lacks, at the
-cost measured in ``docs/bench_match.md``.
+cost measured in ``docs/benchmarks.md``.
 
 Ambiguity (one form naming several synsets, e.g. ``crane`` the bird and the machine) follows ``senses``:
 

@@ -48,7 +48,7 @@ def concept_prompt(template: str, name: str, lemmas: Sequence[str] | None, gloss
 
 def encode_sorted(encoder, texts: Sequence[str], batch_size: int = 256, bar=None) -> np.ndarray:
     """L2-normalized embeddings of ``texts`` in input order, encoded in length order so that each batch pads
-    to similar lengths (less padding; measured in docs/bench_match.md). ``bar``: a tqdm bar advanced
+    to similar lengths (less padding; measured in docs/benchmarks.md). ``bar``: a tqdm bar advanced
     by the number of texts after each batch."""
     order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     parts = []

@@ -8,10 +8,10 @@ user input print ``error: <one line>`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
+from curate.clikit import add_plugins, run_command
 from curate.recipe import RecipeError
 
 PLUGINS = ["align.eval.cli"]
@@ -89,34 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.set_defaults(func=_export)
 
-    for name in PLUGINS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name and (name == err.name or name.startswith(err.name + ".")):
-                continue  # plugin not installed / not written yet
-            raise
-        register = getattr(mod, "register", None)
-        if callable(register):
-            register(sub)
+    add_plugins(sub, PLUGINS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e.filename or e}: not found", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 if __name__ == "__main__":
     sys.exit(main())

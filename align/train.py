@@ -51,6 +51,7 @@ from align.eval.retrieval import retrieval_metrics
 from align.features import CachedFeatures, FeatureCache, FeatureConfig, cache_key, extract_features
 from align.loss import ContrastiveLoss
 from align.model import AlignedModel, DualProjector
+from curate.clikit import run_command
 from curate.recipe import RecipeError
 
 CKPT_PREFIX = "step-"
@@ -611,12 +612,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    return run_command(run, args)
 
 if __name__ == "__main__":
     sys.exit(main())

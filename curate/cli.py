@@ -11,16 +11,12 @@ with ``parser.set_defaults(func=handler)``; ``handler(args)`` returns an exit st
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 from pathlib import Path
 
+from curate.clikit import UserError, add_plugins, run_command
+
 PLUGINS = ["curate.media"]
-
-
-class UserError(Exception):
-    """A one-line problem with the user's input."""
 
 
 def _catalog_path(build: str) -> Path:
@@ -184,45 +180,13 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=cmd_preview)
 
-    for mod in PLUGINS:
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        except Exception as e:  # noqa: BLE001 - a broken plugin must not take the core commands down
-            print(f"warning: plugin {mod} failed to import: {_one_line(e)}", file=sys.stderr)
-            continue
-        reg = getattr(m, "register", None)
-        if callable(reg):
-            reg(sub)
+    add_plugins(sub, PLUGINS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     args = make_parser().parse_args(argv)
-    try:
-        rc = args.func(args)
-    except KeyboardInterrupt:
-        print("error: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user, traceback only on request
-        if os.environ.get("TETHER_DEBUG"):
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
-
-
-def _one_line(e: Exception) -> str:
-    from curate.recipe import RecipeError
-
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, (RecipeError, UserError)):
-        return msg
-    if isinstance(e, FileNotFoundError):
-        return f"file not found: {e.filename or msg}"
-    return f"{type(e).__name__}: {msg}"
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from curate.catalog import Catalog
 from curate.download import (DOWNLOADS_SCHEMA, MEDIA_ROWS_SCHEMA, DownloadConfig, download_counts, load_selection,
                              retry_failed, run_download)
 from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
+from curate.clikit import run_command
 from curate.recipe import RecipeError, Strict, parse, read_yaml
 from curate.shards import ShardConfig, run_shards
 
@@ -250,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m curate.media")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
-
+    return run_command(args.func, args)
 
 if __name__ == "__main__":
     sys.exit(main())

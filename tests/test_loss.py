@@ -19,13 +19,8 @@ TXT = [[1.0, 0.2, 0.1], [0.5, 0.5, 0.0], [-0.3, 1.0, 0.4], [0.2, 0.1, 0.9]]
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tensors are tiny: one intra-op thread is as fast and avoids OpenMP spin-waits when the 2 cores are
-    shared with other jobs (20x slowdowns measured). Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_tensors(one_torch_thread):
+    """Tiny tensors: one intra-op thread (see the conftest fixture)."""
 
 
 def _unit(rows):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from align.eval.prompts import PROMPT_SETS
+from curate.clikit import run_command
 from curate.recipe import RecipeError, load_recipe, parse
 
 
@@ -247,15 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m align.eval.cli", description="tether evaluation")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (RecipeError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e.filename or e}: not found", file=sys.stderr)
-        return 2
-
+    return run_command(args.func, args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The offline quickstart: curate → shards → frozen features → projectors → evaluation, on the shared Flickr8k
+# photos and ImageNet sample. Run from anywhere after `bash .ci/install`; outputs go to runs/quickstart/.
+# Each step resumes when interrupted: rerun the script. Step-by-step explanation: docs/quickstart.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+S="${TETHER_SHARED:-$(cd .. && pwd)/shared}"
+F="$S/data/flickr8k"
+for need in "$F/captions.txt" "$F/train_images.txt" "$F/images" "$S/data/imagenet-sample"; do
+  if [ ! -e "$need" ]; then
+    echo "error: $need not found: set TETHER_SHARED to the folder holding data/flickr8k and data/imagenet-sample" >&2
+    exit 2
+  fi
+done
+export TETHER_SHARED="$S"
+OUT=runs/quickstart
+mkdir -p "$OUT"
+
+# 0. only the TRAIN split's captions (the test images stay unseen until evaluation)
+grep -F -f <(tr -d '\r' < "$F/train_images.txt") "$F/captions.txt" > "$OUT/train_captions.txt"
+
+# 1. curate: captions → ImageNet/WordNet concepts → lexical matching → t-balancing → image dedup → shards
+curate build recipes/quickstart_curate.yaml --out "$OUT/curate" \
+  --set sources.0.path="$PWD/$OUT/train_captions.txt" --set sources.0.image_root="$(realpath "$F/images")" \
+  --set balance.t=30 --set 'media={shards: {samples_per_shard: 1000}}'
+
+# 2. frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features of the shards and of the Flickr8k test split
+align extract --config recipes/quickstart_align.yaml
+# 3. train the two projectors from the cached features
+align train --config recipes/quickstart_align.yaml
+# 4. retrieval: 1,000 Flickr8k test images × 5,000 captions, from the cached test features
+align eval "$OUT/align/model" --task retrieval --features "$OUT/cache/val" --out "$OUT/eval"
+# 5. zero-shot: 1,000-class ImageNet sample
+align eval "$OUT/align/model" --task zeroshot --data "$S/data/imagenet-sample" --prompts photo --out "$OUT/eval"
+
+cat "$OUT/eval/retrieval.md" "$OUT/eval/zeroshot.md"

@@ -140,15 +140,17 @@ class TrainState:
     batch: int = 0  # micro-batches of ``epoch`` already consumed
     step: int = 0  # optimiser steps done
     samples: int = 0  # pairs seen (global)
+    device_seconds: float = 0.0  # training-loop wall time × processes, summed over every (resumed) run
     val: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "samples": self.samples,
-                "val": self.val}
+                "device_seconds": self.device_seconds, "val": self.val}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.batch, self.step = int(d["epoch"]), int(d["batch"]), int(d["step"])
         self.samples, self.val = int(d["samples"]), dict(d.get("val", {}))
+        self.device_seconds = float(d.get("device_seconds", 0.0))
 
 
 # -- batch providers ------------------------------------------------------------------------------------------------
@@ -508,6 +510,7 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
                disable=not (tc.progress and accelerator.is_local_main_process), dynamic_ncols=True)
     losses: list[float] = []
     t_start, data_wait, seen_here = time.perf_counter(), 0.0, 0
+    t_last = t_start
     last_logs: dict[str, float] = {}
     done = state.step >= total_steps
     unwrapped = accelerator.unwrap_model(task)
@@ -546,7 +549,10 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.samples += tc.batch_size * world * tc.grad_accum
-            elapsed = time.perf_counter() - t_start
+            now = time.perf_counter()
+            state.device_seconds += (now - t_last) * world
+            t_last = now
+            elapsed = now - t_start
             if state.step % tc.log_every == 0 or state.step == total_steps:
                 rate = seen_here / max(elapsed, 1e-9)
                 bar.set_postfix(loss=f"{last_logs.get('loss', float('nan')):.3f}", sps=f"{rate:.0f}",
@@ -581,6 +587,9 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
         "data_wait_frac": data_wait / max(time.perf_counter() - t_start, 1e-9),
         "temperature": float(unwrapped.loss.temperature.item()), "val": state.val, "skips": skips.as_dict(),
         "num_pairs": provider.num_pairs, "processes": world,
+        # the paper's data / compute claims made checkable: pairs seen and accelerator-hours, over all resumes
+        "pairs_seen": state.samples, "device": device.type,
+        "device_hours": state.device_seconds / 3600.0,
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -588,7 +597,9 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
                                         pooling=recipe.features.pooling, temperature=summary["temperature"])
         model.save_pretrained(out_dir / "model")
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(f"done: {state.step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
+        accelerator.print(f"done: {state.step} steps, {state.samples:,} pairs seen, "
+                          f"{summary['device_hours']:.4f} {device.type}-process-hours, "
+                          f"loss {summary['first_loss']} -> {summary['last_loss']}, "
                           f"val {state.val}, skipped {skips}; model in {out_dir / 'model'}")
     accelerator.end_training()
     return summary

@@ -104,6 +104,7 @@ def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision
     rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir)
     s = train(load_train_recipe(rp))
     assert s["steps"] == 8 * (200 // 32) and s["num_pairs"] == 200
+    assert s["pairs_seen"] == s["steps"] * 32 and s["device"] == "cpu" and 0 < s["device_hours"] < 1
     assert s["last_loss"] < s["first_loss"] - 0.5
     assert s["val"]["t2i_R@5"] > 3 * 5 * s["val"]["chance_R@1"]  # chance R@5 = 5/70
     assert s["skips"]["counts"] == {"corrupt_image": 1, "empty_caption": 1}
@@ -120,6 +121,7 @@ def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision
     # a second call resumes from the final checkpoint and does no more steps
     s2 = train(load_train_recipe(rp))
     assert s2["steps"] == s["steps"] and s2["first_loss"] is None
+    assert s2["pairs_seen"] == s["pairs_seen"] and s2["device_hours"] == s["device_hours"]  # carried by the checkpoint
 
 
 def test_token_heads_and_encoder_path(tmp_path, tiny_vision_dir, text_dir, data_dir):

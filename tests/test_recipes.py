@@ -1,0 +1,34 @@
+"""Every shipped recipe parses into its typed model (no unknown keys, right types), and keeps the settings the
+docs promise for it. File existence is not checked here: full-scale inputs are not on this machine."""
+
+from pathlib import Path
+
+import pytest
+
+from align.config import TrainRecipe
+from curate.config import BuildRecipe
+from curate.recipe import parse, read_yaml
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_dinov2_roberta": TrainRecipe,
+        "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe}
+
+
+def test_every_recipe_is_known():
+    assert {p.stem for p in RECIPES.glob("*.yaml")} == set(KIND)
+
+
+@pytest.mark.parametrize("name", sorted(KIND))
+def test_recipe_parses(name):
+    parse(KIND[name], read_yaml(RECIPES / f"{name}.yaml"), name)
+
+
+def test_paper_settings():
+    r = parse(TrainRecipe, read_yaml(RECIPES / "align_dinov2_roberta.yaml"), "paper")
+    assert r.vision.name == "facebook/dinov2-large" and r.text.name.endswith("all-roberta-large-v1")
+    assert r.projector.image.kind == r.projector.text.kind == "token"
+    assert r.projector.image.out_dim == 1024 and r.projector.image.dropout == 0.1
+    assert (r.train.lr, r.train.weight_decay, r.train.batch_size, r.train.epochs) == (1e-3, 0.02, 1800, 15)
+    assert "shard-" in str(r.data.path)  # the names `curate shard` writes
+    b = parse(BuildRecipe, read_yaml(RECIPES / "concept_rich.yaml"), "concept_rich")
+    assert b.media is not None and b.concepts.imagenet1k

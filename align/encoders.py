@@ -50,16 +50,22 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _fingerprint(name: str, model: torch.nn.Module) -> str:
-    """Identity of a frozen encoder's weights: config + a checksum over every parameter (cheap, exact)."""
+    """Identity of a frozen encoder's weights: config + a checksum over every parameter (cheap, exact).
+
+    Device- and dtype-independent: the sums are taken in float64 ON THE CPU (a CUDA reduction sums in another
+    order, so a model trained on a GPU would not recognise its own encoder on a CPU), and the load dtype is left
+    out of the config part.
+    """
     h = hashlib.sha1()
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"):
-        d = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        skip = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+        d = {k: v for k, v in cfg.to_dict().items() if k not in skip}
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for k, v in model.state_dict().items():
             h.update(k.encode())
-            t = v.detach().float().flatten()
+            t = v.detach().to("cpu", torch.float64).flatten()
             if t.numel():
                 h.update(np.asarray([t.sum().item(), t.abs().sum().item(), t[0].item(), t[-1].item()]).tobytes())
     return h.hexdigest()[:16]

@@ -56,7 +56,7 @@ def make_recipe(path: Path, vision_dir, text_dir, data_dir, **over) -> Path:
         "features": {"cache_dir": str(data_dir / "cache"), "shard_size": 64, "crops": 2},
         "projector": {"image": {"kind": "mlp", "out_dim": 64}, "text": {"kind": "mlp", "out_dim": 64}},
         "train": {"output_dir": str(path.parent / "run"), "epochs": 8, "batch_size": 32, "lr": 3e-3,
-                  "checkpoint_every": 100, "log_every": 5, "progress": False},
+                  "checkpoint_every": 100, "log_every": 5, "progress": False, "log_with": "jsonl"},
     }
     for k, v in over.items():  # "section__key" sets one key, "section" replaces a whole section
         if "__" in k:
@@ -104,7 +104,7 @@ def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision
     rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir)
     s = train(load_train_recipe(rp))
     assert s["steps"] == 8 * (200 // 32) and s["num_pairs"] == 200
-    assert s["pairs_seen"] == s["steps"] * 32 and s["device"] == "cpu" and 0 < s["device_hours"] < 1
+    assert s["pairs_seen"] == s["steps"] * 32 and s["device"] in ("cpu", "cuda") and 0 < s["device_hours"] < 1
     assert s["last_loss"] < s["first_loss"] - 0.5
     assert s["val"]["t2i_R@5"] > 3 * 5 * s["val"]["chance_R@1"]  # chance R@5 = 5/70
     assert s["skips"]["counts"] == {"corrupt_image": 1, "empty_caption": 1}

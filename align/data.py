@@ -235,33 +235,36 @@ def read_webdataset(shards: Union[str, list[str]], base: str | Path | None = Non
     for path in paths:
         if not Path(path).is_file():
             raise RecipeError(f"{path}: shard not found")
-        cur_key, parts = None, {}
-        try:
-            with tarfile.open(path, "r:") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    key, ext = _split_key(m.name)
-                    if key != cur_key and cur_key is not None:
-                        s = _wds_sample(cur_key, parts, skips)
-                        if s is not None:
-                            if limit is not None and n >= limit:
-                                return
-                            yield s
-                            n += 1
-                        parts = {}
-                    cur_key = key
-                    parts[ext] = TarRef(path, m.offset_data, m.size)
-        except (tarfile.TarError, OSError) as e:
-            skips.add("corrupt_shard", f"{Path(path).name}: {e}")
-            cur_key = None  # the last, possibly truncated, sample of a broken shard is not trusted
-        if cur_key is not None:
-            s = _wds_sample(cur_key, parts, skips)
-            if s is not None:
-                if limit is not None and n >= limit:
-                    return
-                yield s
-                n += 1
+        for s in _shard_samples(path, skips):
+            if limit is not None and n >= limit:
+                return
+            yield s
+            n += 1
+
+
+def _shard_samples(path: str, skips: SkipLog) -> Iterator[Sample]:
+    """The good samples of one shard (bad ones counted in ``skips``); a broken tar ends the shard."""
+    cur_key, parts = None, {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _split_key(m.name)
+                if key != cur_key and cur_key is not None:
+                    s = _wds_sample(cur_key, parts, skips)
+                    if s is not None:
+                        yield s
+                    parts = {}
+                cur_key = key
+                parts[ext] = TarRef(path, m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as e:
+        skips.add("corrupt_shard", f"{Path(path).name}: {e}")
+        cur_key = None  # the last, possibly truncated, sample of a broken shard is not trusted
+    if cur_key is not None:
+        s = _wds_sample(cur_key, parts, skips)
+        if s is not None:
+            yield s
 
 
 def read_hf(cfg: DataConfig, base: str | Path | None = None, skips: SkipLog | None = None) -> Iterator[Sample]:

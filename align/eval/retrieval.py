@@ -91,11 +91,17 @@ def ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor
         e = min(s + chunk, q.shape[0])
         sims = q[s:e] @ gt                                            # [c, G]
         r, c = rows[offsets[s]:offsets[e]] - s, cols[offsets[s]:offsets[e]]
-        vals = sims[r, c]
-        best = torch.full((e - s,), float("-inf")).scatter_reduce(0, r, vals, "amax")
-        tied_correct = torch.zeros(e - s, dtype=torch.int64).scatter_add(0, r, (vals >= best[r]).long())
-        out[s:e] = (sims >= best[:, None]).sum(1) - tied_correct
+        out[s:e], _ = _row_ranks(sims, r, c)
     return out.numpy()
+
+
+def _row_ranks(sims: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a similarity chunk: how many WRONG items score at least as high as the row's best correct item
+    (ties count against the model), given the correct cells ``(r, c)``; also returns those cells' scores."""
+    vals = sims[r, c]
+    best = torch.full((sims.shape[0],), float("-inf")).scatter_reduce(0, r, vals, "amax")
+    tied_correct = torch.zeros(sims.shape[0], dtype=torch.int64).scatter_add(0, r, (vals >= best[r]).long())
+    return (sims >= best[:, None]).sum(1) - tied_correct, vals
 
 
 def paired_ranks(image_emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch.Tensor,
@@ -121,10 +127,7 @@ def paired_ranks(image_emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | to
         e = min(s + chunk, n)
         sims = im[s:e] @ txt_t                                      # [c, M]
         r, c = rows[offsets[s]:offsets[e]] - s, cols[offsets[s]:offsets[e]]
-        vals = sims[r, c]
-        best = torch.full((e - s,), float("-inf")).scatter_reduce(0, r, vals, "amax")
-        tied = torch.zeros(e - s, dtype=torch.int64).scatter_add(0, r, (vals >= best[r]).long())
-        i2t[s:e] = (sims >= best[:, None]).sum(1) - tied
+        i2t[s:e], vals = _row_ranks(sims, r, c)
         t2i += (sims >= own_score[None, :]).sum(0)
         t2i[c] -= (vals >= own_score[c]).long()                     # the caption's own image is not wrong
     return i2t.numpy(), t2i.numpy()

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, random_resized_crop
+from curate.fileio import atomic_write
 from curate.recipe import RecipeError, Strict
 
 FORMAT = "tether-features/1"
@@ -268,12 +269,6 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
     return out, meta
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Path, cfg: FeatureConfig | None = None,
                      data_id: dict | None = None, skips: SkipLog | None = None, overwrite: bool = False,
                      progress: bool = True, total: int | None = None) -> FeatureCache:
@@ -306,7 +301,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     dims = {"image": vision.dim * (2 if cfg.pooling == "cls+mean" else 1), "text": text.dim,
             "image_token": vision.dim, "num_prefix_tokens": vision.num_prefix_tokens}
     manifest: dict[str, Any] = {"format": FORMAT, "key": key, "dims": dims, "shards": [], "complete": False}
-    _write_json_atomic(mf, manifest)
+    atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
     store = torch.float16 if cfg.dtype == "float16" else torch.float32
     reader_skips = skips if skips is not None else SkipLog()
     decode_skips = SkipLog()
@@ -326,7 +321,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             n_txt = f.get_slice("text").get_shape()[0]
         decode_skips.merge(json.loads(meta.get("skips", "{}")))
         manifest["shards"].append({"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk)})
-        _write_json_atomic(mf, manifest)
+        atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
         bar.update(len(chunk))
         bar.set_postfix(skipped=reader_skips.total + decode_skips.total)
     bar.close()
@@ -335,7 +330,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     all_skips.merge(decode_skips)
     manifest["skips"] = all_skips.as_dict()
     manifest["complete"] = True
-    _write_json_atomic(mf, manifest)
+    atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
     if skips is not None:
         skips.merge(decode_skips)
     # stray shards from a longer earlier run of the same key (e.g. a larger limit) are not part of this cache

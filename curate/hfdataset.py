@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from curate.catalog import Catalog
+from curate.fileio import atomic_write
 
 SHARD_GLOB = "shard-*.tar"
 
@@ -50,15 +51,9 @@ def features():
     })
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_sizes(cat: Catalog, out: Path) -> dict[str, int]:
     sizes = dict(cat.execute("SELECT shard, count(*) FROM shard_index GROUP BY 1 ORDER BY 1").fetchall())
-    _atomic_write(out / "sizes.json", json.dumps(sizes, indent=1, sort_keys=True) + "\n")
+    atomic_write(out / "sizes.json", json.dumps(sizes, indent=1, sort_keys=True) + "\n")
     return sizes
 
 
@@ -132,7 +127,7 @@ def _size_category(n: int) -> str:
 
 def write_card(out: Path, name: str, shards: int, samples: int, seed: int) -> Path:
     path = Path(out) / "README.md"
-    _atomic_write(path, card_text(name, shards, samples, seed))
+    atomic_write(path, card_text(name, shards, samples, seed))
     return path
 
 

@@ -13,16 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def _atomic_write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+from curate.fileio import atomic_write
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -84,8 +75,8 @@ def write_selection(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
         md.append(f"\nRanking agreement with {meta.get('probe_steps')}-step linear InfoNCE probes "
                   "(Spearman ρ, +1 = same order):\n\n")
         md.append(markdown_table([{"comparison": k, "rho": v} for k, v in agree.items()], ["comparison", "rho"]))
-    files = [_atomic_write(out / "selection.json", json.dumps(_clean(result), indent=2) + "\n"),
-             _atomic_write(out / "selection.md", "".join(md))]
+    files = [atomic_write(out / "selection.json", json.dumps(_clean(result), indent=2) + "\n"),
+             atomic_write(out / "selection.md", "".join(md))]
     labels = [f"{r['vision']}\n{r['text']}" for r in rows]
     files.append(_bar_png(out / "selection.png", labels,
                           {m: [r[m] for r in rows] for m in ("linear_cka", "unbiased_cka", "mutual_knn")},
@@ -101,8 +92,8 @@ def write_eval(result: dict[str, Any], out_dir: str | Path, task: str) -> list[P
     lines = [f"# {task} evaluation\n\n"]
     lines += [f"- {k}: `{v}`\n" for k, v in meta.items()]
     lines.append("\n" + markdown_table([metrics], list(metrics.keys()), digits=2))
-    files = [_atomic_write(out / f"{task}.json", json.dumps(_clean(result), indent=2) + "\n"),
-             _atomic_write(out / f"{task}.md", "".join(lines))]
+    files = [atomic_write(out / f"{task}.json", json.dumps(_clean(result), indent=2) + "\n"),
+             atomic_write(out / f"{task}.md", "".join(lines))]
     if task == "retrieval":
         ks = sorted({int(k.split("@")[1]) for k in metrics if "_R@" in k})
         series = {d: [metrics[f"{d}_R@{k}"] for k in ks] for d in ("i2t", "t2i")}

@@ -49,6 +49,19 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[str(name)]
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of ``x [B, T, D]`` counting only ``mask [B, T]`` != 0 (``None`` = all tokens).
+
+    Masked positions are replaced (not multiplied) so that NaN/inf in padding cannot leak. A row with no
+    real token gives zeros.
+    """
+    if mask is None:
+        return x.mean(1)
+    m = mask.to(device=x.device, dtype=torch.bool).unsqueeze(-1)
+    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+    return total / m.sum(1).clamp_min(1).to(x.dtype)
+
+
 def _fingerprint(name: str, model: torch.nn.Module) -> str:
     """Identity of a frozen encoder's weights: config + a checksum over every parameter (cheap, exact).
 
@@ -172,8 +185,7 @@ class TextEncoder(_Frozen):
 
     @staticmethod
     def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return masked_mean(hidden, mask)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings ``[B, D]`` with this encoder's pooling (padding never counts)."""

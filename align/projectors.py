@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from align.encoders import masked_mean
 from curate.recipe import RecipeError, Strict
 
 KINDS = ("token", "mlp", "linear")
@@ -51,19 +52,6 @@ class ProjectorConfig(Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     text_head: bool = True
     image_pooling: Literal["cls+mean", "cls", "mean"] = "cls+mean"
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over dim 1 of ``x [B, T, D]`` counting only ``mask [B, T]`` != 0 (``None`` = all tokens).
-
-    Masked positions are replaced (not multiplied) so that NaN/inf in padding cannot leak. A row with no
-    real token gives zeros.
-    """
-    if mask is None:
-        return x.mean(1)
-    m = mask.to(device=x.device, dtype=torch.bool).unsqueeze(-1)
-    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
-    return total / m.sum(1).clamp_min(1).to(x.dtype)
 
 
 class TokenBlock(nn.Module):

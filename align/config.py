@@ -121,6 +121,8 @@ def load_train_recipe(path: str | os.PathLike, overrides: list[str] | None = Non
 def data_id(cfg: DataConfig) -> dict:
     """The data part of a feature-cache key: the source spec with paths made absolute."""
     d = cfg.model_dump()
+    if cfg.format != "webdataset":
+        d.pop("group_by")  # meaningless for other formats: caches made before the field existed stay valid
     paths = [d["path"]] if isinstance(d["path"], str) else d["path"]
     resolved = [str(resolve_path(p).resolve()) if resolve_path(p).exists() or cfg.format != "hf" else p
                 for p in paths]

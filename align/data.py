@@ -44,6 +44,10 @@ class DataConfig(Strict):
     caption_column: str = "caption"  # hf only; a str or a list-of-str column
     key_column: str | None = None  # hf only; default: row number
     data_files: Union[str, list[str], None] = None  # hf only, passed to load_dataset
+    # webdataset only: a field of each sample's .json; samples with equal values are ONE image with several
+    # captions (curate's shards hold one sample per caption, with the image's sha256). The image is then
+    # encoded once and its other captions are positives, not false negatives. null = every sample on its own.
+    group_by: str | None = "sha256"
 
 
 class BadSample(Exception):
@@ -204,45 +208,69 @@ def _split_key(member_name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def _wds_sample(key: str, parts: dict[str, TarRef], skips: SkipLog) -> Sample | None:
+def _wds_sample(key: str, parts: dict[str, TarRef], skips: SkipLog,
+                group_by: str | None = None) -> tuple[Sample, str | None] | None:
     img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
     captions: list[str] = []
-    if "txt" in parts:
-        captions = clean_captions(parts["txt"].read().decode("utf-8", errors="replace"))
-    elif "json" in parts:
+    meta: Any = None
+    if "json" in parts and (group_by or "txt" not in parts):
         try:
             meta = json.loads(parts["json"].read())
-            captions = clean_captions(meta.get("caption") if isinstance(meta, dict) else None)
         except ValueError:
-            captions = []
+            meta = None
+    if "txt" in parts:
+        captions = clean_captions(parts["txt"].read().decode("utf-8", errors="replace"))
+    elif isinstance(meta, dict):
+        captions = clean_captions(meta.get("caption"))
     if img is None:
         skips.add("missing_image", key)
         return None
     if not captions:
         skips.add("empty_caption" if ("txt" in parts or "json" in parts) else "missing_caption", key)
         return None
-    return Sample(key=key, image=img, captions=captions)
+    group = meta.get(group_by) if group_by and isinstance(meta, dict) else None
+    return Sample(key=key, image=img, captions=captions), (str(group) if group not in (None, "") else None)
 
 
 def read_webdataset(shards: Union[str, list[str]], base: str | Path | None = None, limit: int | None = None,
-                    skips: SkipLog | None = None) -> Iterator[Sample]:
-    """Uncompressed webdataset tar shards; members of one sample are consecutive and share the key."""
+                    skips: SkipLog | None = None, group_by: str | None = None) -> Iterator[Sample]:
+    """Uncompressed webdataset tar shards; members of one sample are consecutive and share the key.
+
+    ``group_by`` (a .json field, e.g. ``sha256``): samples with the same value anywhere in the shards become one
+    sample (the first one's key and image, every caption in reading order; ``limit`` counts these images).
+    Grouping reads the .json of every sample before yielding the first (about 200 bytes of memory per sample).
+    Samples without the field stay on their own.
+    """
     skips = skips if skips is not None else SkipLog()
     paths = _paths(shards, base)
     if not paths:
         raise RecipeError(f"no webdataset shards match {shards!r}")
-    n = 0
     for path in paths:
         if not Path(path).is_file():
             raise RecipeError(f"{path}: shard not found")
-        for s in _shard_samples(path, skips):
-            if limit is not None and n >= limit:
-                return
-            yield s
-            n += 1
+    pairs = (p for path in paths for p in _shard_samples(path, skips, group_by))
+    samples: Iterator[Sample] = (s for s, _ in pairs) if not group_by else _grouped(pairs)
+    for n, s in enumerate(samples):
+        if limit is not None and n >= limit:
+            return
+        yield s
 
 
-def _shard_samples(path: str, skips: SkipLog) -> Iterator[Sample]:
+def _grouped(pairs: Iterator[tuple[Sample, str | None]]) -> Iterator[Sample]:
+    groups: dict[str, Sample] = {}
+    order: list[Sample] = []
+    for s, g in pairs:
+        if g is None:
+            order.append(s)
+        elif g in groups:
+            groups[g].captions.extend(s.captions)
+        else:
+            groups[g] = s
+            order.append(s)
+    yield from order
+
+
+def _shard_samples(path: str, skips: SkipLog, group_by: str | None = None) -> Iterator[tuple[Sample, str | None]]:
     """The good samples of one shard (bad ones counted in ``skips``); a broken tar ends the shard."""
     cur_key, parts = None, {}
     try:
@@ -252,7 +280,7 @@ def _shard_samples(path: str, skips: SkipLog) -> Iterator[Sample]:
                     continue
                 key, ext = _split_key(m.name)
                 if key != cur_key and cur_key is not None:
-                    s = _wds_sample(cur_key, parts, skips)
+                    s = _wds_sample(cur_key, parts, skips, group_by)
                     if s is not None:
                         yield s
                     parts = {}
@@ -262,7 +290,7 @@ def _shard_samples(path: str, skips: SkipLog) -> Iterator[Sample]:
         skips.add("corrupt_shard", f"{Path(path).name}: {e}")
         cur_key = None  # the last, possibly truncated, sample of a broken shard is not trusted
     if cur_key is not None:
-        s = _wds_sample(cur_key, parts, skips)
+        s = _wds_sample(cur_key, parts, skips, group_by)
         if s is not None:
             yield s
 
@@ -312,7 +340,7 @@ def iter_samples(cfg: DataConfig, base: str | Path | None = None, skips: SkipLog
         root = resolve_path(cfg.path if isinstance(cfg.path, str) else cfg.path[0], base)
         return read_flickr8k(root, cfg.split, cfg.limit, skips)
     if cfg.format == "webdataset":
-        return read_webdataset(cfg.path, base, cfg.limit, skips)
+        return read_webdataset(cfg.path, base, cfg.limit, skips, cfg.group_by)
     return read_hf(cfg, base, skips)
 
 

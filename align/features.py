@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, random_resized_crop
 from curate.fileio import atomic_write
-from curate.recipe import RecipeError, Strict
+from curate.recipe import RecipeError, Strict, resolve_path
 
 FORMAT = "tether-features/1"
 MANIFEST = "manifest.json"
@@ -58,6 +58,10 @@ class FeatureConfig(Strict):
     batch_size: int = Field(64, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
     seed: int = 0
+    # other caches (their cache_dir, as in a recipe) to copy one side from instead of re-encoding it: a shard's
+    # text side is copied when the donor's text encoder, data and captions match; its image side when the
+    # donor's vision encoder, pooling, crops and data match. E.g. DINOv2 + mpnet reuses Lite0 + mpnet's text.
+    reuse: list[str] = []
 
 
 def _sha(obj: Any) -> str:
@@ -223,47 +227,111 @@ def _chunks(it: Iterable[Sample], n: int) -> Iterator[list[Sample]]:
         yield buf
 
 
-@torch.no_grad()
-def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: SkipLog,
-                  store: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    images, kept = [], []
-    for s in chunk:
-        try:
-            images.append(decode_image(s.image, s.key))
-            kept.append(s)
-        except BadSample as e:
-            skips.add(e.reason, s.key)
-    bs = cfg.batch_size
-    pooled_crops, token_crops = [], []
-    for k in range(cfg.crops):
-        views = images if k == 0 else [random_resized_crop(im, crop_rng(cfg.seed, s.key, k), scale=cfg.crop_scale)
-                                       for im, s in zip(images, kept)]
-        pooled, toks = [], []
-        for i in range(0, len(views), bs):
-            t = vision.tokens(vision.preprocess(views[i:i + bs]))
-            pooled.append(vision.pool(t, cfg.pooling).to(store))
-            if cfg.tokens:
-                toks.append(t.to(store))
-        pooled_crops.append(torch.cat(pooled) if pooled else torch.zeros(0, vision.dim * (2 if cfg.pooling == "cls+mean" else 1), dtype=store))
-        if cfg.tokens and toks:
-            token_crops.append(torch.cat(toks))
-    captions = [c for s in kept for c in s.captions]
-    text_image = torch.tensor([i for i, s in enumerate(kept) for _ in s.captions], dtype=torch.long)
+_SIDE_KEYS = {"text": ("text", "tokens", "dtype", "data"),
+              "image": ("vision", "pooling", "tokens", "crops", "crop_scale", "seed", "dtype", "data")}
+
+
+class Donors:
+    """Finished shards of other caches whose key matches ours on one side (``text`` or ``image``)."""
+
+    def __init__(self, roots: Iterable[str | Path], key: dict[str, Any], out: Path):
+        self.sides: dict[str, list[dict[str, dict]]] = {"text": [], "image": []}
+        for root in roots:
+            root = Path(root)
+            if not (root / MANIFEST).is_file() or root.resolve() == out.resolve():
+                continue
+            try:
+                donor = FeatureCache.open(root, require_complete=False)
+            except RecipeError:
+                continue
+            shards = {s["file"]: {**s, "path": root / s["file"]} for s in donor.manifest["shards"]}
+            for side, fields in _SIDE_KEYS.items():
+                if all(donor.key.get(f) == key.get(f) for f in fields):
+                    self.sides[side].append(shards)
+
+    def __bool__(self) -> bool:
+        return any(self.sides.values())
+
+    def shard(self, side: str, name: str, source_images: int) -> dict[str, Any] | None:
+        """The donor shard ``name`` (tensors of that side + keys/captions/skips), if some donor has it."""
+        names = {"text": ("text", "text_image", "text_tokens", "text_mask"), "image": ("image", "image_tokens")}[side]
+        for shards in self.sides[side]:
+            s = shards.get(name)
+            if s is None or s.get("source_images") != source_images or not s["path"].is_file():
+                continue
+            with safe_open(str(s["path"]), framework="pt") as f:
+                meta = f.metadata() or {}
+                out: dict[str, Any] = {n: f.get_tensor(n) for n in f.keys() if n in names}
+            out["keys"] = json.loads(meta.get("keys", "[]"))
+            out["captions"] = json.loads(meta.get("captions", "[]"))
+            out["skips"] = json.loads(meta.get("skips", "{}"))
+            return out
+        return None
+
+
+def _encode_texts(text, captions: list[str], bs: int, tokens: bool, store: torch.dtype) -> dict[str, torch.Tensor]:
+    """Pooled (and optionally per-token) caption features, batched by length (less padding), in input order."""
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
     tpool, ttok, tmask = [], [], []
-    for i in range(0, len(captions), bs):
-        h, m = text.tokens(captions[i:i + bs])
+    for i in range(0, len(order), bs):
+        h, m = text.tokens([captions[j] for j in order[i:i + bs]])
         tpool.append(text.pool(h, m).to(store))
-        if cfg.tokens:
+        if tokens:
             ttok.append(h.to(store))
             tmask.append(m.to(torch.int8))
-    out = {"image": torch.stack(pooled_crops, 1).contiguous(),
-           "text": torch.cat(tpool) if tpool else torch.zeros(0, text.dim, dtype=store),
-           "text_image": text_image}
-    if cfg.tokens and token_crops:
-        out["image_tokens"] = torch.stack(token_crops, 1).contiguous()
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    out = {"text": torch.cat(tpool)[inv] if tpool else torch.zeros(0, text.dim, dtype=store)}
+    if tokens and ttok:
         L = max(t.shape[1] for t in ttok)
-        out["text_tokens"] = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in ttok])
-        out["text_mask"] = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])
+        out["text_tokens"] = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in ttok])[inv]
+        out["text_mask"] = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])[inv]
+    return out
+
+
+@torch.no_grad()
+def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: SkipLog,
+                  store: torch.dtype, image_donor: dict | None = None,
+                  text_donor: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Encode one shard; a donor shard (see :class:`Donors`) supplies its side instead of the encoder."""
+    bs = cfg.batch_size
+    out: dict[str, torch.Tensor] = {}
+    if image_donor is not None:  # the donor decoded the same images: its kept keys and decode skips are ours
+        by_key = {s.key: s for s in chunk}
+        kept = [by_key[k] for k in image_donor["keys"]]
+        skips.merge(image_donor["skips"])
+        out.update({k: v for k, v in image_donor.items() if k in ("image", "image_tokens")})
+    else:
+        images, kept = [], []
+        for s in chunk:
+            try:
+                images.append(decode_image(s.image, s.key))
+                kept.append(s)
+            except BadSample as e:
+                skips.add(e.reason, s.key)
+        pooled_crops, token_crops = [], []
+        for k in range(cfg.crops):
+            views = images if k == 0 else [random_resized_crop(im, crop_rng(cfg.seed, s.key, k), scale=cfg.crop_scale)
+                                           for im, s in zip(images, kept)]
+            pooled, toks = [], []
+            for i in range(0, len(views), bs):
+                t = vision.tokens(vision.preprocess(views[i:i + bs]))
+                pooled.append(vision.pool(t, cfg.pooling).to(store))
+                if cfg.tokens:
+                    toks.append(t.to(store))
+            dim = vision.dim * (2 if cfg.pooling == "cls+mean" else 1)
+            pooled_crops.append(torch.cat(pooled) if pooled else torch.zeros(0, dim, dtype=store))
+            if cfg.tokens and toks:
+                token_crops.append(torch.cat(toks))
+        out["image"] = torch.stack(pooled_crops, 1).contiguous()
+        if cfg.tokens and token_crops:
+            out["image_tokens"] = torch.stack(token_crops, 1).contiguous()
+    captions = [c for s in kept for c in s.captions]
+    if text_donor is not None and text_donor["captions"] == captions and text_donor["keys"] == [s.key for s in kept]:
+        out.update({k: v for k, v in text_donor.items() if k in ("text", "text_image", "text_tokens", "text_mask")})
+    else:
+        out["text_image"] = torch.tensor([i for i, s in enumerate(kept) for _ in s.captions], dtype=torch.long)
+        out.update(_encode_texts(text, captions, max(bs, 128), cfg.tokens, store))
     meta = {"keys": json.dumps([s.key for s in kept]), "captions": json.dumps(captions),
             "skips": json.dumps(skips.as_dict())}
     return out, meta
@@ -305,13 +373,19 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     store = torch.float16 if cfg.dtype == "float16" else torch.float32
     reader_skips = skips if skips is not None else SkipLog()
     decode_skips = SkipLog()
+    donors = Donors([resolve_path(r) / out.name for r in cfg.reuse], key, out)
+    reused = {"image": 0, "text": 0}
     bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress)
     for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
         name = f"shard-{idx:05d}.safetensors"
         path = out / name
         if not path.exists():
             shard_skips = SkipLog()
-            tensors, meta = _encode_shard(chunk, vision, text, cfg, shard_skips, store)
+            img_d = donors.shard("image", name, len(chunk)) if donors else None
+            txt_d = donors.shard("text", name, len(chunk)) if donors else None
+            tensors, meta = _encode_shard(chunk, vision, text, cfg, shard_skips, store, img_d, txt_d)
+            reused["image"] += img_d is not None
+            reused["text"] += txt_d is not None and tensors["text"] is txt_d.get("text")
             tmp = out / (name + ".tmp")
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)
@@ -330,6 +404,8 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     all_skips.merge(decode_skips)
     manifest["skips"] = all_skips.as_dict()
     manifest["complete"] = True
+    if donors:
+        manifest["reused_shards"] = reused
     atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
     if skips is not None:
         skips.merge(decode_skips)

@@ -39,8 +39,9 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, bytes, str]]:
     return out
 
 
-def write_shard(path: Path, items: list[tuple[str, bytes | None, str | None]]) -> Path:
-    """A webdataset tar: ``key.jpg`` / ``key.txt`` / ``key.json`` per item (None → member left out)."""
+def write_shard(path: Path, items: list[tuple[str, bytes | None, str | None]], meta: dict | None = None) -> Path:
+    """A webdataset tar: ``key.jpg`` / ``key.txt`` / ``key.json`` per item (None → member left out); ``meta``
+    adds fields to a key's .json."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tf:
         for key, img, cap in items:
@@ -49,7 +50,7 @@ def write_shard(path: Path, items: list[tuple[str, bytes | None, str | None]]) -
                 members.append((f"{key}.jpg", img))
             if cap is not None:
                 members.append((f"{key}.txt", cap.encode()))
-            members.append((f"{key}.json", json.dumps({"uid": key}).encode()))
+            members.append((f"{key}.json", json.dumps({"uid": key, **(meta or {}).get(key, {})}).encode()))
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
@@ -90,6 +91,25 @@ def test_webdataset_glob_limit_and_truncated_shard(tmp_path):
     assert len(got) < 4 and skips.counts.get("corrupt_shard", 0) + len(got) >= 1
     with pytest.raises(RecipeError):
         list(read_webdataset(str(tmp_path / "nothing-*.tar")))
+
+
+def test_webdataset_groups_one_sample_per_caption_by_image(tmp_path):
+    """curate writes one sample per caption; samples with the same sha256 (any shard, any order) are one image
+    with all its captions, so the image is encoded once and its captions are positives of each other."""
+    pairs = synthetic_pairs(4)
+    a, b = pairs[0][1], pairs[1][1]
+    items = [("k0", a, "first caption of a"), ("k1", b, "b one"), ("k2", a, "second caption of a"),
+             ("k3", pairs[2][1], "no sha field")]
+    meta = {"k0": {"sha256": "AAA"}, "k1": {"sha256": "BBB"}, "k2": {"sha256": "AAA"}}
+    write_shard(tmp_path / "g-000.tar", items[:2], meta)
+    write_shard(tmp_path / "g-001.tar", items[2:] + [("k4", b, "b two")], {**meta, "k4": {"sha256": "BBB"}})
+    cfg = DataConfig(format="webdataset", path=str(tmp_path / "g-*.tar"))
+    got = [(s.key, s.captions) for s in iter_samples(cfg)]
+    assert got == [("k0", ["first caption of a", "second caption of a"]), ("k1", ["b one", "b two"]),
+                   ("k3", ["no sha field"])]
+    assert [s.key for s in iter_samples(cfg.model_copy(update={"limit": 2}))] == ["k0", "k1"]
+    flat = [s.key for s in iter_samples(cfg.model_copy(update={"group_by": None}))]
+    assert flat == ["k0", "k1", "k2", "k3", "k4"]
 
 
 def test_flickr8k_reader_on_made_files(tmp_path):

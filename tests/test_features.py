@@ -103,3 +103,37 @@ def test_stale_cache_is_refused(tmp_path, shard, tiny_vision, tiny_vision_dir, t
     assert c2.load().image.shape == (7, 1, 64)
     with pytest.raises(RecipeError, match="no token grids"):
         c2.load(tokens=True)
+
+
+def test_reuse_copies_a_matching_side_and_never_the_other(tmp_path, shard, tiny_vision, tiny_vision_dir, tiny_text,
+                                                          monkeypatch):
+    """features.reuse: a second pair that shares the text encoder copies the donor's text side shard by shard
+    (identical tensors, no text encoding), encodes its own images, and ends with the key of a fresh extraction."""
+    donor, _ = _extract(shard, tmp_path / "a" / "train", tiny_vision, tiny_text, tokens=True)
+    other = VisionEncoder.load(str(tiny_vision_dir), layer=1)  # another vision side
+    calls = {"text": 0}
+    real = type(tiny_text).tokens
+
+    def counting(self, texts):
+        calls["text"] += 1
+        return real(self, texts)
+
+    monkeypatch.setattr(type(tiny_text), "tokens", counting)
+    reused, _ = _extract(shard, tmp_path / "b" / "train", other, tiny_text, tokens=True,
+                         reuse=[str(tmp_path / "a")])
+    assert calls["text"] == 0 and reused.manifest["reused_shards"] == {"image": 0, "text": 3}
+    a, b = donor.load(tokens=True), reused.load(tokens=True)
+    assert torch.equal(a.text, b.text) and torch.equal(a.text_tokens, b.text_tokens) and a.captions == b.captions
+    assert not torch.allclose(a.image, b.image)  # images were encoded by the other vision encoder
+    fresh, _ = _extract(shard, tmp_path / "c" / "train", other, tiny_text, tokens=True)
+    assert fresh.key == reused.key
+    assert torch.allclose(fresh.load().image, b.image) and torch.allclose(fresh.load().text, b.text, atol=2e-3)
+    # a donor whose text side differs (no token grids) is not used: the text encoder runs
+    _extract(shard, tmp_path / "d" / "train", tiny_vision, tiny_text, tokens=False, reuse=[str(tmp_path / "a")])
+    assert calls["text"] > 0
+    # the image side is copied when the vision side matches (same encoder, pooling, crops, data)
+    calls["text"] = 0
+    img_reused, _ = _extract(shard, tmp_path / "e" / "train", tiny_vision, tiny_text, tokens=True,
+                             reuse=[str(tmp_path / "b"), str(tmp_path / "a")])
+    assert img_reused.manifest["reused_shards"] == {"image": 3, "text": 3} and calls["text"] == 0
+    assert torch.equal(img_reused.load().image, a.image) and img_reused.skips == donor.skips

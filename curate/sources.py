@@ -65,6 +65,10 @@ class SourceConfig(Strict):
     columns: list[str] | None = None
     delimiter: str | None = None
     image_root: str | None = None
+    # a file listing the images to keep, one name per line (e.g. Flickr8k's train_images.txt; CRLF fine):
+    # rows whose image path (as written in the source, or its file name) is not listed are kept in the catalog
+    # with the reason "image not in include_images"
+    include_images: str | None = None
     limit: int | None = Field(default=None, ge=1)
 
     def location(self) -> Path | None:
@@ -93,6 +97,18 @@ class SourceConfig(Strict):
             raise RecipeError(f"{where}.columns: needed when header is false")
         if self.image_root and not resolve_path(self.image_root).is_dir():
             raise RecipeError(f"{where}.image_root: folder not found: {resolve_path(self.image_root)}")
+        if self.include_images:
+            if not resolve_path(self.include_images).is_file():
+                raise RecipeError(f"{where}.include_images: file not found: {resolve_path(self.include_images)}")
+            if not self.effective_path_column():
+                raise RecipeError(f"{where}.include_images: needs image paths (set path_column)")
+
+    def included_images(self) -> frozenset[str] | None:
+        """The names listed in ``include_images`` (None = no list)."""
+        if not self.include_images:
+            return None
+        text = resolve_path(self.include_images).read_text(encoding="utf-8", errors="replace")
+        return frozenset(n.strip() for n in text.splitlines() if n.strip())
 
     def files(self) -> list[Path]:
         """The input files, sorted (``path`` may be a glob)."""
@@ -393,8 +409,10 @@ def _text_column(tbl: pa.Table, name: str | None) -> tuple[pa.Array, np.ndarray]
     return pa.array(out, pa.string()), bad
 
 
-def standardize(tbl: pa.Table, cfg: SourceConfig, start: int, check_files: bool) -> pa.Table:
-    """Map one raw batch to ``key, row_index, url, path, caption, width, height, extra`` + flags."""
+def standardize(tbl: pa.Table, cfg: SourceConfig, start: int, check_files: bool,
+                include: frozenset[str] | None = None) -> pa.Table:
+    """Map one raw batch to ``key, row_index, url, path, caption, width, height, extra`` + flags; ``include``
+    (see :meth:`SourceConfig.included_images`) flags rows whose image is not listed."""
     n = tbl.num_rows
     caption, cap_bad = _text_column(tbl, cfg.effective_caption_column())
     url, url_bad = _text_column(tbl, cfg.url_column)
@@ -406,6 +424,10 @@ def standardize(tbl: pa.Table, cfg: SourceConfig, start: int, check_files: bool)
     root = cfg.effective_image_root()
     path_list = path.to_pylist() if path.null_count < n else None
     missing = np.zeros(n, bool)
+    excluded = np.zeros(n, bool)
+    if include is not None:
+        excluded = np.array([p is None or (p not in include and os.path.basename(p) not in include)
+                             for p in (path_list if path_list is not None else [None] * n)], bool)
     if path_list is not None:
         resolved = []
         for i, p in enumerate(path_list):
@@ -436,7 +458,7 @@ def standardize(tbl: pa.Table, cfg: SourceConfig, start: int, check_files: bool)
         "key": key, "row_index": pa.array(np.arange(start, start + n, dtype=np.int64)), "url": url, "path": path,
         "caption": caption, "width": num(cfg.width_column), "height": num(cfg.height_column), "extra": extra,
         "parse_error": perr, "cap_bad": pa.array(cap_bad), "url_bad": pa.array(url_bad | path_bad),
-        "missing_file": pa.array(missing),
+        "missing_file": pa.array(missing), "excluded": pa.array(excluded),
     })
 
 
@@ -445,6 +467,7 @@ CREATE OR REPLACE TEMP TABLE _ingest AS
 SELECT * EXCLUDE (uid), CASE WHEN dup_ref IS NULL THEN uid ELSE uid || '@' || row_index END AS uid,
   CASE
     WHEN parse_error IS NOT NULL THEN parse_error
+    WHEN excluded THEN 'image not in include_images'
     WHEN caption IS NULL THEN 'null caption'
     WHEN cap_bad THEN 'caption is not valid UTF-8'
     WHEN trim(caption) = '' THEN 'empty caption'
@@ -471,6 +494,7 @@ def ingest_source(cat: Catalog, cfg: SourceConfig, icfg: IngestConfig, progress:
     from tqdm.auto import tqdm
 
     done = cat.done_units(STAGE)
+    include = cfg.included_images()
     total = _row_estimate(cfg)
     bar = tqdm(total=total, desc=f"ingest {cfg.name}", unit="rows", disable=not progress, mininterval=0.5)
     n_rows = 0
@@ -480,7 +504,7 @@ def ingest_source(cat: Catalog, cfg: SourceConfig, icfg: IngestConfig, progress:
             unit = f"{cfg.name}:{bi}"
             rows = raw.num_rows
             if unit not in done:
-                std = standardize(raw, cfg, start, icfg.check_files)
+                std = standardize(raw, cfg, start, icfg.check_files, include)
                 keys = std.column("key").to_pylist() if cfg.effective_uid_column() else None
                 uids = pa.table({
                     "row_index": std.column("row_index"),

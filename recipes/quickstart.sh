@@ -17,12 +17,10 @@ export TETHER_SHARED="$S"
 OUT=runs/quickstart
 mkdir -p "$OUT"
 
-# 0. only the TRAIN split's captions (the test images stay unseen until evaluation)
-grep -F -f <(tr -d '\r' < "$F/train_images.txt") "$F/captions.txt" > "$OUT/train_captions.txt"
-
-# 1. curate: captions → ImageNet/WordNet concepts → lexical matching → t-balancing → image dedup → shards
+# 1. curate: TRAIN-split captions (include_images; the test images stay unseen until evaluation) → ImageNet/
+#    WordNet concepts → lexical matching → t-balancing → image dedup → shards
 curate build recipes/quickstart_curate.yaml --out "$OUT/curate" \
-  --set sources.0.path="$PWD/$OUT/train_captions.txt" --set sources.0.image_root="$(realpath "$F/images")" \
+  --set sources.0.path="$F/captions.txt" --set sources.0.include_images="$F/train_images.txt" \
   --set balance.t=30 --set 'media={shards: {samples_per_shard: 1000}}'
 
 # 2. frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features of the shards and of the Flickr8k test split

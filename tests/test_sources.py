@@ -84,6 +84,29 @@ def test_flickr_folder_and_tsv(tmp_path):
     assert cat2.scalar("SELECT path FROM samples WHERE uid = 'dir:0'") == str(img / "a.jpg")
 
 
+def test_include_images_keeps_a_split_and_records_the_rest(tmp_path):
+    """include_images (e.g. Flickr8k's train_images.txt, CRLF): other images' rows stay in the catalog with a
+    reason, so the split filter replaces a grep step and drops nothing silently."""
+    img = tmp_path / "images"
+    img.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8)).save(img / name)
+    (tmp_path / "captions.txt").write_text("a.jpg#0\tA dog runs .\nb.jpg#0\tTwo cats sit .\nc.jpg#0\tA bird .\n"
+                                           "c.jpg#1\tA small bird .\n")
+    (tmp_path / "train_images.txt").write_bytes(b"a.jpg\r\nc.jpg\r\n\r\n")
+    cat = _cat(tmp_path)
+    src = SourceConfig(name="fl", format="flickr", path=str(tmp_path / "captions.txt"),
+                       include_images=str(tmp_path / "train_images.txt"))
+    src.check("sources[0]")
+    assert run_ingest(cat, [src], IngestConfig(batch_rows=2), progress=False) == 4
+    assert _reasons(cat) == {"fl:b.jpg#0": "image not in include_images"}
+    assert sorted(r[0] for r in cat.execute("SELECT uid FROM alive").fetchall()) == ["fl:a.jpg#0", "fl:c.jpg#0",
+                                                                                    "fl:c.jpg#1"]
+    with pytest.raises(RecipeError, match="include_images: file not found"):
+        SourceConfig(name="fl", format="flickr", path=str(tmp_path / "captions.txt"),
+                     include_images=str(tmp_path / "nope.txt")).check("sources[0]")
+
+
 def test_duplicate_uid_column(tmp_path):
     (tmp_path / "d.csv").write_text("id,url,caption\nx,http://a/1,one dog\ny,http://a/2,two dogs\nx,http://a/3,three\n")
     cat = _cat(tmp_path)

@@ -340,3 +340,26 @@ def test_real_flickr8k_dog_captions(flickr8k, minilm_path, tmp_path):
     doggy = sum(bool(re.search(r"\b(dogs?|pupp(y|ies)|terriers?|poodles?|collies?)\b", c, re.I)) for (c,) in top)
     assert doggy >= 17, top
     cat.close()
+
+
+def test_adjective_forms_are_not_matched(tmp_path):
+    """With WordNet's person subtree, "white"/"black"/"young" are person nouns (White person, Black person,
+    young = offspring) but in captions they are colours and ages: skip_adjectives (default) leaves them out,
+    while true nouns (man, child) still match; skip_adjectives=false restores MetaCLIP's plain matching."""
+    if not Path("/usr/share/wordnet/cntlist.rev").is_file():
+        pytest.skip("Debian wordnet-base not installed")
+    from curate.wordnet import adjective_words
+
+    adj = adjective_words()
+    assert {"white", "black", "young", "little", "red"} <= adj and not {"dog", "man", "orange", "husky"} & adj
+    caps = ["A white dog runs .", "A young black man sits .", "A little child in red ."]
+    cat = _catalog(tmp_path / "a.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, subtrees=[{"root": "n00007846", "max_depth": 3}]),
+                   progress=False)
+    run_match(cat, MatchConfig(), progress=False)
+    spans = {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
+    assert {"man", "child"} <= spans and not spans & {"white", "black", "young", "little", "red"}
+    run_match(cat, MatchConfig(lexical={"skip_adjectives": False}), progress=False)  # params changed: rerun
+    spans = {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
+    assert {"white", "black", "man", "child"} <= spans
+    cat.close()

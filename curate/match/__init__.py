@@ -25,7 +25,8 @@ from pydantic import Field
 
 from curate.catalog import Catalog, _params_json
 from curate.concepts import SURFACE_FORMS_DDL
-from curate.match.lexical import LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, naive_match
+from curate.match.lexical import (LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, drop_adjective_forms,
+                                  naive_match)
 from curate.match.semantic import EmbeddingCache, SemanticConfig, TopK, concept_prompt, encode_sorted
 from curate.recipe import RecipeError, Strict, resolve_path
 
@@ -137,10 +138,25 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     from tqdm.auto import tqdm
 
     stage = "match_lexical"
-    params = {"cfg": cfg.model_dump(), "bank": _bank_fingerprint(cat), "input": _input_fingerprint(cat)}
+    forms = load_form_concepts(cat, cfg.senses)
+    skipped: list[str] = []
+    if cfg.skip_adjectives:
+        from curate.wordnet import adjective_words
+
+        try:
+            adjectives = adjective_words(cfg.wordnet_dir)
+        except RecipeError:  # no WordNet at all (a plain user list): nothing to look up
+            adjectives = frozenset()
+        forms, skipped = drop_adjective_forms(forms, adjectives)
+    # the skipped forms are part of the stage parameters: `curate inspect` shows them, a change reruns the stage
+    params = {"cfg": cfg.model_dump(exclude={"wordnet_dir"}), "bank": _bank_fingerprint(cat),
+              "input": _input_fingerprint(cat), "skipped_adjective_forms": skipped}
     if _begin(cat, stage, "lexical", params):
         return _count(cat, "lexical")
-    matcher = LexicalMatcher(load_form_concepts(cat, cfg.senses), cfg.overlaps)
+    if skipped and progress:
+        print(f"match lexical: {len(skipped)} adjective-dominant forms not matched "
+              f"(e.g. {', '.join(skipped[:8])}); match.lexical.skip_adjectives=false keeps them")
+    matcher = LexicalMatcher(forms, cfg.overlaps)
     lemmatizer = Lemmatizer(cfg.spacy_model) if cfg.lemmatize else None
     done = cat.done_units(stage)
     bar = tqdm(total=_input_size(cat), desc="match lexical", unit="caption", disable=not progress)

@@ -40,10 +40,22 @@ class LexicalConfig(Strict):
     """Recipe section ``match.lexical``."""
 
     senses: SensePolicy = "first"
+    # one-word forms whose lemma WordNet's sense counts tag mostly as an adjective (white, black, young, little,
+    # red ...) are not matched: "a white dog" is not about a White person. Needs WordNet's cntlist.rev.
+    skip_adjectives: bool = True
+    wordnet_dir: str | None = None  # where cntlist.rev is (None: the usual places, as concepts.wordnet_dir)
     overlaps: Literal["all", "longest"] = "all"
     lemmatize: bool = Field(False, description="also match spaCy lemmas of each caption (slower; see bench)")
     spacy_model: str = "en_core_web_sm"
     unit_rows: int = Field(200_000, ge=1, description="captions per resumable unit (one commit each)")
+
+
+def drop_adjective_forms(form_concepts: dict[str, tuple[str, ...]],
+                         adjectives: frozenset[str]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """``form_concepts`` without the one-word forms in ``adjectives``; also returns the dropped forms, sorted."""
+    dropped = sorted(f for f in form_concepts if " " not in f.strip() and f.strip().lower() in adjectives)
+    gone = set(dropped)
+    return {f: c for f, c in form_concepts.items() if f not in gone}, dropped
 
 
 def choose_senses(rows: Iterable[tuple[str, str, int | None, str, bool]],

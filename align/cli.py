@@ -50,14 +50,14 @@ def _export(args: argparse.Namespace) -> int:
         raise RecipeError(f"no checkpoint with model.safetensors found ({ckpt or recipe.output_dir / 'checkpoints'})")
     vision, text = load_encoders(recipe, device="cpu")
     tok_img = recipe.projector.image.kind == "token"
-    pooled = vision.dim * (2 if recipe.features.pooling == "cls+mean" else 1)
+    pooled = vision.dim * (2 if recipe.image_pooling == "cls+mean" else 1)
     heads = DualProjector(recipe.projector.image, recipe.projector.text, vision.dim if tok_img else pooled,
                           text.dim, vision.num_prefix_tokens)
     state = load_file(str(ckpt / "model.safetensors"))
     heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
     lt = state.get("loss.log_temperature")
     model = AlignedModel.from_parts(heads, vision, text, recipe.projector.image, recipe.projector.text,
-                                    pooling=recipe.features.pooling,
+                                    pooling=recipe.image_pooling,
                                     temperature=None if lt is None else float(lt.exp()))
     out = model.save_pretrained(args.out)
     print(f"exported {ckpt} -> {out}")

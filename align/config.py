@@ -70,6 +70,9 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     augment: bool = True  # cache: pick one of the cached crops per pair; encoders: random resized crop + flip
+    # from a features.pooling=cls+mean cache: train (and validate, and save the model) on its CLS half or its
+    # mean-patch half only — a pooling comparison without extracting the features again
+    image_pooling: Literal["cache", "cls", "mean"] = "cache"
     crop_scale: tuple[float, float] = (0.5, 1.0)  # encoders path only
     num_workers: int = Field(0, ge=0)  # encoders path: image decoding workers
     checkpoint_every: int = Field(500, ge=1)  # optimiser steps
@@ -95,7 +98,16 @@ class TrainRecipe(Strict):
         token = [s for s in ("image", "text") if getattr(self.projector, s).kind == "token"]
         if token and self.train.source == "cache" and not self.features.tokens:
             raise ValueError(f"token-level {token[0]} projector from the cache needs features.tokens: true")
+        if self.train.image_pooling != "cache" and (self.features.pooling != "cls+mean"
+                                                    or self.train.source != "cache" or "image" in token):
+            raise ValueError(f"train.image_pooling={self.train.image_pooling} picks half of a features.pooling="
+                             f"cls+mean cache: it needs that pooling, train.source=cache and a pooled image head")
         return self
+
+    @property
+    def image_pooling(self) -> str:
+        """The pooling the trained image projector sees (what a saved model applies to new images)."""
+        return self.features.pooling if self.train.image_pooling == "cache" else self.train.image_pooling
 
     # -- paths ------------------------------------------------------------------------------------------------
     @property

@@ -99,6 +99,14 @@ def extract_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool
     return cache
 
 
+def pooled_part(feats: CachedFeatures, part: str, dim: int) -> CachedFeatures:
+    """``train.image_pooling``: the CLS half (``cls``) or mean-patch half (``mean``) of cls+mean pooled features."""
+    if part == "cache":
+        return feats
+    feats.image = (feats.image[..., :dim] if part == "cls" else feats.image[..., dim:]).contiguous()
+    return feats
+
+
 def open_checked(recipe: TrainRecipe, split: str, vision, text) -> FeatureCache:
     cache = FeatureCache.open(recipe.cache_dir(split))
     cache.check(expected_key(recipe, split, vision, text))
@@ -452,13 +460,14 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
         accelerator.wait_for_everyone()
     val_feats = None
     if recipe.val is not None:
-        val_feats = open_checked(recipe, "val", vision, text).load(tokens=tok_img or tok_txt)
+        val_feats = pooled_part(open_checked(recipe, "val", vision, text).load(tokens=tok_img or tok_txt),
+                                tc.image_pooling, vision.dim)
     if tc.source == "cache":
         cache = open_checked(recipe, "train", vision, text)
         skips.merge(cache.skips)
-        feats = cache.load(tokens=tok_img or tok_txt)
+        feats = pooled_part(cache.load(tokens=tok_img or tok_txt), tc.image_pooling, vision.dim)
         provider: CacheBatches | EncoderBatches = CacheBatches(feats, tok_img, tok_txt, tc.augment, tc.seed, device)
-        dims = {"image": vision.dim if tok_img else cache.dims["image"], "text": cache.dims["text"]}
+        dims = {"image": vision.dim if tok_img else int(feats.image.shape[-1]), "text": cache.dims["text"]}
     else:
         samples = list(iter_samples(recipe.data, skips=skips))
         provider = EncoderBatches(samples, vision, text, tok_img, tok_txt, recipe.features.pooling, tc.augment,
@@ -594,7 +603,7 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = AlignedModel.from_parts(unwrapped.heads, vision, text, recipe.projector.image, recipe.projector.text,
-                                        pooling=recipe.features.pooling, temperature=summary["temperature"])
+                                        pooling=recipe.image_pooling, temperature=summary["temperature"])
         model.save_pretrained(out_dir / "model")
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: {state.step} steps, {state.samples:,} pairs seen, "

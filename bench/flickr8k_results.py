@@ -55,7 +55,7 @@ class FrozenZeroShot:
 
     def __init__(self, recipe: TrainRecipe, data: Path, prompts: str, out: Path):
         self.recipe, self.data, self.prompts = recipe, data, prompts
-        key = json.dumps([recipe.encoder_name("vision"), recipe.vision.layer, recipe.features.pooling,
+        key = json.dumps([recipe.encoder_name("vision"), recipe.vision.layer, recipe.image_pooling,
                           recipe.encoder_name("text"), recipe.text.max_length, str(data.resolve()), prompts])
         self.path = out / f"zeroshot-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
         self._feats: dict[str, Any] | None = None
@@ -74,7 +74,7 @@ class FrozenZeroShot:
             for i in tqdm(range(0, len(labeled), 32), desc="zero-shot image features", unit="batch"):
                 imgs = [labeled.open(j) for j in range(i, min(i + 32, len(labeled)))]
                 image_rows.append(vision.pool(vision.tokens(vision.preprocess(imgs)),
-                                              self.recipe.features.pooling).float().numpy())
+                                              self.recipe.image_pooling).float().numpy())
             per_class = build_prompts(labeled.classnames, self.prompts, labeled.glosses or None)
             texts = [t for ps in per_class for t in ps]
             text_rows = []

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 
 from align.cli import main as cli_main
 from align.config import load_train_recipe
+from align.data import decode_image, read_webdataset
+from curate.recipe import RecipeError
 from align.train import EpochPlan, train, validate, warmup_cosine
 from test_align_data import synthetic_pairs, write_shard
 
@@ -122,6 +125,30 @@ def test_cache_training_learns_counts_bad_rows_and_exports(tmp_path, tiny_vision
     s2 = train(load_train_recipe(rp))
     assert s2["steps"] == s["steps"] and s2["first_loss"] is None
     assert s2["pairs_seen"] == s["pairs_seen"] and s2["device_hours"] == s["device_hours"]  # carried by the checkpoint
+
+
+def test_image_pooling_half_of_a_cls_mean_cache(tmp_path, tiny_vision_dir, text_dir, data_dir):
+    """train.image_pooling=cls trains on the CLS half of a cls+mean cache; the saved model pools CLS itself."""
+    from align.model import AlignedModel
+
+    cache = str(tmp_path / "cache-cm")
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, train__epochs=2,
+                     features={"cache_dir": cache, "shard_size": 64, "pooling": "cls+mean"})
+    recipe = load_train_recipe(rp, ["train.image_pooling=cls"])
+    assert recipe.image_pooling == "cls"
+    train(recipe)
+    model = AlignedModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config["vision"]["pooling"] == "cls"
+    from align.features import FeatureCache
+
+    val = FeatureCache.open(tmp_path / "cache-cm" / "val").load()
+    img = [decode_image(s.image) for s in read_webdataset(str(data_dir / "val-000.tar"), limit=4)]
+    direct = model.encode_image(img)
+    from_cache = model.project_image_features(val.image[:4, 0, :32])
+    assert np.allclose(direct, from_cache, atol=2e-2)
+    with pytest.raises(RecipeError, match="image_pooling=mean picks half"):
+        load_train_recipe(make_recipe(tmp_path / "r2.yaml", tiny_vision_dir, text_dir, data_dir),
+                          ["train.image_pooling=mean"])
 
 
 def test_token_heads_and_encoder_path(tmp_path, tiny_vision_dir, text_dir, data_dir):

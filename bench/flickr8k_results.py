@@ -8,6 +8,11 @@ projectors from the recipe's feature cache (``align extract`` it first, or let t
 * zero-shot: the ImageNet sample, with frozen image features and frozen prompt features computed ONCE per
   encoder (``<out>/zeroshot-*.npz``) and only the projectors applied per model (token heads: not evaluated).
 
+With ``--cka N``, each variant's frozen train features (the first N images of its train cache: crop 0, and the
+mean of each image's caption features) are also scored by linear CKA, unbiased CKA and mutual kNN, and the
+Spearman ρ between each score and the trained retrieval over the variants answers "does the CKA ranking
+predict the retrieval ranking after training?" (a pair sweep: one variant per encoder pair).
+
 Writes ``<out>/results.json`` and ``<out>/results.md`` (mean ± std over seeds, and each variant's ratio to the
 first variant, the baseline) and prints the table. Finished runs (``metrics.json`` present) are not retrained,
 so a killed sweep resumes where it stopped.
@@ -37,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from align.config import TrainRecipe, load_train_recipe  # noqa: E402
 from curate.recipe import RecipeError  # noqa: E402
 
+CKA_COLUMNS = [("linear_cka", "linear CKA"), ("unbiased_cka", "unbiased CKA"), ("mutual_knn", "mutual kNN")]
 COLUMNS = [("t2i_R@1", "T→I R@1"), ("t2i_R@5", "T→I R@5"), ("i2t_R@1", "I→T R@1"), ("i2t_R@5", "I→T R@5"),
            ("zs_top1", "IN zero-shot top-1"), ("zs_top5", "IN top-5"), ("train_s", "train s")]
 
@@ -131,6 +137,23 @@ def run_one(config: str, overrides: list[str], out_dir: Path, zeroshot: FrozenZe
     return row
 
 
+def cache_similarity(config: str, overrides: list[str], n: int, knn_k: int = 10) -> dict[str, float]:
+    """Linear / unbiased CKA and mutual kNN of one variant's frozen train features (first ``n`` images)."""
+    from align.eval.cka import similarity_scores
+    from align.eval.select import mean_by_owner
+    from align.features import FeatureCache
+    from align.train import pooled_part
+
+    recipe = load_train_recipe(config, overrides)
+    cache = FeatureCache.open(recipe.cache_dir("train"))
+    feats = pooled_part(cache.load(), recipe.train.image_pooling, cache.dims["image_token"])
+    n = min(n, feats.num_images)
+    keep = feats.text_image < n
+    X = feats.image[:n, 0].numpy().astype(np.float32)
+    Y = mean_by_owner(feats.text[keep].numpy(), feats.text_image[keep].numpy(), n)
+    return similarity_scores(X, Y, k=knn_k)
+
+
 def summarise(results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
     """Markdown table (mean ± std over seeds, ratio to the first variant) and the JSON summary."""
     summary: dict[str, Any] = {}
@@ -152,6 +175,29 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, 
     return "\n".join(lines) + "\n", summary
 
 
+def cka_table(args, variants, summary: dict[str, Any]) -> str:
+    """Per variant: frozen-feature similarity scores and trained R@1; then Spearman rho of each score vs each
+    trained recall over the variants (+1 = the similarity ranking is the trained ranking)."""
+    from align.eval.select import spearman
+
+    rows = []
+    for name, sets in variants:
+        sim = cache_similarity(args.config, list(args.set) + sets, args.cka)
+        summary[name].update({k: {"mean": v, "std": 0.0, "n": 1} for k, v in sim.items()})
+        rows.append((name, sim, summary[name]["t2i_R@1"]["mean"], summary[name]["i2t_R@1"]["mean"]))
+    rows.sort(key=lambda r: -r[1]["linear_cka"])
+    out = [f"\nFrozen train features, first {args.cka} images (crop 0 vs the mean of the image's caption features):"
+           "\n", "| variant | " + " | ".join(h for _, h in CKA_COLUMNS) + " | trained T→I R@1 | trained I→T R@1 |",
+           "|" + "---|" * (len(CKA_COLUMNS) + 3)]
+    for name, sim, t2i, i2t in rows:
+        out.append(f"| {name} | " + " | ".join(f"{sim[k]:.3f}" for k, _ in CKA_COLUMNS) + f" | {t2i:.1f} | {i2t:.1f} |")
+    out += ["", "| score | ρ vs trained T→I R@1 | ρ vs trained I→T R@1 |", "|---|---|---|"]
+    for k, h in CKA_COLUMNS:
+        a = [r[1][k] for r in rows]
+        out.append(f"| {h} | {spearman(a, [r[2] for r in rows]):.3f} | {spearman(a, [r[3] for r in rows]):.3f} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "recipes" / "quickstart_align.yaml"))
@@ -163,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                    "imagenet-sample); 'none' skips zero-shot")
     p.add_argument("--prompts", default="photo", help="prompt set for zero-shot (photo | clip80 | ...)")
     p.add_argument("--out", default="runs/results/flickr8k")
+    p.add_argument("--cka", type=int, default=0, metavar="N",
+                   help="also score each variant's frozen train features (first N images) by CKA / mutual kNN and "
+                        "report Spearman rho against the trained retrieval")
     args = p.parse_args(argv)
     try:
         from curate.recipe import shared_dir
@@ -185,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} seed {seed}: " + ", ".join(f"{k} {row[k]:.1f}" for k, _ in COLUMNS if row.get(k) is not None),
                       flush=True)
         table, summary = summarise(results)
+        if args.cka:
+            table += cka_table(args, variants, summary)
         meta = {"command": " ".join(["python", "bench/flickr8k_results.py", *(argv or sys.argv[1:])]),
                 "config": args.config, "set": args.set, "variants": dict(variants), "seeds": args.seeds}
         (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=2))

@@ -33,7 +33,7 @@ from torch import nn
 from align.encoders import masked_mean
 from curate.recipe import RecipeError, Strict
 
-KINDS = ("token", "mlp", "linear")
+KINDS = ("token", "mlp", "linear", "identity")
 SIDES = ("image", "text")
 IMAGE_POOLINGS = ("cls+mean", "cls", "mean")
 
@@ -46,7 +46,7 @@ class ProjectorConfig(Strict):
     (``token`` kind only): ``cls+mean`` (paper), ``cls`` or ``mean`` (patch tokens only).
     """
 
-    kind: Literal["token", "mlp", "linear"] = "token"
+    kind: Literal["token", "mlp", "linear", "identity"] = "token"
     out_dim: PositiveInt = 1024
     hidden_dim: PositiveInt | None = None
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -128,6 +128,17 @@ class LinearProjector(Projector):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, mask)
         return self.proj(x)
+
+
+class IdentityProjector(Projector):
+    """No trainable parameters: this side keeps its frozen encoder's pooled embedding space and the other side's
+    head learns to map into it (LiT-style locking of one side; ``out_dim`` must equal the encoder's dim)."""
+
+    kind = "identity"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, mask)
+        return x
 
 
 class MLPProjector(Projector):
@@ -219,6 +230,11 @@ def build_projector(kind: str, side: str, in_dim: int, out_dim: int = 1024, hidd
     hidden_dim = None if hidden_dim is None else int(hidden_dim)
     if kind == "linear":
         return LinearProjector(side, in_dim, out_dim)
+    if kind == "identity":
+        if out_dim != in_dim:
+            raise RecipeError(f"identity {side} projector keeps the encoder's {in_dim}-d embedding: set out_dim: "
+                              f"{in_dim} on both sides (got {out_dim})")
+        return IdentityProjector(side, in_dim, out_dim)
     if kind == "mlp":
         return MLPProjector(side, in_dim, out_dim, hidden_dim, dropout)
     if side == "image":

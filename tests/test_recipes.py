@@ -11,7 +11,7 @@ from curate.recipe import parse, read_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_dinov2_roberta": TrainRecipe,
-        "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe}
+        "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe, "align_flickr8k_lite_mpnet": TrainRecipe}
 
 
 def test_every_recipe_is_known():
@@ -32,3 +32,11 @@ def test_paper_settings():
     assert "shard-" in str(r.data.path)  # the names `curate shard` writes
     b = parse(BuildRecipe, read_yaml(RECIPES / "concept_rich.yaml"), "concept_rich")
     assert b.media is not None and b.concepts.imagenet1k
+
+
+def test_flickr8k_best_pair_settings():
+    """docs/results.md section 1: the dev-chosen settings of the best-pair recipe."""
+    r = parse(TrainRecipe, read_yaml(RECIPES / "align_flickr8k_lite_mpnet.yaml"), "best")
+    assert (r.vision.name, r.text.name) == ("efficientnet-lite0", "all-mpnet-base-v2")
+    assert r.features.crops == 4 and r.train.augment and r.train.epochs == 3
+    assert r.projector.image.hidden_dim == r.projector.text.hidden_dim == 2048

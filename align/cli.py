@@ -50,8 +50,8 @@ def _export(args: argparse.Namespace) -> int:
         raise RecipeError(f"no checkpoint with model.safetensors found ({ckpt or recipe.output_dir / 'checkpoints'})")
     vision, text = load_encoders(recipe, device="cpu")
     tok_img = recipe.projector.image.kind == "token"
-    pooled = vision.dim * (2 if recipe.image_pooling == "cls+mean" else 1)
-    heads = DualProjector(recipe.projector.image, recipe.projector.text, vision.dim if tok_img else pooled,
+    heads = DualProjector(recipe.projector.image, recipe.projector.text,
+                          vision.dim if tok_img else vision.pooled_dim(recipe.image_pooling),
                           text.dim, vision.num_prefix_tokens)
     state = load_file(str(ckpt / "model.safetensors"))
     heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})

@@ -271,6 +271,10 @@ class VisionEncoder(_Frozen):
         ln = getattr(self.model, "layernorm", None)
         return (ln(h) if ln is not None else h).float()
 
+    def pooled_dim(self, pooling: str) -> int:
+        """Width of :meth:`pool`'s output: ``cls+mean`` concatenates two ``dim``-wide vectors."""
+        return self.dim * (2 if pooling == "cls+mean" else 1)
+
     def pool(self, tokens: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -288,8 +292,7 @@ class VisionEncoder(_Frozen):
             if normalize:
                 e = torch.nn.functional.normalize(e, dim=-1)
             outs.append(e.cpu().numpy().astype(np.float32))
-        width = self.dim * (2 if pooling == "cls+mean" else 1)
-        return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
+        return np.concatenate(outs) if outs else np.zeros((0, self.pooled_dim(pooling)), np.float32)
 
 
 def _default_feature_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

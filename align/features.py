@@ -229,6 +229,7 @@ def _chunks(it: Iterable[Sample], n: int) -> Iterator[list[Sample]]:
 
 _SIDE_KEYS = {"text": ("text", "tokens", "dtype", "data"),
               "image": ("vision", "pooling", "tokens", "crops", "crop_scale", "seed", "dtype", "data")}
+_SIDE_TENSORS = {"text": ("text", "text_image", "text_tokens", "text_mask"), "image": ("image", "image_tokens")}
 
 
 class Donors:
@@ -253,19 +254,16 @@ class Donors:
         return any(self.sides.values())
 
     def shard(self, side: str, name: str, source_images: int) -> dict[str, Any] | None:
-        """The donor shard ``name`` (tensors of that side + keys/captions/skips), if some donor has it."""
-        names = {"text": ("text", "text_image", "text_tokens", "text_mask"), "image": ("image", "image_tokens")}[side]
+        """The donor shard ``name`` (``tensors`` of that side, ``keys``, ``captions``, ``skips``), if a donor has it."""
         for shards in self.sides[side]:
             s = shards.get(name)
             if s is None or s.get("source_images") != source_images or not s["path"].is_file():
                 continue
             with safe_open(str(s["path"]), framework="pt") as f:
                 meta = f.metadata() or {}
-                out: dict[str, Any] = {n: f.get_tensor(n) for n in f.keys() if n in names}
-            out["keys"] = json.loads(meta.get("keys", "[]"))
-            out["captions"] = json.loads(meta.get("captions", "[]"))
-            out["skips"] = json.loads(meta.get("skips", "{}"))
-            return out
+                tensors = {n: f.get_tensor(n) for n in f.keys() if n in _SIDE_TENSORS[side]}
+            return {"tensors": tensors, "keys": json.loads(meta.get("keys", "[]")),
+                    "captions": json.loads(meta.get("captions", "[]")), "skips": json.loads(meta.get("skips", "{}"))}
         return None
 
 
@@ -290,17 +288,21 @@ def _encode_texts(text, captions: list[str], bs: int, tokens: bool, store: torch
 
 
 @torch.no_grad()
-def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: SkipLog,
-                  store: torch.dtype, image_donor: dict | None = None,
-                  text_donor: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Encode one shard; a donor shard (see :class:`Donors`) supplies its side instead of the encoder."""
+def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: SkipLog, store: torch.dtype,
+                  image_donor: dict | None = None, text_donor: dict | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
+    """Encode one shard; a donor shard (see :class:`Donors`) supplies its side instead of the encoder when it
+    holds exactly this shard's images (and captions). Also returns the sides that were copied."""
     bs = cfg.batch_size
     out: dict[str, torch.Tensor] = {}
-    if image_donor is not None:  # the donor decoded the same images: its kept keys and decode skips are ours
-        by_key = {s.key: s for s in chunk}
+    copied: set[str] = set()
+    by_key = {s.key: s for s in chunk}
+    if image_donor is not None and all(k in by_key for k in image_donor["keys"]):
+        # the donor decoded the same images: its kept keys and decode skips are ours
         kept = [by_key[k] for k in image_donor["keys"]]
         skips.merge(image_donor["skips"])
-        out.update({k: v for k, v in image_donor.items() if k in ("image", "image_tokens")})
+        out.update(image_donor["tensors"])
+        copied.add("image")
     else:
         images, kept = [], []
         for s in chunk:
@@ -319,8 +321,8 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
                 pooled.append(vision.pool(t, cfg.pooling).to(store))
                 if cfg.tokens:
                     toks.append(t.to(store))
-            dim = vision.dim * (2 if cfg.pooling == "cls+mean" else 1)
-            pooled_crops.append(torch.cat(pooled) if pooled else torch.zeros(0, dim, dtype=store))
+            pooled_crops.append(torch.cat(pooled) if pooled else
+                                torch.zeros(0, vision.pooled_dim(cfg.pooling), dtype=store))
             if cfg.tokens and toks:
                 token_crops.append(torch.cat(toks))
         out["image"] = torch.stack(pooled_crops, 1).contiguous()
@@ -328,13 +330,14 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
             out["image_tokens"] = torch.stack(token_crops, 1).contiguous()
     captions = [c for s in kept for c in s.captions]
     if text_donor is not None and text_donor["captions"] == captions and text_donor["keys"] == [s.key for s in kept]:
-        out.update({k: v for k, v in text_donor.items() if k in ("text", "text_image", "text_tokens", "text_mask")})
+        out.update(text_donor["tensors"])
+        copied.add("text")
     else:
         out["text_image"] = torch.tensor([i for i, s in enumerate(kept) for _ in s.captions], dtype=torch.long)
         out.update(_encode_texts(text, captions, max(bs, 128), cfg.tokens, store))
     meta = {"keys": json.dumps([s.key for s in kept]), "captions": json.dumps(captions),
             "skips": json.dumps(skips.as_dict())}
-    return out, meta
+    return out, meta, copied
 
 
 def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Path, cfg: FeatureConfig | None = None,
@@ -366,7 +369,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             if overwrite:
                 for f in out.glob("shard-*.safetensors"):
                     f.unlink()
-    dims = {"image": vision.dim * (2 if cfg.pooling == "cls+mean" else 1), "text": text.dim,
+    dims = {"image": vision.pooled_dim(cfg.pooling), "text": text.dim,
             "image_token": vision.dim, "num_prefix_tokens": vision.num_prefix_tokens}
     manifest: dict[str, Any] = {"format": FORMAT, "key": key, "dims": dims, "shards": [], "complete": False}
     atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
@@ -383,9 +386,9 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             shard_skips = SkipLog()
             img_d = donors.shard("image", name, len(chunk)) if donors else None
             txt_d = donors.shard("text", name, len(chunk)) if donors else None
-            tensors, meta = _encode_shard(chunk, vision, text, cfg, shard_skips, store, img_d, txt_d)
-            reused["image"] += img_d is not None
-            reused["text"] += txt_d is not None and tensors["text"] is txt_d.get("text")
+            tensors, meta, copied = _encode_shard(chunk, vision, text, cfg, shard_skips, store, img_d, txt_d)
+            for side in copied:
+                reused[side] += 1
             tmp = out / (name + ".tmp")
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)

@@ -472,8 +472,7 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
         samples = list(iter_samples(recipe.data, skips=skips))
         provider = EncoderBatches(samples, vision, text, tok_img, tok_txt, recipe.features.pooling, tc.augment,
                                   tc.crop_scale, tc.seed, tc.num_workers, device)
-        pooled_dim = vision.dim * (2 if recipe.features.pooling == "cls+mean" else 1)
-        dims = {"image": vision.dim if tok_img else pooled_dim, "text": text.dim}
+        dims = {"image": vision.dim if tok_img else vision.pooled_dim(recipe.features.pooling), "text": text.dim}
 
     world = accelerator.num_processes
     plan = EpochPlan(provider.num_pairs, tc.batch_size * world, tc.grad_accum, tc.seed)

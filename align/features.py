@@ -60,7 +60,9 @@ class FeatureConfig(Strict):
     seed: int = 0
     # other caches (their cache_dir, as in a recipe) to copy one side from instead of re-encoding it: a shard's
     # text side is copied when the donor's text encoder, data and captions match; its image side when the
-    # donor's vision encoder, pooling, crops and data match. E.g. DINOv2 + mpnet reuses Lite0 + mpnet's text.
+    # donor's vision encoder, pooling and data match. E.g. DINOv2 + mpnet reuses Lite0 + mpnet's text. Image
+    # views are copied as a prefix: the plain view always, the donor's crops too when crop_scale and seed match,
+    # so adding crops to a cache encodes only the new views.
     reuse: list[str] = []
 
 
@@ -228,7 +230,7 @@ def _chunks(it: Iterable[Sample], n: int) -> Iterator[list[Sample]]:
 
 
 _SIDE_KEYS = {"text": ("text", "tokens", "dtype", "data"),
-              "image": ("vision", "pooling", "tokens", "crops", "crop_scale", "seed", "dtype", "data")}
+              "image": ("vision", "pooling", "tokens", "dtype", "data")}
 _SIDE_TENSORS = {"text": ("text", "text_image", "text_tokens", "text_mask"), "image": ("image", "image_tokens")}
 
 
@@ -248,23 +250,35 @@ class Donors:
             shards = {s["file"]: {**s, "path": root / s["file"]} for s in donor.manifest["shards"]}
             for side, fields in _SIDE_KEYS.items():
                 if all(donor.key.get(f) == key.get(f) for f in fields):
-                    self.sides[side].append(shards)
+                    self.sides[side].append({"shards": shards, "views": _shared_views(donor.key, key)})
+        # the image donor with the most usable views first
+        self.sides["image"].sort(key=lambda d: -d["views"])
 
     def __bool__(self) -> bool:
         return any(self.sides.values())
 
     def shard(self, side: str, name: str, source_images: int) -> dict[str, Any] | None:
         """The donor shard ``name`` (``tensors`` of that side, ``keys``, ``captions``, ``skips``), if a donor has it."""
-        for shards in self.sides[side]:
-            s = shards.get(name)
+        for donor in self.sides[side]:
+            s = donor["shards"].get(name)
             if s is None or s.get("source_images") != source_images or not s["path"].is_file():
                 continue
             with safe_open(str(s["path"]), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {n: f.get_tensor(n) for n in f.keys() if n in _SIDE_TENSORS[side]}
-            return {"tensors": tensors, "keys": json.loads(meta.get("keys", "[]")),
+            if side == "image":  # image tensors are [n, K, ...]: keep the views we share
+                tensors = {n: t[:, :donor["views"]].contiguous() for n, t in tensors.items()}
+            return {"tensors": tensors, "views": donor["views"], "keys": json.loads(meta.get("keys", "[]")),
                     "captions": json.loads(meta.get("captions", "[]")), "skips": json.loads(meta.get("skips", "{}"))}
         return None
+
+
+def _shared_views(donor: dict[str, Any], key: dict[str, Any]) -> int:
+    """How many leading image views a donor cache holds that ours would encode identically: the plain view
+    always; its random crops too when the crop scale and seed are ours (crop k is seeded by seed, key and k)."""
+    same_crops = donor.get("crop_scale") == key.get("crop_scale") and donor.get("seed") == key.get("seed")
+    theirs = int(donor.get("crops", 1)) if same_crops else 1
+    return min(theirs, int(key.get("crops", 1)))
 
 
 def _encode_texts(text, captions: list[str], bs: int, tokens: bool, store: torch.dtype) -> dict[str, torch.Tensor]:
@@ -292,12 +306,14 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
                   image_donor: dict | None = None, text_donor: dict | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
     """Encode one shard; a donor shard (see :class:`Donors`) supplies its side instead of the encoder when it
-    holds exactly this shard's images (and captions). Also returns the sides that were copied."""
+    holds exactly this shard's images (and captions), or the leading image views when it holds fewer views
+    than ``cfg.crops``. Also returns what was copied (``image``, ``image-views``, ``text``)."""
     bs = cfg.batch_size
     out: dict[str, torch.Tensor] = {}
     copied: set[str] = set()
     by_key = {s.key: s for s in chunk}
-    if image_donor is not None and all(k in by_key for k in image_donor["keys"]):
+    if (image_donor is not None and image_donor["views"] == cfg.crops
+            and all(k in by_key for k in image_donor["keys"])):
         # the donor decoded the same images: its kept keys and decode skips are ours
         kept = [by_key[k] for k in image_donor["keys"]]
         skips.merge(image_donor["skips"])
@@ -311,8 +327,13 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
                 kept.append(s)
             except BadSample as e:
                 skips.add(e.reason, s.key)
-        pooled_crops, token_crops = [], []
-        for k in range(cfg.crops):
+        first = 0  # views [0, first) come from a donor that holds fewer views than we want
+        if image_donor is not None and image_donor["keys"] == [s.key for s in kept]:
+            first = image_donor["views"]
+            copied.add("image-views")
+        pooled_crops = [image_donor["tensors"]["image"]] if first else []
+        token_crops = [image_donor["tensors"]["image_tokens"]] if first and cfg.tokens else []
+        for k in range(first, cfg.crops):
             views = images if k == 0 else [random_resized_crop(im, crop_rng(cfg.seed, s.key, k), scale=cfg.crop_scale)
                                            for im, s in zip(images, kept)]
             pooled, toks = [], []
@@ -321,13 +342,13 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
                 pooled.append(vision.pool(t, cfg.pooling).to(store))
                 if cfg.tokens:
                     toks.append(t.to(store))
-            pooled_crops.append(torch.cat(pooled) if pooled else
-                                torch.zeros(0, vision.pooled_dim(cfg.pooling), dtype=store))
+            pooled_crops.append((torch.cat(pooled) if pooled else
+                                 torch.zeros(0, vision.pooled_dim(cfg.pooling), dtype=store)).unsqueeze(1))
             if cfg.tokens and toks:
-                token_crops.append(torch.cat(toks))
-        out["image"] = torch.stack(pooled_crops, 1).contiguous()
+                token_crops.append(torch.cat(toks).unsqueeze(1))
+        out["image"] = torch.cat(pooled_crops, 1).contiguous()
         if cfg.tokens and token_crops:
-            out["image_tokens"] = torch.stack(token_crops, 1).contiguous()
+            out["image_tokens"] = torch.cat(token_crops, 1).contiguous()
     captions = [c for s in kept for c in s.captions]
     if text_donor is not None and text_donor["captions"] == captions and text_donor["keys"] == [s.key for s in kept]:
         out.update(text_donor["tensors"])
@@ -377,7 +398,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     reader_skips = skips if skips is not None else SkipLog()
     decode_skips = SkipLog()
     donors = Donors([resolve_path(r) / out.name for r in cfg.reuse], key, out)
-    reused = {"image": 0, "text": 0}
+    reused = {"image": 0, "text": 0}  # whole sides copied; "image-views": shards whose leading views were copied
     bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress)
     for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
         name = f"shard-{idx:05d}.safetensors"
@@ -388,7 +409,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             txt_d = donors.shard("text", name, len(chunk)) if donors else None
             tensors, meta, copied = _encode_shard(chunk, vision, text, cfg, shard_skips, store, img_d, txt_d)
             for side in copied:
-                reused[side] += 1
+                reused[side] = reused.get(side, 0) + 1
             tmp = out / (name + ".tmp")
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)

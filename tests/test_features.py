@@ -137,3 +137,39 @@ def test_reuse_copies_a_matching_side_and_never_the_other(tmp_path, shard, tiny_
                              reuse=[str(tmp_path / "b"), str(tmp_path / "a")])
     assert img_reused.manifest["reused_shards"] == {"image": 3, "text": 3} and calls["text"] == 0
     assert torch.equal(img_reused.load().image, a.image) and img_reused.skips == donor.skips
+
+
+def test_reuse_copies_leading_views_and_encodes_only_new_crops(tmp_path, shard, tiny_vision, tiny_text, monkeypatch):
+    """Adding crops to a cache: the donor's plain view (and its crops when scale and seed match) are copied,
+    only the missing views are encoded, and the result equals a fresh extraction."""
+    plain, _ = _extract(shard, tmp_path / "a" / "train", tiny_vision, tiny_text, tokens=True)
+    fresh, _ = _extract(shard, tmp_path / "f" / "train", tiny_vision, tiny_text, tokens=True, crops=3)
+    seen = {"images": 0}
+    real = type(tiny_vision).tokens
+
+    def counting(self, pixels):
+        seen["images"] += pixels.shape[0]
+        return real(self, pixels)
+
+    monkeypatch.setattr(type(tiny_vision), "tokens", counting)
+    more, _ = _extract(shard, tmp_path / "b" / "train", tiny_vision, tiny_text, tokens=True, crops=3,
+                       reuse=[str(tmp_path / "a")])
+    assert seen["images"] == 2 * 7  # 7 decodable images x the 2 new views; the plain view was copied
+    assert more.manifest["reused_shards"] == {"image": 0, "image-views": 3, "text": 3}
+    assert more.key == fresh.key and more.skips == fresh.skips
+    m, f = more.load(tokens=True), fresh.load(tokens=True)
+    assert m.image.shape == (7, 3, 32) and m.image_tokens.shape == (7, 3, 17, 32)
+    assert torch.equal(m.image[:, :1], plain.load().image)
+    assert torch.allclose(m.image, f.image, atol=1e-3) and torch.allclose(m.image_tokens, f.image_tokens, atol=1e-3)
+    # fewer views than the donor, same crop settings: a whole copy (the donor with most views wins)
+    seen["images"] = 0
+    fewer, _ = _extract(shard, tmp_path / "c" / "train", tiny_vision, tiny_text, tokens=True, crops=2,
+                        reuse=[str(tmp_path / "a"), str(tmp_path / "b")])
+    assert seen["images"] == 0 and fewer.manifest["reused_shards"]["image"] == 3
+    assert torch.equal(fewer.load().image, m.image[:, :2])
+    # other crop scale: the donor's crops are not ours, only its plain view is copied
+    seen["images"] = 0
+    other, _ = _extract(shard, tmp_path / "d" / "train", tiny_vision, tiny_text, tokens=True, crops=3,
+                        crop_scale=(0.2, 0.4), reuse=[str(tmp_path / "b")])
+    assert seen["images"] == 2 * 7 and other.manifest["reused_shards"]["image-views"] == 3
+    assert torch.equal(other.load().image[:, 0], m.image[:, 0]) and not torch.allclose(other.load().image, m.image)

@@ -301,6 +301,17 @@ def _encode_texts(text, captions: list[str], bs: int, tokens: bool, store: torch
     return out
 
 
+def _shard_matches(chunk: list[Sample], meta: dict[str, str]) -> bool:
+    """Whether a shard on disk was made from these samples: its kept images are among them, with these captions.
+    (The cache key names the data source, not its content; this catches a source edited in place.)"""
+    if "keys" not in meta or "captions" not in meta:
+        return True  # written before shards recorded them
+    by_key = {s.key: s for s in chunk}
+    keys = json.loads(meta["keys"])
+    return (all(k in by_key for k in keys)
+            and json.loads(meta["captions"]) == [c for k in keys for c in by_key[k].captions])
+
+
 @torch.no_grad()
 def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: SkipLog, store: torch.dtype,
                   image_donor: dict | None = None, text_donor: dict | None = None
@@ -403,7 +414,8 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
         name = f"shard-{idx:05d}.safetensors"
         path = out / name
-        if not path.exists():
+        existed = path.exists()
+        if not existed:
             shard_skips = SkipLog()
             img_d = donors.shard("image", name, len(chunk)) if donors else None
             txt_d = donors.shard("text", name, len(chunk)) if donors else None
@@ -417,6 +429,10 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             meta = f.metadata() or {}
             n_img = f.get_slice("image").get_shape()[0]
             n_txt = f.get_slice("text").get_shape()[0]
+        if existed and not _shard_matches(chunk, meta):
+            raise StaleCacheError(f"{path}: holds other images or captions than the data now (the source changed "
+                                  f"since it was extracted); re-run `align extract --overwrite` or choose another "
+                                  f"features.cache_dir")
         decode_skips.merge(json.loads(meta.get("skips", "{}")))
         manifest["shards"].append({"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk)})
         atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -173,3 +174,18 @@ def test_reuse_copies_leading_views_and_encodes_only_new_crops(tmp_path, shard, 
                         crop_scale=(0.2, 0.4), reuse=[str(tmp_path / "b")])
     assert seen["images"] == 2 * 7 and other.manifest["reused_shards"]["image-views"] == 3
     assert torch.equal(other.load().image[:, 0], m.image[:, 0]) and not torch.allclose(other.load().image, m.image)
+
+
+def test_resume_refuses_shards_made_from_other_data(tmp_path, shard, tiny_vision, tiny_text):
+    """The key names the data source, not its content: a source edited in place is caught shard by shard."""
+    samples = list(read_webdataset(str(shard), skips=SkipLog()))
+    cfg = FeatureConfig(shard_size=3, batch_size=4)
+    extract_features(samples, tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1}, progress=False)
+    extract_features(samples, tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1}, progress=False)
+    edited = [dataclasses.replace(s, captions=["another caption"]) if i == 4 else s
+              for i, s in enumerate(samples)]
+    with pytest.raises(StaleCacheError, match="shard-00001.safetensors: holds other images or captions"):
+        extract_features(edited, tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1}, progress=False)
+    again = extract_features(edited, tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1},
+                             overwrite=True, progress=False)
+    assert "another caption" in again.load().captions

@@ -124,6 +124,22 @@ def read_irregular_plurals(where: Path) -> dict[str, list[str]]:
     return out
 
 
+def _cntlist(path: str | os.PathLike | None) -> Iterator[tuple[str, str, int, int]]:
+    """(lowercased lemma with spaces, ss_type digit, sense number, SemCor tag count) of WordNet's ``cntlist.rev``;
+    nothing when the file is missing."""
+    try:
+        f = _open_text(find_wordnet(path), "cntlist.rev")
+    except (FileNotFoundError, KeyError):
+        return
+    with f:
+        for line in f:
+            t = line.split()
+            if len(t) != 3 or "%" not in t[0]:
+                continue
+            lemma, _, lex = t[0].partition("%")
+            yield lemma.replace("_", " ").lower(), lex[:1], int(t[1]), int(t[2])
+
+
 def adjective_words(path: str | os.PathLike | None = None, min_count: int = 5,
                     ratio: float = 2.0) -> frozenset[str]:
     """One-word lemmas that WordNet's SemCor sense counts (``cntlist.rev``) tag mostly as ADJECTIVES: at least
@@ -131,21 +147,23 @@ def adjective_words(path: str | os.PathLike | None = None, min_count: int = 5,
     little 289 vs 12; but orange 7 vs 8 and husky 4 vs 0 stay nouns). In captions these words are colours and
     ages far more often than the person/colour nouns they also name. Empty when ``cntlist.rev`` is missing."""
     counts: dict[str, list[int]] = {}
-    try:
-        f = _open_text(find_wordnet(path), "cntlist.rev")
-    except (FileNotFoundError, KeyError):
-        return frozenset()
-    with f:
-        for line in f:
-            t = line.split()
-            if len(t) != 3 or "%" not in t[0]:
-                continue
-            lemma, _, lex = t[0].partition("%")
-            kind = {"1": 0, "3": 1, "5": 1}.get(lex[:1])
-            if kind is None or "_" in lemma:
-                continue
-            counts.setdefault(lemma.lower(), [0, 0])[kind] += int(t[2])
+    for lemma, kind, _, n in _cntlist(path):
+        k = {"1": 0, "3": 1, "5": 1}.get(kind)
+        if k is not None and " " not in lemma:
+            counts.setdefault(lemma, [0, 0])[k] += n
     return frozenset(w for w, (noun, adj) in counts.items() if adj >= min_count and adj > ratio * noun)
+
+
+def noun_sense_counts(path: str | os.PathLike | None = None) -> dict[str, dict[int, int]]:
+    """Lowercased noun lemma (spaces, not underscores) → {0-based sense rank: SemCor tag count}, for the lemmas
+    SemCor tagged at least once as a noun (``spot``: rank 0 "a point located with respect to surface features"
+    23 … the spotlight sense 0). Ranks are WordNet's sense order, as :meth:`WordNet.sense_rank`. Empty when
+    ``cntlist.rev`` is missing."""
+    out: dict[str, dict[int, int]] = {}
+    for lemma, kind, number, n in _cntlist(path):
+        if kind == "1" and n > 0:
+            out.setdefault(lemma, {})[number - 1] = n
+    return out
 
 
 def irregular_plurals(path: str | os.PathLike | None = None) -> dict[str, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -13,8 +14,8 @@ import pytest
 from conftest import TINY_WORDS
 from curate.catalog import Catalog
 from curate.concepts import ConceptsConfig, build_concepts
-from curate.match import (LexicalMatcher, MatchConfig, choose_senses, iter_units, load_form_concepts,
-                          naive_match, run_match)
+from curate.match import (LexicalMatcher, MatchConfig, choose_senses, drop_rare_senses, iter_units,
+                          load_form_concepts, naive_match, run_match)
 from curate.match.semantic import TopK, concept_prompt
 from curate.recipe import RecipeError, parse
 
@@ -324,7 +325,7 @@ def test_real_flickr8k_dog_captions(flickr8k, minilm_path, tmp_path):
     n_all, n_whole = cat.execute(
         "SELECT count(*), count(*) FILTER (strpos(' ' || trim(regexp_replace(lower(s.caption), '[^a-z0-9]+', ' ', "
         "'g')) || ' ', ' ' || m.span || ' ') > 0) FROM matches m JOIN samples s USING (uid)").fetchone()
-    assert n_all > 20_000 and n_whole == n_all
+    assert n_all > 15_000 and n_whole == n_all
     cat.close()
 
     # semantic, real MiniLM, on a 600-caption subset: the top-20 captions of "dog" are dog captions
@@ -359,7 +360,35 @@ def test_adjective_forms_are_not_matched(tmp_path):
     run_match(cat, MatchConfig(), progress=False)
     spans = {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
     assert {"man", "child"} <= spans and not spans & {"white", "black", "young", "little", "red"}
-    run_match(cat, MatchConfig(lexical={"skip_adjectives": False}), progress=False)  # params changed: rerun
+    run_match(cat, MatchConfig(lexical={"skip_adjectives": False, "min_sense_share": 0}), progress=False)  # rerun
     spans = {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
     assert {"white", "black", "man", "child"} <= spans
+    cat.close()
+
+
+def test_drop_rare_senses_unit():
+    rows = [("spot", "spotlight", 11, "spot", True), ("spot", "place", 0, "spot", False),
+            ("jeans", "denim", 0, "jean", True), ("crane", "bird", 1, "crane", False), ("x", "user", None, "x", False)]
+    counts = {"spot": {0: 23, 11: 0, 1: 2}, "crane": {0: 4, 1: 3}}
+    kept, dropped = drop_rare_senses(rows, counts, 0.25)
+    assert dropped == ["spot:spotlight"] and [r[1] for r in kept] == ["place", "denim", "bird", "user"]
+    assert drop_rare_senses(rows, counts, 0.0) == (rows, [])
+
+
+def test_rare_senses_are_not_matched(tmp_path):
+    """"spots" names the ImageNet class "spotlight, spot" but SemCor never tags that sense of "spot" (0 vs 23
+    tags for its first sense): min_sense_share (default 0.25) leaves it out; 0 restores plain matching."""
+    if not Path("/usr/share/wordnet/cntlist.rev").is_file():
+        pytest.skip("Debian wordnet-base not installed")
+    caps = ["A dog with brown spots sits on a park bench .", "A man in jeans and a sweatshirt ."]
+    cat = _catalog(tmp_path / "a.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=True, subtrees=[]), progress=False)
+    run_match(cat, MatchConfig(), progress=False)
+    spans = {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
+    assert {"park bench", "jeans", "sweatshirt"} <= spans and "spots" not in spans
+    params = json.loads(cat.scalar("SELECT params FROM stages WHERE stage = 'match_lexical'"))
+    assert "spots:n04286575" in params["dropped_rare_senses"]
+    run_match(cat, MatchConfig(lexical={"min_sense_share": 0}), progress=False)  # params changed: rerun
+    spans = {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
+    assert "spots" in spans
     cat.close()

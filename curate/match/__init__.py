@@ -26,12 +26,13 @@ from pydantic import Field
 from curate.catalog import Catalog, _params_json
 from curate.concepts import SURFACE_FORMS_DDL
 from curate.match.lexical import (LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, drop_adjective_forms,
-                                  naive_match)
+                                  drop_rare_senses, naive_match)
 from curate.match.semantic import EmbeddingCache, SemanticConfig, TopK, concept_prompt, encode_sorted
 from curate.recipe import RecipeError, Strict, resolve_path
 
 __all__ = ["MatchConfig", "LexicalConfig", "SemanticConfig", "run_match", "run_lexical", "run_semantic",
-           "LexicalMatcher", "choose_senses", "naive_match", "load_form_concepts", "iter_units"]
+           "LexicalMatcher", "choose_senses", "drop_rare_senses", "naive_match", "load_form_concepts",
+           "lexical_forms", "iter_units"]
 
 INPUT_SQL = ("SELECT uid, caption FROM alive WHERE caption IS NOT NULL AND length(trim(caption)) > 0 "
              "ORDER BY uid, caption")
@@ -122,14 +123,43 @@ def _count(cat: Catalog, method: str) -> int:
     return int(cat.scalar("SELECT count(*) FROM matches WHERE method = ?", [method]) or 0)
 
 
-def load_form_concepts(cat: Catalog, senses: str = "first") -> dict[str, tuple[str, ...]]:
-    """form → concept ids from the catalog's ``surface_forms`` under the ``senses`` policy."""
+def _form_rows(cat: Catalog) -> list[tuple]:
     cat.execute(SURFACE_FORMS_DDL)
     rows = cat.execute("SELECT f.form, f.concept_id, f.sense_rank, f.lemma, coalesce(c.imagenet1k, false) "
                        "FROM surface_forms f JOIN concepts c USING (concept_id)").fetchall()
     if not rows:
         raise RecipeError("match: the catalog has no concept surface forms; build the concept bank first")
-    return choose_senses(rows, senses)  # type: ignore[arg-type]
+    return rows
+
+
+def load_form_concepts(cat: Catalog, senses: str = "first") -> dict[str, tuple[str, ...]]:
+    """form → concept ids from the catalog's ``surface_forms`` under the ``senses`` policy (no WordNet filters)."""
+    return choose_senses(_form_rows(cat), senses)  # type: ignore[arg-type]
+
+
+def lexical_forms(cat: Catalog, cfg: LexicalConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, list[str]]]:
+    """form → concept ids as ``match.lexical`` matches them: rare senses dropped (``min_sense_share``), the
+    ``senses`` policy, adjective-dominant forms skipped (``skip_adjectives``). Also returns what the WordNet
+    filters removed (``dropped_rare_senses``: ``form:concept_id``; ``skipped_adjective_forms``)."""
+    from curate.wordnet import adjective_words, noun_sense_counts
+
+    rows = _form_rows(cat)
+    dropped: list[str] = []
+    if cfg.min_sense_share > 0:
+        try:
+            counts = noun_sense_counts(cfg.wordnet_dir)
+        except RecipeError:  # no WordNet at all (a plain user list): nothing to look up
+            counts = {}
+        rows, dropped = drop_rare_senses(rows, counts, cfg.min_sense_share)
+    forms = choose_senses(rows, cfg.senses)
+    skipped: list[str] = []
+    if cfg.skip_adjectives:
+        try:
+            adjectives = adjective_words(cfg.wordnet_dir)
+        except RecipeError:
+            adjectives = frozenset()
+        forms, skipped = drop_adjective_forms(forms, adjectives)
+    return forms, {"dropped_rare_senses": dropped, "skipped_adjective_forms": skipped}
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -138,24 +168,20 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     from tqdm.auto import tqdm
 
     stage = "match_lexical"
-    forms = load_form_concepts(cat, cfg.senses)
-    skipped: list[str] = []
-    if cfg.skip_adjectives:
-        from curate.wordnet import adjective_words
-
-        try:
-            adjectives = adjective_words(cfg.wordnet_dir)
-        except RecipeError:  # no WordNet at all (a plain user list): nothing to look up
-            adjectives = frozenset()
-        forms, skipped = drop_adjective_forms(forms, adjectives)
-    # the skipped forms are part of the stage parameters: `curate inspect` shows them, a change reruns the stage
+    forms, removed = lexical_forms(cat, cfg)
+    skipped, dropped = removed["skipped_adjective_forms"], removed["dropped_rare_senses"]
+    # what the WordNet filters removed is part of the stage parameters: `curate inspect` shows it, a change
+    # reruns the stage
     params = {"cfg": cfg.model_dump(exclude={"wordnet_dir"}), "bank": _bank_fingerprint(cat),
-              "input": _input_fingerprint(cat), "skipped_adjective_forms": skipped}
+              "input": _input_fingerprint(cat), **removed}
     if _begin(cat, stage, "lexical", params):
         return _count(cat, "lexical")
     if skipped and progress:
         print(f"match lexical: {len(skipped)} adjective-dominant forms not matched "
               f"(e.g. {', '.join(skipped[:8])}); match.lexical.skip_adjectives=false keeps them")
+    if dropped and progress:
+        print(f"match lexical: {len(dropped)} rare word senses not matched (e.g. {', '.join(dropped[:4])}); "
+              f"match.lexical.min_sense_share=0 keeps them")
     matcher = LexicalMatcher(forms, cfg.overlaps)
     lemmatizer = Lemmatizer(cfg.spacy_model) if cfg.lemmatize else None
     done = cat.done_units(stage)

@@ -43,6 +43,10 @@ class LexicalConfig(Strict):
     # one-word forms whose lemma WordNet's sense counts tag mostly as an adjective (white, black, young, little,
     # red ...) are not matched: "a white dog" is not about a White person. Needs WordNet's cntlist.rev.
     skip_adjectives: bool = True
+    # a bank concept that is a RARE sense of the word a form comes from is not matched: SemCor must tag that
+    # sense at least this share of the word's most-tagged noun sense ("spot" → spotlight: 0 vs 23 tags;
+    # "family" → kin: 5 vs 66). Words SemCor never tagged as nouns keep all senses. 0 turns the filter off.
+    min_sense_share: float = Field(0.25, ge=0.0, le=1.0)
     wordnet_dir: str | None = None  # where cntlist.rev is (None: the usual places, as concepts.wordnet_dir)
     overlaps: Literal["all", "longest"] = "all"
     lemmatize: bool = Field(False, description="also match spaCy lemmas of each caption (slower; see bench)")
@@ -56,6 +60,22 @@ def drop_adjective_forms(form_concepts: dict[str, tuple[str, ...]],
     dropped = sorted(f for f in form_concepts if " " not in f.strip() and f.strip().lower() in adjectives)
     gone = set(dropped)
     return {f: c for f, c in form_concepts.items() if f not in gone}, dropped
+
+
+def drop_rare_senses(rows: Iterable[tuple[str, str, int | None, str, bool]], sense_counts: dict[str, dict[int, int]],
+                     min_share: float) -> tuple[list[tuple[str, str, int | None, str, bool]], list[str]]:
+    """``rows`` (as :func:`choose_senses`) without the senses SemCor tags less than ``min_share`` × the lemma's
+    most-tagged noun sense (``sense_counts``: :func:`curate.wordnet.noun_sense_counts`); also returns the dropped
+    ``form:concept_id`` pairs, sorted. Rows without a WordNet rank, and lemmas without counts, are kept."""
+    kept, dropped = [], []
+    for row in rows:
+        form, cid, rank, lemma, _ = row
+        counts = sense_counts.get((lemma or form).lower()) if min_share > 0 else None
+        if counts and rank is not None and rank < 99 and counts.get(int(rank), 0) < min_share * max(counts.values()):
+            dropped.append(f"{form}:{cid}")
+        else:
+            kept.append(row)
+    return kept, sorted(set(dropped))
 
 
 def choose_senses(rows: Iterable[tuple[str, str, int | None, str, bool]],

@@ -43,10 +43,11 @@ class LexicalConfig(Strict):
     # one-word forms whose lemma WordNet's sense counts tag mostly as an adjective (white, black, young, little,
     # red ...) are not matched: "a white dog" is not about a White person. Needs WordNet's cntlist.rev.
     skip_adjectives: bool = True
-    # a bank concept that is a RARE sense of the word a form comes from is not matched: SemCor must tag that
-    # sense at least this share of the word's most-tagged noun sense ("spot" → spotlight: 0 vs 23 tags;
-    # "family" → kin: 5 vs 66). Words SemCor never tagged as nouns keep all senses. 0 turns the filter off.
-    min_sense_share: float = Field(0.25, ge=0.0, le=1.0)
+    # > 0: a bank concept that is a RARE sense of the word a form comes from is not matched: SemCor must tag
+    # that sense at least this share of the word's most-tagged noun sense ("spot" → spotlight: 0 vs 23 tags;
+    # "family" → kin: 5 vs 66; 0.25 is the measured setting). Words SemCor never tagged as nouns keep all
+    # senses. Off by default: cleaner labels, but no downstream gain measured (docs/concepts.md).
+    min_sense_share: float = Field(0.0, ge=0.0, le=1.0)
     wordnet_dir: str | None = None  # where cntlist.rev is (None: the usual places, as concepts.wordnet_dir)
     overlaps: Literal["all", "longest"] = "all"
     lemmatize: bool = Field(False, description="also match spaCy lemmas of each caption (slower; see bench)")

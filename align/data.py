@@ -164,28 +164,37 @@ def _paths(spec: Union[str, list[str]], base: str | Path | None) -> list[str]:
     return out
 
 
+def flickr8k_captions(root: str | Path) -> list[tuple[str, str, str]]:
+    """(image name, caption id ``IMAGE.jpg#N``, caption) of every non-blank line of a Flickr8k ``captions.txt``
+    (``IMAGE.jpg#N<TAB>caption``), in file order; the caption is "" on a line without a tab."""
+    cap_file = Path(root) / "captions.txt"
+    if not cap_file.is_file():
+        raise RecipeError(f"{root}: no captions.txt here (expected a Flickr8k folder)")
+    out = []
+    for line in cap_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            cid, _, cap = line.partition("\t")
+            out.append((cid.split("#", 1)[0].strip(), cid.strip(), cap))
+    return out
+
+
+def flickr8k_split(root: str | Path, split: str) -> list[str]:
+    """The image names of ``{split}_images.txt`` (train, dev, test), in file order."""
+    split_file = Path(root) / f"{split}_images.txt"
+    if not split_file.is_file():
+        raise RecipeError(f"{root}: no {split}_images.txt (split must be train, dev, test or all)")
+    return [n.strip() for n in split_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+
+
 def read_flickr8k(root: str | Path, split: str = "train", limit: int | None = None,
                   skips: SkipLog | None = None) -> Iterator[Sample]:
     """Flickr8k: ``captions.txt`` lines ``IMAGE.jpg#N<TAB>caption`` and ``{split}_images.txt`` name lists."""
     root = Path(root)
     skips = skips if skips is not None else SkipLog()
-    cap_file = root / "captions.txt"
-    if not cap_file.is_file():
-        raise RecipeError(f"{root}: no captions.txt here (expected a Flickr8k folder)")
     caps: dict[str, list[str]] = {}
-    for line in cap_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        name, _, cap = line.partition("\t")
-        img = name.split("#", 1)[0].strip()
+    for img, _, cap in flickr8k_captions(root):
         caps.setdefault(img, []).append(cap)
-    if split in ("all", "*"):
-        names = sorted(caps)
-    else:
-        split_file = root / f"{split}_images.txt"
-        if not split_file.is_file():
-            raise RecipeError(f"{root}: no {split}_images.txt (split must be train, dev, test or all)")
-        names = [n.strip() for n in split_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+    names = sorted(caps) if split in ("all", "*") else flickr8k_split(root, split)
     n = 0
     for name in names:
         if limit is not None and n >= limit:

@@ -33,17 +33,12 @@ from curate.recipe import RecipeError  # noqa: E402
 
 
 def split_captions(root: Path, split: str) -> list[tuple[str, str]]:
-    """(caption id ``IMAGE.jpg#N``, caption) of every caption of the split's images, in captions.txt order."""
-    cap_file, split_file = root / "captions.txt", root / f"{split}_images.txt"
-    for f in (cap_file, split_file):
-        if not f.is_file():
-            raise RecipeError(f"{f}: missing (expected a Flickr8k folder with captions.txt and {split}_images.txt)")
-    names = {n.strip() for n in split_file.read_text(encoding="utf-8").splitlines() if n.strip()}
-    out = []
-    for line in cap_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        cid, tab, cap = line.partition("\t")
-        if tab and cid.split("#", 1)[0].strip() in names:
-            out.append((cid.strip(), cap))
+    """(caption id ``IMAGE.jpg#N``, caption) of every non-empty caption of the split's images, in captions.txt
+    order (read as the aligner reads a Flickr8k folder)."""
+    from align.data import flickr8k_captions, flickr8k_split
+
+    names = set(flickr8k_split(root, split))
+    out = [(cid, cap) for img, cid, cap in flickr8k_captions(root) if img in names and cap.strip()]
     if not out:
         raise RecipeError(f"{root}: no captions for the {split} split")
     return out

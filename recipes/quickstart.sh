@@ -4,6 +4,16 @@
 # Each step resumes when interrupted: rerun the script. Step-by-step explanation: docs/quickstart.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the project environment that .ci/install made (skip when one is already active)
+VENV="${TETHER_VENV:-.venv}"
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$VENV/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+fi
+if ! command -v curate >/dev/null 2>&1; then
+  echo "error: curate not found: run \`bash .ci/install\` first (it installs tether into $VENV)" >&2
+  exit 2
+fi
 export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 S="${TETHER_SHARED:-$(cd .. && pwd)/shared}"
 F="$S/data/flickr8k"

@@ -402,7 +402,7 @@ def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
                 cat.clear_decisions(STAGE)
                 cat.invalidate([STAGE, RETRY_STAGE])
                 cat.mark_started(STAGE, params)
-            _clear_dir(build_dir / "media" / "download")
+            _clear_dir(build_dir / "media" / "download", build_dir)
         with cat.transaction() as con:
             none = con.execute("""SELECT uid FROM media_rows WHERE url IS NULL AND path IS NULL
                                   AND uid NOT IN (SELECT uid FROM downloads)""").fetchall()
@@ -444,8 +444,8 @@ def download_counts(cat: Catalog) -> dict[str, int]:
     return dict(cat.execute("SELECT status, count(*) FROM downloads GROUP BY 1 ORDER BY 1").fetchall())
 
 
-def _clear_dir(d: Path) -> None:
-    import shutil
+def _clear_dir(d: Path, build_dir: Path) -> None:
+    """Delete ``d`` (inside the marked build folder only: :func:`curate.fileio.remove_path`)."""
+    from curate.fileio import remove_path
 
-    if d.exists():
-        shutil.rmtree(d)
+    remove_path(d, build_dir)

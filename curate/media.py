@@ -32,8 +32,9 @@ from curate.download import (DOWNLOADS_SCHEMA, MEDIA_ROWS_SCHEMA, DownloadConfig
                              retry_failed, run_download)
 from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
 from curate.clikit import run_command
+from curate.fileio import check_build_dir, claim_build_dir, claim_output_dir, open_build_dir
 from curate.recipe import RecipeError, Strict, parse, read_yaml
-from curate.shards import ShardConfig, run_shards
+from curate.shards import ShardConfig, out_dir_of, run_shards
 
 REBALANCE = "rebalance"
 DEDUP = "image_dedup"
@@ -121,7 +122,7 @@ def run_rebalance(cat: Catalog, cfg: RebalanceConfig, progress: bool = True):
 def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path, progress: bool = True,
                        encoder=None) -> dict:
     """Image dedup → re-balance → shards on the current downloads; returns the media report."""
-    build_dir = Path(build_dir)
+    build_dir = claim_build_dir(build_dir, cat)
     fmt = recipe.download.encode_format
     cat.execute(MEDIA_ROWS_SCHEMA)
     cat.execute(DOWNLOADS_SCHEMA)  # download disabled on a fresh build: nothing stored, nothing to shard
@@ -169,6 +170,7 @@ def run_media(cat: Catalog, recipe: MediaRecipe, selection_path: str | Path, bui
     """All media stages over the selection parquet (resumable; see the module doc). Returns the report."""
     if selection_path is None or not Path(selection_path).exists():
         raise RecipeError(f"media: selection parquet not found: {selection_path}")
+    claim_build_dir(build_dir, cat)  # the download stage deletes only inside a marked build folder
     load_selection(cat, selection_path)
     if recipe.download.enabled:
         counts = run_download(cat, recipe.download, build_dir, progress=progress)
@@ -193,7 +195,7 @@ def _selection_of(build: Path, data: dict, given: str | None) -> Path:
     if given:
         return Path(given)
     name = (data.get("output") or {}).get("selection", "selection.parquet")
-    return build / name
+    return build / name  # only read here (an absolute name stays as it is)
 
 
 def _cmd(args) -> int:
@@ -201,6 +203,7 @@ def _cmd(args) -> int:
     try:
         if not (build / "catalog.duckdb").exists():
             raise RecipeError(f"{build}: no catalog.duckdb here (run `curate build` first)")
+        check_build_dir(build)  # before reading anything of a folder tether did not make
         recipe, data = load_media_recipe(build, args.recipe)
         over = {k: v for k, v in (("seed", getattr(args, "seed", None)),
                                   ("samples_per_shard", getattr(args, "samples_per_shard", None))) if v is not None}
@@ -208,7 +211,10 @@ def _cmd(args) -> int:
             recipe = recipe.model_copy(update={"shards": parse(ShardConfig, {**recipe.shards.model_dump(), **over},
                                                                "command line: shards")})
         progress = not args.no_progress
-        with Catalog(build / "catalog.duckdb") as cat:
+        if recipe.shards.enabled and args.media_cmd == "shard":
+            claim_output_dir(build, out_dir_of(recipe.shards, build), "media.shards.out", check_only=True)
+        # a folder tether did not make is refused untouched; the build lock is held before the first write
+        with open_build_dir(build, create=False), Catalog(build / "catalog.duckdb") as cat:
             if args.media_cmd == "download":
                 load_selection(cat, _selection_of(build, data, args.selection))
                 print(json.dumps(run_download(cat, recipe.download, build, progress=progress)))

@@ -27,6 +27,7 @@ import yaml
 
 from curate.catalog import Catalog, _params_json
 from curate.config import BuildRecipe
+from curate.fileio import atomic_write, open_build_dir
 
 STAGES = ("ingest", "filter", "dedup", "neardup", "concepts", "match", "balance", "select")
 
@@ -116,7 +117,7 @@ def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: Buil
         Stage("concepts", recipe.concepts.model_dump(), run_concepts, clear_concepts),
         Stage("match", recipe.match.model_dump(), run_match, clear_match, resumable=True),
         Stage("balance", recipe.balance.model_dump(), run_balance, clear_balance),
-        Stage("select", recipe.output.model_dump(), run_select, lambda: None,
+        Stage("select", recipe.output.model_dump(exclude={"allow_outside_build"}), run_select, lambda: None,
               outputs_exist=lambda: (build_dir / recipe.output.selection).exists()),
     ]
 
@@ -179,21 +180,38 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
           recipe_dir: Path | None = None) -> BuildResult:
     """Run (or resume) a build; returns where its outputs are."""
     build_dir = recipe.build_dir(out)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    (build_dir / "recipe.yaml").write_text(yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False))
-    result = BuildResult(build_dir=build_dir, catalog=build_dir / "catalog.duckdb")
-    with Catalog(result.catalog, threads=recipe.threads) as cat:
-        if progress and sys.stderr.isatty():  # DuckDB's own bar for the long single-statement stages
-            cat.execute("SET enable_progress_bar = true")
-        stages = make_stages(cat, recipe, build_dir, result, progress, recipe_dir)
-        run_stages(cat, stages, result, until)
-        sel = build_dir / recipe.output.selection
-        if result.selection is None and "select" in result.skipped and sel.exists():
-            result.selection = sel
-            result.selected = int(cat.scalar(f"SELECT count(*) FROM read_parquet('{_q(sel)}')"))
-        if until is None and recipe.media is not None:
-            from curate.media import run_media
+    check_output_paths(recipe, build_dir)  # outputs outside the build folder: refused before anything is written
+    # the folder must be new, empty or tether's own (marker); the build lock is held before the first write
+    with open_build_dir(build_dir):
+        atomic_write(build_dir / "recipe.yaml",
+                     yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False))
+        result = BuildResult(build_dir=build_dir, catalog=build_dir / "catalog.duckdb")
+        with Catalog(result.catalog, threads=recipe.threads) as cat:
+            if progress and sys.stderr.isatty():  # DuckDB's own bar for the long single-statement stages
+                cat.execute("SET enable_progress_bar = true")
+            stages = make_stages(cat, recipe, build_dir, result, progress, recipe_dir)
+            run_stages(cat, stages, result, until)
+            sel = build_dir / recipe.output.selection
+            if result.selection is None and "select" in result.skipped and sel.exists():
+                result.selection = sel
+                result.selected = int(cat.scalar(f"SELECT count(*) FROM read_parquet('{_q(sel)}')"))
+            if until is None and recipe.media is not None:
+                from curate.media import run_media
 
-            log("media stages: start")
-            run_media(cat, recipe.media, result.selection, build_dir, progress=progress)
+                log("media stages: start")
+                run_media(cat, recipe.media, result.selection, build_dir, progress=progress)
     return result
+
+
+def check_output_paths(recipe: BuildRecipe, build_dir: Path) -> None:
+    """Read-only checks of the recipe's output paths (``output.selection``, ``media.shards.out``): inside the
+    build folder unless opted out, and never onto a file or into a folder tether did not write (one line)."""
+    from curate.fileio import check_outside_file, claim_output_dir
+    from curate.selection import selection_path
+
+    check_outside_file(build_dir, selection_path(build_dir, recipe.output), "output.selection")
+    if recipe.media is not None and recipe.media.shards.enabled:
+        from curate.shards import out_dir_of
+
+        claim_output_dir(build_dir, out_dir_of(recipe.media.shards, build_dir), "media.shards.out",
+                         check_only=True)

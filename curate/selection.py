@@ -15,6 +15,7 @@ build never leaves a truncated selection.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from typing import Annotated
@@ -22,13 +23,16 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 
 from curate.catalog import Catalog
+from curate.fileio import check_outside_file, is_inside, output_path, record_outside_file, remove_path
 from curate.recipe import Strict
 
 
 class OutputConfig(Strict):
     """Recipe section ``output:``."""
 
-    selection: str = "selection.parquet"
+    selection: str = "selection.parquet"  # inside the build folder (relative to it, or absolute)
+    allow_outside_build: bool = False  # true: `selection` may point outside the build folder (never over a
+    #                                    file tether did not write there)
     extra_columns: list[Annotated[str, StringConstraints(pattern=r"^[^'\"]+$")]] = []
     card: bool = True
     card_top_concepts: int = Field(default=40, ge=1)
@@ -54,16 +58,28 @@ def selection_sql(cfg: OutputConfig, balance_stage: str = "balance") -> str:
 
 
 def write_selection(cat: Catalog, build_dir: str | Path, cfg: OutputConfig) -> tuple[Path, int]:
-    """Write the selection parquet atomically; returns its path and row count."""
-    out = Path(build_dir) / cfg.selection
+    """Write the selection parquet atomically; returns its path and row count. It stays inside the build folder
+    unless ``cfg.allow_outside_build``, and even then never replaces a file this build did not write."""
+    out = selection_path(build_dir, cfg)
+    check_outside_file(build_dir, out, "output.selection")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
+    if is_inside(out, build_dir):
+        tmp = out.with_name(out.name + ".tmp")
+        remove_path(tmp, build_dir)
+    else:  # a fresh name that cannot be anyone else's file
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
     cat.execute(f"COPY ({selection_sql(cfg)}) TO '{_q(tmp)}' (FORMAT parquet, COMPRESSION zstd)")
     os.replace(tmp, out)
+    record_outside_file(build_dir, out)
     n = int(cat.scalar(f"SELECT count(*) FROM read_parquet('{_q(out)}')"))
     return out, n
+
+
+def selection_path(build_dir: str | Path, cfg: OutputConfig) -> Path:
+    """The selection file of a build (one-line error when it leaves the build folder without the opt-in)."""
+    return output_path(build_dir, cfg.selection, "output.selection", cfg.allow_outside_build)
 
 
 def _q(p: Path) -> str:

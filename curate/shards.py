@@ -35,6 +35,7 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.download import SUCCESS, ImageStore
+from curate.fileio import claim_build_dir, claim_output_dir, is_inside, output_path, remove_path
 from curate.recipe import Strict
 
 STAGE = "shards"
@@ -47,7 +48,9 @@ class ShardConfig(Strict):
     """``media.shards``."""
 
     enabled: bool = True
-    out: str = "shards"  # folder inside the build folder (or absolute)
+    out: str = "shards"  # folder inside the build folder (relative to it, or absolute)
+    allow_outside_build: bool = False  # true: `out` may lie outside the build folder (a new or empty folder, or
+    #                                    one this build marked as its own; see docs/threat_model.md)
     samples_per_shard: int = Field(1000, ge=1)
     seed: int = 0
     jpeg_quality: int = Field(95, ge=1, le=100)  # only for stored images that are not JPEG already
@@ -121,10 +124,12 @@ def _ustar_header(name: str, size: int) -> bytes:
 
 class ShardWriter:
     """Writes one webdataset tar (plain ustar, fixed member metadata: deterministic bytes) to a temp name;
-    :meth:`commit` fsyncs and renames it into place."""
+    :meth:`commit` fsyncs and renames it into place; :meth:`abort` removes the temp file it created (through
+    :func:`curate.fileio.remove_path` when ``root``, the marked tether folder it writes in, is given)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         self.path = path
+        self.root = root
         self.tmp = path.with_name(f".{path.name}.tmp")
         self._f = open(self.tmp, "wb", buffering=1 << 20)
         self._n = 0
@@ -156,12 +161,20 @@ class ShardWriter:
         try:
             self._f.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            if self.root is not None:
+                remove_path(self.tmp, self.root)
+            else:
+                self.tmp.unlink(missing_ok=True)  # the file this object created in __init__
 
 
 def out_dir_of(cfg: ShardConfig, build_dir: str | Path) -> Path:
-    p = Path(cfg.out)
-    return p if p.is_absolute() else Path(build_dir) / p
+    """The shards folder (one-line error when it leaves the build folder without ``allow_outside_build``)."""
+    return output_path(build_dir, cfg.out, "media.shards.out", cfg.allow_outside_build)
+
+
+def _owner_of(out: Path, build_dir: str | Path) -> Path:
+    """The marked tether folder that owns the files in ``out``: the build folder, or ``out`` itself outside it."""
+    return Path(build_dir) if is_inside(out, build_dir) else out
 
 
 def _survivors(cat: Catalog) -> list[tuple]:
@@ -175,13 +188,14 @@ def _survivors(cat: Catalog) -> list[tuple]:
               (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept AND x.stage <> '{STAGE}')""").fetchall()
 
 
-def _clear_outputs(out: Path) -> None:
+def _clear_outputs(out: Path, root: Path) -> None:
+    """Remove the files this stage writes (and only those names) from ``out``; ``root``: see :func:`_owner_of`."""
     if not out.exists():
         return
     for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tar.tmp")):
-        p.unlink()
+        remove_path(p, root)
     for name in ("sizes.json", "index.parquet", "README.md"):
-        (out / name).unlink(missing_ok=True)
+        remove_path(out / name, root)
 
 
 def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_format: str = "jpg",
@@ -193,7 +207,10 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
 
     t0 = time.time()
     cat.execute(SHARD_INDEX_SCHEMA)
+    claim_build_dir(build_dir, cat)
     out = out_dir_of(cfg, build_dir)
+    claim_output_dir(build_dir, out, "media.shards.out")  # outside the build: new/empty/ours, then marked
+    root = _owner_of(out, build_dir)
     rows = {r[0]: r for r in _survivors(cat)}
     order = shard_order(list(rows), cfg.seed)
     lead = next((i for i, u in enumerate(order) if rows[u][2]), 0)
@@ -209,10 +226,10 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
             cat.execute("DELETE FROM shard_index")
             cat.invalidate([STAGE])
             cat.mark_started(STAGE, params)
-        _clear_outputs(out)
+        _clear_outputs(out, root)
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob(".shard-*.tar.tmp"):
-        p.unlink()
+        remove_path(p, root)
     n = cfg.samples_per_shard
     plan = [(shard_name(i // n), order[i:i + n], i) for i in range(0, len(order), n)]
     done = cat.done_units(STAGE)
@@ -227,7 +244,7 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     bar = tqdm(total=sum(len(p[1]) for p in todo), desc="write shards", unit="sample", disable=not progress)
     with ImageStore(encode_format) as store:
         for name, uids, start in todo:
-            w = ShardWriter(out / name)
+            w = ShardWriter(out / name, root)
             try:
                 for j, uid in enumerate(uids):
                     uid, caption, cids, source, url, sha, width, height, fmt, st, sh, key = rows[uid]

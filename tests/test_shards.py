@@ -190,7 +190,8 @@ def test_reshard_is_deterministic(flickr8k, tmp_path):
         run_media(cat, _recipe(seed=7, samples_per_shard=4), sel, build, progress=False)
         first = _shard_bytes(build / "shards")
         order7 = [s[2]["uid"] for s in read_tars(build / "shards")]
-        again = run_shards(cat, ShardConfig(seed=7, samples_per_shard=4, out=str(tmp_path / "copy")), build,
+        again = run_shards(cat, ShardConfig(seed=7, samples_per_shard=4, out=str(tmp_path / "copy"),
+                                            allow_outside_build=True), build,
                            progress=False)
         assert again.written == 3 and _shard_bytes(tmp_path / "copy") == first  # byte-identical
         res = run_shards(cat, ShardConfig(seed=8, samples_per_shard=3), build, progress=False)

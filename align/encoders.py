@@ -63,24 +63,31 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _fingerprint(name: str, model: torch.nn.Module) -> str:
-    """Identity of a frozen encoder's weights: config + a checksum over every parameter (cheap, exact).
+    """Identity of a frozen encoder's weights: sha256 over the config and the exact bytes of every tensor.
 
-    Device- and dtype-independent: the sums are taken in float64 ON THE CPU (a CUDA reduction sums in another
-    order, so a model trained on a GPU would not recognise its own encoder on a CPU), and the load dtype is left
-    out of the config part.
+    Every ``state_dict`` entry is hashed in name order as name, shape and raw bytes, on the CPU; floating tensors
+    are widened to float32 first (exact for float16 / bfloat16, so the same weights give the same fingerprint
+    whether they are held in 16 or 32 bits). No arithmetic is involved, so the result cannot depend on the thread
+    count (``accelerate launch`` sets ``OMP_NUM_THREADS=1``), the device, the process or the machine. The load
+    dtype is left out of the config part; weights rounded to a narrower dtype at load are other weights.
     """
-    h = hashlib.sha1()
+    h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"):
         skip = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
         d = {k: v for k, v in cfg.to_dict().items() if k not in skip}
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
     with torch.no_grad():
-        for k, v in model.state_dict().items():
-            h.update(k.encode())
-            t = v.detach().to("cpu", torch.float64).flatten()
-            if t.numel():
-                h.update(np.asarray([t.sum().item(), t.abs().sum().item(), t[0].item(), t[-1].item()]).tobytes())
+        state = model.state_dict()
+        for k in sorted(state):
+            v = state[k].detach().to("cpu")
+            if v.is_floating_point() or v.is_complex():
+                v = v.to(torch.complex64 if v.is_complex() else torch.float32)
+            elif v.dtype == torch.bool:
+                v = v.to(torch.uint8)
+            h.update(f"{k}\0{tuple(v.shape)}\0{str(v.dtype)}\0".encode())
+            if v.numel():
+                h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 

@@ -2,7 +2,8 @@
 
 Layout of a cache folder::
 
-    manifest.json              format, key (what made the features), dims, shards, skip counts, complete flag
+    manifest.json              format, key (what made the features), dims, shards (each with its file's size and
+                               sha256, and the stat of the source files it was made from), skip counts, complete flag
     shard-00000.safetensors    one shard per ``shard_size`` source images, written atomically (tmp + rename)
 
 Tensors of a shard (``n`` kept images, ``m`` kept captions, ``K`` crops)::
@@ -13,11 +14,15 @@ Tensors of a shard (``n`` kept images, ``m`` kept captions, ``K`` crops)::
     text_image    [m]             index of each caption's image inside the shard
     text_tokens   [m, L, Dt]      optional per-token text states, ``text_mask`` [m, L]
 
-Shard metadata (safetensors header) holds the image keys, the captions and the decode skips of that shard.
-The *key* names everything that determines the features: encoder ids and weight fingerprints, layer,
-preprocessing, pooling, dtypes, crops, and the data source. :meth:`FeatureCache.check` refuses a cache whose
-key differs from what a recipe expects (:class:`StaleCacheError`, one line naming the first difference).
-Extraction resumes after a kill: finished shards are kept and skipped (the sample order is deterministic).
+Shard metadata (safetensors header) holds the image keys, the captions, the decode skips of that shard and
+``data_sha``: a sha256 over its source samples' keys, captions and image BYTES. The *key* names everything that
+determines the features: encoder ids and weight fingerprints, layer, preprocessing, pooling, dtypes, crops, and
+the data source. :meth:`FeatureCache.check` refuses a cache whose key differs from what a recipe expects
+(:class:`StaleCacheError`, one line naming the first difference). Extraction resumes after a kill: finished
+shards are kept and skipped (the sample order is deterministic) once they pass two checks: their file still has
+the size and sha256 recorded at creation (else it is encoded again; reading refuses it,
+:class:`CorruptCacheError`), and their source samples still have the same keys, captions and image bytes (else
+:class:`StaleCacheError`; the image bytes are hashed again only when a source file's size or mtime changed).
 """
 
 from __future__ import annotations
@@ -38,12 +43,100 @@ from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, rando
 from curate.fileio import atomic_write
 from curate.recipe import RecipeError, Strict, resolve_path
 
-FORMAT = "tether-features/1"
+FORMAT = "tether-features/2"  # /2: exact-bytes fingerprints, file checksums, data_sha
 MANIFEST = "manifest.json"
 
 
 class StaleCacheError(RecipeError):
     """The cache on disk was made with other encoders/settings/data than the recipe asks for."""
+
+
+class CorruptCacheError(RecipeError):
+    """A cache file is not what was written: its size or sha256 differs from the manifest's record."""
+
+
+# -- checksums ------------------------------------------------------------------------------------------------
+
+_BLOCK = 1 << 20
+_VERIFIED: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256): hash each file once per process
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_checksum(path: str | Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file (memoised on path, size and mtime)."""
+    st = os.stat(path)
+    memo = _VERIFIED.get(str(path))
+    if memo and memo[:2] == (st.st_size, st.st_mtime_ns):
+        return {"bytes": st.st_size, "sha256": memo[2]}
+    sha = _sha256_file(path)
+    _VERIFIED[str(path)] = (st.st_size, st.st_mtime_ns, sha)
+    return {"bytes": st.st_size, "sha256": sha}
+
+
+def verify_file(path: str | Path, entry: dict[str, Any], what: str = "feature cache") -> None:
+    """Raise :class:`CorruptCacheError` (one line) unless ``path`` has the size and sha256 that ``entry`` records."""
+    if "sha256" not in entry:
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is missing; re-run `align extract` to rebuild it")
+    got = file_checksum(path)
+    if got["bytes"] != entry.get("bytes") or got["sha256"] != entry["sha256"]:
+        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is corrupt (size {got['bytes']} / sha256 "
+                                f"{got['sha256'][:12]}… differ from {entry.get('bytes')} / {entry['sha256'][:12]}… "
+                                f"recorded when it was written); re-run `align extract` to rebuild it")
+
+
+def image_bytes_digest(src: Any) -> str:
+    """sha256 of an image source's bytes (path, bytes, tar member, HF dict, PIL image); ``-`` when it has none."""
+    from PIL import Image
+
+    from align.data import TarRef
+
+    if isinstance(src, dict):
+        src = src.get("bytes") or src.get("path") or b""
+    if isinstance(src, TarRef):
+        src = src.read()
+    if isinstance(src, str):
+        return _sha256_file(src) if os.path.isfile(src) else "-"
+    if isinstance(src, Image.Image):
+        h = hashlib.sha256(f"{src.mode}:{src.size}".encode())
+        h.update(src.tobytes())
+        return h.hexdigest()
+    return hashlib.sha256(bytes(src)).hexdigest() if src else "-"
+
+
+def data_digest(chunk: list[Sample]) -> str:
+    """sha256 over the samples' keys, captions and image bytes (what a shard was made from)."""
+    h = hashlib.sha256()
+    for s in chunk:
+        h.update(json.dumps([s.key, s.captions, image_bytes_digest(s.image)]).encode())
+    return h.hexdigest()
+
+
+def source_stats(chunk: list[Sample]) -> str:
+    """A digest of ``{file: [size, mtime_ns]}`` over the files the samples' images live in (tar shards, image
+    files): when it is unchanged, the image bytes need not be hashed again."""
+    from align.data import TarRef
+
+    out: dict[str, list[int]] = {}
+    for s in chunk:
+        src = s.image.get("path") if isinstance(s.image, dict) and not s.image.get("bytes") else s.image
+        path = src.path if isinstance(src, TarRef) else src if isinstance(src, str) else None
+        if path and path not in out:
+            try:
+                st = os.stat(path)
+                out[path] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                out[path] = [-1, -1]
+    return hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()[:32]
 
 
 class FeatureConfig(Strict):
@@ -162,6 +255,12 @@ class FeatureCache:
     def skips(self) -> dict[str, Any]:
         return self.manifest.get("skips", {})
 
+    def verify(self) -> None:
+        """Check every shard file against the size and sha256 recorded when it was written
+        (:class:`CorruptCacheError`, one line); :meth:`iter_shards` does the same for each shard it reads."""
+        for s in self.manifest["shards"]:
+            verify_file(self.root / s["file"], s)
+
     def check(self, expected: dict[str, Any]) -> None:
         """Raise :class:`StaleCacheError` (one line) unless the cache was made exactly as ``expected`` says."""
         diff = _first_diff(self.key, expected)
@@ -176,6 +275,7 @@ class FeatureCache:
             raise RecipeError(f"{self.root}: cache has no token grids; extract with features.tokens=true")
         for s in self.manifest["shards"]:
             out: dict[str, Any] = {}
+            verify_file(self.root / s["file"], s)
             with safe_open(str(self.root / s["file"]), framework="pt") as f:
                 meta = f.metadata() or {}
                 for name in f.keys():
@@ -257,14 +357,21 @@ class Donors:
     def __bool__(self) -> bool:
         return any(self.sides.values())
 
-    def shard(self, side: str, name: str, source_images: int) -> dict[str, Any] | None:
-        """The donor shard ``name`` (``tensors`` of that side, ``keys``, ``captions``, ``skips``), if a donor has it."""
+    def shard(self, side: str, name: str, source_images: int, data_sha: str | None = None) -> dict[str, Any] | None:
+        """The donor shard ``name`` (``tensors`` of that side, ``keys``, ``captions``, ``skips``), if a donor has it
+        (made from the same source samples: ``data_sha``, when given and recorded, must match)."""
         for donor in self.sides[side]:
             s = donor["shards"].get(name)
             if s is None or s.get("source_images") != source_images or not s["path"].is_file():
                 continue
+            try:
+                verify_file(s["path"], s)
+            except CorruptCacheError:
+                continue  # a damaged donor shard is not copied: this shard is encoded instead
             with safe_open(str(s["path"]), framework="pt") as f:
                 meta = f.metadata() or {}
+                if data_sha and meta.get("data_sha", data_sha) != data_sha:
+                    continue
                 tensors = {n: f.get_tensor(n) for n in f.keys() if n in _SIDE_TENSORS[side]}
             if side == "image":  # image tensors are [n, K, ...]: keep the views we share
                 tensors = {n: t[:, :donor["views"]].contiguous() for n, t in tensors.items()}
@@ -388,6 +495,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     key = cache_key(vision, text, cfg, data_id)
     mf = out / MANIFEST
+    old_entries: dict[str, dict[str, Any]] = {}  # what the previous run recorded per shard file (checksums, stats)
     if mf.exists():
         try:
             old = FeatureCache.open(out, require_complete=False)
@@ -401,25 +509,48 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             if overwrite:
                 for f in out.glob("shard-*.safetensors"):
                     f.unlink()
+            else:
+                old_entries = {e["file"]: e for e in old.manifest.get("pending", []) + old.manifest["shards"]}
     dims = {"image": vision.pooled_dim(cfg.pooling), "text": text.dim,
             "image_token": vision.dim, "num_prefix_tokens": vision.num_prefix_tokens}
     manifest: dict[str, Any] = {"format": FORMAT, "key": key, "dims": dims, "shards": [], "complete": False}
-    atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def save_manifest() -> None:
+        # records of shards not checked yet stay in "pending", so a kill during a check loses no checksum
+        listed = {e["file"] for e in manifest["shards"]}
+        manifest["pending"] = [e for f, e in sorted(old_entries.items()) if f not in listed]
+        atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
+
+    save_manifest()
     store = torch.float16 if cfg.dtype == "float16" else torch.float32
     reader_skips = skips if skips is not None else SkipLog()
     decode_skips = SkipLog()
     donors = Donors([resolve_path(r) / out.name for r in cfg.reuse], key, out)
     reused = {"image": 0, "text": 0}  # whole sides copied; "image-views": shards whose leading views were copied
-    bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress)
+    repaired: list[str] = []
+    bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress, dynamic_ncols=True)
     for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
         name = f"shard-{idx:05d}.safetensors"
         path = out / name
+        prev = old_entries.get(name, {})
+        stats = source_stats(chunk)
         existed = path.exists()
+        if existed and "sha256" in prev:
+            try:
+                verify_file(path, prev)
+            except CorruptCacheError as e:  # damaged since it was written: encode it again
+                bar.write(f"warning: {e}; encoding it again")
+                repaired.append(name)
+                path.unlink()
+                existed = False
+        digest = None
         if not existed:
+            digest = data_digest(chunk)
             shard_skips = SkipLog()
-            img_d = donors.shard("image", name, len(chunk)) if donors else None
-            txt_d = donors.shard("text", name, len(chunk)) if donors else None
+            img_d = donors.shard("image", name, len(chunk), digest) if donors else None
+            txt_d = donors.shard("text", name, len(chunk), digest) if donors else None
             tensors, meta, copied = _encode_shard(chunk, vision, text, cfg, shard_skips, store, img_d, txt_d)
+            meta["data_sha"] = digest
             for side in copied:
                 reused[side] = reused.get(side, 0) + 1
             tmp = out / (name + ".tmp")
@@ -429,13 +560,19 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             meta = f.metadata() or {}
             n_img = f.get_slice("image").get_shape()[0]
             n_txt = f.get_slice("text").get_shape()[0]
-        if existed and not _shard_matches(chunk, meta):
-            raise StaleCacheError(f"{path}: holds other images or captions than the data now (the source changed "
-                                  f"since it was extracted); re-run `align extract --overwrite` or choose another "
-                                  f"features.cache_dir")
+        if existed:
+            stale = not _shard_matches(chunk, meta)
+            if not stale and prev.get("sources") != stats:  # a source file changed: compare the image bytes
+                digest = data_digest(chunk)
+                stale = meta.get("data_sha") != digest
+            if stale:
+                raise StaleCacheError(f"{path}: holds other images or captions than the data now (the source "
+                                      f"changed since it was extracted); re-run `align extract --overwrite` or "
+                                      f"choose another features.cache_dir")
         decode_skips.merge(json.loads(meta.get("skips", "{}")))
-        manifest["shards"].append({"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk)})
-        atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
+        manifest["shards"].append({"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk),
+                                   **file_checksum(path), "sources": stats})
+        save_manifest()
         bar.update(len(chunk))
         bar.set_postfix(skipped=reader_skips.total + decode_skips.total)
     bar.close()
@@ -444,6 +581,9 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     all_skips.merge(decode_skips)
     manifest["skips"] = all_skips.as_dict()
     manifest["complete"] = True
+    manifest.pop("pending", None)
+    if repaired:
+        manifest["repaired_shards"] = repaired
     if donors:
         manifest["reused_shards"] = reused
     atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))

@@ -48,13 +48,17 @@ from torch import nn
 from align.config import TrainRecipe, data_id, load_train_recipe
 from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, iter_samples, random_resized_crop
 from align.eval.retrieval import retrieval_metrics
-from align.features import CachedFeatures, FeatureCache, FeatureConfig, cache_key, extract_features
+from align.features import (CachedFeatures, FeatureCache, FeatureConfig, cache_key, extract_features,
+                            file_checksum, verify_file)
 from align.loss import ContrastiveLoss
 from align.model import AlignedModel, DualProjector
 from curate.clikit import run_command
+from curate.fileio import atomic_write
 from curate.recipe import RecipeError
 
 CKPT_PREFIX = "step-"
+CHECKSUMS = "checksums.json"  # in every checkpoint: size + sha256 of each file, verified before resuming
+LAST_LOSSES = 10  # metrics.json's last_loss: the mean of the run's last 10 micro-batch losses
 KILL_ENV = "TETHER_KILL_AFTER_STEP"  # test hook: SIGKILL this process right after that optimiser step
 
 
@@ -93,9 +97,13 @@ def extract_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool
     data = split_data(recipe, split)
     skips = SkipLog()
     samples = iter_samples(data, skips=skips)
+    total = data.limit
+    if data.format != "hf":  # file readers yield references, not image bytes: listing them first gives the bar a total
+        samples = list(samples)
+        total = len(samples)
     cache = extract_features(samples, vision, text, recipe.cache_dir(split), split_features_config(recipe, split),
                              data_id=data_id(data), skips=skips, overwrite=overwrite, progress=progress,
-                             total=data.limit)
+                             total=total)
     return cache
 
 
@@ -150,15 +158,25 @@ class TrainState:
     samples: int = 0  # pairs seen (global)
     device_seconds: float = 0.0  # training-loop wall time × processes, summed over every (resumed) run
     val: dict = field(default_factory=dict)
+    first_loss: float | None = None  # the run's first micro-batch loss (kept across resumes)
+    recent_losses: list = field(default_factory=list)  # the last LAST_LOSSES micro-batch losses
+
+    def add_loss(self, loss: float) -> None:
+        if self.first_loss is None:
+            self.first_loss = loss
+        self.recent_losses = (self.recent_losses + [loss])[-LAST_LOSSES:]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "samples": self.samples,
-                "device_seconds": self.device_seconds, "val": self.val}
+                "device_seconds": self.device_seconds, "val": self.val, "first_loss": self.first_loss,
+                "recent_losses": list(self.recent_losses)}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.batch, self.step = int(d["epoch"]), int(d["batch"]), int(d["step"])
         self.samples, self.val = int(d["samples"]), dict(d.get("val", {}))
         self.device_seconds = float(d.get("device_seconds", 0.0))
+        self.first_loss = None if d.get("first_loss") is None else float(d["first_loss"])
+        self.recent_losses = [float(x) for x in d.get("recent_losses", [])]
 
 
 # -- batch providers ------------------------------------------------------------------------------------------------
@@ -324,6 +342,46 @@ def validate(heads: DualProjector, feats: CachedFeatures, device: torch.device, 
 
 # -- checkpoints --------------------------------------------------------------------------------------------------
 
+def verify_checkpoint(ckpt: Path, process_index: int, ignore_rng_state: bool = False) -> None:
+    """Refuse (one line) a checkpoint whose files differ from the sizes and sha256 recorded when it was saved, or
+    that lacks a readable RNG state for this process — accelerate would skip such an RNG state silently and the
+    resumed run would diverge. ``ignore_rng_state`` resumes without a damaged or missing RNG state instead."""
+    from accelerate.utils import load as accelerate_load
+
+    hint = ("resume from another checkpoint (--resume PATH), start over (--resume never), "
+            "or resume without it (--ignore-rng-state)")
+    rng = f"random_states_{process_index}.pkl"
+    sums_path = ckpt / CHECKSUMS
+    if sums_path.is_file():
+        try:
+            files = json.loads(sums_path.read_text())["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RecipeError(f"checkpoint {ckpt}: unreadable {CHECKSUMS} ({e})") from None
+        for name, entry in sorted(files.items()):
+            try:
+                verify_file(ckpt / name, entry, what="checkpoint")
+            except RecipeError as e:
+                if name.startswith("random_states_") and ignore_rng_state:
+                    print(f"warning: {str(e).split(';')[0]}; resuming without it (--ignore-rng-state)",
+                          file=sys.stderr)
+                    continue
+                if name.startswith("random_states_"):
+                    raise RecipeError(f"{str(e).split(';')[0]}: the resumed run would not continue the same random "
+                                      f"stream; {hint}") from None
+                raise RecipeError(f"{str(e).split(';')[0]}; resume from another checkpoint (--resume PATH) or "
+                                  f"start over (--resume never)") from None
+    if ignore_rng_state:
+        return
+    path = ckpt / rng
+    if not path.is_file():
+        raise RecipeError(f"checkpoint {ckpt} has no RNG state for process {process_index} ({rng}; was it saved by "
+                          f"fewer processes?); {hint}")
+    try:
+        accelerate_load(str(path))
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise RecipeError(f"checkpoint {ckpt}: {rng} cannot be read ({type(e).__name__}); {hint}") from None
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     root = output_dir / "checkpoints"
     if not root.is_dir():
@@ -344,6 +402,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # size + sha256 of every file (model, optimiser, schedule, run position, each rank's RNG state)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sums = {str(p.relative_to(tmp)): file_checksum(p) for p in files}
+        atomic_write(tmp / CHECKSUMS, json.dumps({"processes": accelerator.num_processes, "files": sums},
+                                                 indent=1, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -420,8 +483,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # -- the program -------------------------------------------------------------------------------------------------------
 
-def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
-    """Run training as the recipe says; returns the summary also written to ``<output_dir>/metrics.json``."""
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def train(recipe: TrainRecipe, resume: str = "auto", ignore_rng_state: bool = False) -> dict[str, Any]:
+    """Run training as the recipe says; returns the summary also written to ``<output_dir>/metrics.json``.
+    ``ignore_rng_state``: resume from a checkpoint whose RNG state is damaged or missing (else refused)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -447,16 +515,12 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
     splits = ["train"] if tc.source == "cache" else []
     if recipe.val is not None:
         splits.append("val")
-    for split in splits:  # main process extracts missing caches; a stale cache is refused, never rebuilt silently
+    # the main process runs exactly what `align extract` runs: missing shards are extracted, every shard on disk is
+    # checked against its recorded checksum (a damaged one is encoded again) and against the data as it is now
+    # (keys, captions, image bytes); a stale cache is refused, never rebuilt silently
+    for split in splits:
         if accelerator.is_main_process:
-            cdir = recipe.cache_dir(split)
-            if (cdir / "manifest.json").exists():
-                c = FeatureCache.open(cdir, require_complete=False)
-                c.check(expected_key(recipe, split, vision, text))
-                if not c.manifest.get("complete"):
-                    extract_split(recipe, split, vision, text, progress=tc.progress)
-            else:
-                extract_split(recipe, split, vision, text, progress=tc.progress)
+            extract_split(recipe, split, vision, text, progress=tc.progress)
         accelerator.wait_for_everyone()
     val_feats = None
     if recipe.val is not None:
@@ -503,6 +567,7 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
         if not ckpt.is_dir():
             raise RecipeError(f"--resume {resume}: no checkpoint folder there")
     if ckpt is not None:
+        verify_checkpoint(ckpt, accelerator.process_index, ignore_rng_state)
         accelerator.load_state(str(ckpt))
         accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, batch {state.batch}, step {state.step})")
 
@@ -516,7 +581,6 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
     micro_total = total_steps * tc.grad_accum
     bar = tqdm(total=micro_total, initial=state.step * tc.grad_accum, desc="train", unit="batch",
                disable=not (tc.progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    losses: list[float] = []
     t_start, data_wait, seen_here = time.perf_counter(), 0.0, 0
     t_last = t_start
     last_logs: dict[str, float] = {}
@@ -544,7 +608,7 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
                         loss, logs = task(b["image"], b["text"], b["text_mask"], b["image_ids"])
                     accelerator.backward(loss / tc.grad_accum)
                 last_logs = logs
-                losses.append(float(logs["loss"]))
+                state.add_loss(float(logs["loss"]))
                 seen_here += int(logs.get("batch", b["image"].shape[0]))
             state.batch += 1
             bar.update(1)
@@ -590,14 +654,17 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
         state.val = validate(unwrapped.heads, val_feats, device)
     summary = {
         "steps": state.step, "epochs_done": state.epoch, "samples": state.samples,
-        "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-10:])) if losses else None,
-        "samples_per_s": seen_here / max(time.perf_counter() - t_start, 1e-9),
-        "data_wait_frac": data_wait / max(time.perf_counter() - t_start, 1e-9),
-        "temperature": float(unwrapped.loss.temperature.item()), "val": state.val, "skips": skips.as_dict(),
+        # over the whole run, across resumes (the checkpoint carries them)
+        "first_loss": _round(state.first_loss, 4),
+        "last_loss": _round(float(np.mean(state.recent_losses)), 4) if state.recent_losses else None,
+        "samples_per_s": _round(seen_here / max(time.perf_counter() - t_start, 1e-9), 1),
+        "data_wait_frac": _round(data_wait / max(time.perf_counter() - t_start, 1e-9), 4),
+        "temperature": _round(float(unwrapped.loss.temperature.item()), 5),
+        "val": {k: _round(v, 2) for k, v in state.val.items()}, "skips": skips.as_dict(),
         "num_pairs": provider.num_pairs, "processes": world,
         # the paper's data / compute claims made checkable: pairs seen and accelerator-hours, over all resumes
         "pairs_seen": state.samples, "device": device.type,
-        "device_hours": state.device_seconds / 3600.0,
+        "device_hours": _round(state.device_seconds / 3600.0, 6),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -605,10 +672,12 @@ def train(recipe: TrainRecipe, resume: str = "auto") -> dict[str, Any]:
                                         pooling=recipe.image_pooling, temperature=summary["temperature"])
         model.save_pretrained(out_dir / "model")
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        loss = ("no loss recorded" if summary["first_loss"] is None else
+                f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
+        val = ", ".join(f"{k} {v:.1f}" for k, v in summary["val"].items()) or "none"
         accelerator.print(f"done: {state.step} steps, {state.samples:,} pairs seen, "
-                          f"{summary['device_hours']:.4f} {device.type}-process-hours, "
-                          f"loss {summary['first_loss']} -> {summary['last_loss']}, "
-                          f"val {state.val}, skipped {skips}; model in {out_dir / 'model'}")
+                          f"{summary['device_hours']:.4f} {device.type}-process-hours, {loss}, "
+                          f"val {val}, skipped {skips}; model in {out_dir / 'model'}")
     accelerator.end_training()
     return summary
 
@@ -620,12 +689,15 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)")
     p.add_argument("--resume", default="auto",
                    help="auto (latest checkpoint in output_dir, default), never, or a checkpoint folder")
+    p.add_argument("--ignore-rng-state", action="store_true",
+                   help="resume even if the checkpoint's RNG state is damaged or missing (the run then diverges "
+                        "from an uninterrupted one); without it such a checkpoint is refused")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_train_recipe(args.config, args.set)
-    train(recipe, resume=args.resume)
+    train(recipe, resume=args.resume, ignore_rng_state=args.ignore_rng_state)
     return 0
 
 

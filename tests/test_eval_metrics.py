@@ -323,9 +323,13 @@ def test_align_eval_from_feature_cache_matches_encoding(tmp_path, tiny_model_dir
                  "--out", str(tmp_path / "a")] + extra) == 0
     assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--data", str(root),
                  "--out", str(tmp_path / "b")] + extra) == 0
-    a = json.loads((tmp_path / "a" / "retrieval.json").read_text())["metrics"]
-    b = json.loads((tmp_path / "b" / "retrieval.json").read_text())["metrics"]
+    ra = json.loads((tmp_path / "a" / "retrieval.json").read_text())
+    a, b = ra["metrics"], json.loads((tmp_path / "b" / "retrieval.json").read_text())["metrics"]
     assert a["n_texts"] == b["n_texts"] == 12
+    # the report names the features it came from (was "data: `None`", plot "retrieval (None)")
+    assert ra["meta"]["data"] == str(tmp_path / "feats") and ra["meta"]["name"] == "features feats"
+    md = (tmp_path / "a" / "retrieval.md").read_text()
+    assert "None" not in md and "features feats" in md
     for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "t2i_median_rank"):
         assert a[k] == pytest.approx(b[k]), k
 
@@ -365,3 +369,33 @@ def test_spearman_and_ranking_agreement():
     agree = ranking_agreement(rows)
     assert agree["linear_cka_vs_val_loss"] == pytest.approx(1.0)          # lower loss = better: sign flipped
     assert agree["mutual_knn_vs_val_t2i_R@1"] == pytest.approx(1.0)
+
+
+def test_align_eval_cli_coco_json_and_a_broken_image(tmp_path, tiny_model_dir, tiny_vision_dir, tiny_text_dir,
+                                                     capsys):
+    """`align eval --data annotations/captions_val2017.json` (COCO layout, images in val2017/ beside it) with one
+    truncated image: evaluated, the file named on stderr and counted in the report."""
+    from align.cli import main
+    from conftest import TINY_WORDS
+
+    coco = tmp_path / "coco"
+    names = [f"{i:012d}.jpg" for i in range(5)]
+    _write_images([coco / "val2017" / n for n in names])
+    broken = coco / "val2017" / names[3]
+    broken.write_bytes(broken.read_bytes()[:200])
+    rng = np.random.default_rng(0)
+    doc = {"images": [{"id": i + 1, "file_name": n} for i, n in enumerate(names)],
+           "annotations": [{"id": 10 * i + j, "image_id": i + 1, "caption": " ".join(rng.choice(TINY_WORDS, 5))}
+                           for i in range(5) for j in range(2)]}
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "captions_val2017.json").write_text(json.dumps(doc))
+    out = tmp_path / "rep"
+    capsys.readouterr()
+    assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--data",
+                 str(coco / "annotations" / "captions_val2017.json"), "--out", str(out)]
+                + _paths_for_tiny(tiny_model_dir, tiny_vision_dir, tiny_text_dir)) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {broken}: corrupt_image" in err
+    res = json.loads((out / "retrieval.json").read_text())
+    assert res["metrics"]["n_images"] == 4 and res["metrics"]["n_texts"] == 8 and res["metrics"]["n_skipped"] == 1
+    assert len(res["curves"]["K"]) == 50 and "captions_val2017" in (out / "retrieval.md").read_text()

@@ -139,31 +139,44 @@ class LabeledImages:
     classnames: list[str]
     glosses: list[str | None] = field(default_factory=list)
     name: str = "images"
+    root: Path | None = None               # folder the image paths are relative to (their feature keys)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def keys(self) -> list[str]:
-        """A stable per-image key (file name) used to match cached feature rows."""
-        return [Path(p).name if isinstance(p, (str, Path)) else str(i) for i, p in enumerate(self.images)]
+        """A stable per-image key used to match cached feature rows: the path relative to ``root``
+        (``cat/0001.jpg``: file names repeat across class folders), else the file name; the row number for
+        dataset rows."""
+        out = []
+        for i, p in enumerate(self.images):
+            if not isinstance(p, (str, Path)):
+                out.append(str(i))
+                continue
+            p = Path(p)
+            try:
+                out.append(p.relative_to(self.root).as_posix() if self.root is not None else p.name)
+            except ValueError:
+                out.append(p.name)
+        return out
 
     def open(self, i: int):
-        from PIL import Image
-
         x = self.images[i]
         if isinstance(x, (str, Path)):
-            with Image.open(x) as im:
-                return im.convert("RGB")
+            from align.data import decode_image
+
+            return decode_image(str(x), Path(x).name)
         return x.convert("RGB")
 
 
-def _make(images: list, raw: list[str], name: str) -> LabeledImages:
+def _make(images: list, raw: list[str], name: str, root: Path | None = None) -> LabeledImages:
     class_ids = sorted(set(raw))
     index = {c: i for i, c in enumerate(class_ids)}
     wn = all(WNID.match(c) for c in class_ids)
     names = names_for_wnids(class_ids) if wn else [readable(c) for c in class_ids]
     glosses = [wnid_gloss(c) for c in class_ids] if wn else [None] * len(class_ids)
-    return LabeledImages(images, np.asarray([index[r] for r in raw], np.int64), class_ids, names, glosses, name)
+    return LabeledImages(images, np.asarray([index[r] for r in raw], np.int64), class_ids, names, glosses, name,
+                         root)
 
 
 def load_labeled_images(root: str | Path) -> LabeledImages:
@@ -193,7 +206,7 @@ def load_labeled_images(root: str | Path) -> LabeledImages:
             raw.append(m.group(1))
     if not images:
         raise RecipeError(f"{base}: no images found")
-    return _make(images, raw, root.name)
+    return _make(images, raw, root.name, base)
 
 
 def from_hf_dataset(ds, label_column: str = "label", image_column: str = "image",

@@ -3,6 +3,8 @@
     align eval MODEL --task retrieval --data ../shared/data/flickr8k --split test [--out DIR]
     align eval MODEL --task zeroshot  --data ../shared/data/imagenet-sample --prompts clip80
     align eval MODEL --task retrieval --features CACHE_DIR      # from cached frozen features, no re-encoding
+    align eval MODEL --task retrieval --data annotations/captions_val2017.json [--image-root val2017]
+    align eval MODEL --task retrieval --data pairs.parquet --image-column file_name --caption-column text
     align select --vision facebook/dinov2-small efficientnet-lite0 --text all-MiniLM-L6-v2 \
                  --data ../shared/data/flickr8k --split train --limit 1000 [--probe-steps 300]
 
@@ -16,7 +18,7 @@ import argparse
 import hashlib
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -53,39 +55,109 @@ def load_model(path: str, device: str = "cpu", vision_path: str | None = None, t
 
 
 def load_cached_image_features(path: str | Path, keys: list[str]) -> np.ndarray:
-    """Cached frozen image features for ``keys`` (file names), from an ``align extract`` feature cache folder
-    or an ``.npz`` with ``features`` and ``keys`` arrays. Rows are matched by file name (or stem)."""
+    """Cached frozen image features for ``keys`` (image paths relative to the data, e.g. ``cat/0001.jpg``), from
+    an ``align extract`` feature cache folder or an ``.npz`` with ``features`` and ``keys`` arrays.
+
+    Rows are matched on the relative path (see :func:`match_feature_keys`); a key that fits several rows, or a row
+    that fits several images (``cat/0001.jpg`` and ``dog/0001.jpg`` against a bare ``0001.jpg``), is an error."""
     p = Path(path)
     if p.is_dir():
         from align.features import FeatureCache
 
         c = FeatureCache.open(p).load()
-        feats, fkeys = c.image.numpy(), list(c.keys)
+        feats, fkeys = c.image.numpy(), [str(k) for k in c.keys]
         if feats.ndim == 3:
             feats = feats[:, 0]      # first crop = the plain (un-augmented) view
     elif p.suffix == ".npz":
+        if not p.is_file():
+            raise RecipeError(f"{p}: file not found")
         z = np.load(p, allow_pickle=False)
         if "features" not in z or "keys" not in z:
             raise RecipeError(f"{p}: an .npz feature file needs 'features' and 'keys' arrays")
         feats, fkeys = z["features"], [str(k) for k in z["keys"]]
+        if len(fkeys) != len(feats):
+            raise RecipeError(f"{p}: {len(fkeys)} keys for {len(feats)} feature rows")
     else:
         raise RecipeError(f"{p}: expected a feature cache folder or an .npz file")
-    index: dict[str, int] = {}
-    for i, k in enumerate(fkeys):
-        index.setdefault(k, i)
-        index.setdefault(Path(k).name, i)
-        index.setdefault(Path(k).stem, i)
-    rows = []
-    for k in keys:
-        i = index.get(k, index.get(Path(k).stem))
+    return np.asarray(feats[match_feature_keys(fkeys, keys, str(p))], np.float32)
+
+
+def _parts(key: str) -> tuple[str, ...]:
+    return tuple(x for x in PurePosixPath(str(key).replace("\\", "/")).parts if x not in ("", "/"))
+
+
+def _same_file(a: str, b: str) -> bool:
+    return a == b or PurePosixPath(a).stem == b or a == PurePosixPath(b).stem
+
+
+def _fits(cached: tuple[str, ...], wanted: tuple[str, ...]) -> bool:
+    """The shorter path is a suffix of the longer one (the file name may lack its extension on one side)."""
+    if not cached or not wanted or not _same_file(cached[-1], wanted[-1]):
+        return False
+    n = min(len(cached), len(wanted)) - 1
+    return n == 0 or cached[-1 - n:-1] == wanted[-1 - n:-1]
+
+
+def match_feature_keys(cached: list[str], wanted: list[str], where: str) -> list[int]:
+    """Row of ``cached`` for each ``wanted`` key. An exact (normalised) path match wins; otherwise the one cached
+    key that is a path suffix of the wanted one or the other way round (``0001.jpg`` fits ``cat/0001.jpg``; a
+    missing extension is allowed). Refused with one line: duplicate cached keys, a wanted key that fits several
+    cached rows, a cached row that fits several wanted images, a wanted key with no row."""
+    exact: dict[tuple[str, ...], int] = {}
+    by_name: dict[str, list[int]] = {}
+    cparts = [_parts(k) for k in cached]
+    for i, t in enumerate(cparts):
+        if t in exact:
+            raise RecipeError(f"{where}: feature key {cached[i]!r} appears twice (rows {exact[t]} and {i})")
+        exact[t] = i
+        if t:
+            for n in {t[-1], PurePosixPath(t[-1]).stem}:
+                by_name.setdefault(n, []).append(i)
+    rows: list[int] = []
+    owner: dict[int, str] = {}
+    for k in wanted:
+        w = _parts(k)
+        i = exact.get(w)
         if i is None:
-            raise RecipeError(f"{p}: no cached features for image {k!r} ({len(fkeys)} rows cached)")
+            cands = sorted({j for n in ({w[-1], PurePosixPath(w[-1]).stem} if w else ())
+                            for j in by_name.get(n, []) if _fits(cparts[j], w)})
+            if not cands:
+                raise RecipeError(f"{where}: no cached features for image {k!r} ({len(cached)} rows cached)")
+            if len(cands) > 1:
+                raise RecipeError(f"{where}: image {k!r} matches several cached keys ({cached[cands[0]]!r}, "
+                                  f"{cached[cands[1]]!r}); store the features under paths relative to the data")
+            i = cands[0]
+        if i in owner and owner[i] != k:
+            raise RecipeError(f"{where}: cached key {cached[i]!r} is ambiguous: images {owner[i]!r} and {k!r} both "
+                              "match it; store the features under paths relative to the data (e.g. "
+                              f"{owner[i]!r})")
+        owner[i] = k
         rows.append(i)
-    return np.asarray(feats[rows], np.float32)
+    return rows
 
 
 def _data_key(items: list[str]) -> str:
     return hashlib.sha1("\n".join(items).encode()).hexdigest()[:12]
+
+
+class _Skips:
+    """Images that could not be opened: one stderr line each (naming the file) and a list for the report."""
+
+    def __init__(self, name: Any) -> None:
+        self.items: list[tuple[int, Any, str]] = []
+        self.name = name
+
+    def __call__(self, i: int, item: Any, reason: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"skipped {self.name(i, item)}: {reason}", file=sys.stderr)
+
+    def indexes(self) -> set[int]:
+        return {i for i, _, _ in self.items}
+
+    def report(self, limit: int = 1000) -> dict[str, Any]:
+        return {"count": len(self.items),
+                "files": [{"file": str(self.name(i, it)), "reason": r} for i, it, r in self.items[:limit]]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,14 +166,22 @@ def _data_key(items: list[str]) -> str:
 def run_eval(model: Any, task: str, data: str | None = None, split: str = "test", prompts: str = "clip80",
              limit: int | None = None, seed: int = 0, features: str | None = None, out: str | Path | None = None,
              cache_dir: str | Path | None = None, batch_size: int = 64, label_column: str = "label",
-             image_column: str = "image", progress: bool = True) -> dict[str, Any]:
+             image_column: str = "image", progress: bool = True, caption_column: str = "caption",
+             image_root: str | None = None, curve_max_k: int = 50) -> dict[str, Any]:
     """Evaluate ``model`` (anything with ``encode_image``/``encode_text``; ``project_*_features`` for cached
-    features) and write the report when ``out`` is given. Returns ``{"metrics": ..., "meta": ...}``."""
-    from align.eval.retrieval import PairedSet, embed_images, retrieval_metrics
+    features) and write the report when ``out`` is given. Returns ``{"metrics": ..., "meta": ..., ...}``:
+    retrieval adds ``curves`` (recall@K, K = 1..``curve_max_k``), zero-shot adds ``per_class``.
+
+    Images that cannot be opened are skipped (one stderr line each) and listed in ``meta["skipped"]``;
+    ``metrics["n_skipped"]`` counts them."""
+    from align.eval.retrieval import PairedSet, embed_images, retrieval_eval
 
     fp = model_fingerprint(model)
     cache = Path(cache_dir) if cache_dir else (Path(out) / "cache" if out else None)
-    meta: dict[str, Any] = {"task": task, "data": data, "model_fingerprint": fp, "features": features}
+    meta: dict[str, Any] = {"task": task, "data": data if data is not None else features,
+                            "model_fingerprint": fp, "features": features}
+    result: dict[str, Any] = {}
+    skips: _Skips | None = None
     if task == "retrieval":
         if features and data is None:
             from align.features import FeatureCache
@@ -112,28 +192,39 @@ def run_eval(model: Any, task: str, data: str | None = None, split: str = "test"
             img = model.project_image_features(img_raw)
             txt = model.project_text_features(c.text.numpy())
             text_image = c.text_image.numpy()
+            meta["name"] = f"features {Path(features).name}"
         else:
             if data is None:
-                raise RecipeError("retrieval needs --data (a Flickr8k-style folder or an image,caption table) "
-                                  "or --features (a feature cache)")
-            pairs = PairedSet.load(data, split).subset(limit, seed)
-            meta["split"] = split
+                raise RecipeError("retrieval needs --data (a Flickr8k-style folder, a COCO captions json or an "
+                                  "image,caption table) or --features (a feature cache)")
+            pairs = PairedSet.load(data, split, image_column, caption_column, image_root).subset(limit, seed)
+            meta["name"] = pairs.name
+            if Path(data).is_dir():
+                meta["split"] = split
             if features:
-                img = model.project_image_features(load_cached_image_features(
-                    features, [p.name for p in pairs.image_paths]))
+                img = model.project_image_features(load_cached_image_features(features, list(pairs.keys)))
             else:
                 sub = cache / f"img-{fp}-{_data_key([str(p) for p in pairs.image_paths])}" if cache and fp else None
-                img = embed_images(model.encode_image, pairs.image_paths, batch_size, progress, sub)
+                skips = _Skips(lambda i, item: item)
+                img = embed_images(model.encode_image, pairs.image_paths, batch_size, progress, sub,
+                                   skipped=skips.items, on_skip=skips)
+                if skips.items:
+                    bad = skips.indexes()
+                    pairs = pairs.select([i for i in range(len(pairs)) if i not in bad])
+                    if not len(pairs):
+                        raise RecipeError(f"{data}: none of the images could be opened (first: "
+                                          f"{skips.items[0][1]}: {skips.items[0][2]})")
             txt = model.encode_text(pairs.captions)
             text_image = pairs.caption_image
-        metrics = retrieval_metrics(img, txt, text_image)
+        metrics, result["curves"] = retrieval_eval(img, txt, text_image, curve_max_k=curve_max_k)
     elif task == "zeroshot":
         from align.eval.classnames import from_hf_dataset, load_labeled_images
-        from align.eval.zeroshot import classification_metrics, zeroshot_classifier
+        from align.eval.zeroshot import classification_eval, zeroshot_classifier
 
         if data is None:
             raise RecipeError("zeroshot needs --data (ImageFolder, wnid-prefixed folder or saved HF dataset)")
         dp = Path(data)
+        ds_fp = ""
         if (dp / "dataset_info.json").exists() or (dp / "state.json").exists() or (dp / "dataset_dict.json").exists():
             import datasets
 
@@ -143,24 +234,48 @@ def run_eval(model: Any, task: str, data: str | None = None, split: str = "test"
                     raise RecipeError(f"{dp}: no split {split!r} (has {', '.join(ds)})")
                 ds = ds[split]
             labeled = from_hf_dataset(ds, label_column, image_column, name=dp.name)
+            ds_fp = str(getattr(ds, "_fingerprint", ""))   # rows have no file to hash: the dataset's identity
         else:
             labeled = load_labeled_images(dp)
+        meta["name"] = labeled.name
         idx = np.arange(len(labeled))
         if limit is not None and limit < len(labeled):
             idx = np.sort(np.random.default_rng(seed).permutation(len(labeled))[:limit])
         W = zeroshot_classifier(model.encode_text, labeled.classnames, prompts, labeled.glosses,
                                 cache_dir=cache, model_fingerprint=fp, progress=progress)
-        keys = [labeled.keys()[i] for i in idx]
+        all_keys = labeled.keys()
+        keys = [all_keys[i] for i in idx]
         if features:
             img = model.project_image_features(load_cached_image_features(features, keys))
         else:
-            sub = cache / f"img-{fp}-{_data_key(keys)}" if cache and fp else None
-            img = embed_images(model.encode_image, list(idx), batch_size, progress, sub, opener=labeled.open)
-        metrics = classification_metrics(img, W, labeled.labels[idx])
+            sub = cache / f"img-{fp}-{_data_key(keys + [ds_fp])}" if cache and fp else None
+            # a file is cached under its bytes' digest; a dataset row under its index (+ the dataset fingerprint)
+            items = [labeled.images[i] if isinstance(labeled.images[i], (str, Path)) else int(i) for i in idx]
+
+            def opener(item: Any):
+                if isinstance(item, (str, Path)):
+                    from align.data import decode_image
+
+                    return decode_image(str(item), Path(item).name)
+                return labeled.open(item)
+
+            skips = _Skips(lambda n, item: item if isinstance(item, (str, Path)) else f"row {item}")
+            img = embed_images(model.encode_image, items, batch_size, progress, sub, opener=opener,
+                               skipped=skips.items, on_skip=skips)
+            if skips.items:
+                bad = skips.indexes()
+                idx = np.asarray([i for n, i in enumerate(idx) if n not in bad], np.int64)
+                if not len(idx):
+                    raise RecipeError(f"{data}: none of the images could be opened (first: "
+                                      f"{skips.items[0][1]}: {skips.items[0][2]})")
+        metrics, result["per_class"] = classification_eval(img, W, labeled.labels[idx], labeled.classnames)
         meta.update({"prompts": prompts, "n_classes": len(labeled.classnames)})
     else:
         raise RecipeError(f"unknown task {task!r} (zeroshot or retrieval)")
-    result = {"metrics": metrics, "meta": meta}
+    if skips is not None:
+        metrics["n_skipped"] = len(skips.items)
+        meta["skipped"] = skips.report()
+    result = {"metrics": metrics, "meta": meta, **result}
     if out:
         from align.eval.report import write_eval
 
@@ -172,9 +287,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device, args.vision_path, args.text_path)
     out = args.out or str(Path("runs") / "eval" / Path(args.model).name)
     res = run_eval(model, args.task, args.data, args.split, args.prompts, args.limit, args.seed, args.features,
-                   out, args.cache_dir, args.batch_size, args.label_column, args.image_column)
+                   out, args.cache_dir, args.batch_size, args.label_column, args.image_column,
+                   caption_column=args.caption_column, image_root=args.image_root)
     for k, v in res["metrics"].items():
         print(f"{k:>24}: {v:.2f}" if isinstance(v, float) else f"{k:>24}: {v}")
+    if res["metrics"].get("n_skipped"):
+        print(f"skipped {res['metrics']['n_skipped']} unreadable image(s): listed in the report")
     print(f"report: {', '.join(res['files'])}")
     return 0
 
@@ -209,8 +327,9 @@ def register(subparsers) -> None:
     e = subparsers.add_parser("eval", help="zero-shot classification or retrieval of an aligned model")
     e.add_argument("model", help="AlignedModel folder")
     e.add_argument("--task", choices=["zeroshot", "retrieval"], required=True)
-    e.add_argument("--data", help="Flickr8k-style folder / image,caption CSV|JSONL (retrieval); ImageFolder, "
-                                  "wnid-prefixed folder or saved HF dataset (zeroshot)")
+    e.add_argument("--data", help="retrieval: Flickr8k-style folder, COCO captions .json, or an image,caption "
+                                  ".csv/.tsv/.jsonl/.json/.parquet table; zeroshot: ImageFolder, wnid-prefixed folder "
+                                  "or saved HF dataset")
     e.add_argument("--split", default="test")
     e.add_argument("--prompts", default="clip80", choices=list(PROMPT_SETS), help="zero-shot prompt set")
     e.add_argument("--features", help="cached frozen features (align extract folder or .npz with features+keys)")
@@ -222,8 +341,11 @@ def register(subparsers) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--vision-path", help="local copy of the vision encoder when its id is not reachable")
     e.add_argument("--text-path", help="local copy of the text encoder when its id is not reachable")
-    e.add_argument("--label-column", default="label")
-    e.add_argument("--image-column", default="image")
+    e.add_argument("--label-column", default="label", help="label column of a HF dataset (zeroshot)")
+    e.add_argument("--image-column", default="image", help="image column of a table (retrieval) or HF dataset")
+    e.add_argument("--caption-column", default="caption", help="caption column of a table (retrieval)")
+    e.add_argument("--image-root", help="folder the table's / COCO json's image paths are relative to "
+                                        "(default: the file's folder; for COCO also <set>/ beside it)")
     e.set_defaults(func=_cmd_eval)
 
     s = subparsers.add_parser("select", help="rank vision x text encoder pairs by CKA / mutual kNN before training")

@@ -1,8 +1,9 @@
-"""Reports: JSON (machine-readable), markdown (for humans and docs) and a PNG bar chart, written atomically.
+"""Reports: JSON (machine-readable), markdown (for humans and docs) and a PNG chart, written atomically.
 
 * :func:`write_selection` — ``selection.json`` / ``selection.md`` (ranked table + ranking agreement) /
   ``selection.png`` (one group of bars per encoder pair: linear CKA, unbiased CKA, mutual kNN).
-* :func:`write_eval` — ``<task>.json`` / ``<task>.md`` / ``<task>.png`` for an ``align eval`` run.
+* :func:`write_eval` — ``<task>.json`` / ``<task>.md`` / ``<task>.png`` for an ``align eval`` run (retrieval:
+  recall@K curves; zero-shot: per-class accuracy).
 """
 
 from __future__ import annotations
@@ -85,25 +86,133 @@ def write_selection(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 
 def write_eval(result: dict[str, Any], out_dir: str | Path, task: str) -> list[Path]:
-    """Write an evaluation result (metrics dict + meta) as ``<task>.json/.md/.png``."""
+    """Write an evaluation result as ``<task>.json`` (everything), ``<task>.md`` and ``<task>.png`` (retrieval:
+    recall@K curves of both directions against chance; zero-shot: per-class top-1 histogram + best/worst
+    classes)."""
     out = Path(out_dir)
     metrics = result["metrics"]
     meta = result.get("meta", {})
-    lines = [f"# {task} evaluation\n\n"]
-    lines += [f"- {k}: `{v}`\n" for k, v in meta.items()]
+    name = meta.get("name") or meta.get("data") or "?"
+    lines = [f"# {task} evaluation: {name}\n\n", f"- data: `{meta.get('data')}`\n"]
+    for k in ("split", "features", "prompts", "n_classes", "model_fingerprint"):
+        if meta.get(k) is not None:
+            lines.append(f"- {k}: `{meta[k]}`\n")
+    skipped = meta.get("skipped") or {}
+    if skipped:
+        lines.append(f"- skipped (unreadable) images: {skipped.get('count', 0)}\n")
+        for f in skipped.get("files", [])[:20]:
+            lines.append(f"  - `{f['file']}`: {f['reason']}\n")
+        if skipped.get("count", 0) > 20:
+            lines.append(f"  - … {skipped['count'] - 20} more in {task}.json\n")
     lines.append("\n" + markdown_table([metrics], list(metrics.keys()), digits=2))
+    curves, per_class = result.get("curves"), result.get("per_class")
+    if curves:
+        ks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= len(curves["K"])]
+        rows = [{"direction": d, **{f"R@{k}": curves[d][k - 1] for k in ks}}
+                for d in ("i2t", "t2i", "chance_i2t", "chance_t2i")]
+        lines.append("\nRecall@K (%), with a random ranking's for comparison:\n\n")
+        lines.append(markdown_table(rows, ["direction"] + [f"R@{k}" for k in ks], digits=1))
+    if per_class:
+        srt = sorted(per_class, key=lambda r: (-r["top1"], r["class"]))
+        cols = ["class", "n", "top1", "top5", "confused_with"]
+        if len(srt) <= 20:
+            lines.append("\nPer class (top-1 / top-5 in %; `confused_with`: most frequent wrong first guess):\n\n")
+            lines.append(markdown_table(srt, cols, digits=1))
+        else:
+            lines.append("\nBest 10 classes (top-1 / top-5 in %):\n\n" + markdown_table(srt[:10], cols, digits=1))
+            lines.append("\nWorst 10 classes (`confused_with`: most frequent wrong first guess):\n\n"
+                         + markdown_table(srt[-10:][::-1], cols, digits=1))
     files = [atomic_write(out / f"{task}.json", json.dumps(_clean(result), indent=2) + "\n"),
              atomic_write(out / f"{task}.md", "".join(lines))]
-    if task == "retrieval":
-        ks = sorted({int(k.split("@")[1]) for k in metrics if "_R@" in k})
-        series = {d: [metrics[f"{d}_R@{k}"] for k in ks] for d in ("i2t", "t2i")}
-        files.append(_bar_png(out / f"{task}.png", [f"R@{k}" for k in ks], series,
-                              f"retrieval ({meta.get('data', '')})", "recall (%)"))
-    else:
-        keys = [k for k in metrics if k.startswith("top") or k == "mean_per_class_recall"]
-        files.append(_bar_png(out / f"{task}.png", keys, {"accuracy": [metrics[k] for k in keys]},
-                              f"zero-shot ({meta.get('data', '')})", "%"))
+    if curves:
+        files.append(_recall_png(out / f"{task}.png", curves, metrics, name))
+    elif per_class:
+        files.append(_per_class_png(out / f"{task}.png", per_class, metrics, name, meta.get("prompts")))
     return files
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _recall_png(path: Path, curves: dict[str, Any], metrics: dict[str, Any], name: str) -> Path:
+    plt = _plt()
+    ks = curves["K"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for d, label, color in (("i2t", "image → text", "tab:blue"), ("t2i", "text → image", "tab:orange")):
+        ax.plot(ks, curves[d], color=color, lw=2,
+                label=f"{label}  (R@1 {curves[d][0]:.1f}, R@10 {curves[d][min(9, len(ks) - 1)]:.1f})")
+        ax.plot(ks, curves[f"chance_{d}"], color=color, lw=1, ls=":", label=f"{label}, random ranking")
+    ax.set_xscale("log")
+    ticks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= ks[-1]]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(k) for k in ticks])
+    ax.set_xlim(1, ks[-1])
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (%)")
+    ax.set_title(f"retrieval: {name}\n{metrics.get('n_images')} images, {metrics.get('n_texts')} captions",
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _per_class_png(path: Path, per_class: list[dict], metrics: dict[str, Any], name: str,
+                   prompts: str | None) -> Path:
+    import numpy as np
+
+    plt = _plt()
+    srt = sorted(per_class, key=lambda r: (-r["top1"], r["class"]))
+    shown = srt if len(srt) <= 20 else srt[:10] + srt[-10:]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, max(4.0, 0.28 * len(shown) + 1.5)),
+                                   gridspec_kw={"width_ratios": [1, 1.3]})
+    acc = np.array([r["top1"] for r in per_class])
+    ax1.hist(acc, bins=np.linspace(0, 100, 11), color="tab:blue", edgecolor="white")
+    mpc = metrics.get("mean_per_class_recall", float("nan"))
+    ax1.axvline(mpc, color="k", ls="--", lw=1, label=f"mean per-class {mpc:.1f} %")
+    if metrics.get("n_classes"):
+        ax1.axvline(100.0 / metrics["n_classes"], color="tab:red", ls=":", lw=1,
+                    label=f"chance {100.0 / metrics['n_classes']:.1f} %")
+    ax1.set_xlim(0, 100)
+    ax1.set_ylim(0, ax1.get_ylim()[1] * 1.25)                      # room for the legend
+    ax1.yaxis.get_major_locator().set_params(integer=True)
+    ax1.set_xlabel("top-1 accuracy of a class (%)")
+    ax1.set_ylabel("classes")
+    ax1.set_title(f"{len(per_class)} classes: top-1 {metrics.get('top1', float('nan')):.1f} %, "
+                  f"top-5 {metrics.get('top5', float('nan')):.1f} %", fontsize=9)
+    ax1.legend(fontsize=8, loc="upper center")
+    y = np.arange(len(shown))[::-1]
+    colors = ["tab:blue"] * len(shown) if len(srt) <= 20 else ["tab:green"] * 10 + ["tab:red"] * 10
+    ax2.barh(y, [r["top1"] for r in shown], color=colors)
+    for yy, r in zip(y, shown):
+        ax2.text(min(r["top1"], 88) + 1, yy, f"{r['top1']:.0f}%", va="center", fontsize=7)
+    if len(srt) > 20:
+        ax2.axhline(y[9] - 0.5, color="k", lw=0.8, ls="--")
+    ax2.set_yticks(y)
+    ax2.set_yticklabels([f"{r['class'][:28]} (n={r['n']})" for r in shown], fontsize=7)
+    ax2.set_xlim(0, 100)
+    ax2.set_xlabel("top-1 (%)")
+    ax2.set_title("all classes" if len(srt) <= 20 else "best 10 (green) and worst 10 (red) classes", fontsize=9)
+    ax2.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"zero-shot: {name}" + (f" (prompts {prompts})" if prompts else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _clean(obj: Any) -> Any:

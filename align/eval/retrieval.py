@@ -19,14 +19,17 @@ they are computed in query chunks of ``chunk`` rows, so 5k images × 25k caption
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from curate.fileio import atomic_write
 from curate.recipe import RecipeError
 
 DEFAULT_KS = (1, 5, 10)
@@ -146,6 +149,14 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: S
     Returns ``{"i2t_R@1": .., "i2t_R@5": .., ..., "t2i_R@10": .., "i2t_median_rank": .., "t2i_median_rank": ..,
     "n_images": .., "n_texts": ..}``. Median ranks are 1-based.
     """
+    return retrieval_eval(image_emb, text_emb, text_image, ks, chunk)[0]
+
+
+def retrieval_eval(image_emb: np.ndarray, text_emb: np.ndarray, text_image: Sequence[int] | np.ndarray,
+                   ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024,
+                   curve_max_k: int = 50) -> tuple[dict[str, float], dict[str, Any]]:
+    """:func:`retrieval_metrics` plus recall@K curves (K = 1..``curve_max_k``, in %) for both directions and the
+    recall@K of a random ranking (``chance_i2t`` / ``chance_t2i``), from one pass over the similarities."""
     text_image = np.asarray(text_image, dtype=np.int64)
     n_img = int(np.asarray(image_emb).shape[0])
     if len(text_image) and (text_image.min() < 0 or text_image.max() >= n_img):
@@ -159,39 +170,75 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: S
         out[f"{name}_median_rank"] = float(np.median(r) + 1)
     out["n_images"] = n_img
     out["n_texts"] = int(len(text_image))
-    return out
+    kk = np.arange(1, max(1, curve_max_k) + 1)
+    curves: dict[str, Any] = {"K": kk.tolist()}
+    for name, r in (("i2t", r_i2t), ("t2i", r_t2i)):
+        curves[name] = [100.0 * float(v) for v in recall_at(r, kk).values()]
+    n_txt = len(text_image)
+    per_image = np.bincount(text_image, minlength=n_img)
+    curves["chance_i2t"] = [100.0 * _chance_recall(n_txt, per_image, int(k)) for k in kk]
+    curves["chance_t2i"] = [100.0 * _chance_recall(n_img, np.ones(1, np.int64), int(k)) for k in kk]
+    return out, curves
+
+
+def _chance_recall(gallery: int, n_correct: np.ndarray, k: int) -> float:
+    """Mean over queries of P(at least one of the query's ``n_correct`` items is in the top ``k`` of a random
+    order of ``gallery`` items) = 1 - C(G - c, k) / C(G, k)."""
+    if gallery == 0 or len(n_correct) == 0:
+        return float("nan")
+    c = np.asarray(n_correct, np.float64)
+    miss = np.ones_like(c)
+    for j in range(min(k, gallery)):
+        miss *= np.clip((gallery - c - j) / (gallery - j), 0.0, 1.0)
+    return float((1.0 - miss).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Paired image–caption sets (Flickr8k layout, or a CSV/JSONL of image,caption rows)
+# Paired image–caption sets: Flickr8k layout, COCO captions json, or a CSV/TSV/JSONL/JSON/Parquet table
 # ---------------------------------------------------------------------------------------------------------
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
 @dataclass
 class PairedSet:
-    """Images with one or more captions each: ``captions[j]`` describes ``image_paths[caption_image[j]]``."""
+    """Images with one or more captions each: ``captions[j]`` describes ``image_paths[caption_image[j]]``.
+
+    ``keys[i]`` names image ``i`` relative to the data (``images/`` of Flickr8k, the image root of a table or a
+    COCO json): the key that precomputed features are matched on (``align eval --features``).
+    """
 
     image_paths: list[Path]
     captions: list[str]
     caption_image: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     name: str = "pairs"
+    keys: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
         if len(self.caption_image) != len(self.captions):
             raise ValueError("caption_image needs one image index per caption")
+        if self.keys is None:
+            self.keys = [Path(p).name for p in self.image_paths]
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    def select(self, keep: Sequence[int] | np.ndarray, name: str | None = None) -> "PairedSet":
+        """The images ``keep`` (increasing indexes) with all their captions."""
+        keep = np.asarray(keep, np.int64)
+        remap = -np.ones(len(self.image_paths), np.int64)
+        remap[keep] = np.arange(len(keep))
+        cm = remap[self.caption_image] >= 0
+        return PairedSet([self.image_paths[i] for i in keep], [c for c, m in zip(self.captions, cm) if m],
+                         remap[self.caption_image[cm]], name=name or self.name,
+                         keys=[self.keys[i] for i in keep] if self.keys is not None else None)
 
     def subset(self, n: int | None, seed: int = 0) -> "PairedSet":
         """The first ``n`` images (in a seeded random order) with all their captions."""
         if n is None or n >= len(self.image_paths):
             return self
         keep = np.sort(np.random.default_rng(seed).permutation(len(self.image_paths))[:n])
-        remap = -np.ones(len(self.image_paths), np.int64)
-        remap[keep] = np.arange(len(keep))
-        cm = remap[self.caption_image] >= 0
-        return PairedSet([self.image_paths[i] for i in keep], [c for c, m in zip(self.captions, cm) if m],
-                         remap[self.caption_image[cm]], name=f"{self.name}[{n}]")
+        return self.select(keep, name=f"{self.name}[{n}]")
 
     def captions_by_image(self) -> list[list[str]]:
         out: list[list[str]] = [[] for _ in self.image_paths]
@@ -223,49 +270,199 @@ class PairedSet:
         missing = sorted(set(range(len(names))) - set(owner))
         if missing:
             raise RecipeError(f"{root}: {len(missing)} {split} images have no caption (first: {names[missing[0]]})")
-        return cls([root / "images" / n for n in names], caps, np.asarray(owner), name=f"flickr8k-{split}")
+        return cls([root / "images" / n for n in names], caps, np.asarray(owner), name=f"flickr8k-{split}",
+                   keys=list(names))
 
     @classmethod
-    def from_table(cls, path: str | Path, image_col: str = "image", caption_col: str = "caption") -> "PairedSet":
-        """A CSV/TSV or JSONL file of ``image,caption`` rows (image paths relative to the file); repeated images
-        collect several captions."""
-        path = Path(path)
-        if not path.exists():
-            raise RecipeError(f"{path}: file not found")
-        if path.suffix in (".jsonl", ".json"):
-            rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        else:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    def from_pairs(cls, pairs: Sequence[tuple[str, Any]], base: Path, name: str, where: str) -> "PairedSet":
+        """(image path, caption or list of captions) rows → a set; a repeated image collects its captions.
+        Relative image paths are resolved against ``base``; ``keys`` keep them as written (``/``-separated)."""
         order: dict[str, int] = {}
         caps: list[str] = []
         owner: list[int] = []
-        for n, r in enumerate(rows):
-            if image_col not in r or caption_col not in r:
-                raise RecipeError(f"{path}: row {n + 1} lacks column {image_col!r} or {caption_col!r}")
-            img = str(r[image_col])
-            owner.append(order.setdefault(img, len(order)))
-            caps.append(str(r[caption_col]))
-        imgs = [Path(p) if Path(p).is_absolute() else path.parent / p for p in order]
-        return cls(imgs, caps, np.asarray(owner), name=path.stem)
+        for img, cap in pairs:
+            texts = [cap] if isinstance(cap, str) else list(cap) if isinstance(cap, (list, tuple)) else [cap]
+            texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+            if not texts:
+                continue
+            i = order.setdefault(img, len(order))
+            caps.extend(texts)
+            owner.extend([i] * len(texts))
+        if not order:
+            raise RecipeError(f"{where}: no image with a non-empty caption")
+        imgs = [Path(k) if Path(k).is_absolute() else base / k for k in order]
+        keys = [PurePosixPath(k.replace("\\", "/")).as_posix() if not Path(k).is_absolute() else Path(k).name
+                for k in order]
+        return cls(imgs, caps, np.asarray(owner), name=name, keys=keys)
 
     @classmethod
-    def load(cls, data: str | Path, split: str = "test") -> "PairedSet":
-        """Flickr8k folder or caption table, whichever ``data`` is."""
+    def from_coco(cls, path: str | Path, image_root: str | Path | None = None,
+                  doc: dict | None = None) -> "PairedSet":
+        """A COCO captions json (``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}``).
+
+        Images are looked up under ``image_root``; by default the first of these folders that holds the first
+        images: the json's folder, ``<json folder>/<set>`` and ``<json folder>/../<set>`` (``<set>`` from
+        ``captions_<set>.json``, e.g. ``val2017``: the standard ``annotations/`` + ``val2017/`` layout), and the
+        json folder's parent."""
+        path = Path(path)
+        doc = doc if doc is not None else _read_json(path)
+        try:
+            images = {im["id"]: str(im["file_name"]) for im in doc["images"]}
+            anns = [(a["image_id"], a["caption"]) for a in doc["annotations"]]
+        except (KeyError, TypeError) as e:
+            raise RecipeError(f"{path}: not a COCO captions file (images need id + file_name, annotations need "
+                              f"image_id + caption; missing {e})") from None
+        for n, (iid, _) in enumerate(anns):
+            if iid not in images:
+                raise RecipeError(f"{path}: annotation {n + 1} refers to image id {iid!r}, which is not in 'images'")
+        ordered = list(images)                                  # the file's image order
+        by_id: dict[Any, list[str]] = {i: [] for i in ordered}
+        for iid, cap in anns:
+            by_id[iid].append(cap)
+        root = _coco_image_root(path, [images[i] for i in ordered if by_id[i]], image_root)
+        return cls.from_pairs([(images[i], by_id[i]) for i in ordered], root, path.stem, str(path))
+
+    @classmethod
+    def from_table(cls, path: str | Path, image_col: str = "image", caption_col: str = "caption",
+                   image_root: str | Path | None = None) -> "PairedSet":
+        """A CSV/TSV, JSONL, JSON (a list of rows, or a COCO captions file) or Parquet table of image,caption rows.
+
+        ``image_col`` / ``caption_col`` name the columns (a caption cell may be a list of captions); image paths
+        are relative to ``image_root`` (default: the table's folder); repeated images collect their captions.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: file not found")
+        suffix = path.suffix.lower()
+        if suffix not in TABLE_SUFFIXES:
+            raise RecipeError(f"{path}: unknown table type {path.suffix!r} (expected one of {', '.join(TABLE_SUFFIXES)}"
+                              " or a Flickr8k folder)")
+        rows: list[dict]
+        if suffix == ".json":
+            doc = _read_json(path)
+            if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
+                return cls.from_coco(path, image_root, doc)
+            if not isinstance(doc, list):
+                raise RecipeError(f"{path}: a .json table must be a list of rows or a COCO captions file "
+                                  "({'images': [...], 'annotations': [...]})")
+            rows = doc
+        elif suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, ln in enumerate(f, 1):
+                    if ln.strip():
+                        try:
+                            rows.append(json.loads(ln))
+                        except ValueError as e:
+                            raise RecipeError(f"{path}: line {n} is not JSON ({e})") from None
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+                raise RecipeError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
+            for col in (image_col, caption_col):
+                if col not in table.column_names:
+                    raise RecipeError(_no_column(path, col, table.column_names))
+            rows = table.select([image_col, caption_col]).to_pylist()
+        else:
+            with open(path, newline="", encoding="utf-8") as f:   # newline="": quoted multi-line captions stay whole
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        pairs = []
+        for n, r in enumerate(rows):
+            if not isinstance(r, dict):
+                raise RecipeError(f"{path}: row {n + 1} is not an object")
+            for col in (image_col, caption_col):
+                if col not in r:
+                    raise RecipeError(_no_column(path, col, list(r), n + 1))
+            img = r[image_col]
+            if not isinstance(img, str) or not img.strip():
+                raise RecipeError(f"{path}: row {n + 1}: column {image_col!r} must be an image path, got "
+                                  f"{type(img).__name__}")
+            pairs.append((img.strip(), r[caption_col]))
+        base = Path(image_root) if image_root is not None else path.parent
+        if image_root is not None and not base.is_dir():
+            raise RecipeError(f"--image-root {base}: not a folder")
+        return cls.from_pairs(pairs, base, path.stem, str(path))
+
+    @classmethod
+    def load(cls, data: str | Path, split: str = "test", image_column: str = "image",
+             caption_column: str = "caption", image_root: str | Path | None = None) -> "PairedSet":
+        """Flickr8k folder, COCO captions json or caption table, whichever ``data`` is."""
         p = Path(data)
         if p.is_dir():
             return cls.from_flickr8k(p, split)
-        return cls.from_table(p)
+        return cls.from_table(p, image_column, caption_column, image_root)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise RecipeError(f"{path}: not valid JSON ({e})") from None
+
+
+def _no_column(path: Path, col: str, have: Sequence[str], row: int | None = None) -> str:
+    where = f"row {row} has" if row is not None else "has"
+    return (f"{path}: {where} no column {col!r} (columns: {', '.join(map(str, have)) or 'none'}); "
+            "name yours with --image-column / --caption-column")
+
+
+def _coco_image_root(path: Path, files: list[str], image_root: str | Path | None) -> Path:
+    probe = [f for f in files if not Path(f).is_absolute()][:5]
+    if image_root is not None:
+        root = Path(image_root)
+        if not root.is_dir():
+            raise RecipeError(f"--image-root {root}: not a folder")
+        return root
+    d = path.parent
+    m = re.match(r"captions_(.+)$", path.stem)
+    sets = [m.group(1)] if m else []
+    cands = [d] + [d / s for s in sets] + [d.parent / s for s in sets] + [d.parent]
+    for c in cands:
+        if not probe or all((c / f).is_file() for f in probe):
+            return c
+    raise RecipeError(f"{path}: cannot find its images (looked for {probe[0]} in "
+                      f"{', '.join(str(c) for c in dict.fromkeys(cands))}); give the folder with --image-root")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embedding images: content-keyed resumable cache, unreadable files skipped by name
+# ---------------------------------------------------------------------------------------------------------
+def content_digest(item: Any) -> str:
+    """What an image item's cached embedding depends on: the file's bytes (a path), the bytes themselves, or
+    the item's repr for anything else (e.g. a row index into a dataset the caller fingerprints)."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(item, (str, Path)):
+        try:
+            with open(item, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            h.update(f"unreadable:{type(e).__name__}".encode())
+    elif isinstance(item, (bytes, bytearray)):
+        h.update(bytes(item))
+    else:
+        h.update(repr(item).encode())
+    return h.hexdigest()
 
 
 def embed_images(encode_image: Callable[[list], np.ndarray], paths: Sequence[Any], batch_size: int = 64,
                  progress: bool = True, cache_dir: str | Path | None = None, opener: Callable[[Any], Any] | None = None,
-                 desc: str = "embed images") -> np.ndarray:
+                 desc: str = "embed images", skipped: list | None = None,
+                 on_skip: Callable[[int, Any, str], None] | None = None) -> np.ndarray:
     """Open and embed images batch by batch (bounded memory) with a tqdm bar.
 
-    With ``cache_dir`` every finished batch is saved as ``part-<start>.npy`` (atomically) and skipped on rerun,
-    so a killed run resumes without recomputing or duplicating rows; the caller owns the folder's key (it must
-    be specific to the encoder and the image list).
+    With ``cache_dir`` every finished batch is saved as ``part-<start>-<batch size>-<content digest>.npy``
+    (atomically) and reused on rerun, so a killed run resumes without recomputing or duplicating rows. The digest
+    covers the bytes of the batch's image files, so an image changed on disk re-embeds its batch (the stale part
+    is removed); the caller owns the folder's key (specific to the encoder and the image list).
+
+    An image that cannot be opened (missing, truncated, not an image) raises :class:`RecipeError` naming it, or —
+    when a ``skipped`` list is given — is left out: ``(index, item, reason)`` is appended to ``skipped`` (and
+    passed to ``on_skip``), and the returned array has one row per image that was NOT skipped.
     """
     from tqdm.auto import tqdm
 
@@ -275,21 +472,60 @@ def embed_images(encode_image: Callable[[list], np.ndarray], paths: Sequence[Any
         cdir.mkdir(parents=True, exist_ok=True)
     outs = []
     for s in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress):
-        part = cdir / f"part-{s:08d}-{batch_size}.npy" if cdir is not None else None
+        batch = paths[s:s + batch_size]
+        part = bad_file = None
+        if cdir is not None:
+            h = hashlib.blake2b(digest_size=8)
+            for it in batch:
+                h.update(content_digest(it).encode())
+            prefix = f"part-{s:08d}-{batch_size}-"
+            part = cdir / f"{prefix}{h.hexdigest()}.npy"
+            bad_file = part.with_suffix(".skipped.json")
+            for old in cdir.glob(prefix + "*"):            # earlier contents of this batch: stale
+                if old.name not in (part.name, bad_file.name):
+                    old.unlink(missing_ok=True)
+        bad: list[tuple[int, str]] = []
         if part is not None and part.exists():
-            outs.append(np.load(part))
-            continue
-        e = np.asarray(encode_image([opener(p) for p in paths[s:s + batch_size]]), dtype=np.float32)
-        if part is not None:
-            tmp = part.with_name(part.stem + ".tmp.npy")
-            np.save(tmp, e)
-            tmp.replace(part)
-        outs.append(e)
+            e = np.load(part)
+            if bad_file is not None and bad_file.exists():
+                bad = [(int(i), str(r)) for i, r in json.loads(bad_file.read_text())]
+        else:
+            ims = []
+            for j, it in enumerate(batch):
+                try:
+                    ims.append(opener(it))
+                except Exception as err:  # noqa: BLE001 - any unreadable image is named and skipped, never fatal
+                    bad.append((s + j, _reason(err)))
+            e = (np.asarray(encode_image(ims), dtype=np.float32) if ims else np.zeros((0, 0), np.float32))
+            if part is not None:
+                if bad:
+                    atomic_write(bad_file, json.dumps(bad))
+                tmp = part.with_name(part.stem + ".tmp.npy")
+                np.save(tmp, e)
+                tmp.replace(part)
+        for i, reason in bad:
+            if skipped is None:
+                raise RecipeError(f"{paths[i]}: {reason}")
+            skipped.append((i, paths[i], reason))
+            if on_skip is not None:
+                on_skip(i, paths[i], reason)
+        if len(e):
+            outs.append(e)
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def _open_rgb(p: Any):
-    from PIL import Image
+def _reason(err: BaseException) -> str:
+    """One deterministic line for an unreadable image (no object addresses)."""
+    reason = getattr(err, "reason", None)
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    msg = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", msg)
+    if reason:
+        detail = msg.split(": ", 2)[-1] if msg.startswith(reason) else msg
+        return f"{reason} ({detail})" if detail and detail != reason else reason
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
-    with Image.open(p) as im:
-        return im.convert("RGB")
+
+def _open_rgb(p: Any):
+    from align.data import decode_image
+
+    return decode_image(str(p) if isinstance(p, Path) else p, Path(p).name if isinstance(p, (str, Path)) else "")

@@ -82,6 +82,14 @@ def zeroshot_classifier(encode_text: TextFn, classnames: Sequence[str], prompt_s
 def classification_metrics(image_emb: np.ndarray, class_emb: np.ndarray, labels: Sequence[int] | np.ndarray,
                            ks: Sequence[int] = (1, 5), chunk: int = 2048) -> dict[str, float]:
     """Top-k accuracy and mean per-class recall (%) of cosine scores ``image_emb @ class_emb.T``."""
+    return classification_eval(image_emb, class_emb, labels, ks=ks, chunk=chunk)[0]
+
+
+def classification_eval(image_emb: np.ndarray, class_emb: np.ndarray, labels: Sequence[int] | np.ndarray,
+                        classnames: Sequence[str] | None = None, ks: Sequence[int] = (1, 5),
+                        chunk: int = 2048) -> tuple[dict[str, float], list[dict]]:
+    """:func:`classification_metrics` plus one row per class that has images: ``class``, ``n``, ``top1`` (%),
+    ``top5`` (%) and ``confused_with`` (the wrong class most often predicted first for its images, with count)."""
     labels = np.asarray(labels, np.int64)
     n_cls = int(np.asarray(class_emb).shape[0])
     if len(labels) != len(image_emb):
@@ -91,12 +99,28 @@ def classification_metrics(image_emb: np.ndarray, class_emb: np.ndarray, labels:
     r = ranks(normalize(image_emb), normalize(class_emb), labels, np.arange(n_cls), chunk=chunk)
     out: dict[str, float] = {f"top{k}": 100.0 * float((r < k).mean()) for k in ks}
     present = np.unique(labels)
+    count = np.bincount(labels, minlength=n_cls)
     hit = (r == 0).astype(np.float64)
-    per_class = np.bincount(labels, weights=hit, minlength=n_cls)[present] / np.bincount(labels, minlength=n_cls)[present]
-    out["mean_per_class_recall"] = 100.0 * float(per_class.mean())
+    top1 = np.bincount(labels, weights=hit, minlength=n_cls) / np.maximum(count, 1)
+    top5 = np.bincount(labels, weights=(r < 5).astype(np.float64), minlength=n_cls) / np.maximum(count, 1)
+    out["mean_per_class_recall"] = 100.0 * float(top1[present].mean()) if len(present) else float("nan")
     out["n_images"] = int(len(labels))
     out["n_classes"] = n_cls
-    return out
+    names = list(classnames) if classnames is not None else [str(c) for c in range(n_cls)]
+    wrong = r > 0
+    pred = predict(image_emb[wrong], class_emb, 1)[:, 0] if wrong.any() else np.zeros(0, np.int64)
+    confusion: dict[int, dict[int, int]] = {}
+    for y, p in zip(labels[wrong].tolist(), pred.tolist()):
+        confusion.setdefault(y, {}).setdefault(p, 0)
+        confusion[y][p] += 1
+    rows = []
+    for c in present.tolist():
+        conf = confusion.get(c)
+        top = max(conf.items(), key=lambda kv: (kv[1], -kv[0])) if conf else None
+        rows.append({"class": names[c], "n": int(count[c]), "top1": 100.0 * float(top1[c]),
+                     "top5": 100.0 * float(top5[c]),
+                     "confused_with": f"{names[top[0]]} ({top[1]})" if top else ""})
+    return out, rows
 
 
 def predict(image_emb: np.ndarray, class_emb: np.ndarray, k: int = 5) -> np.ndarray:

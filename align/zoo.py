@@ -480,6 +480,66 @@ def missing_hint(name: str) -> str | None:
     return None
 
 
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def model_unavailable(name_or_path: str, files: Sequence[str] = ("config.json",)) -> str | None:
+    """Why ``name_or_path`` cannot be loaded now (one phrase), or None when it can. Cheap and read-only: looks
+    for the files (``files`` in a folder, an installed offline copy, a backbone's packages, the hub id's
+    ``config.json`` in the local Hugging Face cache, a reachable hub); never loads weights or unzips."""
+    name = str(name_or_path)
+    p = Path(os.path.expanduser(name))
+    if p.exists():
+        if p.is_dir():
+            gone = [f for f in files if not (p / f).is_file()]
+            return f"folder {p} has no {gone[0]}" if gone else None
+        return None
+    if name in OFFLINE_COPIES:
+        pkg, sub = OFFLINE_COPIES[name]
+        d = _package_dir(pkg)
+        if d is not None and (d / sub).exists():
+            return None
+    if name in ZIP_PART_COPIES:
+        try:
+            if _part_files(ZIP_PART_COPIES[name]) is not None:
+                return None
+        except MissingModelError as e:
+            return str(e)
+    spec = backbone_spec(name)
+    if spec is not None and not name.endswith((".pth", ".pt")):
+        return None if spec.installed() else f"not installed ({missing_hint(name)})"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".pth", ".pt")):
+        return f"no such file or folder: {p}"
+    repo = ALIASES.get(name, name)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo, "config.json")
+    except ValueError:  # not a valid repo id
+        return f"no such file or folder: {p}"
+    if isinstance(hit, str):
+        return None
+    if _hub_offline():
+        return "not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
+    if not _hub_reachable():
+        return "not a local folder, not in the Hugging Face cache, and the hub is unreachable"
+    return None
+
+
 def known_models() -> list[tuple[str, str, bool]]:
     """(name, kind, installed) for every name the zoo knows (no extraction is triggered)."""
     rows: list[tuple[str, str, bool]] = []

@@ -73,7 +73,7 @@ class BalanceReport:
         s = (f"{self.stage}: {self.method} kept {self.kept:,} of {self.candidates:,} candidates "
              f"({self.matched:,} matched, {self.concepts:,} concepts)")
         if self.shortfall:
-            s += f"; {len(self.shortfall):,} concepts below floor"
+            s += f"; {len(self.shortfall):,} concepts below the floor of {self.shortfall[0][2]:,} samples"
         return s
 
 

@@ -96,11 +96,14 @@ def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, se
                   "", "![per-concept counts](concepts_before_after.png)", "", "![head/tail curve](head_tail.png)", "",
                   "| concept | name | before | after |", "|---|---|---:|---:|"]
         lines += [f"| {c} | {nm} | {b:,} | {a:,} |" for c, nm, b, a in ba[:top]]
-        short = cat.execute("""SELECT concept_id, after, floor FROM balance_report
-                               WHERE stage = 'balance' AND shortfall > 0 ORDER BY shortfall DESC LIMIT 20""").fetchall()
-        if short:
-            lines += ["", f"Concepts below the floor ({short[0][2]}): "
-                      + ", ".join(f"{c} ({a})" for c, a, _ in short)]
+        n_short, floor = cat.one("""SELECT count(*), any_value(floor) FROM balance_report
+                                    WHERE stage = 'balance' AND shortfall > 0""")
+        if n_short:
+            short = cat.execute("""SELECT concept_id, after FROM balance_report WHERE stage = 'balance'
+                                   AND shortfall > 0 ORDER BY shortfall DESC, concept_id LIMIT 20""").fetchall()
+            listed = "all listed" if n_short <= len(short) else f"first {len(short)} listed"
+            lines += ["", f"{n_short:,} concepts below the floor of {floor:,} samples after balancing ({listed}, "
+                      "samples in brackets): " + ", ".join(f"{c} ({a:,})" for c, a in short)]
 
         in1k = _imagenet1k() or {r[0] for r in cat.execute(
             "SELECT concept_id FROM concepts WHERE imagenet1k").fetchall()}

@@ -62,12 +62,16 @@ class BuildRecipe(Strict):
                 data["concepts"][k] = fix(data["concepts"][k])
         return type(self).model_validate(data)
 
-    def check(self, source: str = "recipe") -> None:
-        """Input files exist and options are consistent; one-line RecipeError otherwise."""
+    def check(self, source: str = "recipe", raw_paths: list | None = None) -> None:
+        """Input files exist and options are consistent; one-line RecipeError otherwise.
+
+        ``raw_paths``: the sources' ``path`` as written in the recipe (before ``${VAR}`` expansion): when input
+        files are missing, the one error line names every source without data and the variables to set."""
         names = [s.name for s in self.sources]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise RecipeError(f"{source}: sources: duplicate source name {sorted(dup)[0]!r}")
+        _check_missing_inputs(self.sources, source, raw_paths)
         for i, s in enumerate(self.sources):
             try:
                 s.check(f"sources[{i}]")
@@ -75,6 +79,33 @@ class BuildRecipe(Strict):
                 raise RecipeError(f"{source}: {e}") from None
         if self.concepts.user_list and not Path(self.concepts.user_list).is_file():
             raise RecipeError(f"{source}: concepts.user_list: file not found: {self.concepts.user_list}")
+
+
+def _check_missing_inputs(sources: list[SourceConfig], source: str, raw_paths: list | None) -> None:
+    """One line for ALL sources whose input files are missing, with the environment variables their paths use."""
+    import re
+
+    missing = []
+    for i, s in enumerate(sources):
+        if s.format == "hf" or not s.path:
+            continue
+        gone = not Path(s.path).is_dir() if s.format == "folder" else not s.files()
+        if gone:
+            missing.append((i, s))
+    if not missing:
+        return
+    what = ", ".join(f"{s.name} ({s.path})" for _, s in missing)
+    raws = [str(raw_paths[i]) for i, _ in missing if raw_paths and i < len(raw_paths) and raw_paths[i]]
+    names = sorted({m for r in raws for m in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", r)})
+    if names:
+        state = "; ".join(f"{n}={os.environ[n]}" if os.environ.get(n) else f"{n} is not set" for n in names)
+        how = (f"the paths use ${{{names[0]}}} ({state}): export {names[0]}=<folder holding the data>"
+               if len(names) == 1 else f"the paths use {', '.join('$' + n for n in names)} ({state}): export them")
+    else:
+        how = "fix the paths"
+    first = missing[0][0]
+    raise RecipeError(f"{source}: no file matches the input path of {len(missing)} of {len(sources)} sources: {what}; {how}, "
+                      f"or set a path with --set sources.{first}.path=... (or remove the sources you lack)")
 
 
 def _looks_local(value: str, base) -> bool:
@@ -118,5 +149,5 @@ def load_build_recipe(path: str | os.PathLike, overrides: list[str] | None = Non
     data = apply_overrides(read_yaml(path), overrides or [])
     r = parse(BuildRecipe, data, str(path))
     r = r.with_absolute_paths(Path(path).resolve().parent)
-    r.check(str(path))
+    r.check(str(path), raw_paths=[s.get("path") if isinstance(s, dict) else None for s in data.get("sources") or []])
     return r

@@ -16,7 +16,8 @@ duplicates ``ref_uid`` = the sample that was kept):
   similarity to an EARLIER KEPT caption is ≥ ``threshold`` is dropped with that caption as ``ref_uid``
   (faiss inner-product index over kept embeddings + an exact within-chunk pass). Chunk embeddings are cached
   under ``<catalog>.cache/neardup/`` (keyed by encoder fingerprint and the chunk's uid list), so a killed run
-  resumes without re-embedding.
+  resumes without re-embedding. With fewer than two captions alive there is nothing to compare and no encoder is
+  loaded.
 
 Each stage reads the ``alive`` view, so it only judges samples that earlier stages kept.
 """
@@ -232,11 +233,13 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encod
     cat.clear_decisions(stage)
     if not cfg.enabled:
         return 0
+    total = int(cat.scalar("SELECT count(*) FROM alive"))
+    if total < 2:  # nothing to compare: no encoder to load
+        return 0
     if encoder is None:
         from align.encoders import TextEncoder
 
         encoder = TextEncoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
-    total = int(cat.scalar("SELECT count(*) FROM alive"))
     cache = _embedding_cache_dir(cat, encoder, cfg)
     cur = cat.con.cursor()
     reader = cur.sql("SELECT uid, caption FROM alive ORDER BY source, row_index").to_arrow_reader(cfg.chunk)

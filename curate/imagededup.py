@@ -19,7 +19,8 @@ does not depend on input order, batching or thread count.
   ``threshold + 1`` disjoint sub-hashes (also exact for that radius by the pigeonhole principle; sub-linear).
 * **semantic** (SemDeDup, Abbas et al. 2023): L2-normalised embeddings from a frozen
   :class:`align.encoders.VisionEncoder`, spherical faiss k-means (``clusters`` or ``sqrt(n)``), and within each
-  cluster a pair is a duplicate when its cosine similarity is ≥ ``1 - epsilon``.
+  cluster a pair is a duplicate when its cosine similarity is ≥ ``1 - epsilon``. With fewer than two images left
+  there is nothing to compare: the pass loads no encoder.
 
 Work that takes long is cached per (uid, sha256) in the catalog — ``image_hashes`` (pHash bytes) and
 ``image_embeddings`` (which ``.npy`` chunk file and row holds the vector) — committed chunk by chunk, so a
@@ -382,7 +383,9 @@ def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, 
         keep, r, d = near_duplicates(codes, cfg.phash.threshold, cfg.phash.index)
         apply("phash", sub, keep, r, d,
               "near duplicate (pHash Hamming distance {:.0f} <= " + f"{cfg.phash.threshold})")
-    if cfg.semantic.enabled:
+    if cfg.semantic.enabled and alive.sum() < 2:  # no pair to compare: no encoder to load
+        res.dropped["semantic"] = 0
+    elif cfg.semantic.enabled:
         sub = np.flatnonzero(alive)
         emb = compute_embeddings(cat, [base[i] for i in sub], cfg.semantic, Path(build_dir) / "media" / "embeddings",
                                  encoder=encoder, encode_format=encode_format, chunk=cfg.chunk, progress=progress)

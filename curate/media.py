@@ -88,6 +88,15 @@ def _survivors_sql() -> str:
               AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept)"""
 
 
+def download_summary(counts: dict) -> str:
+    """``3 images stored, 57 failed (failed_to_download 57)`` from :func:`curate.download.download_counts`."""
+    from curate.download import SUCCESS
+
+    failed = {k: v for k, v in counts.items() if k != SUCCESS}
+    s = f"{counts.get(SUCCESS, 0):,} images stored, {sum(failed.values()):,} failed"
+    return s + (" (" + ", ".join(f"{k} {v:,}" for k, v in failed.items()) + ")" if failed else "")
+
+
 def balance_settings(cat: Catalog, cfg: RebalanceConfig) -> BalanceConfig:
     if cfg.balance is not None:
         return cfg.balance
@@ -131,7 +140,9 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
                  lambda: run_image_dedup(cat, recipe.image_dedup, build_dir, fmt, encoder=encoder, progress=progress),
                  [REBALANCE])
     if res is not None:
-        log(f"  image_dedup: {res.candidates:,} images, dropped {res.dropped}")
+        how = ", ".join(f"{k} {v:,}" for k, v in res.dropped.items())
+        log(f"  image_dedup: done \N{EM DASH} {res.candidates:,} stored images checked, "
+            f"{sum(res.dropped.values()):,} dropped as duplicates" + (f" ({how})" if how else ""))
     bal = balance_settings(cat, recipe.rebalance)
     if recipe.rebalance.enabled:
         h = hashlib.sha1("\n".join(sorted(r[0] for r in cat.execute(
@@ -156,7 +167,8 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     if recipe.shards.enabled:
         sr = run_shards(cat, recipe.shards, build_dir, fmt, progress=progress)
         report["shards"] = {"dir": str(sr.out_dir), "shards": sr.shards, "samples": sr.samples}
-        log(f"  shards: {sr.samples:,} samples in {sr.shards:,} shards at {sr.out_dir} ({sr.written} written now)")
+        log(f"  shards: done \N{EM DASH} {sr.samples:,} samples in {sr.shards:,} shards at {sr.out_dir} "
+            f"({sr.written} written now)")
     out = build_dir / "media" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
@@ -174,7 +186,7 @@ def run_media(cat: Catalog, recipe: MediaRecipe, selection_path: str | Path, bui
     load_selection(cat, selection_path)
     if recipe.download.enabled:
         counts = run_download(cat, recipe.download, build_dir, progress=progress)
-        log(f"  download: {counts}")
+        log(f"  download: done \N{EM DASH} {download_summary(counts)}")
     return run_after_download(cat, recipe, build_dir, progress=progress, encoder=encoder)
 
 

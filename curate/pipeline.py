@@ -28,6 +28,7 @@ import yaml
 from curate.catalog import Catalog, _params_json
 from curate.config import BuildRecipe
 from curate.fileio import atomic_write, open_build_dir
+from curate.recipe import RecipeError
 
 STAGES = ("ingest", "filter", "dedup", "neardup", "concepts", "match", "balance", "select")
 
@@ -40,6 +41,7 @@ class Stage:
     clear: Callable[[], None]
     resumable: bool = False
     outputs_exist: Callable[[], bool] = lambda: True  # a done stage whose files vanished reruns
+    counts: str = "rows"  # what run()'s number counts, for the `stage X: done — N <counts>` line
 
 
 @dataclass
@@ -107,18 +109,20 @@ def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: Buil
     return [
         Stage("ingest", {"sources": [s.model_dump() for s in recipe.sources], "ingest": recipe.ingest.model_dump()},
               lambda: sources.run_ingest(cat, recipe.sources, recipe.ingest, progress=progress),
-              lambda: sources.clear_ingest(cat), resumable=True),
+              lambda: sources.clear_ingest(cat), resumable=True, counts="rows ingested"),
         Stage("filter", recipe.filter.model_dump(), lambda: dedup.run_filters(cat, recipe.filter),
-              clear_decisions("filter")),
+              clear_decisions("filter"), counts="rows rejected"),
         Stage("dedup", {"exact": recipe.dedup.exact}, lambda: dedup.run_exact_dedup(cat, recipe.dedup),
-              clear_decisions("dedup")),
+              clear_decisions("dedup"), counts="duplicate rows rejected"),
         Stage("neardup", recipe.dedup.near.model_dump(),
-              lambda: dedup.run_near_dup(cat, recipe.dedup.near, progress=progress), clear_decisions("neardup")),
-        Stage("concepts", recipe.concepts.model_dump(), run_concepts, clear_concepts),
-        Stage("match", recipe.match.model_dump(), run_match, clear_match, resumable=True),
-        Stage("balance", recipe.balance.model_dump(), run_balance, clear_balance),
+              lambda: dedup.run_near_dup(cat, recipe.dedup.near, progress=progress), clear_decisions("neardup"),
+              counts="near-duplicate captions rejected"),
+        Stage("concepts", recipe.concepts.model_dump(), run_concepts, clear_concepts, counts="concepts in the bank"),
+        Stage("match", recipe.match.model_dump(), run_match, clear_match, resumable=True,
+              counts="caption-concept matches"),
+        Stage("balance", recipe.balance.model_dump(), run_balance, clear_balance, counts="rows kept"),
         Stage("select", recipe.output.model_dump(exclude={"allow_outside_build"}), run_select, lambda: None,
-              outputs_exist=lambda: (build_dir / recipe.output.selection).exists()),
+              outputs_exist=lambda: (build_dir / recipe.output.selection).exists(), counts="rows selected"),
     ]
 
 
@@ -148,7 +152,8 @@ def run_stages(cat: Catalog, stages: list[Stage], result: BuildResult, until: st
             n = st.run()
             cat.mark_done(st.name, n)
             result.ran.append(st.name)
-            log(f"stage {st.name}: done ({n if n is not None else '-'} rows, {time.time() - t0:.1f}s)")
+            what = f"{n:,} {st.counts}" if n is not None else "finished"
+            log(f"stage {st.name}: done \N{EM DASH} {what} ({time.time() - t0:.1f}s)")
         if until and st.name == until:
             break
 
@@ -172,6 +177,52 @@ def _clear_after(cat: Catalog, stages: list[Stage], i: int, known: set[str]) -> 
             cat.invalidate([s.name])
 
 
+def recipe_models(recipe: BuildRecipe, until: str | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(recipe key, model name, files a folder must hold)`` of every encoder the stages up to ``until`` load."""
+    reach = STAGES[:STAGES.index(until) + 1] if until in STAGES else STAGES
+    out: list[tuple[str, str, tuple[str, ...]]] = []
+    if "neardup" in reach and recipe.dedup.near.enabled:
+        out.append(("dedup.near.model", recipe.dedup.near.model, ("config.json",)))
+    if "match" in reach and recipe.match.mode in ("semantic", "both"):
+        out.append(("match.semantic.model", recipe.match.semantic.model, ("config.json",)))
+    media = recipe.media
+    if until is None and media is not None and media.image_dedup.enabled and media.image_dedup.semantic.enabled:
+        out.append(("media.image_dedup.semantic.encoder", media.image_dedup.semantic.encoder,
+                    ("config.json", "preprocessor_config.json")))
+    return out
+
+
+def _local_copy_hint(name: str) -> str:
+    """Where a local copy of hub model ``name`` is (``$TETHER_SHARED/models/<name>``), or how to make one."""
+    import os
+
+    from curate.recipe import shared_dir
+
+    base = name.rstrip("/").split("/")[-1]
+    local = shared_dir() / "models" / base
+    if (local / "config.json").is_file():
+        rel = os.path.relpath(local)
+        return rel if len(rel) < len(str(local)) else str(local)
+    return f"models/{base} (on a machine with internet: huggingface-cli download {name} --local-dir models/{base})"
+
+
+def check_models(recipe: BuildRecipe, until: str | None = None) -> None:
+    """Fail fast, before any stage runs, when an encoder the recipe names cannot be loaded (cheap file checks,
+    no weights loaded): one-line RecipeError naming the recipe key and the local path to use instead."""
+    models = recipe_models(recipe, until)
+    if not models:
+        return
+    from align.zoo import model_unavailable
+
+    for key, name, files in models:
+        why = model_unavailable(name, files)
+        if why and (Path(name).expanduser().exists() or name.startswith((".", "/", "~"))):
+            raise RecipeError(f"{key}: cannot load {name!r}: {why}")  # a local path: nothing else to suggest
+        if why:
+            raise RecipeError(f"{key}: cannot load {name!r}: {why}; point it at a local copy: "
+                              f"--set {key}={_local_copy_hint(name)}")
+
+
 def _q(p: Path) -> str:
     return str(p).replace("'", "''")
 
@@ -179,6 +230,7 @@ def _q(p: Path) -> str:
 def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, until: str | None = None,
           recipe_dir: Path | None = None) -> BuildResult:
     """Run (or resume) a build; returns where its outputs are."""
+    check_models(recipe, until)  # before any stage: an encoder that cannot be loaded fails now, not hours later
     build_dir = recipe.build_dir(out)
     check_output_paths(recipe, build_dir)  # outputs outside the build folder: refused before anything is written
     # the folder must be new, empty or tether's own (marker); the build lock is held before the first write

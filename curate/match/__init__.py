@@ -8,8 +8,10 @@ Reads ``SELECT uid, caption FROM alive`` (captions that are NULL or blank are sk
 
 Resume: lexical matching commits unit by unit (``progress(stage, unit)`` in the same transaction as the
 unit's rows) and skips finished units on rerun; semantic matching caches each unit's caption embeddings on
-disk and writes all its rows in one transaction at the end. A finished stage whose parameters (config, concept
-bank, input) are unchanged is not redone; changed parameters clear that method's rows and start over.
+disk and writes all its rows in one transaction at the end; the concept-prompt embeddings are cached across builds
+(:class:`.semantic.PromptCache`). With no caption to match, the stage is done at once and loads no encoder.
+A finished stage whose parameters (config, concept bank, input) are unchanged is not redone; changed parameters
+clear that method's rows and start over.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from curate.catalog import Catalog, _params_json
 from curate.concepts import SURFACE_FORMS_DDL
 from curate.match.lexical import (LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, drop_adjective_forms,
                                   drop_rare_senses, naive_match)
-from curate.match.semantic import EmbeddingCache, SemanticConfig, TopK, concept_prompt, encode_sorted
+from curate.match.semantic import (EmbeddingCache, PromptCache, SemanticConfig, TopK, concept_prompt,
+                                   encode_sorted)
 from curate.recipe import RecipeError, Strict, resolve_path
 
 __all__ = ["MatchConfig", "LexicalConfig", "SemanticConfig", "run_match", "run_lexical", "run_semantic",
@@ -224,6 +227,9 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
     concepts = cat.execute("SELECT concept_id, name, lemmas, gloss FROM concepts ORDER BY concept_id").fetchall()
     if not concepts:
         raise RecipeError("match: the catalog has no concepts; build the concept bank first")
+    if _input_size(cat) == 0:  # no caption to match: no encoder to load, no prompt to embed
+        cat.mark_done(stage, 0)
+        return 0
     if encoder is None:
         from align.encoders import TextEncoder
 
@@ -232,8 +238,15 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
         except (OSError, ValueError) as e:
             raise RecipeError(f"match.semantic.model: cannot load {cfg.model!r}: {str(e).splitlines()[0]}") from None
     prompts = [concept_prompt(cfg.prompt, name, lemmas, gloss) for _, name, lemmas, gloss in concepts]
-    with tqdm(total=len(prompts), desc="embed concept prompts", unit="concept", disable=not progress) as pbar:
-        queries = encode_sorted(encoder, prompts, cfg.batch_size, pbar)
+    pcache = PromptCache()
+    pkey = pcache.key(prompts, encoder)
+    queries = pcache.get(pkey, len(prompts))
+    if queries is None:
+        with tqdm(total=len(prompts), desc="embed concept prompts", unit="concept", disable=not progress) as pbar:
+            queries = encode_sorted(encoder, prompts, cfg.batch_size, pbar)
+        pcache.put(pkey, queries)
+    elif progress:
+        print(f"match semantic: {len(prompts):,} concept-prompt embeddings reused from {pcache.root}")
     cache = EmbeddingCache(_cache_root(cat, cfg), f"{encoder.fingerprint}-{cfg.max_length}")
     top = TopK(queries, cfg.top_k)
     bar = tqdm(total=_input_size(cat), desc="match semantic", unit="caption", disable=not progress)

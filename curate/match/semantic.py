@@ -5,13 +5,17 @@ same FROZEN sentence encoder (:class:`align.encoders.TextEncoder`, mean pooling,
 concept takes its top-K captions by cosine similarity (faiss inner-product search). Captions are processed in
 units; each unit's embeddings are cached on disk (``.npy`` written atomically, keyed by the encoder's weight
 fingerprint and the unit's uid list), so a killed run re-embeds nothing it finished. The search streams over
-units and keeps a running top-K per concept, so memory stays at one unit + ``concepts × K``.
+units and keeps a running top-K per concept, so memory stays at one unit + ``concepts × K``. The concept-prompt
+embeddings (32k prompts for a large bank) are cached across builds in the user cache (:class:`PromptCache`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -101,6 +105,80 @@ class EmbeddingCache:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+
+
+def prompt_cache_dir() -> Path:
+    """``$TETHER_CACHE/prompt-embeddings`` (default ``~/.cache/tether/prompt-embeddings``; see align.zoo.cache_dir)."""
+    from align.zoo import cache_dir
+
+    return cache_dir() / "prompt-embeddings"
+
+
+class PromptCache:
+    """Concept-prompt embeddings shared by every build (same prompts + same encoder = same vectors).
+
+    Content-keyed: the key is a hash of the prompt list, the encoder's weight fingerprint and the options that
+    change the vectors (max_length, pooling, dtype). ``<key>.json`` names the data file ``<key>-<sha>.npy`` with
+    its size and sha256; a load checks both (a truncated or edited file is recomputed). Both files are written
+    to a temporary name and ``os.replace``d, and the data file's name carries its own hash, so two builds
+    writing at once never leave a record that points at other bytes.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else prompt_cache_dir()
+
+    @staticmethod
+    def key(prompts: Sequence[str], encoder, **options) -> str:
+        h = hashlib.sha256()
+        for t in prompts:
+            h.update(t.encode("utf-8"))
+            h.update(b"\0")
+        ident = {"prompts": h.hexdigest(), "n": len(prompts), "encoder": encoder.fingerprint,
+                 "max_length": getattr(encoder, "max_length", None), "pooling": getattr(encoder, "pooling", None),
+                 "dtype": str(getattr(encoder, "dtype", "")), "normalize": True, **options}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def get(self, key: str, n: int) -> np.ndarray | None:
+        try:
+            meta = json.loads((self.root / f"{key}.json").read_text())
+            data = (self.root / meta["file"]).read_bytes()
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if len(data) != meta.get("size") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            return None
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return arr if arr.ndim == 2 and arr.shape[0] == n else None
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put(self, key: str, emb: np.ndarray) -> bool:
+        """Store ``emb`` under ``key``; False (and nothing half-written) when the cache folder is not writable."""
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        name = f"{key}-{sha[:16]}.npy"
+        meta = {"file": name, "size": len(data), "sha256": sha, "shape": list(emb.shape)}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write(self.root / name, data)
+            self._write(self.root / f"{key}.json", (json.dumps(meta) + "\n").encode())
+        except OSError:
+            return False
+        return True
 
 
 class TopK:

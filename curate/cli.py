@@ -154,7 +154,8 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="run (or resume) a build from a recipe")
     b.add_argument("recipe")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    b.add_argument("--out", help="build folder (default: recipe `out` or builds/<name>)")
+    b.add_argument("--out", help="build folder: new, empty, or an earlier tether build (default: recipe `out` or "
+                                  "builds/<name>)")
     b.add_argument("--until", choices=["ingest", "filter", "dedup", "neardup", "concepts", "match", "balance",
                                        "select"], help="stop after this stage")
     b.add_argument("--no-progress", action="store_true")

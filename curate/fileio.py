@@ -114,6 +114,14 @@ def _refuse_foreign(d: Path) -> Exception:
                   "give a new or empty folder with --out")
 
 
+def check_build_dir(folder: str | os.PathLike) -> str:
+    """:func:`build_dir_state`, with a one-line error for a folder tether may not use. Reads only."""
+    state = build_dir_state(folder)
+    if state == "foreign":
+        raise _refuse_foreign(Path(folder))
+    return state
+
+
 def claim_build_dir(folder: str | os.PathLike, catalog=None) -> Path:
     """Make sure ``folder`` is a tether build folder and carries the marker (create it / adopt a legacy build);
     refuse (one line) a non-empty folder tether did not make. ``catalog``: an already open
@@ -159,10 +167,7 @@ def open_build_dir(folder: str | os.PathLike, create: bool = True) -> Iterator[P
     """Check → create → lock → mark a build folder, in that order: a folder tether may not use is refused before
     anything is written into it, and nothing (not even the marker) is written before the lock is held."""
     d = Path(folder)
-    state = build_dir_state(d)
-    if state == "foreign":
-        raise _refuse_foreign(d)
-    if state == "missing":
+    if check_build_dir(d) == "missing":
         if not create:
             raise _error(f"{d}: no build folder here (run `curate build` first)")
         d.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,14 @@ from curate.recipe import RecipeError
 PLUGINS = ["align.eval.cli"]
 
 
+def _train(args: argparse.Namespace) -> int:
+    from align import train as train_mod
+
+    if args.processes is None:
+        return train_mod.run(args)
+    return train_mod.launch(args, args.processes)
+
+
 def _extract(args: argparse.Namespace) -> int:
     from align.config import load_train_recipe
     from align.train import extract_split, load_encoders
@@ -72,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train projectors (same as `accelerate launch align/train.py`)")
     train_mod.build_parser(t)
-    t.set_defaults(func=train_mod.run)
+    t.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="launch N processes with accelerate (DDP; on the CPU when there is no GPU) instead of "
+                        "training in this process; errors stay one line")
+    t.set_defaults(func=_train)
 
     e = sub.add_parser("extract", help="extract frozen features into the recipe's feature cache (resumable)")
     e.add_argument("--config", required=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -539,7 +540,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             try:
                 verify_file(path, prev)
             except CorruptCacheError as e:  # damaged since it was written: encode it again
-                bar.write(f"warning: {e}; encoding it again")
+                bar.write(f"warning: {str(e).split('; re-run')[0]}; encoding it again", file=sys.stderr)
                 repaired.append(name)
                 path.unlink()
                 existed = False

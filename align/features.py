@@ -497,6 +497,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     key = cache_key(vision, text, cfg, data_id)
     mf = out / MANIFEST
     old_entries: dict[str, dict[str, Any]] = {}  # what the previous run recorded per shard file (checksums, stats)
+    old_complete: dict[str, Any] | None = None  # the previous manifest, when it described a finished cache
     if mf.exists():
         try:
             old = FeatureCache.open(out, require_complete=False)
@@ -512,6 +513,8 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
                     f.unlink()
             else:
                 old_entries = {e["file"]: e for e in old.manifest.get("pending", []) + old.manifest["shards"]}
+                if old.manifest.get("complete"):
+                    old_complete = old.manifest
     dims = {"image": vision.pooled_dim(cfg.pooling), "text": text.dim,
             "image_token": vision.dim, "num_prefix_tokens": vision.num_prefix_tokens}
     manifest: dict[str, Any] = {"format": FORMAT, "key": key, "dims": dims, "shards": [], "complete": False}
@@ -522,7 +525,10 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
         manifest["pending"] = [e for f, e in sorted(old_entries.items()) if f not in listed]
         atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
 
-    save_manifest()
+    # a finished cache that passes every check is left untouched (no rewrite: several runs may share it)
+    dirty = old_complete is None
+    if dirty:
+        save_manifest()
     store = torch.float16 if cfg.dtype == "float16" else torch.float32
     reader_skips = skips if skips is not None else SkipLog()
     decode_skips = SkipLog()
@@ -562,7 +568,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             n_img = f.get_slice("image").get_shape()[0]
             n_txt = f.get_slice("text").get_shape()[0]
         if existed:
-            stale = not _shard_matches(chunk, meta)
+            stale = not _shard_matches(chunk, meta) or prev.get("source_images", len(chunk)) != len(chunk)
             if not stale and prev.get("sources") != stats:  # a source file changed: compare the image bytes
                 digest = data_digest(chunk)
                 stale = meta.get("data_sha") != digest
@@ -571,12 +577,19 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
                                       f"changed since it was extracted); re-run `align extract --overwrite` or "
                                       f"choose another features.cache_dir")
         decode_skips.merge(json.loads(meta.get("skips", "{}")))
-        manifest["shards"].append({"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk),
-                                   **file_checksum(path), "sources": stats})
-        save_manifest()
+        entry = {"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk), **file_checksum(path),
+                 "sources": stats}
+        manifest["shards"].append(entry)
+        dirty = dirty or entry != prev
+        if dirty:
+            save_manifest()
         bar.update(len(chunk))
         bar.set_postfix(skipped=reader_skips.total + decode_skips.total)
     bar.close()
+    if old_complete is not None and len(old_complete["shards"]) > len(manifest["shards"]):
+        raise StaleCacheError(f"{out}: holds {len(old_complete['shards'])} shards but the data now fills "
+                              f"{len(manifest['shards'])} (the source changed since it was extracted); re-run "
+                              f"`align extract --overwrite` or choose another features.cache_dir")
     all_skips = SkipLog()
     all_skips.merge(reader_skips)
     all_skips.merge(decode_skips)
@@ -587,7 +600,12 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
         manifest["repaired_shards"] = repaired
     if donors:
         manifest["reused_shards"] = reused
-    atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
+    if old_complete is not None and not dirty:
+        for k in ("reused_shards", "repaired_shards"):  # what the run that made the cache did, kept
+            if k in old_complete:
+                manifest[k] = old_complete[k]
+    if dirty or manifest != old_complete:
+        atomic_write(mf, json.dumps(manifest, indent=1, sort_keys=True))
     if skips is not None:
         skips.merge(decode_skips)
     # stray shards from a longer earlier run of the same key (e.g. a larger limit) are not part of this cache

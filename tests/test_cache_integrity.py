@@ -157,7 +157,11 @@ def test_extraction_bar_has_a_total_and_summary_is_rounded(small, capsys):
     assert cli_main(["extract", "--config", str(rp), "--split", "train"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"extract features: 100%\|.*\| 96/96 \[", err), err[-800:]
+    manifest = rp.parent / "cache" / "train" / "manifest.json"
+    before = (manifest.stat().st_mtime_ns, manifest.read_text())
     assert cli_main(["train", "--config", str(rp), "--set", "train.checkpoint_every=3"]) == 0
+    # train checked the finished cache and left it untouched (several runs may share one cache)
+    assert (manifest.stat().st_mtime_ns, manifest.read_text()) == before
     out = capsys.readouterr().out
     line = [x for x in out.splitlines() if x.startswith("done:")][-1]
     assert re.search(r"loss \d+\.\d{3} -> \d+\.\d{3}, val i2t_R@1 \d+\.\d, ", line), line

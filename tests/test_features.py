@@ -182,6 +182,11 @@ def test_resume_refuses_shards_made_from_other_data(tmp_path, shard, tiny_vision
     cfg = FeatureConfig(shard_size=3, batch_size=4)
     extract_features(samples, tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1}, progress=False)
     extract_features(samples, tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1}, progress=False)
+    # fewer samples than the finished cache was made from: the trailing shard is not silently dropped
+    with pytest.raises(StaleCacheError, match="holds 3 shards but the data now fills 2"):
+        extract_features(samples[:6], tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1}, progress=False)
+    with pytest.raises(StaleCacheError, match="shard-00001.safetensors: holds other images"):
+        extract_features(samples[:4], tiny_vision, tiny_text, tmp_path / "c", cfg, data_id={"x": 1}, progress=False)
     edited = [dataclasses.replace(s, captions=["another caption"]) if i == 4 else s
               for i, s in enumerate(samples)]
     with pytest.raises(StaleCacheError, match="shard-00001.safetensors: holds other images or captions"):

@@ -675,7 +675,7 @@ def train(recipe: TrainRecipe, resume: str = "auto", ignore_rng_state: bool = Fa
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         loss = ("no loss recorded" if summary["first_loss"] is None else
                 f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
-        val = ", ".join(f"{k} {v:.1f}" for k, v in summary["val"].items()) or "none"
+        val = ", ".join(f"{k} {round(v, 1):g}" for k, v in summary["val"].items()) or "none"
         accelerator.print(f"done: {state.step} steps, {state.samples:,} pairs seen, "
                           f"{summary['device_hours']:.4f} {device.type}-process-hours, {loss}, "
                           f"val {val}, skipped {skips}; model in {out_dir / 'model'}")

@@ -11,6 +11,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# concept-prompt embeddings (curate.match.semantic.PromptCache): a per-session folder, never the user's cache
+if "TETHER_PROMPT_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TETHER_PROMPT_CACHE"] = tempfile.mkdtemp(prefix="tether-prompt-cache-")
+    atexit.register(shutil.rmtree, os.environ["TETHER_PROMPT_CACHE"], True)
 
 from curate.recipe import shared_dir  # noqa: E402
 

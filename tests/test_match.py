@@ -243,8 +243,10 @@ def test_concept_prompt():
     assert concept_prompt("a photo of {lemmas}", "dog", ["dog", "pooch"], None) == "a photo of dog, pooch"
 
 
-def test_semantic_tiny_encoder_and_cache(word_cat, tiny_text_dir, tmp_path):
+def test_semantic_tiny_encoder_and_cache(word_cat, tiny_text_dir, tmp_path, monkeypatch):
     from align.encoders import TextEncoder
+
+    monkeypatch.setenv("TETHER_PROMPT_CACHE", str(tmp_path / "prompts"))  # an empty prompt cache
 
     enc = TextEncoder.load(str(tiny_text_dir))
     calls = {"n": 0}
@@ -274,10 +276,16 @@ def test_semantic_tiny_encoder_and_cache(word_cat, tiny_text_dir, tmp_path):
     prompt = concept_prompt(cfg.prompt, cid[5:], [cid[5:]], None)
     e = orig([cap, prompt], normalize=True)
     assert abs(float(e[0] @ e[1]) - score) < 1e-4
-    # killed before writing: rerun re-embeds no caption (cache), only the concept prompts
+    # killed before writing: rerun re-embeds no caption (cache) and no concept prompt (prompt cache)
     word_cat.execute("UPDATE stages SET status = 'running' WHERE stage = 'match_semantic'")
     word_cat.execute("DELETE FROM matches WHERE method = 'semantic'")
     calls["n"] = 0
+    assert run_semantic(word_cat, cfg, progress=False, encoder=enc) == n and calls["n"] == 0
+    assert _matches(word_cat, "semantic") == rows
+    # without the prompt cache the prompts are embedded again
+    monkeypatch.setenv("TETHER_PROMPT_CACHE", "off")
+    word_cat.execute("UPDATE stages SET status = 'running' WHERE stage = 'match_semantic'")
+    word_cat.execute("DELETE FROM matches WHERE method = 'semantic'")
     assert run_semantic(word_cat, cfg, progress=False, encoder=enc) == n and calls["n"] == 1
     assert _matches(word_cat, "semantic") == rows
     # min_score filters; "both" keeps the lexical rows beside the semantic ones

@@ -220,7 +220,7 @@ def test_no_caption_left_text_encoders_never_load(tmp_path, monkeypatch, capsys,
                      dedup={"exact": ["caption"], "near": {"enabled": True, "model": str(tiny_text_dir)}},
                      match={"mode": "both", "semantic": {"model": str(tiny_text_dir)}},
                      media={"image_dedup": {"semantic": {"enabled": True, "encoder": str(tiny_vision_dir)}}})
-    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TETHER_PROMPT_CACHE", str(tmp_path / "cache" / "prompt-embeddings"))
     assert _build(recipe, tmp_path / "b") == 0
     err = capsys.readouterr().err
     assert loads.calls == []
@@ -261,7 +261,15 @@ def test_concept_prompt_embeddings_are_reused_across_builds(tmp_path, monkeypatc
     from curate.match import SemanticConfig, run_semantic
     from curate.match.semantic import PromptCache
 
+    from curate.match.semantic import prompt_cache_dir
+
+    # where the cache lives: $TETHER_PROMPT_CACHE, else $TETHER_CACHE/prompt-embeddings; "off" disables it
+    monkeypatch.delenv("TETHER_PROMPT_CACHE", raising=False)
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
+    assert prompt_cache_dir() == tmp_path / "cache" / "prompt-embeddings"
+    monkeypatch.setenv("TETHER_PROMPT_CACHE", "off")
+    assert prompt_cache_dir() is None and PromptCache().get("k", 1) is None and not PromptCache().put("k", np.ones((1, 2)))
+    monkeypatch.delenv("TETHER_PROMPT_CACHE")
     words = ["dog", "cat", "horse", "bird", "car"]
     cfg = SemanticConfig(model=str(tiny_text_dir), top_k=2)
     results = []

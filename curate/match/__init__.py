@@ -246,7 +246,8 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
             queries = encode_sorted(encoder, prompts, cfg.batch_size, pbar)
         pcache.put(pkey, queries)
     elif progress:
-        print(f"match semantic: {len(prompts):,} concept-prompt embeddings reused from {pcache.root}")
+        print(f"match semantic: {len(prompts):,} concept-prompt embeddings reused from {pcache.root} "
+              "(TETHER_PROMPT_CACHE=off recomputes them)")
     cache = EmbeddingCache(_cache_root(cat, cfg), f"{encoder.fingerprint}-{cfg.max_length}")
     top = TopK(queries, cfg.top_k)
     bar = tqdm(total=_input_size(cat), desc="match semantic", unit="caption", disable=not progress)

@@ -107,8 +107,14 @@ class EmbeddingCache:
         os.replace(tmp, p)
 
 
-def prompt_cache_dir() -> Path:
-    """``$TETHER_CACHE/prompt-embeddings`` (default ``~/.cache/tether/prompt-embeddings``; see align.zoo.cache_dir)."""
+def prompt_cache_dir() -> Path | None:
+    """``$TETHER_PROMPT_CACHE``, else ``$TETHER_CACHE/prompt-embeddings`` (default
+    ``~/.cache/tether/prompt-embeddings``; see align.zoo.cache_dir). ``TETHER_PROMPT_CACHE=off``: no cache (None)."""
+    env = os.environ.get("TETHER_PROMPT_CACHE")
+    if env is not None and env.strip().lower() in ("", "0", "off", "false", "no"):
+        return None
+    if env:
+        return Path(os.path.expanduser(env))
     from align.zoo import cache_dir
 
     return cache_dir() / "prompt-embeddings"
@@ -125,7 +131,7 @@ class PromptCache:
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root) if root is not None else prompt_cache_dir()
+        self.root = Path(root) if root is not None else prompt_cache_dir()  # None: caching off
 
     @staticmethod
     def key(prompts: Sequence[str], encoder, **options) -> str:
@@ -139,6 +145,8 @@ class PromptCache:
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def get(self, key: str, n: int) -> np.ndarray | None:
+        if self.root is None:
+            return None
         try:
             meta = json.loads((self.root / f"{key}.json").read_text())
             data = (self.root / meta["file"]).read_bytes()
@@ -166,6 +174,8 @@ class PromptCache:
 
     def put(self, key: str, emb: np.ndarray) -> bool:
         """Store ``emb`` under ``key``; False (and nothing half-written) when the cache folder is not writable."""
+        if self.root is None:
+            return False
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
         data = buf.getvalue()

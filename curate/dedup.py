@@ -238,7 +238,9 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encod
         return 0
     if encoder is None:
         from align.encoders import TextEncoder
+        from curate.pipeline import check_model
 
+        check_model("dedup.near.model", cfg.model)
         encoder = TextEncoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
     cache = _embedding_cache_dir(cat, encoder, cfg)
     cur = cat.con.cursor()

@@ -286,7 +286,9 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemanticConfig, emb
 
     if encoder is None:
         from align.encoders import VisionEncoder
+        from curate.pipeline import check_model
 
+        check_model("media.image_dedup.semantic.encoder", cfg.encoder, ("config.json", "preprocessor_config.json"))
         encoder = VisionEncoder.load(cfg.encoder, device=cfg.device, dtype=cfg.dtype, layer=cfg.layer)
     model = f"{encoder.fingerprint}:{cfg.pooling}:{cfg.layer if cfg.layer is not None else encoder.layer}"
     todo = _missing(cat, rows, "image_embeddings", "AND t.model = ?", [model])

@@ -209,18 +209,20 @@ def _local_copy_hint(name: str) -> str:
 def check_models(recipe: BuildRecipe, until: str | None = None) -> None:
     """Fail fast, before any stage runs, when an encoder the recipe names cannot be loaded (cheap file checks,
     no weights loaded): one-line RecipeError naming the recipe key and the local path to use instead."""
-    models = recipe_models(recipe, until)
-    if not models:
-        return
+    for key, name, files in recipe_models(recipe, until):
+        check_model(key, name, files)
+
+
+def check_model(key: str, name: str, files: tuple[str, ...] = ("config.json",)) -> None:
+    """One encoder (recipe key ``key`` names ``name``): a one-line RecipeError when it cannot be loaded now."""
     from align.zoo import model_unavailable
 
-    for key, name, files in models:
-        why = model_unavailable(name, files)
-        if why and (Path(name).expanduser().exists() or name.startswith((".", "/", "~"))):
-            raise RecipeError(f"{key}: cannot load {name!r}: {why}")  # a local path: nothing else to suggest
-        if why:
-            raise RecipeError(f"{key}: cannot load {name!r}: {why}; point it at a local copy: "
-                              f"--set {key}={_local_copy_hint(name)}")
+    why = model_unavailable(name, files)
+    if why and (Path(name).expanduser().exists() or name.startswith((".", "/", "~"))):
+        raise RecipeError(f"{key}: cannot load {name!r}: {why}")  # a local path: nothing else to suggest
+    if why:
+        raise RecipeError(f"{key}: cannot load {name!r}: {why}; point it at a local copy: "
+                          f"--set {key}={_local_copy_hint(name)}")
 
 
 def _q(p: Path) -> str:

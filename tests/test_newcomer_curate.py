@@ -364,3 +364,29 @@ def test_stage_lines_and_card_say_what_they_count(tmp_path, capsys):
         cat.execute("INSERT INTO balance_report SELECT 'balance', 'extra:' || i, 1, 1, 3, 2 FROM range(25) t(i)")
         card = write_card(cat, tmp_path / "b", "newcomer").read_text()
     assert f"{n_short + 25} concepts below the floor of 3 samples after balancing (first 20 listed" in card, card
+
+
+def test_media_commands_check_the_semdedup_encoder_too(tmp_path, monkeypatch):
+    """`curate shard` / run_media outside `curate build`: a missing SemDeDup encoder is one line, not a traceback."""
+    import huggingface_hub.constants as hc
+    from PIL import Image
+
+    from curate.download import DownloadConfig, load_selection, run_download
+    from curate.imagededup import ImageDedupConfig, run_image_dedup
+    from curate.recipe import RecipeError
+    from httpserver import make_build
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    rows = []
+    for i in range(3):
+        p = tmp_path / f"{i}.jpg"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), np.uint8)).save(p)
+        rows.append({"uid": f"u{i}", "path": str(p), "caption": "x", "concept_ids": ["n1"]})
+    make_build(tmp_path / "b", rows)
+    cfg = ImageDedupConfig(semantic={"enabled": True, "encoder": "someorg/not-downloaded"})
+    with Catalog(tmp_path / "b" / "catalog.duckdb") as cat:
+        load_selection(cat, tmp_path / "b" / "selection.parquet")
+        run_download(cat, DownloadConfig(), tmp_path / "b", progress=False)
+        with pytest.raises(RecipeError, match=r"^media\.image_dedup\.semantic\.encoder: cannot load "
+                                              r"'someorg/not-downloaded': .*--set media\.image_dedup"):
+            run_image_dedup(cat, cfg, tmp_path / "b", progress=False)

@@ -232,7 +232,9 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
         return 0
     if encoder is None:
         from align.encoders import TextEncoder
+        from curate.pipeline import check_model
 
+        check_model("match.semantic.model", cfg.model)
         try:
             encoder = TextEncoder.load(cfg.model, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length)
         except (OSError, ValueError) as e:

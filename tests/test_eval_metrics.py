@@ -399,3 +399,14 @@ def test_align_eval_cli_coco_json_and_a_broken_image(tmp_path, tiny_model_dir, t
     res = json.loads((out / "retrieval.json").read_text())
     assert res["metrics"]["n_images"] == 4 and res["metrics"]["n_texts"] == 8 and res["metrics"]["n_skipped"] == 1
     assert len(res["curves"]["K"]) == 50 and "captions_val2017" in (out / "retrieval.md").read_text()
+    # the flags: images moved away (--image-root), and a JSONL with its own column names
+    (coco / "val2017").rename(tmp_path / "pics")
+    extra = _paths_for_tiny(tiny_model_dir, tiny_vision_dir, tiny_text_dir)
+    assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--data",
+                 str(coco / "annotations" / "captions_val2017.json"), "--image-root", str(tmp_path / "pics"),
+                 "--out", str(tmp_path / "rep2")] + extra) == 0
+    jl = tmp_path / "pairs.jsonl"
+    jl.write_text("".join(json.dumps({"file_name": f"pics/{n}", "text": "a dog on grass"}) + "\n" for n in names))
+    assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--data", str(jl), "--image-column",
+                 "file_name", "--caption-column", "text", "--out", str(tmp_path / "rep3")] + extra) == 0
+    assert json.loads((tmp_path / "rep3" / "retrieval.json").read_text())["metrics"]["n_skipped"] == 1

@@ -113,7 +113,7 @@ def write_eval(result: dict[str, Any], out_dir: str | Path, task: str) -> list[P
         lines.append("\nRecall@K (%), with a random ranking's for comparison:\n\n")
         lines.append(markdown_table(rows, ["direction"] + [f"R@{k}" for k in ks], digits=1))
     if per_class:
-        srt = sorted(per_class, key=lambda r: (-r["top1"], r["class"]))
+        srt = sorted(per_class, key=lambda r: (-r["top1"], -r["top5"], r["class"]))
         cols = ["class", "n", "top1", "top5", "confused_with"]
         if len(srt) <= 20:
             lines.append("\nPer class (top-1 / top-5 in %; `confused_with`: most frequent wrong first guess):\n\n")
@@ -178,7 +178,7 @@ def _per_class_png(path: Path, per_class: list[dict], metrics: dict[str, Any], n
     import numpy as np
 
     plt = _plt()
-    srt = sorted(per_class, key=lambda r: (-r["top1"], r["class"]))
+    srt = sorted(per_class, key=lambda r: (-r["top1"], -r["top5"], r["class"]))
     shown = srt if len(srt) <= 20 else srt[:10] + srt[-10:]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, max(4.0, 0.28 * len(shown) + 1.5)),
                                    gridspec_kw={"width_ratios": [1, 1.3]})

@@ -348,7 +348,7 @@ class PairedSet:
             rows = doc
         elif suffix == ".jsonl":
             rows = []
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for n, ln in enumerate(f, 1):
                     if ln.strip():
                         try:
@@ -367,7 +367,7 @@ class PairedSet:
                     raise RecipeError(_no_column(path, col, table.column_names))
             rows = table.select([image_col, caption_col]).to_pylist()
         else:
-            with open(path, newline="", encoding="utf-8") as f:   # newline="": quoted multi-line captions stay whole
+            with open(path, newline="", encoding="utf-8-sig") as f:   # newline="": quoted multi-line fields stay whole
                 rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         pairs = []
         for n, r in enumerate(rows):
@@ -398,7 +398,7 @@ class PairedSet:
 
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except ValueError as e:
         raise RecipeError(f"{path}: not valid JSON ({e})") from None

@@ -1,18 +1,22 @@
 """Train the projectors that align a FROZEN vision encoder with a FROZEN text encoder.
 
 Run as ``accelerate launch align/train.py --config recipes/x.yaml [--set train.lr=5e-4 ...]``,
-``python align/train.py ...`` or ``align train ...``.
+``python align/train.py ...`` or ``align train ...`` (``--processes N``: :func:`launch`, accelerate with one-line
+errors).
 
-* Two data paths (``train.source``): ``cache`` — features extracted once by :mod:`align.features` (extracted
-  here when missing, refused when stale), optionally several cached crops per image of which each epoch picks
+* Two data paths (``train.source``): ``cache`` — features extracted once by :mod:`align.features` (checked as
+  ``align extract`` checks them: missing shards extracted, damaged files encoded again, stale data refused),
+  optionally several cached crops per image of which each epoch picks
   one per pair; ``encoders`` — images decoded, randomly cropped/flipped and run through the frozen encoders at
   every step (the paper's way).
 * accelerate ``Accelerator`` (mixed precision, DDP across processes, trackers), gradient accumulation, AdamW with
   weight decay only on matrices (no decay for norms, biases, temperature), linear warm-up + cosine decay, seeded.
 * Sample order: a seeded permutation of all caption–image pairs per epoch, cut into global batches (each
   process takes its slice). Checkpoints (``accelerator.save_state`` into a temporary folder renamed into place,
-  so a kill never leaves a half-written checkpoint) record epoch and batch position; a rerun resumes from the
-  latest one and skips the consumed batches, so kill + resume equals an uninterrupted run.
+  so a kill never leaves a half-written checkpoint) record epoch and batch position, the run's first and recent
+  losses, and the size + sha256 of every file; a rerun verifies them, resumes from the latest one and skips the
+  consumed batches, so kill + resume equals an uninterrupted run (a damaged RNG state is refused unless
+  ``--ignore-rng-state``).
 * Progress bar with loss, samples/s and the share of time spent waiting for data; logs through accelerate's
   ``log_with`` (tensorboard when installed, else a JSONL tracker); validation retrieval R@1/5/10
   (``align.eval.retrieval``) on the held-out ``val`` split from cached features every ``val_every`` steps / epoch; export with :class:`align.model.AlignedModel`.

@@ -215,15 +215,18 @@ def test_no_caption_left_text_encoders_never_load(tmp_path, monkeypatch, capsys,
     from align.encoders import TextEncoder
 
     loads = _Counting(monkeypatch, TextEncoder)
+    lemmatizers: list = []
+    monkeypatch.setattr("curate.match.Lemmatizer", lambda *a, **k: lemmatizers.append(a))
     src = _write_rows(tmp_path, broken_images=True)
     recipe = _recipe(tmp_path, src, filter={"min_words": 50},  # every caption is rejected
                      dedup={"exact": ["caption"], "near": {"enabled": True, "model": str(tiny_text_dir)}},
-                     match={"mode": "both", "semantic": {"model": str(tiny_text_dir)}},
+                     match={"mode": "both", "semantic": {"model": str(tiny_text_dir)},
+                            "lexical": {"lemmatize": True}},
                      media={"image_dedup": {"semantic": {"enabled": True, "encoder": str(tiny_vision_dir)}}})
     monkeypatch.setenv("TETHER_PROMPT_CACHE", str(tmp_path / "cache" / "prompt-embeddings"))
     assert _build(recipe, tmp_path / "b") == 0
     err = capsys.readouterr().err
-    assert loads.calls == []
+    assert loads.calls == [] and lemmatizers == []
     assert all(v == "done" for v in _statuses(tmp_path / "b").values()), _statuses(tmp_path / "b")
     assert "stage filter: done — 8 rows rejected" in err and "stage ingest: done — 8 rows ingested" in err, err
     assert "stage select: done — 0 rows selected" in err, err

@@ -179,6 +179,9 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
               "input": _input_fingerprint(cat), **removed}
     if _begin(cat, stage, "lexical", params):
         return _count(cat, "lexical")
+    if _input_size(cat) == 0:  # no caption to match: no matcher to build, no lemmatizer to load
+        cat.mark_done(stage, 0)
+        return 0
     if skipped and progress:
         print(f"match lexical: {len(skipped)} adjective-dominant forms not matched "
               f"(e.g. {', '.join(skipped[:8])}); match.lexical.skip_adjectives=false keeps them")

@@ -495,7 +495,8 @@ def embed_images(encode_image: Callable[[list], np.ndarray], paths: Sequence[Any
                 try:
                     ims.append(opener(it))
                 except Exception as err:  # noqa: BLE001 - any unreadable image is named and skipped, never fatal
-                    bad.append((s + j, _reason(err).replace(f" '{it}'", "").replace(f"{it} ", "")))  # line names the file
+                    reason = _reason(err).replace(f" '{it}'", "").replace(f"{it} ", "")  # the line names the file
+                    bad.append((s + j, reason))
             e = (np.asarray(encode_image(ims), dtype=np.float32) if ims else np.zeros((0, 0), np.float32))
             if part is not None:
                 if bad:

@@ -104,7 +104,8 @@ def _check_missing_inputs(sources: list[SourceConfig], source: str, raw_paths: l
     else:
         how = "fix the paths"
     first = missing[0][0]
-    raise RecipeError(f"{source}: no file matches the input path of {len(missing)} of {len(sources)} sources: {what}; {how}, "
+    raise RecipeError(f"{source}: no file matches the input path of {len(missing)} of {len(sources)} sources: "
+                      f"{what}; {how}, "
                       f"or set a path with --set sources.{first}.path=... (or remove the sources you lack)")
 
 

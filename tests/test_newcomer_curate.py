@@ -271,7 +271,8 @@ def test_concept_prompt_embeddings_are_reused_across_builds(tmp_path, monkeypatc
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
     assert prompt_cache_dir() == tmp_path / "cache" / "prompt-embeddings"
     monkeypatch.setenv("TETHER_PROMPT_CACHE", "off")
-    assert prompt_cache_dir() is None and PromptCache().get("k", 1) is None and not PromptCache().put("k", np.ones((1, 2)))
+    assert prompt_cache_dir() is None and PromptCache().get("k", 1) is None
+    assert not PromptCache().put("k", np.ones((1, 2)))
     monkeypatch.delenv("TETHER_PROMPT_CACHE")
     words = ["dog", "cat", "horse", "bird", "car"]
     cfg = SemanticConfig(model=str(tiny_text_dir), top_k=2)

@@ -80,6 +80,11 @@ class DownloadConfig(Strict):
     max_shard_retry: int = Field(1, ge=0)
     user_agent_token: Optional[str] = None
     disallowed_header_directives: Optional[list[str]] = None
+    # hostile-web limits, enforced in img2dataset's workers for every URL and redirect (curate/fetch.py)
+    deadline: float = Field(60.0, gt=0)  # seconds for one whole download (timeout is per socket operation)
+    max_bytes: int = Field(32 << 20, gt=0)  # response body cap
+    max_pixels: int = Field(100_000_000, gt=0)  # image header checked before decoding
+    allow_private_hosts: bool = False  # true: allow loopback / private / link-local hosts (local testing only)
     # local rows: worker threads for the decode check
     local_threads: int = Field(2, ge=1)
     local_chunk: int = Field(2000, ge=1)
@@ -197,13 +202,11 @@ def check_local_image(path: str) -> tuple[str, Optional[str], Optional[str], Opt
     """
     from PIL import Image
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return "missing_file", f"no such file: {path}", None, None, None
-    except OSError as e:
-        return "missing_file", f"{type(e).__name__}: {e}", None, None, None
+    from curate.sources import read_local_file, stable_reason
+
+    data, why = read_local_file(path)  # a regular file of ≤ 64 MB only: /dev/zero or a FIFO is never read
+    if data is None:
+        return "missing_file", why, None, None, None
     sha = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -212,7 +215,7 @@ def check_local_image(path: str) -> tuple[str, Optional[str], Optional[str], Opt
                 im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
     except Exception as e:  # noqa: BLE001 - any decoder error is a per-row reason
-        return "failed_to_decode", f"{type(e).__name__}: {e}", sha, None, None
+        return "failed_to_decode", stable_reason(f"{type(e).__name__}: {e}"), sha, None, None
     return SUCCESS, None, sha, w, h
 
 
@@ -227,6 +230,9 @@ def _record(con, rows: list[tuple]) -> None:
     batch per call: row-by-row inserts cost DuckDB ~1 ms each)."""
     if not rows:
         return
+    from curate.sources import stable_reason
+
+    rows = [(*r[:3], stable_reason(r[3]), *r[4:]) for r in rows]  # no object addresses in reasons
     cols = list(zip(*rows))
     tbl = pa.table({c: pa.array(list(v), t) for c, v, t in zip(_DL_COLS, cols, _DL_TYPES)})
     con.register("_rec", tbl)
@@ -291,13 +297,25 @@ def img2dataset_kwargs(cfg: DownloadConfig) -> dict:
     return kw
 
 
+def fetch_policy(cfg: DownloadConfig):
+    """The per-download limits of ``cfg`` (:class:`curate.fetch.FetchPolicy`)."""
+    from curate.fetch import FetchPolicy
+
+    return FetchPolicy(timeout=cfg.timeout, deadline=cfg.deadline, max_bytes=cfg.max_bytes,
+                       max_pixels=cfg.max_pixels, allow_private_hosts=cfg.allow_private_hosts)
+
+
 def run_img2dataset(url_list: Path, out_dir: Path, cfg: DownloadConfig) -> None:
-    """Call ``img2dataset.download`` (resumes by itself: shards with a ``_stats.json`` are skipped)."""
+    """Call ``img2dataset.download`` (resumes by itself: shards with a ``_stats.json`` are skipped) with tether's
+    download rules in every worker (:func:`curate.i2d.guarded`)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset  # imported late: it pulls albumentations/cv2
 
+    from curate.i2d import guarded
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    img2dataset.download(url_list=str(url_list), output_folder=str(out_dir), **img2dataset_kwargs(cfg))
+    with guarded(fetch_policy(cfg)):
+        img2dataset.download(url_list=str(url_list), output_folder=str(out_dir), **img2dataset_kwargs(cfg))
 
 
 def _attempt_dir(build_dir: Path, attempt: int) -> Path:

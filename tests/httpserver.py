@@ -11,6 +11,16 @@ Routes (all under ``http://127.0.0.1:<port>/``):
   fixed.jpg           404 until ``fix()`` is called, then a real photo (for retry-failed)
   slow.jpg            waits ``slow_s`` seconds before answering (past the client's timeout)
 
+Hostile routes (what a crafted URL list can point at):
+  zero.jpg            200 with an empty body
+  bomb.png            a ~50 KB PNG declaring 20000×20000 pixels (1-bit, all zero: a decompression bomb)
+  huge.jpg            ``huge_bytes`` of JPEG-looking bytes, no Content-Length (read until the server closes)
+  huge-declared.jpg   the same with its Content-Length
+  drip.jpg            a JPEG with its Content-Length, sent one byte every ``drip_s`` seconds
+  redirect?to=URL     302 to URL (e.g. file:///etc/passwd, ftp://…, or another route)
+
+Every streaming route stops when the client goes away.
+
 The server binds port 0 on 127.0.0.1 only, runs in a daemon thread, and ``stop()`` (or leaving the ``with``
 block) shuts it down and releases any handler still sleeping.
 """
@@ -18,9 +28,12 @@ block) shuts it down and releases any handler still sleeping.
 from __future__ import annotations
 
 import io
+import struct
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
@@ -31,11 +44,31 @@ def tiny_jpeg() -> bytes:
     return buf.getvalue()
 
 
+def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 1-bit grayscale PNG of ``width``×``height`` zero pixels: tiny on the wire, huge once decoded."""
+    row = b"\x00" + bytes((width + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row * 1000) for _ in range(height // 1000)) + z.compress(row * (height % 1000))
+    idat += z.flush()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+_BOMB: list[bytes] = []
+
+
 class PhotoServer:
     def __init__(self, photo_dir: str | Path, truncate_from: str | None = None, truncate_to: int = 400,
-                 slow_s: float = 6.0):
+                 slow_s: float = 6.0, huge_bytes: int = 64 << 20, drip_s: float = 0.2):
         self.photo_dir = Path(photo_dir)
         self.slow_s = slow_s
+        self.huge_bytes = huge_bytes
+        self.drip_s = drip_s
+        self.sent: dict[str, int] = {}  # bytes of body written per streaming route
         self.released = threading.Event()
         self.fixed = threading.Event()
         self.delay_s = 0.0  # per /img/ request, to make a download take long enough to be killed
@@ -62,10 +95,43 @@ class PhotoServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _stream(self, name: str, total: int, declared: bool, piece: int, pause: float) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                if declared:
+                    self.send_header("Content-Length", str(total))
+                self.end_headers()
+                body = outer.tiny[:2] + bytes(piece)  # starts like a JPEG
+                outer.sent[name] = 0
+                while outer.sent[name] < total and not outer.released.is_set():
+                    n = min(piece, total - outer.sent[name])
+                    self.wfile.write(body[:n])
+                    self.wfile.flush()
+                    outer.sent[name] += n
+                    if pause:
+                        outer.released.wait(pause)
+
             def do_GET(self):  # noqa: N802 - http.server API
                 outer.hits[self.path] = outer.hits.get(self.path, 0) + 1  # with the query: counts per URL
                 path = self.path.split("?")[0]
                 try:
+                    if path == "/zero.jpg":
+                        return self._send(200, b"", "image/jpeg")
+                    if path == "/bomb.png":
+                        if not _BOMB:
+                            _BOMB.append(png_bomb())
+                        return self._send(200, _BOMB[0], "image/png")
+                    if path in ("/huge.jpg", "/huge-declared.jpg"):
+                        return self._stream(path, outer.huge_bytes, path == "/huge-declared.jpg", 1 << 16, 0)
+                    if path == "/drip.jpg":
+                        return self._stream(path, len(outer.tiny) * 50, True, 1, outer.drip_s)
+                    if path == "/redirect":
+                        to = parse_qs(urlsplit(self.path).query).get("to", [""])[0]
+                        self.send_response(302)
+                        self.send_header("Location", to)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return None
                     if path.startswith("/img/"):
                         if outer.delay_s:
                             outer.released.wait(outer.delay_s)
@@ -86,7 +152,7 @@ class PhotoServer:
                         outer.released.wait(outer.slow_s)
                         return self._send(200, outer.tiny, "image/jpeg")
                     return self._send(404, b"not found", "text/plain")
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                     pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -119,6 +185,11 @@ class PhotoServer:
 
     def url(self, name: str) -> str:
         return f"{self.base}/img/{name}"
+
+    def redirect(self, to: str) -> str:
+        from urllib.parse import quote
+
+        return f"{self.base}/redirect?to={quote(to, safe='')}"
 
     def fix(self) -> None:
         self.fixed.set()

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.real
 
 DL = {"processes_count": 1, "thread_count": 4, "timeout": 2, "min_image_size": 10, "number_sample_per_shard": 8,
-      "image_size": 224, "resize_mode": "keep_ratio"}
+      "image_size": 224, "resize_mode": "keep_ratio",
+      "allow_private_hosts": True}  # the test server is on loopback, refused by default
 
 
 def test_recipe_maps_to_img2dataset_parameters():

@@ -15,18 +15,26 @@ Formats (``format:`` in a source section):
 
 Ingest contract: EVERY source row becomes a ``samples`` row (uid ``<source>:<uid column or row index>``); rows that
 cannot be used get a ``decisions(stage='ingest', kept=false, reason=...)`` row: malformed line, null / empty
-caption, caption or url not valid UTF-8 (stored with U+FFFD replacements), caption too long, missing url and path,
-image file not found, duplicate uid (the later row is stored as ``<uid>@<row_index>`` with ``ref_uid`` = the
-first one, so uids stay unique). The unit of resume is one source batch of ``ingest.batch_rows`` rows, committed
+caption, caption or url not valid UTF-8 (stored with U+FFFD replacements), caption with NUL bytes (stored with U+FFFD for
+each NUL), caption too long, a url that is not http(s) (:func:`curate.urlpolicy.url_reason`), missing url and path,
+image file not found / not a regular file / too large, duplicate uid (the later row is stored as
+``<uid>@<row_index>`` with ``ref_uid`` = the first one, so uids stay unique). Every reason is a pure function of
+the input (no object reprs, no addresses), so identical inputs give identical catalogs. Relative image paths
+resolve against ``image_root``, else against the folder of the file they were read from (never the working
+directory). A source whose configured columns do not exist (caption; url when no image path column is usable) is
+a recipe error, not a source of all-rejected rows. The unit of resume is one source batch of ``ingest.batch_rows`` rows, committed
 in one transaction together with its ``progress`` row; batch boundaries are deterministic, so a killed ingest
 rerun skips finished batches and ends with the same catalog as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -36,9 +44,13 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.recipe import RecipeError, Strict, resolve_path
+from curate.urlpolicy import url_reason
 
 STAGE = "ingest"
 TEXT_FORMATS = ("csv", "tsv", "flickr", "jsonl")
+CSV_BLOCK_BYTES = 1 << 22  # pyarrow CSV block; quoted fields may hold newlines and straddle blocks
+JSONL_BLOCK_BYTES = 1 << 22
+MAX_IMAGE_BYTES = 64 << 20  # default ``ingest.max_image_bytes``
 
 
 class SourceConfig(Strict):
@@ -140,6 +152,8 @@ class SourceConfig(Strict):
         return "_flickr_caption" if self.text_format() == "flickr" else self.caption_column
 
     def effective_image_root(self) -> Path | None:
+        """The folder relative image paths resolve against; None = the folder of each input file (csv, tsv, jsonl,
+        parquet: see :func:`raw_tables`) or, for an ``hf`` dataset named only by ``dataset``, none at all."""
         if self.image_root:
             return resolve_path(self.image_root)
         if self.format == "folder":
@@ -147,6 +161,12 @@ class SourceConfig(Strict):
         if self.text_format() == "flickr":
             parent = resolve_path(self.path).parent
             return parent / "images" if (parent / "images").is_dir() else parent
+        if self.format == "hf":
+            if self.path:
+                return resolve_path(self.path)
+            if self.data_files:
+                first = self.data_files if isinstance(self.data_files, str) else self.data_files[0]
+                return resolve_path(first).parent
         return None
 
 
@@ -155,7 +175,10 @@ class IngestConfig(Strict):
 
     batch_rows: int = Field(default=50_000, ge=1)
     max_caption_chars: int = Field(default=1000, ge=1)
+    # true: a local row whose image file does not exist is rejected ('image file not found'). Either way a path
+    # that exists must be a regular file of at most max_image_bytes (/dev/zero, a FIFO or a folder never is).
     check_files: bool = True
+    max_image_bytes: int = Field(default=MAX_IMAGE_BYTES, ge=1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -187,25 +210,33 @@ def _read_csv(path: Path, cfg: SourceConfig, fmt: str, block_rows: int) -> Itera
                     "_raw": (row.text or "")[:500]})
         return "skip"
 
+    # newlines_in_values: a quoted field may hold line breaks; pyarrow then cuts blocks only at row ends outside
+    # quotes, so a multi-line caption straddling a block boundary is read whole (flickr lines have no quoting)
     read = pcsv.ReadOptions(column_names=names, skip_rows=1 if header else 0, use_threads=False,
-                            block_size=1 << 22)
+                            block_size=CSV_BLOCK_BYTES)
     parse = pcsv.ParseOptions(delimiter=delim, quote_char=False if fmt == "flickr" else '"',
-                              invalid_row_handler=on_invalid, newlines_in_values=False)
+                              invalid_row_handler=on_invalid, newlines_in_values=fmt != "flickr")
     conv = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, check_utf8=False,
                                strings_can_be_null=False, quoted_strings_can_be_null=False)
+    def parse_error(e: Exception) -> RecipeError:
+        msg = str(e).splitlines()[0]
+        if "straddl" in msg:  # one row longer than a block: in practice a quote that is never closed
+            msg = (f"a row longer than {CSV_BLOCK_BYTES >> 20} MiB (an opening quote that is never closed?)")
+        return RecipeError(f"source {cfg.name!r}: {path}: cannot parse: {msg}")
+
     try:
         reader = pcsv.open_csv(str(path), read_options=read, parse_options=parse, convert_options=conv)
     except pa.ArrowInvalid as e:
         if "Empty CSV" in str(e):
             return
-        raise RecipeError(f"source {cfg.name!r}: {path}: cannot parse: {str(e).splitlines()[0]}") from None
+        raise parse_error(e) from None
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
             break
         except pa.ArrowInvalid as e:
-            raise RecipeError(f"source {cfg.name!r}: {path}: cannot parse: {str(e).splitlines()[0]}") from None
+            raise parse_error(e) from None
         tbl = pa.Table.from_batches([batch])
         if fmt == "flickr":
             tbl = _split_flickr(tbl)
@@ -236,9 +267,10 @@ def _bad_rows(bad: list[dict]) -> pa.Table:
 def _read_jsonl(path: Path, cfg: SourceConfig, block_rows: int) -> Iterator[pa.Table]:
     """Line by line in blocks: a bad line (not JSON / not an object) becomes a row with ``_parse_error``."""
     wanted = _wanted_columns(cfg)
+    keys_seen: set[str] | None = set()  # keys of the first block's objects, for the column check
     with open(path, "rb") as f:
         while True:
-            lines = f.readlines(1 << 22)
+            lines = f.readlines(JSONL_BLOCK_BYTES)
             if not lines:
                 break
             cols: dict[str, list] = {c: [] for c in wanted}
@@ -259,12 +291,17 @@ def _read_jsonl(path: Path, cfg: SourceConfig, block_rows: int) -> Iterator[pa.T
                     err = None
                 except ValueError as e:
                     obj, err = {}, f"malformed JSON line: {str(e)[:80]}"
+                if keys_seen is not None and err is None and len(keys_seen) < 1000:
+                    keys_seen.update(map(str, obj))
                 for c in wanted:
                     v = obj.get(c)
                     cols[c].append(None if v is None else (v if isinstance(v, str) else json.dumps(v)))
                 errs.append(err)
                 raws.append(text.rstrip("\r\n")[:500] if err else None)
                 badutf.append(bu)
+            if keys_seen:  # the first block with at least one object: a missing column is a recipe error
+                _require_columns(cfg, keys_seen, f"{path} (keys of its first {JSONL_BLOCK_BYTES >> 20} MiB)")
+                keys_seen = None
             if errs:
                 data = {c: pa.array(v, pa.string()) for c, v in cols.items()}
                 data["_parse_error"] = pa.array(errs, pa.string())
@@ -282,7 +319,7 @@ def _read_parquet(path: Path, cfg: SourceConfig, block_rows: int) -> Iterator[pa
         raise RecipeError(f"source {cfg.name!r}: {path}: not a readable parquet file ({str(e)[:100]})") from None
     names = set(pf.schema_arrow.names)
     cols = [c for c in _wanted_columns(cfg) if c in names]
-    _require_caption(cfg, names, path)
+    _require_columns(cfg, names, path)
     for b in pf.iter_batches(batch_size=block_rows, columns=cols):
         yield pa.Table.from_batches([b])
 
@@ -310,7 +347,7 @@ def _read_hf(cfg: SourceConfig, block_rows: int) -> Iterator[pa.Table]:
         raise RecipeError(f"source {cfg.name!r}: cannot load HF dataset: {str(e).splitlines()[0][:160]}") from None
     names = set(ds.column_names or [])
     if names:
-        _require_caption(cfg, names, cfg.dataset or cfg.path)
+        _require_columns(cfg, names, cfg.dataset or cfg.path)
     keep = [c for c in _wanted_columns(cfg) if not names or c in names]
     if names:
         ds = ds.select_columns(keep)
@@ -328,11 +365,26 @@ def _wanted_columns(cfg: SourceConfig) -> list[str]:
     return out
 
 
-def _require_caption(cfg: SourceConfig, names, where) -> None:
+def _require_columns(cfg: SourceConfig, names, where) -> None:
+    """The configured columns must exist: the caption column, and a url column or an image path column (else every
+    row would be rejected and the build would 'succeed' with nothing) → one-line RecipeError."""
+    names = set(map(str, names))
+    shown = ", ".join(sorted(names))[:200]
     cap = cfg.effective_caption_column()
     if cap not in names:
-        raise RecipeError(f"source {cfg.name!r}: caption column {cap!r} not found in {where} "
-                          f"(columns: {', '.join(sorted(map(str, names)))[:200]})")
+        raise RecipeError(f"source {cfg.name!r}: caption column {cap!r} not found in {where} (columns: {shown})")
+    pcol = cfg.effective_path_column()
+    if cfg.path_column and cfg.path_column not in names:
+        raise RecipeError(f"source {cfg.name!r}: path column {cfg.path_column!r} not found in {where} "
+                          f"(columns: {shown})")
+    if cfg.url_column and cfg.url_column not in names and not (pcol and pcol in names):
+        also = f" and no image path column {pcol!r}" if pcol else " and no path_column is set"
+        raise RecipeError(f"source {cfg.name!r}: url column {cfg.url_column!r} not found in {where}{also} "
+                          f"(columns: {shown}); set url_column / path_column")
+    if not cfg.url_column and not (pcol and pcol in names):
+        what = f"image path column {pcol!r} not found in {where}" if pcol else "url_column is null and no " \
+            "path_column is set"
+        raise RecipeError(f"source {cfg.name!r}: {what}: rows would have neither url nor image (columns: {shown})")
 
 
 def raw_tables(cfg: SourceConfig, block_rows: int = 65536) -> Iterator[pa.Table]:
@@ -341,18 +393,24 @@ def raw_tables(cfg: SourceConfig, block_rows: int = 65536) -> Iterator[pa.Table]
         yield from _read_hf(cfg, block_rows)
         return
     fmt = cfg.text_format() if cfg.format == "folder" else cfg.format
+    # relative image paths without image_root resolve against the folder of the file they come from (a glob may
+    # span folders): each table carries that folder in ``_base_dir``
+    base = cfg.effective_path_column() and cfg.effective_image_root() is None
     for path in cfg.files():
         if fmt == "parquet":
-            yield from _read_parquet(path, cfg, block_rows)
+            tables = _read_parquet(path, cfg, block_rows)
         elif fmt == "jsonl":
-            yield from _read_jsonl(path, cfg, block_rows)
+            tables = _read_jsonl(path, cfg, block_rows)
         else:
-            first = True
-            for tbl in _read_csv(path, cfg, fmt, block_rows):
-                if first and "_parse_error" not in tbl.column_names:
-                    _require_caption(cfg, tbl.column_names, path)
-                    first = False
-                yield tbl
+            tables = _read_csv(path, cfg, fmt, block_rows)
+        first = fmt not in ("parquet", "jsonl")  # those two check their columns themselves
+        for tbl in tables:
+            if first and "_parse_error" not in tbl.column_names:
+                _require_columns(cfg, tbl.column_names, path)
+                first = False
+            if base:
+                tbl = tbl.append_column("_base_dir", pa.repeat(pa.scalar(str(path.parent)), tbl.num_rows))
+            yield tbl
 
 
 def rebatch(tables: Iterator[pa.Table], n: int, limit: int | None = None) -> Iterator[pa.Table]:
@@ -409,21 +467,95 @@ def _text_column(tbl: pa.Table, name: str | None) -> tuple[pa.Array, np.ndarray]
     return pa.array(out, pa.string()), bad
 
 
+def local_file_reason(path: str, max_bytes: int, check_files: bool = True) -> str | None:
+    """Why the local image ``path`` cannot be used (None = usable): a NUL in the path, a missing file (only when
+    ``check_files``), anything but a regular file (``/dev/zero``, a FIFO, a folder: never read), a file over
+    ``max_bytes``. ``stat`` only — nothing is opened. Symlinks are followed (a link to a photo is fine)."""
+    if "\x00" in path:
+        return "image path contains NUL bytes"
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "image file not found" if check_files else None
+    except (OSError, ValueError) as e:
+        if not check_files:
+            return None
+        code = errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+        return f"image file not accessible ({code})"
+    if not stat.S_ISREG(st.st_mode):
+        return "image path is not a regular file"
+    if st.st_size > max_bytes:
+        return f"image file too large ({st.st_size} > {max_bytes} bytes)"
+    return None
+
+
+def read_local_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
+    """Read one local image with a bound: ``(data, None)`` or ``(None, reason)``. Only a regular file of at most
+    ``max_bytes`` is read (checked before opening and again on the open descriptor, opened non-blocking so a FIFO
+    swapped in cannot hang, and never more than ``max_bytes + 1`` bytes read)."""
+    why = local_file_reason(path, max_bytes)
+    if why == "image file not found":
+        return None, f"no such file: {path}"
+    if why:
+        return None, why
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None, f"no such file: {path}"
+    except OSError as e:
+        return None, f"image file not accessible ({errno.errorcode.get(e.errno or 0, type(e).__name__)})"
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "image path is not a regular file"
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return None, f"image file too large (> {max_bytes} bytes)"
+    return data, None
+
+
+_ADDRESS = re.compile(r"\s+(?:object\s+)?at\s+0x[0-9a-fA-F]+")
+
+
+def stable_reason(text: str | None) -> str | None:
+    """A reason text with object addresses removed (``<_io.BytesIO object at 0x7f…>`` → ``<_io.BytesIO object>``),
+    so that identical inputs give identical catalogs; for reasons built from exception messages."""
+    if text is None:
+        return None
+    return _ADDRESS.sub(lambda m: " object" if "object" in m.group(0) else "", text)
+
+
+def _no_nul(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """NUL characters → U+FFFD (they never reach the catalog or the shards), and a per-row 'had NUL' mask."""
+    import pyarrow.compute as pc
+
+    had = np.asarray(pc.fill_null(pc.match_substring(col, "\x00"), False).to_numpy(zero_copy_only=False), bool)
+    return (pc.replace_substring(col, "\x00", "\ufffd") if had.any() else col), had
+
+
 def standardize(tbl: pa.Table, cfg: SourceConfig, start: int, check_files: bool,
-                include: frozenset[str] | None = None) -> pa.Table:
+                include: frozenset[str] | None = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
     """Map one raw batch to ``key, row_index, url, path, caption, width, height, extra`` + flags; ``include``
     (see :meth:`SourceConfig.included_images`) flags rows whose image is not listed."""
     n = tbl.num_rows
     caption, cap_bad = _text_column(tbl, cfg.effective_caption_column())
+    caption, cap_nul = _no_nul(caption)
     url, url_bad = _text_column(tbl, cfg.url_column)
     path, path_bad = _text_column(tbl, cfg.effective_path_column())
     key, _ = _text_column(tbl, cfg.effective_uid_column())
+    key, _ = _no_nul(key)
     if "_line_bad_utf8" in tbl.column_names:
         cap_bad = cap_bad | np.asarray(tbl.column("_line_bad_utf8").to_numpy(zero_copy_only=False), bool)
     perr, _ = _text_column(tbl, "_parse_error")
+    # the one URL rule (curate.urlpolicy): anything but http(s) with a host is refused here, per row
+    url_why: list[str | None] = [None] * n
+    if url.null_count < n:
+        url_why = [url_reason(u) if u is not None and u.strip() else None for u in url.to_pylist()]
+        url, _ = _no_nul(url)
     root = cfg.effective_image_root()
+    bases = tbl.column("_base_dir").to_pylist() if "_base_dir" in tbl.column_names else None
     path_list = path.to_pylist() if path.null_count < n else None
-    missing = np.zeros(n, bool)
+    path_why: list[str | None] = [None] * n
     excluded = np.zeros(n, bool)
     if include is not None:
         excluded = np.array([p is None or (p not in include and os.path.basename(p) not in include)
@@ -434,10 +566,17 @@ def standardize(tbl: pa.Table, cfg: SourceConfig, start: int, check_files: bool,
             if p is None or p == "":
                 resolved.append(None)
                 continue
-            full = p if (os.path.isabs(p) or root is None) else str(root / p)
-            resolved.append(full)
-            if check_files and not os.path.isfile(full):
-                missing[i] = True
+            base = root if root is not None else (bases[i] if bases is not None else None)
+            if os.path.isabs(p):
+                full = p
+            elif base is None:  # e.g. an hf hub dataset: there is no folder to be relative to
+                resolved.append(p.replace("\x00", "\ufffd"))
+                path_why[i] = "relative image path and no image_root"
+                continue
+            else:
+                full = str(Path(base) / p)
+            path_why[i] = local_file_reason(full, max_image_bytes, check_files)
+            resolved.append(full.replace("\x00", "\ufffd"))
         path = pa.array(resolved, pa.string())
     extra_cols = {c: tbl.column(c) for c in cfg.extra_columns if c in tbl.column_names}
     if "_raw" in tbl.column_names:
@@ -457,8 +596,9 @@ def standardize(tbl: pa.Table, cfg: SourceConfig, start: int, check_files: bool,
     return pa.table({
         "key": key, "row_index": pa.array(np.arange(start, start + n, dtype=np.int64)), "url": url, "path": path,
         "caption": caption, "width": num(cfg.width_column), "height": num(cfg.height_column), "extra": extra,
-        "parse_error": perr, "cap_bad": pa.array(cap_bad), "url_bad": pa.array(url_bad | path_bad),
-        "missing_file": pa.array(missing), "excluded": pa.array(excluded),
+        "parse_error": perr, "cap_bad": pa.array(cap_bad), "cap_nul": pa.array(cap_nul),
+        "url_bad": pa.array(url_bad | path_bad), "url_reason": pa.array(url_why, pa.string()),
+        "path_reason": pa.array(path_why, pa.string()), "excluded": pa.array(excluded),
     })
 
 
@@ -470,11 +610,13 @@ SELECT * EXCLUDE (uid), CASE WHEN dup_ref IS NULL THEN uid ELSE uid || '@' || ro
     WHEN excluded THEN 'image not in include_images'
     WHEN caption IS NULL THEN 'null caption'
     WHEN cap_bad THEN 'caption is not valid UTF-8'
+    WHEN cap_nul THEN 'caption contains NUL bytes'
     WHEN trim(caption) = '' THEN 'empty caption'
     WHEN length(caption) > $maxc THEN 'caption too long (' || length(caption) || ' > ' || $maxc || ' chars)'
     WHEN url_bad THEN 'url/path is not valid UTF-8'
-    WHEN coalesce(url, '') = '' AND coalesce(path, '') = '' THEN 'missing url and path'
-    WHEN missing_file THEN 'image file not found'
+    WHEN url_reason IS NOT NULL THEN url_reason
+    WHEN coalesce(trim(url), '') = '' AND coalesce(path, '') = '' THEN 'missing url and path'
+    WHEN path_reason IS NOT NULL THEN path_reason
     WHEN dup_ref IS NOT NULL THEN 'duplicate uid'
   END AS reason
 FROM (
@@ -504,7 +646,7 @@ def ingest_source(cat: Catalog, cfg: SourceConfig, icfg: IngestConfig, progress:
             unit = f"{cfg.name}:{bi}"
             rows = raw.num_rows
             if unit not in done:
-                std = standardize(raw, cfg, start, icfg.check_files, include)
+                std = standardize(raw, cfg, start, icfg.check_files, include, icfg.max_image_bytes)
                 keys = std.column("key").to_pylist() if cfg.effective_uid_column() else None
                 uids = pa.table({
                     "row_index": std.column("row_index"),

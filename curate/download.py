@@ -2,7 +2,9 @@
 
 URL rows (``url`` set, ``path`` empty) are written to an input parquet and handed to ``img2dataset.download``
 (the real library, called from Python) with the recipe's settings; its per-shard status parquet and
-``*_stats.json`` files stay in the build folder. Local rows (``path`` set) are decoded and hashed here, with the
+``*_stats.json`` files stay in the build folder. Its workers fetch through :mod:`curate.fetch` (http(s) only, every
+redirect checked, private hosts refused unless ``allow_private_hosts``, body / deadline / pixel caps) and die
+with their parent (:mod:`curate.i2d`). Local rows (``path`` set) are decoded and hashed here, with the
 same bookkeeping. Every row ends up in
 
   downloads(uid, attempt, status, error, sha256, width, height, original_width, original_height,

@@ -106,7 +106,8 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives,
     key, url = row
     headers = {}
     if user_agent_token:
-        headers["User-Agent"] = f"{USER_AGENT} (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+        headers["User-Agent"] = (f"{USER_AGENT} (compatible; {user_agent_token}; "
+                                 "+https://github.com/rom1504/img2dataset)")
 
     def accept(h):
         if disallowed_header_directives and i2d_downloader.is_disallowed(h, user_agent_token,

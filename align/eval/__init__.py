@@ -6,7 +6,8 @@
 * :mod:`.select` — rank candidate vision × text encoder pairs before training (``align select``).
 * :mod:`.report` — JSON + markdown + PNG reports; :mod:`.cli` — ``align eval`` / ``align select``.
 * :class:`ClipBenchmarkModel` / :func:`load_clip_benchmark` (here) — a CLIP_benchmark custom-model hook around
-  any model with ``encode_image``/``encode_text``.
+  any model with ``encode_image``/``encode_text``; :mod:`.clip_benchmark` — the launcher that runs CLIP_benchmark
+  with it (``python -m align.eval.clip_benchmark eval --model <folder> ...``).
 
 Every metric takes arrays (or callables returning arrays), so it works with the trained
 ``align.model.AlignedModel``, with cached features, or with any other model.
@@ -18,6 +19,24 @@ from align.eval.zeroshot import classification_metrics, zeroshot_classifier
 
 __all__ = ["linear_cka", "unbiased_cka", "mutual_knn", "ranks", "retrieval_metrics", "PairedSet",
            "classification_metrics", "zeroshot_classifier"]
+
+
+def _no_autocast():
+    """Switch off an enclosing ``torch.autocast`` (CLIP_benchmark wraps encoding in one, default on): the tether
+    model keeps its own precision, so its embeddings equal ``align eval``'s."""
+    import contextlib
+
+    import torch
+
+    stack = contextlib.ExitStack()
+    for dev in ("cpu", "cuda"):
+        try:
+            on = torch.is_autocast_enabled(dev)
+        except TypeError:   # torch < 2.4
+            on = torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
+        if on:
+            stack.enter_context(torch.autocast(dev, enabled=False))
+    return stack
 
 
 class _Texts(list):
@@ -61,12 +80,14 @@ class ClipBenchmarkModel:
         from PIL import Image
 
         pil = [Image.fromarray(x.permute(1, 2, 0).cpu().numpy().astype("uint8")) for x in images]
-        return torch.from_numpy(self.model.encode_image(pil))
+        with _no_autocast():
+            return torch.from_numpy(self.model.encode_image(pil))
 
     def encode_text(self, texts):
         import torch
 
-        return torch.from_numpy(self.model.encode_text(list(texts)))
+        with _no_autocast():
+            return torch.from_numpy(self.model.encode_text(list(texts)))
 
     # CLIP_benchmark calls model.eval()/to(device) on some paths
     def eval(self) -> "ClipBenchmarkModel":
@@ -78,12 +99,17 @@ class ClipBenchmarkModel:
 
 def load_clip_benchmark(model_name: str, pretrained: str | None = None, cache_dir: str | None = None,
                         device: str = "cpu"):
-    """CLIP_benchmark ``load_clip``-style entry: ``model_name`` (or ``pretrained``) is an AlignedModel folder.
+    """CLIP_benchmark ``load_clip``-style entry: ``model_name`` is an AlignedModel folder; ``pretrained`` is used
+    instead only when it is a folder too (CLIP_benchmark's CLI always passes one, by default ``laion400m_e32``).
 
-    Register it with ``clip_benchmark.models.TYPE2FUNC["tether"] = load_clip_benchmark`` and run
-    ``clip_benchmark eval --model_type tether --model <folder> ...``. Returns ``(model, transform, tokenizer)``.
+    ``python -m align.eval.clip_benchmark eval --model <folder> ...`` registers it and runs CLIP_benchmark
+    (:mod:`align.eval.clip_benchmark`); :func:`align.eval.clip_benchmark.register` registers it in the calling
+    process. Returns ``(model, transform, tokenizer)``.
     """
+    from pathlib import Path
+
     from align.eval.cli import load_model
 
-    m = ClipBenchmarkModel(load_model(pretrained or model_name, device=device))
+    path = pretrained if pretrained and Path(pretrained).is_dir() else model_name
+    m = ClipBenchmarkModel(load_model(path, device=device))
     return m, m.transform, m.tokenizer

@@ -16,7 +16,7 @@ Hostile routes (what a crafted URL list can point at):
   bomb.png            a ~50 KB PNG declaring 20000×20000 pixels (1-bit, all zero: a decompression bomb)
   huge.jpg            ``huge_bytes`` of JPEG-looking bytes, no Content-Length (read until the server closes)
   huge-declared.jpg   the same with its Content-Length
-  drip.jpg            a JPEG with its Content-Length, sent one byte every ``drip_s`` seconds
+  drip.jpg            200 JPEG-looking bytes with their Content-Length, one byte every ``drip_s`` seconds
   redirect?to=URL     302 to URL (e.g. file:///etc/passwd, ftp://…, or another route)
 
 Every streaming route stops when the client goes away.
@@ -124,7 +124,7 @@ class PhotoServer:
                     if path in ("/huge.jpg", "/huge-declared.jpg"):
                         return self._stream(path, outer.huge_bytes, path == "/huge-declared.jpg", 1 << 16, 0)
                     if path == "/drip.jpg":
-                        return self._stream(path, len(outer.tiny) * 50, True, 1, outer.drip_s)
+                        return self._stream(path, 200, True, 1, outer.drip_s)
                     if path == "/redirect":
                         to = parse_qs(urlsplit(self.path).query).get("to", [""])[0]
                         self.send_response(302)

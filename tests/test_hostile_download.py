@@ -91,9 +91,7 @@ def hostile(tmp_path_factory):
             {"uid": "data", "url": "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ=="},
         ]
         build = _build(root, rows)
-        t0 = time.monotonic()
         out = _download(build, CFG)
-        elapsed = time.monotonic() - t0
         sent = dict(srv.sent)
     try:
         ftp.accept()
@@ -102,7 +100,7 @@ def hostile(tmp_path_factory):
         ftp_connected = False
     ftp.close()
     blobs = b"".join(p.read_bytes() for p in (build / "media").rglob("*") if p.is_file())
-    yield {"out": out, "sent": sent, "elapsed": elapsed, "ftp_connected": ftp_connected, "blobs": blobs}
+    yield {"out": out, "sent": sent, "ftp_connected": ftp_connected, "blobs": blobs}
 
 
 def test_good_urls_and_allowed_redirects_still_download(hostile):
@@ -136,8 +134,8 @@ def test_huge_body_stops_reading(hostile):
 
 
 def test_drip_feed_bounded_by_the_deadline(hostile):
-    assert hostile["sent"]["/drip.jpg"] <= DEADLINE / DRIP_S + 2  # one byte per DRIP_S, stopped at the deadline
-    assert hostile["elapsed"] < 30  # the whole stage, img2dataset start-up included
+    # one byte per DRIP_S: the download stopped at the deadline (the server would have sent 200 bytes)
+    assert hostile["sent"]["/drip.jpg"] <= DEADLINE / DRIP_S + 2
 
 
 def test_refused_schemes_read_nothing(hostile):
@@ -223,24 +221,35 @@ if __name__ == "__main__":
 """
 
 
-def _descendants(pid: int) -> list:
-    import psutil
-
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start time) of a live process from /proc, None when it is gone."""
     try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return int(fields[1]), fields[0], int(fields[19])
 
 
-def _alive(p) -> bool:
-    import psutil
+def _descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every descendant of ``pid``."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))):
+            children.setdefault(st[0], []).append((int(d.name), st[2]))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += [k for k, _ in kids]
+    return out
 
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+
+def _alive(proc: tuple[int, int]) -> bool:
+    st = _stat(proc[0])
+    return st is not None and st[2] == proc[1] and st[1] != "Z"  # same process (not a reused pid), not a zombie
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_of_the_parent_kills_img2dataset_workers(tmp_path):
     """SIGKILL to the main process only (not its group): the pool workers (busy and idle) and img2dataset's
     logger process die with it instead of lingering."""
@@ -269,12 +278,12 @@ def test_kill_9_of_the_parent_kills_img2dataset_workers(tmp_path):
             until = time.time() + 15
             while any(_alive(k) for k in kids) and time.time() < until:
                 time.sleep(0.1)
-            survivors = [k.pid for k in kids if _alive(k)]
+            survivors = [k for k in kids if _alive(k)]
             assert survivors == []
         finally:
             for k in kids:  # never leave a process of this test behind, even when it fails
                 if _alive(k):
-                    k.kill()
+                    os.kill(k[0], signal.SIGKILL)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)

@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     ``--model_type``, ``--model`` and ``--pretrained``)."""
     p = argparse.ArgumentParser(prog="python -m align.eval.clip_benchmark",
                                 description="CLIP_benchmark with a tether model (zero-shot metric route)")
-    sub = p.add_subparsers(dest="which", required=True)
+    sub = p.add_subparsers(dest="which", required=True, metavar="COMMAND")
     e = sub.add_parser("eval", help="evaluate")
     e.add_argument("--dataset", nargs="+", default=["cifar10"])
     e.add_argument("--dataset_root", default="root")

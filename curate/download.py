@@ -204,7 +204,8 @@ def check_local_image(path: str) -> tuple[str, Optional[str], Optional[str], Opt
     """
     from PIL import Image
 
-    from curate.sources import read_local_file, stable_reason
+    from curate.reasons import stable_reason
+    from curate.sources import read_local_file
 
     data, why = read_local_file(path)  # a regular file of ≤ 64 MB only: /dev/zero or a FIFO is never read
     if data is None:
@@ -232,7 +233,7 @@ def _record(con, rows: list[tuple]) -> None:
     batch per call: row-by-row inserts cost DuckDB ~1 ms each)."""
     if not rows:
         return
-    from curate.sources import stable_reason
+    from curate.reasons import stable_reason
 
     rows = [(*r[:3], stable_reason(r[3]), *r[4:]) for r in rows]  # no object addresses in reasons
     cols = list(zip(*rows))

@@ -27,7 +27,6 @@ import heapq
 import http.client
 import itertools
 import os
-import re
 import socket
 import ssl
 import threading
@@ -37,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+from curate.reasons import stable_reason
 from curate.urlpolicy import address_reason, url_reason
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
@@ -58,12 +58,11 @@ class Refused(Exception):
     """A download refused by policy; ``str()`` is the per-row reason."""
 
 
-_ADDR_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def clean_error(text: str) -> str:
-    """An error text without memory addresses (``<… object at 0x7f…>`` → ``<… object>``), on one line."""
-    return " ".join(_ADDR_RE.sub("", text).split())
+    """An error text without memory addresses, on one line (:func:`curate.reasons.stable_reason`)."""
+    return stable_reason(text) or ""
 
 
 def _fmt_s(x: float) -> str:

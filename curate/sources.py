@@ -33,7 +33,6 @@ import errno
 import glob
 import json
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -516,17 +515,6 @@ def read_local_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[bytes 
 
 # a subset of what url_reason accepts: http(s), an ASCII host name[:port], then no control character or space
 _PLAIN_URL = r"^(?i:https?)://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?(?:[/?#][^\x00-\x20\x7f]*)?$"
-_ADDRESS = re.compile(r"\s+(?:object\s+)?at\s+0x[0-9a-fA-F]+")
-
-
-def stable_reason(text: str | None) -> str | None:
-    """A reason text with object addresses removed (``<_io.BytesIO object at 0x7f…>`` → ``<_io.BytesIO object>``),
-    so that identical inputs give identical catalogs; for reasons built from exception messages."""
-    if text is None:
-        return None
-    return _ADDRESS.sub(lambda m: " object" if "object" in m.group(0) else "", text)
-
-
 def _no_nul(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """NUL characters → U+FFFD (they never reach the catalog or the shards), and a per-row 'had NUL' mask."""
     import pyarrow.compute as pc

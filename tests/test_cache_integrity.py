@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from align.cli import main as cli_main
-from align.features import CorruptCacheError, FeatureCache, StaleCacheError
+from align.features import CorruptCacheError, FeatureCache
 from test_align_data import synthetic_pairs, write_shard
 from test_train import make_recipe, text_dir  # noqa: F401  (fixture: tiny BERT with a real vocabulary)
 
@@ -213,7 +212,7 @@ def test_damaged_rng_state_is_refused_unless_asked(small, capsys):
 
 def _quickstart_overrides(tmp: Path, data: Path) -> list[str]:
     return [f"data.path={data / 'train-{000..001}.tar'}", f"val={{format: webdataset, path: {data / 'val-000.tar'}}}",
-            f"features.cache_dir={tmp / 'cache'}", f"features.shard_size=48", f"train.output_dir={tmp / 'run'}",
+            f"features.cache_dir={tmp / 'cache'}", "features.shard_size=48", f"train.output_dir={tmp / 'run'}",
             "train.epochs=2", "train.batch_size=16", "train.log_with=jsonl", "train.progress=false"]
 
 

@@ -22,7 +22,8 @@ from curate.catalog import Catalog
 from curate.cli import main
 from curate.recipe import RecipeError
 from curate.sources import (CSV_BLOCK_BYTES, IngestConfig, SourceConfig, local_file_reason, read_local_file,
-                            run_ingest, stable_reason)
+                            run_ingest)
+from curate.reasons import stable_reason
 from curate.urlpolicy import url_reason
 
 

@@ -12,10 +12,21 @@ from curate.recipe import parse, read_yaml
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_dinov2_roberta": TrainRecipe,
         "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe, "align_flickr8k_lite_mpnet": TrainRecipe}
+LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 
 def test_every_recipe_is_known():
-    assert {p.stem for p in RECIPES.glob("*.yaml")} == set(KIND)
+    assert {p.stem for p in RECIPES.glob("*.yaml")} == set(KIND) | LAUNCH
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH))
+def test_launch_config_is_accelerates(name):
+    """accelerate itself reads it: one local process, no value left for `accelerate launch` to warn about."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    cfg = load_config_from_file(str(RECIPES / f"{name}.yaml"))
+    assert isinstance(cfg, ClusterConfig)
+    assert (cfg.num_processes, cfg.num_machines, str(cfg.mixed_precision)) == (1, 1, "no")
 
 
 @pytest.mark.parametrize("name", sorted(KIND))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from curate.clikit import UserError, add_plugins, run_command
 
-PLUGINS = ["curate.media"]
+PLUGINS = ["curate.media", "curate.serve"]
 
 
 def _catalog_path(build: str) -> Path:

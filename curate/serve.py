@@ -1,0 +1,581 @@
+"""``curate serve BUILD``: a read-only local web explorer over a build's catalog and stored images.
+
+Pages (server-rendered with Jinja2 on FastAPI/Starlette, served by uvicorn on 127.0.0.1 by default):
+
+* ``/``                 overview: stages with counts, rejection reasons, concept head/tail curve, sources
+* ``/concepts``         searchable, paginated concept table (matched / balance before-after / alive counts)
+* ``/concept/{id}``     gloss, kept samples (thumbnails, the matched span highlighted), dropped ones + reasons
+* ``/sample/{uid}``     what ``curate inspect`` says: decisions per stage, matches, duplicate group, shard/key
+* ``/search``           caption search (every word must occur, case-insensitive), filters: concept, status, source
+* ``/thumb/{uid}``      a JPEG thumbnail of the stored image (``?size=`` 32..1024), with cache headers
+
+Read-only by construction: the catalog is opened with ``duckdb.connect(path, read_only=True)`` and images are
+read (one tar member, one file) from where the build stored them — never extracted, never written. Bad input
+(unknown uid/concept, malformed query) gets an HTML page with a 4xx status, never a traceback.
+"""
+
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tarfile
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote, urlencode
+
+import duckdb
+from markupsafe import Markup, escape
+
+PAGE_SIZE = 50  # table rows per page
+GRID_SIZE = 24  # thumbnails per page
+MAX_PAGE = 1_000_000
+MAX_QUERY_CHARS = 300
+COUNT_CAP = 100_000  # search results are counted up to this many (exact below it)
+STATUSES = ("any", "kept", "dropped")
+DEAD = "EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)"
+
+
+class BadRequest(Exception):
+    """A malformed query (HTTP 400)."""
+
+
+class NotFound(Exception):
+    """An unknown uid / concept (HTTP 404)."""
+
+
+# ----------------------------------------------------------------------------------------------- the build
+class Explorer:
+    """Read-only access to one build: catalog queries (per-request cursors) and stored image bytes."""
+
+    def __init__(self, build: str | Path):
+        p = Path(build)
+        self.catalog = p / "catalog.duckdb" if p.is_dir() else p
+        if not self.catalog.is_file():
+            raise FileNotFoundError(f"{build}: no build catalog here (run `curate build RECIPE` first)")
+        self.build_dir = self.catalog.parent
+        self.con = duckdb.connect(str(self.catalog), read_only=True)
+        self.tables = {r[0] for r in self.con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() UNION "
+            "SELECT view_name FROM duckdb_views() WHERE database_name = current_database()").fetchall()}
+        self.etag_seed = f"{self.catalog.stat().st_mtime_ns}:{self.catalog.stat().st_size}"
+        self._lock = threading.Lock()
+        self._cache: dict[str, object] = {}
+        self._tar_index: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+        self._thumbs: OrderedDict[tuple[str, int], bytes | None] = OrderedDict()
+        self.encode_format = self._encode_format()
+        self.shards_dir = self._shards_dir()
+
+    def close(self) -> None:
+        self.con.close()
+
+    @contextmanager
+    def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cur = self.con.cursor()  # one per request: DuckDB connections are not shared across threads
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    def has(self, table: str) -> bool:
+        return table in self.tables
+
+    def _cached(self, key: str, fn):
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = fn()
+            return self._cache[key]
+
+    def _encode_format(self) -> str:
+        try:
+            import yaml
+
+            r = yaml.safe_load((self.build_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+            return str(((r.get("media") or {}).get("download") or {}).get("encode_format") or "jpg")
+        except Exception:  # noqa: BLE001 - no/odd recipe: img2dataset's default
+            return "jpg"
+
+    def _shards_dir(self) -> Path | None:
+        if not self.has("stages"):
+            return None
+        row = self.con.execute("SELECT params FROM stages WHERE stage = 'shards'").fetchall()
+        try:
+            out = json.loads(row[0][0]).get("out") if row else None
+        except (TypeError, ValueError):
+            out = None
+        return Path(out) if out else None
+
+    # -- overview --------------------------------------------------------------------------------------
+    def overview(self) -> dict:
+        def compute() -> dict:
+            from curate.catalog import Catalog
+
+            cat = Catalog.__new__(Catalog)  # its query helpers, over our read-only connection
+            with self.cursor() as cur:
+                cat.con = cur
+                total = cur.execute("SELECT count(*) FROM samples").fetchone()[0]
+                alive = cur.execute("SELECT count(*) FROM alive").fetchone()[0]
+                stages = cat.stage_counts() if self.has("stages") else []
+                reasons = cur.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept
+                                         GROUP BY ALL ORDER BY 3 DESC, 1, 2 LIMIT 30""").fetchall()
+                sources = cur.execute(f"""SELECT source, count(*), count(*) FILTER (WHERE NOT {DEAD})
+                                          FROM samples s GROUP BY 1 ORDER BY 2 DESC LIMIT 50""").fetchall()
+            return {"total": total, "alive": alive, "stages": stages, "reasons": reasons, "sources": sources}
+
+        ov = dict(self._cached("overview", compute))
+        concepts = self.concept_table()
+        ov["n_concepts"] = len(concepts)
+        ov["n_matched_concepts"] = sum(1 for c in concepts if c["matched"])
+        ov["head"] = [c for c in concepts if c["matched"]][:10]
+        ov["tail"] = [c for c in concepts if c["matched"]][-10:][::-1]
+        ov["curve"] = head_tail_svg([c["matched"] for c in concepts if c["matched"]],
+                                    [c["alive"] for c in concepts if c["matched"]])
+        return ov
+
+    def concept_table(self) -> list[dict]:
+        """Every concept with matched / balance before-after / alive counts, largest first (computed once)."""
+        def compute() -> list[dict]:
+            br = ("LEFT JOIN (SELECT concept_id, any_value(before) AS before, any_value(after) AS after FROM "
+                  "balance_report WHERE stage = 'balance' GROUP BY 1) b USING (concept_id)"
+                  if self.has("balance_report") else "")
+            bcols = "b.before, b.after" if br else "NULL, NULL"
+            with self.cursor() as cur:
+                rows = cur.execute(f"""
+                    WITH mc AS (SELECT DISTINCT uid, concept_id FROM matches),
+                         dead AS (SELECT DISTINCT uid FROM decisions WHERE NOT kept),
+                         per AS (SELECT mc.concept_id, count(*) AS matched,
+                                        count(*) FILTER (WHERE dead.uid IS NULL) AS alive
+                                 FROM mc LEFT JOIN dead USING (uid) GROUP BY 1),
+                         ids AS (SELECT concept_id FROM concepts UNION SELECT concept_id FROM per)
+                    SELECT ids.concept_id, c.name, c.gloss, coalesce(per.matched, 0), coalesce(per.alive, 0),
+                           {bcols}
+                    FROM ids LEFT JOIN (SELECT concept_id, any_value(name) AS name, any_value(gloss) AS gloss
+                                        FROM concepts GROUP BY 1) c USING (concept_id)
+                         LEFT JOIN per USING (concept_id) {br}
+                    ORDER BY 4 DESC, 1""").fetchall()
+            return [{"id": r[0], "name": r[1] or "", "gloss": r[2] or "", "matched": r[3], "alive": r[4],
+                     "before": r[5], "after": r[6]} for r in rows]
+
+        return self._cached("concepts", compute)
+
+    # -- one concept -----------------------------------------------------------------------------------
+    def concept(self, cid: str, page: int, dpage: int) -> dict:
+        with self.cursor() as cur:
+            cur.execute("""SELECT concept_id, name, lemmas, gloss, depth, hypernyms, origin FROM concepts
+                           WHERE concept_id = ? LIMIT 1""", [cid])
+            row = cur.fetchone()
+            cur.execute("SELECT count(DISTINCT uid) FROM matches WHERE concept_id = ?", [cid])
+            matched = cur.fetchone()[0]
+            if row is None and not matched:
+                raise NotFound(f"concept {cid!r} is not in this build")
+            info = dict(zip(["id", "name", "lemmas", "gloss", "depth", "hypernyms", "origin"], row)) if row \
+                else {"id": cid, "name": "", "lemmas": None, "gloss": "", "depth": None, "hypernyms": None,
+                      "origin": None}
+            mc = """(SELECT uid, any_value(span) FILTER (WHERE span IS NOT NULL) AS span FROM matches
+                     WHERE concept_id = $c GROUP BY uid)"""
+            cur.execute(f"SELECT count(*) FROM {mc} m JOIN samples s USING (uid) WHERE NOT {DEAD}", {"c": cid})
+            n_kept = cur.fetchone()[0]
+            cur.execute(f"""SELECT s.uid, s.caption, m.span FROM {mc} m JOIN samples s USING (uid)
+                            WHERE NOT {DEAD} ORDER BY s.uid LIMIT {GRID_SIZE} OFFSET $o""",
+                        {"c": cid, "o": (page - 1) * GRID_SIZE})
+            kept = [{"uid": u, "caption": c or "", "span": sp} for u, c, sp in cur.fetchall()]
+            n_dropped = matched - n_kept
+            cur.execute(f"""SELECT m.uid, s.caption, m.span, d.stage, d.reason, d.ref_uid
+                            FROM {mc} m JOIN samples s USING (uid) JOIN decisions d ON d.uid = m.uid AND NOT d.kept
+                            QUALIFY row_number() OVER (PARTITION BY m.uid ORDER BY d.rowid) = 1
+                            ORDER BY m.uid LIMIT {GRID_SIZE} OFFSET $o""",
+                        {"c": cid, "o": (dpage - 1) * GRID_SIZE})
+            dropped = [{"uid": u, "caption": c or "", "span": sp, "stage": st, "reason": r, "ref": ref}
+                       for u, c, sp, st, r, ref in cur.fetchall()]
+        return {"info": info, "matched": matched, "n_kept": n_kept, "kept": kept, "n_dropped": n_dropped,
+                "dropped": dropped}
+
+    # -- one sample ------------------------------------------------------------------------------------
+    def sample(self, uid: str) -> dict:
+        with self.cursor() as cur:
+            cur.execute("SELECT * FROM samples WHERE uid = ?", [uid])
+            rows = cur.fetchall()
+            if not rows:
+                raise NotFound(f"uid {uid!r} is not in this build")
+            row = dict(zip([d[0] for d in cur.description], rows[0]))
+            cur.execute("""SELECT m.concept_id, coalesce(c.name, ''), m.method, m.score, m.span FROM matches m
+                           LEFT JOIN (SELECT concept_id, any_value(name) AS name FROM concepts GROUP BY 1) c
+                           USING (concept_id) WHERE m.uid = ?
+                           ORDER BY m.method, m.score DESC NULLS LAST, m.concept_id""", [uid])
+            matches = cur.fetchall()
+            cur.execute("SELECT stage, kept, reason, ref_uid, concept_id FROM decisions WHERE uid = ? ORDER BY rowid",
+                        [uid])
+            decided: dict[str, list] = {}
+            for st, kept, reason, ref, cid in cur.fetchall():
+                decided.setdefault(st, []).append({"kept": kept, "reason": reason, "ref": ref, "concept": cid})
+            ran = cur.execute("SELECT stage, status FROM stages ORDER BY started").fetchall() \
+                if self.has("stages") else []
+            ran += [(st, "unrecorded") for st in decided if st not in {r[0] for r in ran}]
+            stages, verdict = [], None
+            for st, status in ran:
+                ds = decided.get(st, [])
+                stages.append({"stage": st, "status": status, "decisions": ds})
+                for d in ds:
+                    if not d["kept"] and verdict is None:
+                        verdict = f"dropped at {st}: {d['reason']}"
+            # the duplicate group: the sample this one duplicates, and every sample that duplicates it
+            cur.execute("SELECT DISTINCT stage, ref_uid FROM decisions WHERE uid = ? AND ref_uid IS NOT NULL "
+                        "ORDER BY 1, 2", [uid])
+            dup_of = cur.fetchall()
+            cur.execute("""SELECT d.uid, d.stage, d.reason, s.caption FROM decisions d LEFT JOIN samples s USING (uid)
+                           WHERE d.ref_uid = ? ORDER BY d.stage, d.uid LIMIT 200""", [uid])
+            dups = cur.fetchall()
+            shard = cur.execute("SELECT shard, key, pos FROM shard_index WHERE uid = ?", [uid]).fetchall() \
+                if self.has("shard_index") else []
+            dl = cur.execute("""SELECT status, error, sha256, width, height, format FROM downloads WHERE uid = ?
+                                ORDER BY attempt DESC LIMIT 1""", [uid]).fetchall() if self.has("downloads") else []
+        return {"row": row, "matches": matches, "stages": stages, "verdict": verdict or "alive (no stage rejected it)",
+                "dup_of": dup_of, "dups": dups, "shard": shard[0] if shard else None, "download": dl[0] if dl else None,
+                "spans": [m[4] for m in matches if m[4]]}
+
+    # -- search ----------------------------------------------------------------------------------------
+    def sources(self) -> list[str]:
+        def compute():
+            with self.cursor() as cur:
+                return [r[0] for r in cur.execute(
+                    "SELECT DISTINCT source FROM samples WHERE source IS NOT NULL ORDER BY 1 LIMIT 1000").fetchall()]
+        return self._cached("sources", compute)
+
+    def search(self, q: str, concept: str, status: str, source: str, page: int) -> dict:
+        words = q.split()
+        where, params = [], []
+        for w in words:
+            where.append("s.caption ILIKE ? ESCAPE '\\'")
+            params.append("%" + re.sub(r"([\\%_])", r"\\\1", w) + "%")
+        if concept:
+            if not any(c["id"] == concept for c in self.concept_table()):
+                raise NotFound(f"concept {concept!r} is not in this build")
+            where.append("s.uid IN (SELECT uid FROM matches WHERE concept_id = ?)")
+            params.append(concept)
+        if source:
+            where.append("s.source = ?")
+            params.append(source)
+        if status == "kept":
+            where.append(f"NOT {DEAD}")
+        elif status == "dropped":
+            where.append(DEAD)
+        cond = " AND ".join(where) or "TRUE"
+        with self.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM (SELECT 1 FROM samples s WHERE {cond} LIMIT {COUNT_CAP + 1})", params)
+            n = cur.fetchone()[0]
+            cur.execute(f"""SELECT s.uid, s.source, s.caption, {DEAD} AS dead FROM samples s WHERE {cond}
+                            ORDER BY s.rowid LIMIT {PAGE_SIZE} OFFSET {(page - 1) * PAGE_SIZE}""", params)
+            rows = [{"uid": u, "source": src, "caption": c or "", "kept": not dead} for u, src, c, dead in
+                    cur.fetchall()]
+        return {"n": n, "capped": n > COUNT_CAP, "rows": rows, "words": words}
+
+    # -- images ----------------------------------------------------------------------------------------
+    def image_bytes(self, uid: str) -> bytes | None:
+        """The stored bytes of ``uid``'s image: its shard member, else its stored download, else its local file."""
+        with self.cursor() as cur:
+            if self.shards_dir is not None and self.has("shard_index"):
+                r = cur.execute("SELECT shard, key FROM shard_index WHERE uid = ?", [uid]).fetchall()
+                if r:
+                    data = self._tar_member(self.shards_dir / r[0][0], f"{r[0][1]}.jpg")
+                    if data is not None:
+                        return data
+            if self.has("downloads"):
+                r = cur.execute("""SELECT format, store, shard, key FROM downloads WHERE uid = ? AND status = 'success'
+                                   ORDER BY attempt DESC LIMIT 1""", [uid]).fetchall()
+                if r:
+                    data = self._stored(*r[0])
+                    if data is not None:
+                        return data
+            r = cur.execute("SELECT path FROM samples WHERE uid = ?", [uid]).fetchall()
+        if not r:
+            raise NotFound(f"uid {uid!r} is not in this build")
+        if r[0][0]:
+            from curate.sources import read_local_file
+
+            data, _ = read_local_file(r[0][0])
+            return data
+        return None
+
+    def _stored(self, fmt: str, store: str, shard: str, key: str) -> bytes | None:
+        from curate.sources import read_local_file
+
+        if fmt == "local":
+            return read_local_file(key)[0]
+        if fmt == "files":
+            return read_local_file(str(Path(store) / shard / f"{key}.{self.encode_format}"))[0]
+        if fmt == "webdataset":
+            return self._tar_member(Path(store) / f"{shard}.tar", f"{key}.{self.encode_format}")
+        return None
+
+    def _tar_member(self, tar_path: Path, member: str) -> bytes | None:
+        """One member of a tar, read at its offset (the tar's member index is built once and kept, LRU)."""
+        key = str(tar_path)
+        with self._lock:
+            idx = self._tar_index.get(key)
+            if idx is not None:
+                self._tar_index.move_to_end(key)
+        if idx is None:
+            idx = {}
+            try:
+                with tarfile.open(key, "r:") as tf:
+                    for m in tf:
+                        if m.isfile():
+                            idx[m.name] = (m.offset_data, m.size)
+            except (OSError, tarfile.TarError):
+                return None
+            with self._lock:
+                self._tar_index[key] = idx
+                while len(self._tar_index) > 256:
+                    self._tar_index.popitem(last=False)
+        if member not in idx:
+            return None
+        off, size = idx[member]
+        try:
+            with open(key, "rb") as f:
+                f.seek(off)
+                return f.read(size)
+        except OSError:
+            return None
+
+    def thumbnail(self, uid: str, size: int) -> bytes | None:
+        k = (uid, size)
+        with self._lock:
+            if k in self._thumbs:
+                self._thumbs.move_to_end(k)
+                return self._thumbs[k]
+        data = self.image_bytes(uid)
+        out = None
+        if data is not None:
+            from PIL import Image, ImageOps
+
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    im.draft("RGB", (size, size))
+                    im = ImageOps.exif_transpose(im).convert("RGB")
+                    im.thumbnail((size, size))
+                    buf = io.BytesIO()
+                    im.save(buf, format="JPEG", quality=85)
+                    out = buf.getvalue()
+            except Exception:  # noqa: BLE001 - an undecodable stored image is "no image", not a crash
+                out = None
+        with self._lock:
+            self._thumbs[k] = out
+            while len(self._thumbs) > 2048:
+                self._thumbs.popitem(last=False)
+        return out
+
+
+# -------------------------------------------------------------------------------------------- rendering
+def highlight(caption: str, spans, whole: bool = True) -> Markup:
+    """``caption`` HTML-escaped with every occurrence of the matched span(s) wrapped in ``<mark>`` (``whole``:
+    only where the span stands as whole words, as the lexical matcher found it)."""
+    forms = sorted({s.strip() for s in (spans if isinstance(spans, (list, tuple)) else [spans]) if s and s.strip()},
+                   key=len, reverse=True)
+    if not forms:
+        return escape(caption)
+    b, e = (r"(?<!\w)", r"(?!\w)") if whole else ("", "")
+    pat = re.compile("|".join(b + re.escape(f) + e for f in forms), re.IGNORECASE)
+    out, last = [], 0
+    for m in pat.finditer(caption):
+        out += [escape(caption[last:m.start()]), Markup("<mark>"), escape(m.group(0)), Markup("</mark>")]
+        last = m.end()
+    out.append(escape(caption[last:]))
+    return Markup("").join(out)
+
+
+def head_tail_svg(matched: list[int], alive: list[int], w: int = 640, h: int = 200) -> Markup:
+    """Concept rank → sample count (log y) as an inline SVG: matched (blue) and alive now (orange)."""
+    if not matched:
+        return Markup("")
+    top = math.log10(max(max(matched), 1) + 1)
+    n = len(matched)
+
+    def pts(vals):
+        step = max(1, n // 400)  # at most ~400 points whatever the number of concepts
+        idx = list(range(0, n, step)) + ([n - 1] if (n - 1) % step else [])
+        return " ".join(f"{40 + (w - 50) * (i / max(1, n - 1)):.1f},{h - 20 - (h - 30) * math.log10(vals[i] + 1) / top:.1f}"
+                        for i in idx)
+
+    return Markup(
+        f'<svg class="curve" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+        f'aria-label="concept head/tail curve"><line x1="40" y1="{h - 20}" x2="{w - 10}" y2="{h - 20}" stroke="#999"/>'
+        f'<line x1="40" y1="10" x2="40" y2="{h - 20}" stroke="#999"/>'
+        f'<text x="2" y="16" font-size="11">{max(matched):,}</text><text x="2" y="{h - 22}" font-size="11">1</text>'
+        f'<text x="{w // 2 - 60}" y="{h - 4}" font-size="11">concept rank (1 … {n:,})</text>'
+        f'<polyline fill="none" stroke="#3366cc" stroke-width="2" points="{pts(matched)}"/>'
+        f'<polyline fill="none" stroke="#e67300" stroke-width="2" points="{pts(alive)}"/></svg>')
+
+
+def quote_id(value: str) -> str:
+    return quote(str(value), safe="")
+
+
+# -------------------------------------------------------------------------------------------------- app
+def create_app(build: str | Path):
+    """The FastAPI app over ``build`` (a build folder or its catalog.duckdb)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, Response
+    from fastapi.templating import Jinja2Templates
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    ex = Explorer(build)
+    templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+    templates.env.filters["q"] = quote_id
+    templates.env.filters["num"] = lambda v: "" if v is None else f"{v:,}"
+    templates.env.globals["highlight"] = highlight
+    app = FastAPI(title="tether explorer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.explorer = ex
+    build_name = ex.build_dir.resolve().name
+
+    def page(request: Request, name: str, status: int = 200, **ctx):
+        return templates.TemplateResponse(request, name, {"build": build_name, **ctx}, status_code=status)
+
+    def error(request: Request, status: int, title: str, message: str):
+        return page(request, "error.html", status, title=title, message=message)
+
+    @app.exception_handler(NotFound)
+    async def _nf(request: Request, exc: NotFound):
+        return error(request, 404, "Not found", str(exc))
+
+    @app.exception_handler(BadRequest)
+    async def _br(request: Request, exc: BadRequest):
+        return error(request, 400, "Bad request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _val(request: Request, exc: RequestValidationError):
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'query'}: {e.get('msg', '')}"
+                         for e in exc.errors())
+        return error(request, 400, "Bad request", msgs or "malformed request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error(request, exc.status_code, "Not found" if exc.status_code == 404 else "Error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception):
+        return error(request, 500, "Server error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    def check_page(p: int, name: str = "page") -> int:
+        if p < 1 or p > MAX_PAGE:
+            raise BadRequest(f"{name} must be between 1 and {MAX_PAGE:,}, got {p}")
+        return p
+
+    def pager(request: Request, cur: int, total: int, per: int, name: str = "page") -> dict:
+        last = max(1, math.ceil(total / per))
+
+        def url(p: int) -> str:
+            qs = dict(request.query_params)
+            qs[name] = str(p)
+            return f"{request.url.path}?{urlencode(qs)}"
+
+        return {"page": cur, "last": last, "total": total, "prev": url(cur - 1) if cur > 1 else None,
+                "next": url(cur + 1) if cur < last else None, "first": url(1), "last_url": url(last)}
+
+    @app.get("/", response_class=HTMLResponse)
+    def overview(request: Request):
+        return page(request, "overview.html", ov=ex.overview(), title="Overview")
+
+    @app.get("/concepts", response_class=HTMLResponse)
+    def concepts_page(request: Request, q: str = "", page: int = 1):
+        check_page(page)
+        if len(q) > MAX_QUERY_CHARS:
+            raise BadRequest(f"query too long ({len(q)} > {MAX_QUERY_CHARS} characters)")
+        rows = ex.concept_table()
+        ql = q.strip().lower()
+        if ql:
+            rows = [c for c in rows if ql in c["id"].lower() or ql in c["name"].lower() or ql in c["gloss"].lower()]
+        return templates.TemplateResponse(request, "concepts.html", {
+            "build": build_name, "title": "Concepts", "q": q, "rows": rows[(page - 1) * PAGE_SIZE:page * PAGE_SIZE],
+            "pager": pager(request, page, len(rows), PAGE_SIZE)})
+
+    @app.get("/concept/{cid:path}", response_class=HTMLResponse)
+    def concept_page(request: Request, cid: str, page: int = 1, dpage: int = 1):
+        check_page(page)
+        check_page(dpage, "dpage")
+        c = ex.concept(cid, page, dpage)
+        return templates.TemplateResponse(request, "concept.html", {
+            "build": build_name, "title": f"Concept {cid}", "c": c,
+            "pager": pager(request, page, c["n_kept"], GRID_SIZE),
+            "dpager": pager(request, dpage, c["n_dropped"], GRID_SIZE, "dpage")})
+
+    @app.get("/sample/{uid:path}", response_class=HTMLResponse)
+    def sample_page(request: Request, uid: str):
+        return page(request, "sample.html", s=ex.sample(uid), uid=uid, title=f"Sample {uid}")
+
+    @app.get("/search", response_class=HTMLResponse)
+    def search_page(request: Request, q: str = "", concept: str = "", status: str = "any", source: str = "",
+                    page: int = 1):
+        check_page(page)
+        if len(q) > MAX_QUERY_CHARS:
+            raise BadRequest(f"query too long ({len(q)} > {MAX_QUERY_CHARS} characters)")
+        if "\x00" in q:
+            raise BadRequest("query contains a NUL character")
+        if status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if source and source not in ex.sources():
+            raise BadRequest(f"unknown source {source!r} (sources: {', '.join(ex.sources()[:20])})")
+        res = ex.search(q, concept.strip(), status, source, page)
+        return templates.TemplateResponse(request, "search.html", {
+            "build": build_name, "title": "Search", "q": q, "concept": concept, "status": status, "source": source,
+            "statuses": STATUSES, "sources": ex.sources(), "res": res,
+            "pager": pager(request, page, min(res["n"], COUNT_CAP), PAGE_SIZE)})
+
+    @app.get("/thumb/{uid:path}")
+    def thumb(request: Request, uid: str, size: int = 256):
+        if not 32 <= size <= 1024:
+            raise BadRequest(f"size must be between 32 and 1024 pixels, got {size}")
+        etag = '"' + hashlib.sha1(f"{ex.etag_seed}:{uid}:{size}".encode()).hexdigest()[:20] + '"'
+        headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        data = ex.thumbnail(uid, size)
+        if data is None:
+            raise NotFound(f"sample {uid!r} has no stored image that can be decoded")
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    return app
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def cmd_serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from curate.clikit import UserError
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: expected 1..65535, got {args.port}")
+    p = Path(args.build)
+    if not (p / "catalog.duckdb" if p.is_dir() else p).is_file():
+        raise UserError(f"{args.build}: no build catalog here (run `curate build RECIPE` first)")
+    try:
+        app = create_app(args.build)
+    except duckdb.Error as e:
+        raise UserError(f"{args.build}: cannot open the catalog read-only ({str(e).splitlines()[0]}); is a build "
+                        "still writing it?") from None
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+        try:
+            s.bind((args.host, args.port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); try another --port") \
+                from None
+    print(f"tether explorer on http://{args.host}:{args.port}/ (read-only over {Path(args.build).resolve()}); "
+          "Ctrl-C stops it", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("TETHER_SERVE_LOG", "warning"))
+    return 0
+
+
+def register(sub) -> None:
+    """Plugin hook of :mod:`curate.cli`: the ``serve`` subcommand."""
+    s = sub.add_parser("serve", help="a read-only local web explorer over a build (concepts, samples, search)")
+    s.add_argument("build", help="build folder or catalog.duckdb")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8731)
+    s.set_defaults(func=cmd_serve)

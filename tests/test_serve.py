@@ -1,0 +1,296 @@
+"""`curate serve`: the read-only web explorer, driven by Starlette's TestClient and by a real headless chromium."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from html import unescape
+import io
+import os
+import random
+import re
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import duckdb
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from curate.cli import main
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from curate.serve import PAGE_SIZE, create_app, highlight  # noqa: E402
+
+WORDS = ["dog", "cat", "horse", "bird", "ball"]
+CHROMIUM = os.environ.get("TETHER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _make_source(root: Path, n: int = 60) -> Path:
+    """n local photos (5 repeat earlier ones byte for byte: image duplicates) + a CSV of captions + a recipe."""
+    (root / "img").mkdir(parents=True)
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        p = root / "img" / f"{i:03d}.jpg"
+        if i >= n - 5:
+            p.write_bytes((root / "img" / f"{i - 50:03d}.jpg").read_bytes())
+        else:
+            im = Image.new("RGB", (96, 72), tuple(rng.randrange(256) for _ in range(3)))
+            ImageDraw.Draw(im).ellipse([rng.randrange(40), rng.randrange(30), 50 + rng.randrange(40),
+                                        40 + rng.randrange(30)], fill=tuple(rng.randrange(256) for _ in range(3)))
+            im.save(p, quality=90)
+        word = WORDS[i % 5] if i % 7 else WORDS[0]
+        cap = f"a {rng.choice(['small', 'big', 'red'])} {word} playing in the park number {i}"
+        rows.append((p.name, "" if i == 3 else cap))
+    with open(root / "web.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        w.writerows(rows)
+    recipe = {
+        "name": "tiny", "sources": [{"name": "web", "format": "csv", "path": "web.csv", "url_column": None,
+                                     "path_column": "path", "image_root": "img"}],
+        "filter": {"min_words": 2}, "dedup": {"exact": ["caption"]},
+        "concepts": {"imagenet1k": False, "words": WORDS}, "match": {"mode": "lexical"},
+        "balance": {"method": "t", "t": 8, "seed": 0, "floor": 2},
+        "media": {"shards": {"samples_per_shard": 10}, "image_dedup": {"phash": {"threshold": 2}}},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "recipe.yaml"
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    recipe = _make_source(root / "src")
+    out = root / "build"
+    assert main(["build", str(recipe), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "shards" / "shard-00000.tar").exists()
+    return out
+
+
+def _tree_hash(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _q(v: str) -> str:
+    return quote(v, safe="")
+
+
+def _text(html: str) -> str:
+    return re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", " ", html)))
+
+
+def _catalog(build: Path):
+    return duckdb.connect(str(build / "catalog.duckdb"), read_only=True)
+
+
+def test_pages_errors_search_thumbs_and_read_only(build):
+    before = _tree_hash(build)
+    with _catalog(build) as con:
+        dup, ref, dup_reason = con.execute(
+            "SELECT uid, ref_uid, reason FROM decisions WHERE stage = 'image_dedup' AND ref_uid IS NOT NULL "
+            "ORDER BY uid LIMIT 1").fetchone()
+        alive_dogs = {r[0] for r in con.execute(
+            "SELECT uid FROM alive WHERE caption ILIKE '%dog%' AND caption ILIKE '%park%'").fetchall()}
+        dog_kept = con.execute("SELECT count(*) FROM alive JOIN (SELECT DISTINCT uid FROM matches WHERE "
+                               "concept_id = 'user:dog') USING (uid)").fetchone()[0]
+        total = con.execute("SELECT count(*) FROM samples").fetchone()[0]
+    client = TestClient(create_app(build))
+
+    r = client.get("/")
+    assert r.status_code == 200
+    t = _text(r.text)
+    assert f"{total} samples" in t and "image_dedup" in t and "exact duplicate (same sha256)" in t
+    assert "empty caption" in t and "<svg" in r.text
+    r = client.get("/concepts?q=dog")
+    assert r.status_code == 200 and "/concept/user%3Adog" in r.text and "user:cat" not in r.text
+    r = client.get("/concept/" + _q("user:dog"))
+    assert r.status_code == 200
+    assert f"{dog_kept} alive" in _text(r.text)
+    assert r.text.count("<mark>dog</mark>") >= min(dog_kept, 24)  # the matched span is highlighted
+    assert "t-balance: lost the draw" in r.text  # dropped ones with their reasons
+
+    r = client.get("/sample/" + _q(dup))
+    assert r.status_code == 200
+    t = _text(r.text)
+    assert f"dropped at image_dedup: {dup_reason}" in t and f'href="/sample/{_q(ref)}"' in r.text
+    assert "ingest passed no objection" in t
+    r = client.get("/sample/" + _q(ref))
+    assert r.status_code == 200 and f'href="/sample/{_q(dup)}"' in r.text  # the group links back
+    assert re.search(r"shard-\d{5}\.tar key \d{10}", _text(r.text))
+
+    r = client.get("/search", params={"q": "Dog  PARK", "status": "kept"})
+    assert r.status_code == 200
+    shown = set(re.findall(r'<a href="/sample/([^"]+)">', r.text))
+    assert {s.replace("%3A", ":") for s in shown} == alive_dogs and alive_dogs
+    assert f"{len(alive_dogs)} results" in r.text
+    r1 = client.get("/search", params={"page": 2})  # no words: every sample, paged
+    assert f"{total} results" in r1.text
+    assert len(re.findall(r'<a href="/sample/', r1.text)) == total - PAGE_SIZE
+    r = client.get("/search", params={"q": "100%_"})  # LIKE wildcards are literal
+    assert r.status_code == 200 and "0 results" in r.text
+    r = client.get("/search", params={"concept": "user:cat", "status": "dropped"})
+    assert r.status_code == 200 and "cat" in r.text
+
+    for url, code, msg in [
+        ("/sample/" + _q("web:nope"), 404, "is not in this build"),
+        ("/concept/" + _q("user:unicorn"), 404, "is not in this build"),
+        ("/thumb/" + _q("web:nope"), 404, "is not in this build"),
+        ("/search?page=abc", 400, "page"),
+        ("/search?page=0", 400, "page must be"),
+        ("/search?status=maybe", 400, "status must be one of"),
+        ("/search?source=elsewhere", 400, "unknown source"),
+        ("/search?concept=user%3Aunicorn", 404, "is not in this build"),
+        ("/search?q=" + "x" * 400, 400, "query too long"),
+        ("/thumb/web%3A1?size=5000", 400, "size must be"),
+        ("/nowhere", 404, "Not Found"),
+    ]:
+        r = client.get(url)
+        assert r.status_code == code, url
+        assert "text/html" in r.headers["content-type"] and msg in r.text and "Traceback" not in r.text, url
+
+    r = client.get("/thumb/" + _q(ref), params={"size": 64})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert "max-age" in r.headers["cache-control"] and r.headers["etag"]
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.format == "JPEG" and max(im.size) == 64
+    assert client.get("/thumb/" + _q(ref), params={"size": 64},
+                      headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+    client.close()
+    assert _tree_hash(build) == before  # nothing in the build changed
+
+
+def test_image_comes_from_the_shard_member(build, tmp_path):
+    """With the source photos gone, thumbnails of shard samples still come from the build's own tars."""
+    with _catalog(build) as con:
+        uid, path = con.execute("SELECT uid, path FROM samples JOIN shard_index USING (uid) ORDER BY uid "
+                                "LIMIT 1").fetchone()
+    client = TestClient(create_app(build))
+    first = client.get("/thumb/" + _q(uid)).content
+    src = Path(path)
+    moved = tmp_path / "moved.jpg"
+    shutil.move(src, moved)
+    try:
+        app2 = TestClient(create_app(build))
+        r = app2.get("/thumb/" + _q(uid))
+        assert r.status_code == 200 and r.content == first
+    finally:
+        shutil.move(moved, src)
+
+
+def test_highlight_escapes_and_marks():
+    assert str(highlight("A <b>Dog</b> and dogs", "dog")) == "A &lt;b&gt;<mark>Dog</mark>&lt;/b&gt; and dogs"
+    assert str(highlight("hotdog", ["dog"], whole=False)) == "hot<mark>dog</mark>"
+    assert str(highlight("x < y", None)) == "x &lt; y"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nobuild")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no build catalog" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ real browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(build):
+    import uvicorn
+
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(build), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline and th.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    th.join(10)
+
+
+def test_real_browser(build, server, tmp_path):
+    if not CHROMIUM:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium; .ci/install does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    before = _tree_hash(build)
+    with _catalog(build) as con:
+        n_cat = con.execute("SELECT count(*) FROM alive WHERE caption ILIKE '%cat%'").fetchone()[0]
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+
+        page.goto(server + "/")
+        assert page.locator("#stages tr").count() > 5
+        assert "exact duplicate (same sha256)" in page.locator("#reasons").inner_text()
+        page.screenshot(path=str(shots / "overview.png"), full_page=True)
+
+        page.click("header >> text=Concepts")
+        page.fill("input[name=q]", "ca")
+        page.click("text=Filter")
+        page.wait_for_url("**/concepts?q=ca")
+        assert "user:cat" in page.locator("#concepts").inner_text()
+        page.click("#concepts >> text=user:cat")
+        page.wait_for_url("**/concept/user%3Acat")
+        assert page.locator("#kept .card").count() > 0 and page.locator("#kept mark").first.inner_text() == "cat"
+        # every thumbnail on the page decoded in the browser
+        page.wait_for_load_state("networkidle")
+        widths = page.eval_on_selector_all("#kept img, #dropped img", "els => els.map(e => e.naturalWidth)")
+        assert widths and all(w > 0 for w in widths)
+        page.screenshot(path=str(shots / "concept.png"), full_page=True)
+
+        # concept → a dropped duplicate → the sample it duplicates → back through the group's link
+        card = page.locator("#dropped .card", has_text="image_dedup").first
+        dup_uid = card.locator(".muted a").inner_text()
+        card.locator(".muted a").click()
+        page.wait_for_url("**/sample/*")
+        assert page.locator(".uid").inner_text() == dup_uid
+        assert "dropped at image_dedup" in page.locator(".verdict").inner_text()
+        page.screenshot(path=str(shots / "sample.png"), full_page=True)
+        page.locator("#decisions a.dup-of").first.click()
+        page.wait_for_url("**/sample/*")
+        ref_uid = page.locator(".uid").inner_text()
+        assert ref_uid != dup_uid and "alive" in page.locator(".verdict").inner_text()
+        assert page.locator(".shard").inner_text().startswith("shard-")
+        page.locator(f"#dups a.dup >> text={dup_uid}").click()
+        page.wait_for_url("**/sample/*")
+        assert page.locator(".uid").inner_text() == dup_uid
+
+        # caption search with a status filter
+        page.goto(server + "/search")
+        page.fill("input[name=q]", "cat")
+        page.select_option("select[name=status]", "kept")
+        page.click("#search-form button")
+        page.wait_for_url("**/search?*")
+        assert page.locator("#count").inner_text() == f"{n_cat} results"
+        rows = page.locator("#results tr").all_inner_texts()[1:]
+        assert len(rows) == n_cat and all("cat" in r.lower() and r.strip().endswith("kept") for r in rows)
+        page.screenshot(path=str(shots / "search.png"), full_page=True)
+
+        # bad input: a page, not a traceback
+        resp = page.goto(server + "/sample/" + _q("web:nope"))
+        assert resp.status == 404 and "is not in this build" in page.locator(".error-message").inner_text()
+        assert not errors, errors
+        browser.close()
+    for name in ("overview", "concept", "sample", "search"):
+        with Image.open(shots / f"{name}.png") as im:
+            assert im.size[0] == 1200 and im.size[1] > 300
+            assert len(im.convert("L").resize((64, 64)).getcolors(4096) or range(4097)) > 8  # not a blank page
+    assert _tree_hash(build) == before

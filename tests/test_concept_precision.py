@@ -1,0 +1,107 @@
+"""bench/concept_precision.py: Wilson intervals, precision / recall / error classes on hand-made tables, and the
+labelled set in bench/data/concept_precision.csv (columns, sizes, labels consistent with the matcher)."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from curate.recipe import RecipeError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("concept_precision", REPO / "bench" / "concept_precision.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+B = _bench()
+
+
+def _row(uid, cid, s, correct, cls=""):
+    return {"uid": uid, "caption": f"caption {uid}", "concept_id": cid, "concept_name": cid, "gloss": "",
+            "matched_form": cid, "set": s, "correct": str(correct), "error_class": cls, "note": ""}
+
+
+def test_wilson_by_hand():
+    # p = 1/2, n = 10, z = 1.96: centre 0.5, half-width 1.96·sqrt(0.025 + 0.009604) / 1.38416 = 0.26341
+    lo, hi = B.wilson(5, 10)
+    assert lo == pytest.approx(0.23659, abs=1e-4) and hi == pytest.approx(0.76341, abs=1e-4)
+    # p = 1: upper bound 1, lower (1 + 0.19208 − 0.19208) / 1.38416 = 0.72246
+    lo, hi = B.wilson(10, 10)
+    assert lo == pytest.approx(0.72246, abs=1e-4) and hi == pytest.approx(1.0)
+    lo, hi = B.wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.72246, abs=1e-4)
+    assert B.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_precision_errors_and_variant_comparison():
+    rows = [_row("u1", "dog", "all", 1), _row("u2", "man", "all", 1), _row("u3", "rock", "all", 0, "a"),
+            _row("u4", "orange", "all", 0, "b"), _row("u5", "dog", "kept", 1), _row("u6", "game", "kept", 0, "a")]
+    p = B.precision([r for r in rows if r["set"] == "all"])
+    assert (p.n, p.correct, p.value) == (4, 2, 0.5)
+    assert B.error_counts(rows) == {"a": 2, "b": 1, "c": 0, "d": 0, "e": 0}
+    base = {(r["uid"], r["concept_id"]) for r in rows} | {("u1", "ball")}
+    # the variant drops the rock and game errors and one correct pair (man), and adds one pair on u4
+    new = (base - {("u3", "rock"), ("u6", "game"), ("u2", "man")}) | {("u4", "fruit")}
+    comp = {(c["variant"], c["set"]): c for c in B.compare(rows, {"old": base, "new": new})}
+    old_all, new_all, new_kept = comp["old", "all"], comp["new", "all"], comp["new", "kept"]
+    assert (old_all["precision"].n, old_all["precision"].correct, old_all["recall"]) == (4, 2, 1.0)
+    assert (new_all["precision"].n, new_all["precision"].correct) == (2, 1)
+    assert new_all["recall"] == 0.5 and new_all["errors"]["a"] == 0 and new_all["errors"]["b"] == 1
+    assert new_all["added"] == 1 and old_all["added"] == 0
+    assert (new_kept["precision"].value, new_kept["recall"], new_kept["added"]) == (1.0, 1.0, 0)
+    md = B.report_md(rows, B.compare(rows, {"old": base, "new": new}))
+    assert "| all | 4 | 0.500 [" in md and "| new | all | 2 / 4 | 0.500 [" in md
+
+
+def test_labels_reject_bad_files(tmp_path):
+    bad = tmp_path / "x.csv"
+    bad.write_text("uid,caption\nu,c\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="columns"):
+        B.read_labels(bad)
+    with open(bad, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=B.COLUMNS)
+        w.writeheader()
+        w.writerow(_row("u", "c", "all", 0))  # wrong, but no error class
+    with pytest.raises(RecipeError, match="error class"):
+        B.read_labels(bad)
+    assert B.main(["report", "--labels", str(tmp_path / "missing.csv")]) == 2
+    assert B.main(["report", "--labels", str(REPO / "bench/data/concept_precision.csv"), "--variant", "x"]) == 2
+
+
+def test_labelled_set_shape():
+    rows = B.read_labels()
+    assert list(rows[0]) == B.COLUMNS
+    for s in B.SETS:
+        rs = [r for r in rows if r["set"] == s]
+        assert len(rs) >= 250
+        assert len({(r["uid"], r["concept_id"]) for r in rs}) == len(rs)  # drawn without replacement
+        assert all(r["uid"].startswith("flickr8k:") and r["caption"] and r["gloss"] for r in rs)
+    assert {r["error_class"] for r in rows if r["correct"] == "0"} <= set(B.ERROR_CLASSES)
+
+
+def test_labelled_pairs_are_what_the_matcher_finds(tmp_path):
+    """The drawn build's settings (quickstart recipe, match.lexical as it was) re-find every labelled pair —
+    the labels measure this matcher and bank, not some other one."""
+    from curate.resources import timm_info_dir
+    from curate.wordnet import find_wordnet
+
+    try:
+        find_wordnet()
+        timm_info_dir()
+    except (RecipeError, FileNotFoundError) as e:
+        pytest.skip(f"WordNet / ImageNet lists missing: {e}")
+    rows = B.read_labels()
+    captions = {r["uid"]: r["caption"] for r in rows}
+    ov = ["match.lexical.senses=first", "match.lexical.min_sense_share=0", "match.lexical.skip_adjectives=true",
+          "match.lexical.overlaps=all", "match.lexical.lemmatize=false"]
+    found = B.match_pairs(captions, str(REPO / "recipes" / "quickstart_curate.yaml"), ov, tmp_path)
+    missing = [(r["uid"], r["concept_id"]) for r in rows if (r["uid"], r["concept_id"]) not in found]
+    assert missing == []

@@ -36,7 +36,8 @@ PAGE_SIZE = 50  # table rows per page
 GRID_SIZE = 24  # thumbnails per page
 MAX_PAGE = 1_000_000
 MAX_QUERY_CHARS = 300
-COUNT_CAP = 100_000  # search results are counted up to this many (exact below it)
+COUNT_CAP = 100_000
+IMAGE_HITS = 240  # text → image: this many nearest images, paged  # search results are counted up to this many (exact below it)
 STATUSES = ("any", "kept", "dropped")
 DEAD = "EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)"
 
@@ -370,6 +371,145 @@ class Explorer:
         return out
 
 
+# ------------------------------------------------------------------------------------------ aligned model
+def cache_root() -> Path:
+    """Where embeddings of builds are cached: ``$TETHER_CACHE/serve`` (default ``~/.cache/tether/serve``)."""
+    return Path(os.environ.get("TETHER_CACHE") or Path.home() / ".cache" / "tether") / "serve"
+
+
+class ModelIndex:
+    """An exported :class:`align.model.AlignedModel` over the build's images: image and caption embeddings of every
+    sample with a stored image (the shards' samples when the build has shards), computed once per (build, model
+    fingerprint) and cached outside the build, under :func:`cache_root`."""
+
+    def __init__(self, explorer: Explorer, model_dir: str | Path, eval_dir: str | Path | None = None):
+        from align.model import CONFIG, WEIGHTS, AlignedModel
+
+        self.ex = explorer
+        self.dir = Path(model_dir)
+        self.model = AlignedModel.from_pretrained(self.dir)  # heads now, encoders on the first query
+        h = hashlib.sha256()
+        for name in (CONFIG, WEIGHTS):
+            with open(self.dir / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        self.fingerprint = h.hexdigest()[:16]
+        build_key = hashlib.sha256(f"{explorer.catalog.resolve()}:{explorer.etag_seed}".encode()).hexdigest()[:16]
+        self.cache = cache_root() / f"{build_key}-{self.fingerprint}"
+        self.eval_dir = Path(eval_dir) if eval_dir else None
+        self._lock = threading.Lock()
+        self._index: tuple[list[str], object, object] | None = None
+        self.seconds_to_build: float | None = None
+
+    def _uids(self) -> list[str]:
+        with self.ex.cursor() as cur:
+            if self.ex.has("shard_index"):
+                rows = cur.execute("SELECT uid FROM shard_index ORDER BY pos").fetchall()
+                if rows:
+                    return [r[0] for r in rows]
+            if self.ex.has("downloads"):
+                rows = cur.execute(f"""SELECT DISTINCT s.uid FROM samples s JOIN downloads d USING (uid)
+                                       WHERE d.status = 'success' AND NOT {DEAD} ORDER BY 1""").fetchall()
+                if rows:
+                    return [r[0] for r in rows]
+            return [r[0] for r in cur.execute(
+                f"SELECT uid FROM samples s WHERE path IS NOT NULL AND NOT {DEAD} ORDER BY uid").fetchall()]
+
+    def index(self):
+        """``(uids, image_emb [N, D], caption_emb [N, D])``, from the cache or computed (then cached) once."""
+        import numpy as np
+
+        with self._lock:
+            if self._index is not None:
+                return self._index
+            f = self.cache / "index.npz"
+            if f.is_file():
+                try:
+                    with np.load(f, allow_pickle=False) as z:
+                        self._index = (list(z["uids"]), z["image"], z["caption"])
+                    return self._index
+                except (OSError, ValueError, KeyError):
+                    pass  # a damaged cache file is rebuilt
+            import time
+
+            from PIL import Image
+
+            t0 = time.time()
+            uids, images, captions = [], [], []
+            img_parts, cap_parts = [], []
+            caps = self._captions()
+
+            def flush():
+                if images:
+                    img_parts.append(self.model.encode_image(images))
+                    cap_parts.append(self.model.encode_text(captions))
+                    images.clear()
+                    captions.clear()
+
+            for uid in self._uids():
+                data = self.ex.image_bytes(uid)
+                if data is None:
+                    continue
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        images.append(im.convert("RGB"))
+                except Exception:  # noqa: BLE001 - an undecodable image is left out of the index
+                    continue
+                uids.append(uid)
+                captions.append(caps.get(uid) or "")
+                if len(images) >= 64:
+                    flush()
+            flush()
+            dim = int(self.model.config["embed_dim"])
+            img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
+            cap = np.concatenate(cap_parts) if cap_parts else np.zeros((0, dim), np.float32)
+            self.cache.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache / f".index.{os.getpid()}.npz"
+            np.savez(tmp, uids=np.array(uids, dtype=str), image=img, caption=cap)
+            os.replace(tmp, f)
+            self.seconds_to_build = time.time() - t0
+            self._index = (uids, img, cap)
+            return self._index
+
+    def _captions(self) -> dict[str, str]:
+        with self.ex.cursor() as cur:
+            return dict(cur.execute("SELECT uid, caption FROM samples").fetchall())
+
+    def text_to_image(self, q: str, k: int) -> list[tuple[str, float]]:
+        import numpy as np
+
+        uids, img, _ = self.index()
+        if not uids:
+            return []
+        scores = img @ self.model.encode_text([q])[0]
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [(uids[i], float(scores[i])) for i in top]
+
+    def image_to_text(self, uid: str, k: int) -> list[tuple[str, float]] | None:
+        """The ``k`` indexed captions nearest ``uid``'s image (None when the image is not indexed)."""
+        import numpy as np
+
+        uids, img, cap = self.index()
+        try:
+            i = uids.index(uid)
+        except ValueError:
+            return None
+        scores = cap @ img[i]
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [(uids[j], float(scores[j])) for j in top]
+
+    def reports(self) -> list[dict]:
+        """The eval reports (``<task>.md`` + ``<task>.png`` written by ``align eval``) in ``eval_dir``."""
+        if not self.eval_dir or not self.eval_dir.is_dir():
+            return []
+        out = []
+        for md in sorted(self.eval_dir.glob("*.md")):
+            png = md.with_suffix(".png")
+            out.append({"task": md.stem, "text": md.read_text(encoding="utf-8", errors="replace")[:20000],
+                        "png": png.name if png.is_file() else None})
+        return out
+
+
 # -------------------------------------------------------------------------------------------- rendering
 def highlight(caption: str, spans, whole: bool = True) -> Markup:
     """``caption`` HTML-escaped with every occurrence of the matched span(s) wrapped in ``<mark>`` (``whole``:
@@ -416,8 +556,10 @@ def quote_id(value: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- app
-def create_app(build: str | Path):
-    """The FastAPI app over ``build`` (a build folder or its catalog.duckdb)."""
+def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str | Path | None = None):
+    """The FastAPI app over ``build`` (a build folder or its catalog.duckdb); with ``model`` (an exported
+    AlignedModel folder) also text → image search, image → text on sample pages, and the model's eval reports
+    (``eval_dir``: where ``align eval --out`` wrote them)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, Response
@@ -425,12 +567,15 @@ def create_app(build: str | Path):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     ex = Explorer(build)
+    mi = ModelIndex(ex, model, eval_dir) if model else None
     templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
     templates.env.filters["q"] = quote_id
     templates.env.filters["num"] = lambda v: "" if v is None else f"{v:,}"
     templates.env.globals["highlight"] = highlight
+    templates.env.globals["has_model"] = mi is not None
     app = FastAPI(title="tether explorer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = ex
+    app.state.model_index = mi
     build_name = ex.build_dir.resolve().name
 
     def page(request: Request, name: str, status: int = 200, **ctx):
@@ -506,7 +651,59 @@ def create_app(build: str | Path):
 
     @app.get("/sample/{uid:path}", response_class=HTMLResponse)
     def sample_page(request: Request, uid: str):
-        return page(request, "sample.html", s=ex.sample(uid), uid=uid, title=f"Sample {uid}")
+        s = ex.sample(uid)
+        near = None
+        if mi is not None:
+            hits = mi.image_to_text(uid, 10)
+            if hits is not None:
+                caps = {u: c for u, c in ex_captions([u for u, _ in hits])}
+                near = [(u, sc, caps.get(u, "")) for u, sc in hits]
+        return page(request, "sample.html", s=s, uid=uid, near=near, title=f"Sample {uid}")
+
+    def ex_captions(uids: list[str]) -> list[tuple[str, str]]:
+        if not uids:
+            return []
+        with ex.cursor() as cur:
+            return cur.execute("SELECT uid, caption FROM samples WHERE uid IN (SELECT unnest(?))", [uids]).fetchall()
+
+    def need_model():
+        if mi is None:
+            raise NotFound("this explorer runs without a model: start it with `curate serve BUILD --model MODEL_DIR`")
+        return mi
+
+    @app.get("/images", response_class=HTMLResponse)
+    def images_page(request: Request, q: str = "", page: int = 1):
+        m = need_model()
+        check_page(page)
+        q = q.strip()
+        if len(q) > MAX_QUERY_CHARS:
+            raise BadRequest(f"query too long ({len(q)} > {MAX_QUERY_CHARS} characters)")
+        if "\x00" in q:
+            raise BadRequest("query contains a NUL character")
+        hits, n = [], 0
+        if q:
+            top = m.text_to_image(q, IMAGE_HITS)
+            n = len(top)
+            top = top[(page - 1) * GRID_SIZE:page * GRID_SIZE]
+            caps = dict(ex_captions([u for u, _ in top]))
+            hits = [{"uid": u, "score": sc, "caption": caps.get(u) or ""} for u, sc in top]
+        return templates.TemplateResponse(request, "images.html", {
+            "build": build_name, "title": "Text → image", "q": q, "hits": hits, "indexed": len(m.index()[0]) if q else None,
+            "pager": pager(request, page, n, GRID_SIZE)})
+
+    @app.get("/model", response_class=HTMLResponse)
+    def model_page(request: Request):
+        m = need_model()
+        return page(request, "model.html", title="Model", m=m, config=m.model.config, reports=m.reports())
+
+    @app.get("/model/report/{name}")
+    def model_report(name: str):
+        m = need_model()
+        ok = {r["png"] for r in m.reports() if r["png"]}
+        if name not in ok:
+            raise NotFound(f"no eval report image {name!r}")
+        return Response((m.eval_dir / name).read_bytes(), media_type="image/png",
+                        headers={"Cache-Control": "no-cache"})
 
     @app.get("/search", response_class=HTMLResponse)
     def search_page(request: Request, q: str = "", concept: str = "", status: str = "any", source: str = "",
@@ -555,8 +752,13 @@ def cmd_serve(args) -> int:
     p = Path(args.build)
     if not (p / "catalog.duckdb" if p.is_dir() else p).is_file():
         raise UserError(f"{args.build}: no build catalog here (run `curate build RECIPE` first)")
+    if args.model and not Path(args.model).is_dir():
+        raise UserError(f"--model: {args.model}: no such folder (an exported aligned model: config.json + "
+                        "model.safetensors)")
+    if args.eval and not Path(args.eval).is_dir():
+        raise UserError(f"--eval: {args.eval}: no such folder")
     try:
-        app = create_app(args.build)
+        app = create_app(args.build, model=args.model, eval_dir=args.eval)
     except duckdb.Error as e:
         raise UserError(f"{args.build}: cannot open the catalog read-only ({str(e).splitlines()[0]}); is a build "
                         "still writing it?") from None
@@ -578,4 +780,7 @@ def register(sub) -> None:
     s.add_argument("build", help="build folder or catalog.duckdb")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=8731)
+    s.add_argument("--model", help="an exported aligned model folder: adds text → image search (embeddings cached "
+                                    "in $TETHER_CACHE/serve, default ~/.cache/tether/serve) and image → text")
+    s.add_argument("--eval", help="folder of that model's eval reports (`align eval --out`), shown on /model")
     s.set_defaults(func=cmd_serve)

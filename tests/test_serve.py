@@ -192,10 +192,88 @@ def test_highlight_escapes_and_marks():
     assert str(highlight("x < y", None)) == "x &lt; y"
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["serve", str(tmp_path / "nobuild")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no build catalog" in err and err.count("\n") == 1
+def test_cli_errors_are_one_line(build, tmp_path, capsys):
+    for args, msg in [([str(tmp_path / "nobuild")], "no build catalog"),
+                      ([str(build), "--model", str(tmp_path / "nomodel")], "--model"),
+                      ([str(build), "--model", str(tmp_path)], "not an aligned model"),
+                      ([str(build), "--port", "70000"], "--port")]:
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------------------ aligned model
+@pytest.fixture(scope="module")
+def tiny_model(tiny_vision, tiny_text, tmp_path_factory) -> Path:
+    from align.model import AlignedModel, DualProjector
+    from align.projectors import ProjectorConfig
+
+    pc = ProjectorConfig(kind="linear", out_dim=8)
+    out = tmp_path_factory.mktemp("model") / "m"
+    AlignedModel.from_parts(DualProjector(pc, pc, tiny_vision.dim, tiny_text.dim), tiny_vision, tiny_text, pc,
+                            pc).save_pretrained(out)
+    ev = out.parent / "eval"
+    ev.mkdir()
+    (ev / "retrieval.md").write_text("# retrieval\n\n| metric | value |\n|---|---|\n| image→text R@1 | 0.123 |\n")
+    Image.new("RGB", (60, 40), "white").save(ev / "retrieval.png")
+    return out
+
+
+def _model_app(build: Path, model: Path, cache: Path):
+    old = os.environ.get("TETHER_CACHE")
+    os.environ["TETHER_CACHE"] = str(cache)  # read when the app is made: the embedding cache goes here
+    try:
+        return create_app(build, model=model, eval_dir=model.parent / "eval")
+    finally:
+        if old is None:
+            os.environ.pop("TETHER_CACHE")
+        else:
+            os.environ["TETHER_CACHE"] = old
+
+
+def test_text_to_image_search_cached_outside_the_build(build, tiny_model, tmp_path, one_torch_thread):
+    import numpy as np
+
+    from align.model import AlignedModel
+
+    before = _tree_hash(build)
+    cache = tmp_path / "cache"
+    client = TestClient(_model_app(build, tiny_model, cache))
+    r = client.get("/images", params={"q": "a red dog"})
+    assert r.status_code == 200
+    with _catalog(build) as con:
+        uids = [u for (u,) in con.execute("SELECT uid FROM shard_index ORDER BY pos").fetchall()]
+        paths = dict(con.execute("SELECT uid, path FROM samples").fetchall())
+    shown = [u.replace("%3A", ":") for u in re.findall(r'<div class="muted"><a href="/sample/([^"]+)"', r.text)]
+    scores = [float(x) for x in re.findall(r'<div class="score">([-0-9.]+)</div>', r.text)]
+    assert len(shown) == min(24, len(uids)) and set(shown) <= set(uids)
+    assert scores == sorted(scores, reverse=True)
+    # the best hit is the true nearest image under the model, computed here from the source photos
+    m = AlignedModel.from_pretrained(tiny_model)
+    img = m.encode_image([Image.open(paths[u]).convert("RGB") for u in uids])
+    sims = img @ m.encode_text(["a red dog"])[0]
+    assert shown[0] == uids[int(np.argmax(sims))] and abs(scores[0] - float(sims.max())) < 2e-3
+    files = list(cache.rglob("index.npz"))
+    assert len(files) == 1 and files[0].parent.parent == cache / "serve"
+
+    # a second app on the same build + model loads the cache: no image is encoded again
+    app2 = _model_app(build, tiny_model, cache)
+    app2.state.model_index.model.encode_image = None  # would raise if called
+    c2 = TestClient(app2)
+    assert c2.get("/images", params={"q": "a red dog"}).text.count('class="score"') == len(shown)
+    assert app2.state.model_index.seconds_to_build is None
+
+    r = client.get("/sample/" + _q(uids[0]))
+    assert r.status_code == 200 and "Captions nearest this image" in r.text
+    r = client.get("/model")
+    assert r.status_code == 200 and "image→text R@1" in r.text and "/model/report/retrieval.png" in r.text
+    assert client.get("/model/report/retrieval.png").headers["content-type"] == "image/png"
+    assert client.get("/model/report/..%2Fm%2Fconfig.json").status_code == 404
+    assert client.get("/images", params={"q": "x" * 400}).status_code == 400
+    plain = TestClient(create_app(build))
+    r = plain.get("/images", params={"q": "dog"})
+    assert r.status_code == 404 and "--model" in r.text
+    assert _tree_hash(build) == before
 
 
 # ------------------------------------------------------------------------------------------ real browser
@@ -206,11 +284,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(build):
+def server(build, tiny_model, tmp_path_factory):
     import uvicorn
 
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(build), host="127.0.0.1", port=port, log_level="warning"))
+    app = _model_app(build, tiny_model, tmp_path_factory.mktemp("cache"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     deadline = time.time() + 20
@@ -284,12 +363,22 @@ def test_real_browser(build, server, tmp_path):
         assert len(rows) == n_cat and all("cat" in r.lower() and r.strip().endswith("kept") for r in rows)
         page.screenshot(path=str(shots / "search.png"), full_page=True)
 
+        # text → image with the aligned model
+        page.click("header >> text=Text → image")
+        page.fill("input[name=q]", "a red dog")
+        page.click("#images-form button")
+        page.wait_for_url("**/images?*")
+        assert page.locator("#hits .card").count() > 0 and "indexed images" in page.locator("#indexed").inner_text()
+        page.wait_for_load_state("networkidle")
+        assert all(w > 0 for w in page.eval_on_selector_all("#hits img", "els => els.map(e => e.naturalWidth)"))
+        page.screenshot(path=str(shots / "images.png"), full_page=True)
+
         # bad input: a page, not a traceback
         resp = page.goto(server + "/sample/" + _q("web:nope"))
         assert resp.status == 404 and "is not in this build" in page.locator(".error-message").inner_text()
         assert not errors, errors
         browser.close()
-    for name in ("overview", "concept", "sample", "search"):
+    for name in ("overview", "concept", "sample", "search", "images"):
         with Image.open(shots / f"{name}.png") as im:
             assert im.size[0] == 1200 and im.size[1] > 300
             assert len(im.convert("L").resize((64, 64)).getcolors(4096) or range(4097)) > 8  # not a blank page

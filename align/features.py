@@ -394,11 +394,14 @@ def _encode_texts(text, captions: list[str], bs: int, tokens: bool, store: torch
     order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
     tpool, ttok, tmask = [], [], []
     for i in range(0, len(order), bs):
-        h, m = text.tokens([captions[j] for j in order[i:i + bs]])
+        batch = [captions[j] for j in order[i:i + bs]]
+        if not tokens:  # pooled only: any text encoder (PooledTextEncoder included)
+            tpool.append(text.pooled(batch).to(store))
+            continue
+        h, m = text.tokens(batch)
         tpool.append(text.pool(h, m).to(store))
-        if tokens:
-            ttok.append(h.to(store))
-            tmask.append(m.to(torch.int8))
+        ttok.append(h.to(store))
+        tmask.append(m.to(torch.int8))
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     out = {"text": torch.cat(tpool)[inv] if tpool else torch.zeros(0, text.dim, dtype=store)}
@@ -492,6 +495,8 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     from tqdm.auto import tqdm
 
     cfg = cfg or FeatureConfig()
+    if cfg.tokens and not getattr(text, "supports_tokens", True):
+        text.tokens([])  # a pooled-only text encoder: its one-line error, before anything is encoded
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     key = cache_key(vision, text, cfg, data_id)

@@ -192,9 +192,11 @@ class AlignedModel(nn.Module):
         texts = list(texts)
         out = [np.zeros((0, self.config["embed_dim"]), np.float32)]
         for i in range(0, len(texts), batch_size):
-            h, m = enc.tokens(texts[i:i + batch_size])
-            x = h if self.heads.text_tokens else enc.pool(h, m)
-            out.append(_np(self.heads.text(x.float(), m if self.heads.text_tokens else None)))
+            if self.heads.text_tokens:  # token head: transformers encoders only (others raise a one-line error)
+                h, m = enc.tokens(texts[i:i + batch_size])
+                out.append(_np(self.heads.text(h.float(), m)))
+            else:
+                out.append(_np(self.heads.text(enc.pooled(texts[i:i + batch_size]).float(), None)))
         return np.concatenate(out)
 
     def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),

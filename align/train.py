@@ -265,6 +265,8 @@ class EncoderBatches:
                  augment: bool, crop_scale, seed: int, num_workers: int, device: torch.device):
         self.vision, self.text, self.device = vision, text, device
         self.tokens_image, self.tokens_text, self.pooling = tokens_image, tokens_text, pooling
+        if tokens_text and not getattr(text, "supports_tokens", True):
+            text.tokens([])  # a pooled-only text encoder: its one-line error before the first step
         self.ds = _PairImages(samples, vision.processor, augment, crop_scale, seed)
         self.num_workers = num_workers
 
@@ -283,8 +285,10 @@ class EncoderBatches:
             with torch.no_grad():
                 t = self.vision.tokens(b["pixels"].to(self.device))
                 img = t if self.tokens_image else self.vision.pool(t, self.pooling)
-                h, m = self.text.tokens(b["captions"])
-                txt = h if self.tokens_text else self.text.pool(h, m)
+                if self.tokens_text:
+                    txt, m = self.text.tokens(b["captions"])
+                else:
+                    txt, m = self.text.pooled(b["captions"]), None
             yield {"image": img.float(), "text": txt.float(), "text_mask": m if self.tokens_text else None,
                    "image_ids": b["image_ids"].to(self.device), "skipped": b["skipped"]}
 

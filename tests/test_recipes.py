@@ -11,7 +11,8 @@ from curate.recipe import parse, read_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_dinov2_roberta": TrainRecipe,
-        "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe, "align_flickr8k_lite_mpnet": TrainRecipe}
+        "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe, "align_flickr8k_lite_mpnet": TrainRecipe,
+        "align_flickr8k_multilingual": TrainRecipe}
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 

@@ -3,6 +3,7 @@
     align eval MODEL --task retrieval --data ../shared/data/flickr8k --split test [--out DIR]
     align eval MODEL --task zeroshot  --data ../shared/data/imagenet-sample --prompts clip80
     align eval MODEL --task retrieval --features CACHE_DIR      # from cached frozen features, no re-encoding
+    align eval MODEL --task retrieval --data ../shared/data/flickr8k --captions ../shared/data/flickr8k-multilingual/captions.de.txt
     align eval MODEL --task retrieval --data annotations/captions_val2017.json [--image-root val2017]
     align eval MODEL --task retrieval --data pairs.parquet --image-column file_name --caption-column text
     align select --vision facebook/dinov2-small efficientnet-lite0 --text all-MiniLM-L6-v2 \
@@ -44,6 +45,18 @@ def model_fingerprint(model: Any) -> str | None:
             h.update(v.detach().cpu().float().numpy().tobytes())
         return h.hexdigest()[:16]
     return None
+
+
+def caption_language(path: str | Path | None, flickr_default: bool = False) -> str | None:
+    """Language code in a caption file's name (``captions.de.txt`` → ``de``, ``val.zh.jsonl`` → ``zh``);
+    ``en`` for a Flickr8k folder's own ``captions.txt`` (``flickr_default``); else None (unknown)."""
+    if path is not None:
+        suffixes = Path(str(path)).suffixes
+        if len(suffixes) >= 2:
+            code = suffixes[-2].lstrip(".").lower()
+            if 2 <= len(code) <= 3 and code.isalpha():
+                return code
+    return "en" if flickr_default else None
 
 
 def load_model(path: str, device: str = "cpu", vision_path: str | None = None, text_path: str | None = None):
@@ -167,10 +180,16 @@ def run_eval(model: Any, task: str, data: str | None = None, split: str = "test"
              limit: int | None = None, seed: int = 0, features: str | None = None, out: str | Path | None = None,
              cache_dir: str | Path | None = None, batch_size: int = 64, label_column: str = "label",
              image_column: str = "image", progress: bool = True, caption_column: str = "caption",
-             image_root: str | None = None, curve_max_k: int = 50) -> dict[str, Any]:
+             image_root: str | None = None, curve_max_k: int = 50, captions: str | None = None,
+             language: str | None = None) -> dict[str, Any]:
     """Evaluate ``model`` (anything with ``encode_image``/``encode_text``; ``project_*_features`` for cached
     features) and write the report when ``out`` is given. Returns ``{"metrics": ..., "meta": ..., ...}``:
     retrieval adds ``curves`` (recall@K, K = 1..``curve_max_k``), zero-shot adds ``per_class``.
+
+    Retrieval: ``captions`` = a Flickr8k-format captions file (any language) used instead of ``<data>/captions.txt``
+    (only the split's images that have captions there are evaluated); ``language`` (default: guessed from a
+    ``*.xx.txt`` / ``*.xx.jsonl`` file name, else ``en`` for Flickr8k's own captions, else unknown) goes into
+    ``meta["language"]`` and the report.
 
     Images that cannot be opened are skipped (one stderr line each) and listed in ``meta["skipped"]``;
     ``metrics["n_skipped"]`` counts them."""
@@ -197,8 +216,14 @@ def run_eval(model: Any, task: str, data: str | None = None, split: str = "test"
             if data is None:
                 raise RecipeError("retrieval needs --data (a Flickr8k-style folder, a COCO captions json or an "
                                   "image,caption table) or --features (a feature cache)")
-            pairs = PairedSet.load(data, split, image_column, caption_column, image_root).subset(limit, seed)
+            pairs = PairedSet.load(data, split, image_column, caption_column, image_root,
+                                   captions_file=captions).subset(limit, seed)
             meta["name"] = pairs.name
+            meta["language"] = language or caption_language(captions or data, flickr_default=captions is None
+                                                            and Path(data).is_dir())
+            if captions:
+                meta["captions"] = str(captions)
+            meta["n_images"], meta["n_captions"] = len(pairs), len(pairs.captions)
             if Path(data).is_dir():
                 meta["split"] = split
             if features:
@@ -288,7 +313,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / "eval" / Path(args.model).name)
     res = run_eval(model, args.task, args.data, args.split, args.prompts, args.limit, args.seed, args.features,
                    out, args.cache_dir, args.batch_size, args.label_column, args.image_column,
-                   caption_column=args.caption_column, image_root=args.image_root)
+                   caption_column=args.caption_column, image_root=args.image_root, captions=args.captions,
+                   language=args.language)
+    if args.task == "retrieval":
+        m = res["meta"]
+        print(f"{'language':>24}: {m.get('language') or 'unknown'} ({m.get('n_images', '?')} images, "
+              f"{m.get('n_captions', '?')} captions)")
     for k, v in res["metrics"].items():
         print(f"{k:>24}: {v:.2f}" if isinstance(v, float) else f"{k:>24}: {v}")
     if res["metrics"].get("n_skipped"):
@@ -344,6 +374,9 @@ def register(subparsers) -> None:
     e.add_argument("--label-column", default="label", help="label column of a HF dataset (zeroshot)")
     e.add_argument("--image-column", default="image", help="image column of a table (retrieval) or HF dataset")
     e.add_argument("--caption-column", default="caption", help="caption column of a table (retrieval)")
+    e.add_argument("--captions", help="retrieval: a Flickr8k-format captions file (IMAGE.jpg#N<TAB>caption, any "
+                                      "language) instead of <data>/captions.txt; images without one are left out")
+    e.add_argument("--language", help="language of the captions for the report (default: from a *.xx.txt name)")
     e.add_argument("--image-root", help="folder the table's / COCO json's image paths are relative to "
                                         "(default: the file's folder; for COCO also <set>/ beside it)")
     e.set_defaults(func=_cmd_eval)

@@ -94,7 +94,8 @@ def write_eval(result: dict[str, Any], out_dir: str | Path, task: str) -> list[P
     meta = result.get("meta", {})
     name = meta.get("name") or meta.get("data") or "?"
     lines = [f"# {task} evaluation: {name}\n\n", f"- data: `{meta.get('data')}`\n"]
-    for k in ("split", "features", "prompts", "n_classes", "model_fingerprint"):
+    for k in ("split", "language", "captions", "n_images", "n_captions", "features", "prompts", "n_classes",
+              "model_fingerprint"):
         if meta.get(k) is not None:
             lines.append(f"- {k}: `{meta[k]}`\n")
     skipped = meta.get("skipped") or {}

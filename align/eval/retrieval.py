@@ -247,11 +247,18 @@ class PairedSet:
         return out
 
     @classmethod
-    def from_flickr8k(cls, root: str | Path, split: str = "test") -> "PairedSet":
-        """Flickr8k layout: ``images/``, ``captions.txt`` (``IMG.jpg#N<TAB>caption``), ``{split}_images.txt``."""
+    def from_flickr8k(cls, root: str | Path, split: str = "test", captions_file: str | Path | None = None) -> "PairedSet":
+        """Flickr8k layout: ``images/``, ``captions.txt`` (``IMG.jpg#N<TAB>caption``), ``{split}_images.txt``.
+
+        ``captions_file``: another file in the same line format (e.g. German captions of the same images) used
+        instead of ``captions.txt``; then only the split's images that have a caption in it are kept."""
         root = Path(root)
         cap_file, split_file = root / "captions.txt", root / f"{split}_images.txt"
-        for f in (cap_file, split_file, root / "images"):
+        if captions_file is not None:
+            cap_file = Path(captions_file)
+            if not cap_file.is_file():
+                raise RecipeError(f"--captions {cap_file}: file not found")
+        for f in (split_file, root / "images") + (() if captions_file is not None else (cap_file,)):
             if not f.exists():
                 raise RecipeError(f"{root}: not a Flickr8k folder ({f.name} missing)")
         names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
@@ -268,10 +275,16 @@ class PairedSet:
                 caps.append(cap.strip())
                 owner.append(i)
         missing = sorted(set(range(len(names))) - set(owner))
-        if missing:
+        if missing and captions_file is None:
             raise RecipeError(f"{root}: {len(missing)} {split} images have no caption (first: {names[missing[0]]})")
-        return cls([root / "images" / n for n in names], caps, np.asarray(owner), name=f"flickr8k-{split}",
+        full = cls([root / "images" / n for n in names], caps, np.asarray(owner), name=f"flickr8k-{split}",
                    keys=list(names))
+        if captions_file is None:
+            return full
+        if not caps:
+            raise RecipeError(f"--captions {cap_file}: no caption for any of the {len(names)} {split} images "
+                              "(expected IMAGE.jpg#N<TAB>caption lines with the Flickr8k image names)")
+        return full.select(sorted(set(owner)), name=f"flickr8k-{split} ({cap_file.name})")
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[str, Any]], base: Path, name: str, where: str) -> "PairedSet":
@@ -388,11 +401,15 @@ class PairedSet:
 
     @classmethod
     def load(cls, data: str | Path, split: str = "test", image_column: str = "image",
-             caption_column: str = "caption", image_root: str | Path | None = None) -> "PairedSet":
-        """Flickr8k folder, COCO captions json or caption table, whichever ``data`` is."""
+             caption_column: str = "caption", image_root: str | Path | None = None,
+             captions_file: str | Path | None = None) -> "PairedSet":
+        """Flickr8k folder (``captions_file``: its captions in another file/language), COCO captions json or
+        caption table, whichever ``data`` is."""
         p = Path(data)
         if p.is_dir():
-            return cls.from_flickr8k(p, split)
+            return cls.from_flickr8k(p, split, captions_file)
+        if captions_file is not None:
+            raise RecipeError(f"--captions needs --data to be a Flickr8k-style folder (got {p})")
         return cls.from_table(p, image_column, caption_column, image_root)
 
 

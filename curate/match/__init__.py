@@ -158,7 +158,7 @@ def lexical_forms(cat: Catalog, cfg: LexicalConfig) -> tuple[dict[str, tuple[str
     skipped: list[str] = []
     if cfg.skip_adjectives:
         try:
-            adjectives = adjective_words(cfg.wordnet_dir)
+            adjectives = adjective_words(cfg.wordnet_dir, ratio=cfg.adjective_ratio)
         except RecipeError:
             adjectives = frozenset()
         forms, skipped = drop_adjective_forms(forms, adjectives)

@@ -43,6 +43,10 @@ class LexicalConfig(Strict):
     # one-word forms whose lemma WordNet's sense counts tag mostly as an adjective (white, black, young, little,
     # red ...) are not matched: "a white dog" is not about a White person. Needs WordNet's cntlist.rev.
     skip_adjectives: bool = True
+    # an adjective-dominant lemma has >= 5 SemCor adjective tags and MORE than this × its noun tags. 2.0 keeps
+    # orange (7 vs 8), giant (9 vs 10), male, female as nouns; 0.5 also skips them (their caption uses are
+    # nearly all colours/attributes: docs/concepts.md "Concept precision"), at the cost of the orange fruit.
+    adjective_ratio: float = Field(2.0, ge=0.0)
     # > 0: a bank concept that is a RARE sense of the word a form comes from is not matched: SemCor must tag
     # that sense at least this share of the word's most-tagged noun sense ("spot" → spotlight: 0 vs 23 tags;
     # "family" → kin: 5 vs 66; 0.25 is the measured setting). Words SemCor never tagged as nouns keep all

@@ -127,7 +127,8 @@ def test_adjective_ratio_skips_colour_nouns(tmp_path):
     assert {"orange", "giant", "male", "female"} <= adjective_words(ratio=0.5)
     assert not {"dog", "boy", "husky"} & adjective_words(ratio=0.5)
     cat = Catalog(tmp_path / "c.duckdb")
-    cat.con.register("_caps", pa.table({"uid": ["a", "b"], "caption": ["A boy holds an orange toy .", "A giant boy ."]}))
+    caps = pa.table({"uid": ["a", "b"], "caption": ["A boy holds an orange toy .", "A giant boy ."]})
+    cat.con.register("_caps", caps)
     cat.execute("INSERT INTO samples(uid, caption) SELECT uid, caption FROM _caps")
     build_concepts(cat, ConceptsConfig(imagenet1k=False, words=["orange", "giant", "boy"]), progress=False)
 

@@ -48,6 +48,8 @@ def _make_source(root: Path, n: int = 60) -> Path:
             im.save(p, quality=90)
         word = WORDS[i % 5] if i % 7 else WORDS[0]
         cap = f"a {rng.choice(['small', 'big', 'red'])} {word} playing in the park number {i}"
+        if i == 8:
+            cap = f"a <script>alert(1)</script> & {word} playing in the park"  # shown as text, never as markup
         rows.append((p.name, "" if i == 3 else cap))
     with open(root / "web.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -127,6 +129,9 @@ def test_pages_errors_search_thumbs_and_read_only(build):
     assert r.status_code == 200 and f'href="/sample/{_q(dup)}"' in r.text  # the group links back
     assert re.search(r"shard-\d{5}\.tar key \d{10}", _text(r.text))
 
+    for url in ("/sample/web%3A8", "/search?q=script", "/concept/user%3Abird", "/search?q=%3Cscript%3E"):
+        r = client.get(url)
+        assert r.status_code == 200 and "<script>" not in r.text and "alert(1)&lt;/" in r.text, url
     r = client.get("/search", params={"q": "Dog  PARK", "status": "kept"})
     assert r.status_code == 200
     shown = set(re.findall(r'<a href="/sample/([^"]+)">', r.text))

@@ -408,6 +408,24 @@ class ModelIndex:
         self._lock = threading.Lock()
         self._index: tuple[list[str], object, object] | None = None
         self.seconds_to_build: float | None = None
+        self.progress = (0, 0)  # (images embedded, images to embed) while the index is being built
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._index is not None
+
+    def start_background(self) -> None:
+        """Build (or load) the index in a thread, so the pages stay usable meanwhile (``/images`` shows progress)."""
+        def run():
+            try:
+                self.index()
+            except Exception as e:  # noqa: BLE001 - shown on /images instead of killing the server
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+        self._thread = threading.Thread(target=run, name="tether-serve-index", daemon=True)
+        self._thread.start()
 
     def _uids(self) -> list[str]:
         with self.ex.cursor() as cur:
@@ -454,7 +472,10 @@ class ModelIndex:
                     images.clear()
                     captions.clear()
 
-            for uid in self._uids():
+            todo = self._uids()
+            self.progress = (0, len(todo))
+            for n, uid in enumerate(todo, 1):
+                self.progress = (n, len(todo))
                 data = self.ex.image_bytes(uid)
                 if data is None:
                     continue
@@ -564,7 +585,8 @@ def quote_id(value: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- app
-def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str | Path | None = None):
+def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str | Path | None = None,
+               index_in_background: bool = False):
     """The FastAPI app over ``build`` (a build folder or its catalog.duckdb); with ``model`` (an exported
     AlignedModel folder) also text → image search, image → text on sample pages, and the model's eval reports
     (``eval_dir``: where ``align eval --out`` wrote them)."""
@@ -576,6 +598,8 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
 
     ex = Explorer(build)
     mi = ModelIndex(ex, model, eval_dir) if model else None
+    if mi is not None and index_in_background:
+        mi.start_background()
     templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
     templates.env.filters["q"] = quote_id
     templates.env.filters["num"] = lambda v: "" if v is None else f"{v:,}"
@@ -689,6 +713,13 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
         if "\x00" in q:
             raise BadRequest("query contains a NUL character")
         hits, n = [], 0
+        if q and not m.ready and m._thread is not None:  # the background index is still being built
+            if m.error:
+                raise RuntimeError(f"building the image index failed: {m.error}")
+            done, total = m.progress
+            return templates.TemplateResponse(request, "images.html", {
+                "build": build_name, "title": "Text → image", "q": q, "hits": [], "indexed": None,
+                "building": (done, total), "pager": pager(request, 1, 0, GRID_SIZE)})
         if q:
             top = m.text_to_image(q, IMAGE_HITS)
             n = len(top)
@@ -696,8 +727,8 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
             caps = dict(ex_captions([u for u, _ in top]))
             hits = [{"uid": u, "score": sc, "caption": caps.get(u) or ""} for u, sc in top]
         return templates.TemplateResponse(request, "images.html", {
-            "build": build_name, "title": "Text → image", "q": q, "hits": hits, "indexed": len(m.index()[0]) if q else None,
-            "pager": pager(request, page, n, GRID_SIZE)})
+                "build": build_name, "title": "Text → image", "q": q, "hits": hits, "building": None,
+            "indexed": len(m.index()[0]) if q else None, "pager": pager(request, page, n, GRID_SIZE)})
 
     @app.get("/model", response_class=HTMLResponse)
     def model_page(request: Request):
@@ -766,7 +797,7 @@ def cmd_serve(args) -> int:
     if args.eval and not Path(args.eval).is_dir():
         raise UserError(f"--eval: {args.eval}: no such folder")
     try:
-        app = create_app(args.build, model=args.model, eval_dir=args.eval)
+        app = create_app(args.build, model=args.model, eval_dir=args.eval, index_in_background=True)
     except duckdb.Error as e:
         raise UserError(f"{args.build}: cannot open the catalog read-only ({str(e).splitlines()[0]}); is a build "
                         "still writing it?") from None

@@ -234,11 +234,11 @@ def tiny_model(tiny_vision, tiny_text, tmp_path_factory) -> Path:
     return out
 
 
-def _model_app(build: Path, model: Path, cache: Path):
+def _model_app(build: Path, model: Path, cache: Path, background: bool = False):
     old = os.environ.get("TETHER_CACHE")
     os.environ["TETHER_CACHE"] = str(cache)  # read when the app is made: the embedding cache goes here
     try:
-        return create_app(build, model=model, eval_dir=model.parent / "eval")
+        return create_app(build, model=model, eval_dir=model.parent / "eval", index_in_background=background)
     finally:
         if old is None:
             os.environ.pop("TETHER_CACHE")
@@ -285,6 +285,18 @@ def test_text_to_image_search_cached_outside_the_build(build, tiny_model, tmp_pa
     assert client.get("/model/report/retrieval.png").headers["content-type"] == "image/png"
     assert client.get("/model/report/..%2Fm%2Fconfig.json").status_code == 404
     assert client.get("/images", params={"q": "x" * 400}).status_code == 400
+    # as `curate serve` runs it: the index is built in a thread; /images says how far it got, then answers
+    app3 = _model_app(build, tiny_model, tmp_path / "cache3", background=True)
+    c3 = TestClient(app3)
+    deadline = time.time() + 60
+    while True:
+        r = c3.get("/images", params={"q": "a red dog"})
+        assert r.status_code == 200
+        if 'id="building"' not in r.text:
+            break
+        assert 'http-equiv="refresh"' in r.text and time.time() < deadline
+        time.sleep(0.2)
+    assert app3.state.model_index.ready and r.text.count('class="score"') == len(shown)
     plain = TestClient(create_app(build))
     r = plain.get("/images", params={"q": "dog"})
     assert r.status_code == 404 and "--model" in r.text

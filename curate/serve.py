@@ -8,6 +8,8 @@ Pages (server-rendered with Jinja2 on FastAPI/Starlette, served by uvicorn on 12
 * ``/sample/{uid}``     what ``curate inspect`` says: decisions per stage, matches, duplicate group, shard/key
 * ``/search``           caption search (every word must occur, case-insensitive), filters: concept, status, source
 * ``/thumb/{uid}``      a JPEG thumbnail of the stored image (``?size=`` 32..1024), with cache headers
+* ``/images``, ``/model`` with ``--model``: text → image search over the build's images (embeddings cached per
+  build + model fingerprint under ``$TETHER_CACHE/serve``), the model's config and eval reports
 
 Read-only by construction: the catalog is opened with ``duckdb.connect(path, read_only=True)`` and images are
 read (one tar member, one file) from where the build stored them — never extracted, never written. Bad input
@@ -36,8 +38,8 @@ PAGE_SIZE = 50  # table rows per page
 GRID_SIZE = 24  # thumbnails per page
 MAX_PAGE = 1_000_000
 MAX_QUERY_CHARS = 300
-COUNT_CAP = 100_000
-IMAGE_HITS = 240  # text → image: this many nearest images, paged  # search results are counted up to this many (exact below it)
+COUNT_CAP = 100_000  # search results are counted up to this many (exact below it)
+IMAGE_HITS = 240  # text → image: this many nearest images, paged
 STATUSES = ("any", "kept", "dropped")
 DEAD = "EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)"
 
@@ -567,8 +569,8 @@ def head_tail_svg(matched: list[int], alive: list[int], w: int = 640, h: int = 2
     def pts(vals):
         step = max(1, n // 400)  # at most ~400 points whatever the number of concepts
         idx = list(range(0, n, step)) + ([n - 1] if (n - 1) % step else [])
-        return " ".join(f"{40 + (w - 50) * (i / max(1, n - 1)):.1f},{h - 20 - (h - 30) * math.log10(vals[i] + 1) / top:.1f}"
-                        for i in idx)
+        return " ".join(f"{40 + (w - 50) * (i / max(1, n - 1)):.1f},"
+                        f"{h - 20 - (h - 30) * math.log10(vals[i] + 1) / top:.1f}" for i in idx)
 
     return Markup(
         f'<svg class="curve" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
@@ -636,7 +638,8 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):
-        return error(request, 500, "Server error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return error(request, 500, "Server error", f"{type(exc).__name__}: {first}")
 
     def check_page(p: int, name: str = "page") -> int:
         if p < 1 or p > MAX_PAGE:

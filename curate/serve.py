@@ -444,7 +444,9 @@ class ModelIndex:
                 f"SELECT uid FROM samples s WHERE path IS NOT NULL AND NOT {DEAD} ORDER BY uid").fetchall()]
 
     def index(self):
-        """``(uids, image_emb [N, D], caption_emb [N, D])``, from the cache or computed (then cached) once."""
+        """``(uids, group [N], image_emb [G, D], caption_emb [N, D])``: ``group[i]`` is the row of ``uids[i]``'s
+        image in ``image_emb`` (samples whose stored images are byte-identical — several captions of one photo —
+        share one row, embedded once). From the cache, or computed (then cached) once."""
         import numpy as np
 
         with self._lock:
@@ -454,7 +456,7 @@ class ModelIndex:
             if f.is_file():
                 try:
                     with np.load(f, allow_pickle=False) as z:
-                        self._index = (list(z["uids"]), z["image"], z["caption"])
+                        self._index = (list(z["uids"]), z["group"], z["image"], z["caption"])
                     return self._index
                 except (OSError, ValueError, KeyError):
                     pass  # a damaged cache file is rebuilt
@@ -463,69 +465,77 @@ class ModelIndex:
             from PIL import Image
 
             t0 = time.time()
-            uids, images, captions = [], [], []
-            img_parts, cap_parts = [], []
-            caps = self._captions()
+            todo = self._uids()
+            with self.ex.cursor() as cur:
+                caps = dict(cur.execute("SELECT uid, caption FROM samples WHERE uid IN (SELECT unnest(?))",
+                                        [todo]).fetchall())
+            uids, group, seen = [], [], {}
+            images, captions, img_parts, cap_parts = [], [], [], []
 
-            def flush():
-                if images:
+            def flush(force: bool = False):
+                if images and (force or len(images) >= 64):
                     img_parts.append(self.model.encode_image(images))
-                    cap_parts.append(self.model.encode_text(captions))
                     images.clear()
+                if captions and (force or len(captions) >= 256):
+                    cap_parts.append(self.model.encode_text(captions))
                     captions.clear()
 
-            todo = self._uids()
             self.progress = (0, len(todo))
             for n, uid in enumerate(todo, 1):
                 self.progress = (n, len(todo))
                 data = self.ex.image_bytes(uid)
                 if data is None:
                     continue
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        images.append(im.convert("RGB"))
-                except Exception:  # noqa: BLE001 - an undecodable image is left out of the index
-                    continue
+                key = hashlib.sha1(data).digest()
+                if key not in seen:
+                    try:
+                        with Image.open(io.BytesIO(data)) as im:
+                            images.append(im.convert("RGB"))
+                    except Exception:  # noqa: BLE001 - an undecodable image is left out of the index
+                        continue
+                    seen[key] = len(seen)
                 uids.append(uid)
+                group.append(seen[key])
                 captions.append(caps.get(uid) or "")
-                if len(images) >= 64:
-                    flush()
-            flush()
+                flush()
+            flush(force=True)
             dim = int(self.model.config["embed_dim"])
             img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
             cap = np.concatenate(cap_parts) if cap_parts else np.zeros((0, dim), np.float32)
+            grp = np.asarray(group, dtype=np.int64)
             self.cache.mkdir(parents=True, exist_ok=True)
             tmp = self.cache / f".index.{os.getpid()}.npz"
-            np.savez(tmp, uids=np.array(uids, dtype=str), image=img, caption=cap)
+            np.savez(tmp, uids=np.array(uids, dtype=str), group=grp, image=img, caption=cap)
             os.replace(tmp, f)
             self.seconds_to_build = time.time() - t0
-            self._index = (uids, img, cap)
+            self._index = (uids, grp, img, cap)
             return self._index
 
-    def _captions(self) -> dict[str, str]:
-        with self.ex.cursor() as cur:
-            return dict(cur.execute("SELECT uid, caption FROM samples").fetchall())
-
-    def text_to_image(self, q: str, k: int) -> list[tuple[str, float]]:
+    def text_to_image(self, q: str, k: int) -> list[tuple[str, float, int]]:
+        """The ``k`` images nearest the text ``q``: ``(uid of its first sample, cosine, samples sharing it)``."""
         import numpy as np
 
-        uids, img, _ = self.index()
+        uids, grp, img, _ = self.index()
         if not uids:
             return []
         scores = img @ self.model.encode_text([q])[0]
+        first = {}
+        for i, g in enumerate(grp.tolist()):
+            first.setdefault(g, i)
+        counts = np.bincount(grp, minlength=len(img))
         top = np.argsort(-scores, kind="stable")[:k]
-        return [(uids[i], float(scores[i])) for i in top]
+        return [(uids[first[int(g)]], float(scores[g]), int(counts[g])) for g in top]
 
     def image_to_text(self, uid: str, k: int) -> list[tuple[str, float]] | None:
         """The ``k`` indexed captions nearest ``uid``'s image (None when the image is not indexed)."""
         import numpy as np
 
-        uids, img, cap = self.index()
+        uids, grp, img, cap = self.index()
         try:
             i = uids.index(uid)
         except ValueError:
             return None
-        scores = cap @ img[i]
+        scores = cap @ img[grp[i]]
         top = np.argsort(-scores, kind="stable")[:k]
         return [(uids[j], float(scores[j])) for j in top]
 
@@ -727,11 +737,11 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
             top = m.text_to_image(q, IMAGE_HITS)
             n = len(top)
             top = top[(page - 1) * GRID_SIZE:page * GRID_SIZE]
-            caps = dict(ex_captions([u for u, _ in top]))
-            hits = [{"uid": u, "score": sc, "caption": caps.get(u) or ""} for u, sc in top]
+            caps = dict(ex_captions([u for u, _, _ in top]))
+            hits = [{"uid": u, "score": sc, "shared": k, "caption": caps.get(u) or ""} for u, sc, k in top]
         return templates.TemplateResponse(request, "images.html", {
                 "build": build_name, "title": "Text → image", "q": q, "hits": hits, "building": None,
-            "indexed": len(m.index()[0]) if q else None, "pager": pager(request, page, n, GRID_SIZE)})
+            "indexed": len(m.index()[2]) if q else None, "pager": pager(request, page, n, GRID_SIZE)})
 
     @app.get("/model", response_class=HTMLResponse)
     def model_page(request: Request):

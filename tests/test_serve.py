@@ -48,9 +48,11 @@ def _make_source(root: Path, n: int = 60) -> Path:
             im.save(p, quality=90)
         word = WORDS[i % 5] if i % 7 else WORDS[0]
         cap = f"a {rng.choice(['small', 'big', 'red'])} {word} playing in the park number {i}"
+        if i in (20, 25):  # two captions of one photo (020.jpg), of a rare concept: balancing keeps both
+            cap = f"a kite over the park number {i}"
         if i == 8:
             cap = f"a <script>alert(1)</script> & {word} playing in the park"  # shown as text, never as markup
-        rows.append((p.name, "" if i == 3 else cap))
+        rows.append(("020.jpg" if i == 25 else p.name, "" if i == 3 else cap))  # 020.jpg: two captions
     with open(root / "web.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "caption"])
@@ -59,7 +61,7 @@ def _make_source(root: Path, n: int = 60) -> Path:
         "name": "tiny", "sources": [{"name": "web", "format": "csv", "path": "web.csv", "url_column": None,
                                      "path_column": "path", "image_root": "img"}],
         "filter": {"min_words": 2}, "dedup": {"exact": ["caption"]},
-        "concepts": {"imagenet1k": False, "words": WORDS}, "match": {"mode": "lexical"},
+        "concepts": {"imagenet1k": False, "words": WORDS + ["kite"]}, "match": {"mode": "lexical"},
         "balance": {"method": "t", "t": 8, "seed": 0, "floor": 2},
         "media": {"shards": {"samples_per_shard": 10}, "image_dedup": {"phash": {"threshold": 2}}},
     }
@@ -259,15 +261,22 @@ def test_text_to_image_search_cached_outside_the_build(build, tiny_model, tmp_pa
     with _catalog(build) as con:
         uids = [u for (u,) in con.execute("SELECT uid FROM shard_index ORDER BY pos").fetchall()]
         paths = dict(con.execute("SELECT uid, path FROM samples").fetchall())
+        distinct, shared = con.execute("""SELECT count(DISTINCT d.sha256), count(*) - count(DISTINCT d.sha256)
+                                          FROM shard_index JOIN downloads d USING (uid)""").fetchone()
     shown = [u.replace("%3A", ":") for u in re.findall(r'<div class="muted"><a href="/sample/([^"]+)"', r.text)]
     scores = [float(x) for x in re.findall(r'<div class="score">([-0-9.]+)</div>', r.text)]
-    assert len(shown) == min(24, len(uids)) and set(shown) <= set(uids)
+    assert len(shown) == min(24, distinct) and set(shown) <= set(uids)
+    r_all = client.get("/images", params={"q": "a red dog", "page": 2})
+    assert f"page 2 of 2 ({distinct} rows)" in r_all.text  # every image once, however many captions it has
     assert scores == sorted(scores, reverse=True)
     # the best hit is the true nearest image under the model, computed here from the source photos
     m = AlignedModel.from_pretrained(tiny_model)
     img = m.encode_image([Image.open(paths[u]).convert("RGB") for u in uids])
     sims = img @ m.encode_text(["a red dog"])[0]
     assert shown[0] == uids[int(np.argmax(sims))] and abs(scores[0] - float(sims.max())) < 2e-3
+    # one embedding per distinct stored image: samples sharing a photo share its row
+    mi = client.app.state.model_index
+    assert shared >= 1 and len(mi.index()[2]) == distinct and len(mi.index()[0]) == len(uids)
     files = list(cache.rglob("index.npz"))
     assert len(files) == 1 and files[0].parent.parent == cache / "serve"
 

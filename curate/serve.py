@@ -230,7 +230,7 @@ class Explorer:
             stages, verdict = [], None
             for st, status in ran:
                 ds = decided.get(st, [])
-                stages.append({"stage": st, "status": status, "decisions": ds})
+                stages.append({"stage": st, "status": status, "decisions": ds, "after_drop": verdict is not None})
                 for d in ds:
                     if not d["kept"] and verdict is None:
                         verdict = f"dropped at {st}: {d['reason']}"

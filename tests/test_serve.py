@@ -126,7 +126,7 @@ def test_pages_errors_search_thumbs_and_read_only(build):
     assert r.status_code == 200
     t = _text(r.text)
     assert f"dropped at image_dedup: {dup_reason}" in t and f'href="/sample/{_q(ref)}"' in r.text
-    assert "ingest passed no objection" in t
+    assert "ingest passed no objection" in t and "shards — not judged (dropped earlier)" in t
     r = client.get("/sample/" + _q(ref))
     assert r.status_code == 200 and f'href="/sample/{_q(dup)}"' in r.text  # the group links back
     assert re.search(r"shard-\d{5}\.tar key \d{10}", _text(r.text))

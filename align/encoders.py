@@ -184,7 +184,8 @@ class TextEncoder(_Frozen):
             if pooling not in (None, PooledTextEncoder.pooling):
                 raise RecipeError(f"{name_or_path}: a packaged text encoder has its own pooling; "
                                   f"text pooling {pooling!r} is for transformers encoders only")
-            tspec.package_dir() if tspec.import_name else None  # one-line pip hint when the package is missing
+            if tspec.import_name:
+                tspec.package_dir()  # a missing package: one line naming the pip package
             return tspec.factory(name=str(name_or_path), device=device, dtype=dtype, max_length=max_length)
         from transformers import AutoModel, AutoTokenizer
 

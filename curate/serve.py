@@ -67,7 +67,7 @@ class Explorer:
             "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() UNION "
             "SELECT view_name FROM duckdb_views() WHERE database_name = current_database()").fetchall()}
         self.etag_seed = f"{self.catalog.stat().st_mtime_ns}:{self.catalog.stat().st_size}"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: cached values are built from other cached values
         self._cache: dict[str, object] = {}
         self._tar_index: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._thumbs: OrderedDict[tuple[str, int], bytes | None] = OrderedDict()
@@ -170,14 +170,17 @@ class Explorer:
 
         return self._cached("concepts", compute)
 
+    def concept_index(self) -> dict[str, dict]:
+        return self._cached("concept_index", lambda: {c["id"]: c for c in self.concept_table()})
+
     # -- one concept -----------------------------------------------------------------------------------
     def concept(self, cid: str, page: int, dpage: int) -> dict:
         with self.cursor() as cur:
             cur.execute("""SELECT concept_id, name, lemmas, gloss, depth, hypernyms, origin FROM concepts
                            WHERE concept_id = ? LIMIT 1""", [cid])
             row = cur.fetchone()
-            cur.execute("SELECT count(DISTINCT uid) FROM matches WHERE concept_id = ?", [cid])
-            matched = cur.fetchone()[0]
+            counts = self.concept_index().get(cid)  # matched / alive, from the concept table computed once
+            matched, n_kept = (counts["matched"], counts["alive"]) if counts else (0, 0)
             if row is None and not matched:
                 raise NotFound(f"concept {cid!r} is not in this build")
             info = dict(zip(["id", "name", "lemmas", "gloss", "depth", "hypernyms", "origin"], row)) if row \
@@ -187,22 +190,26 @@ class Explorer:
             names = dict(cur.execute("SELECT concept_id, any_value(name) FROM concepts WHERE concept_id IN "
                                      "(SELECT unnest(?)) GROUP BY 1", [hyper]).fetchall()) if hyper else {}
             info["hypernyms"] = [(h, names.get(h) or h) for h in hyper]
-            mc = """(SELECT uid, any_value(span) FILTER (WHERE span IS NOT NULL) AS span FROM matches
-                     WHERE concept_id = $c GROUP BY uid)"""
-            cur.execute(f"SELECT count(*) FROM {mc} m JOIN samples s USING (uid) WHERE NOT {DEAD}", {"c": cid})
-            n_kept = cur.fetchone()[0]
-            cur.execute(f"""SELECT s.uid, s.caption, m.span FROM {mc} m JOIN samples s USING (uid)
-                            WHERE NOT {DEAD} ORDER BY s.uid LIMIT {GRID_SIZE} OFFSET $o""",
-                        {"c": cid, "o": (page - 1) * GRID_SIZE})
-            kept = [{"uid": u, "caption": c or "", "span": sp} for u, c, sp in cur.fetchall()]
+            # page through the concept's matches first (matches + decisions only), then read the page's captions
+            mc = """WITH m AS (SELECT uid, any_value(span) FILTER (WHERE span IS NOT NULL) AS span FROM matches
+                             WHERE concept_id = $c GROUP BY uid)"""
+            cur.execute(f"""{mc} SELECT uid, span FROM m WHERE NOT EXISTS
+                              (SELECT 1 FROM decisions d WHERE d.uid = m.uid AND NOT d.kept)
+                            ORDER BY uid LIMIT {GRID_SIZE} OFFSET $o""", {"c": cid, "o": (page - 1) * GRID_SIZE})
+            kept = [{"uid": u, "span": sp} for u, sp in cur.fetchall()]
             n_dropped = matched - n_kept
-            cur.execute(f"""SELECT m.uid, s.caption, m.span, d.stage, d.reason, d.ref_uid
-                            FROM {mc} m JOIN samples s USING (uid) JOIN decisions d ON d.uid = m.uid AND NOT d.kept
-                            QUALIFY row_number() OVER (PARTITION BY m.uid ORDER BY d.rowid) = 1
-                            ORDER BY m.uid LIMIT {GRID_SIZE} OFFSET $o""",
-                        {"c": cid, "o": (dpage - 1) * GRID_SIZE})
-            dropped = [{"uid": u, "caption": c or "", "span": sp, "stage": st, "reason": r, "ref": ref}
-                       for u, c, sp, st, r, ref in cur.fetchall()]
+            cur.execute(f"""{mc}, d AS (SELECT uid, stage, reason, ref_uid FROM decisions
+                                        WHERE NOT kept AND uid IN (SELECT uid FROM m)
+                                        QUALIFY row_number() OVER (PARTITION BY uid ORDER BY rowid) = 1)
+                            SELECT m.uid, m.span, d.stage, d.reason, d.ref_uid FROM m JOIN d USING (uid)
+                            ORDER BY m.uid LIMIT {GRID_SIZE} OFFSET $o""", {"c": cid, "o": (dpage - 1) * GRID_SIZE})
+            dropped = [{"uid": u, "span": sp, "stage": st, "reason": r, "ref": ref}
+                       for u, sp, st, r, ref in cur.fetchall()]
+            page_uids = [x["uid"] for x in kept + dropped]
+            caps = dict(cur.execute("SELECT uid, caption FROM samples WHERE uid IN (SELECT unnest(?))",
+                                    [page_uids]).fetchall()) if page_uids else {}
+            for x in kept + dropped:
+                x["caption"] = caps.get(x["uid"]) or ""
         return {"info": info, "matched": matched, "n_kept": n_kept, "kept": kept, "n_dropped": n_dropped,
                 "dropped": dropped}
 
@@ -264,7 +271,7 @@ class Explorer:
             where.append("s.caption ILIKE ? ESCAPE '\\'")
             params.append("%" + re.sub(r"([\\%_])", r"\\\1", w) + "%")
         if concept:
-            if not any(c["id"] == concept for c in self.concept_table()):
+            if concept not in self.concept_index():
                 raise NotFound(f"concept {concept!r} is not in this build")
             where.append("s.uid IN (SELECT uid FROM matches WHERE concept_id = ?)")
             params.append(concept)
@@ -279,10 +286,15 @@ class Explorer:
         with self.cursor() as cur:
             cur.execute(f"SELECT count(*) FROM (SELECT 1 FROM samples s WHERE {cond} LIMIT {COUNT_CAP + 1})", params)
             n = cur.fetchone()[0]
-            cur.execute(f"""SELECT s.uid, s.source, s.caption, {DEAD} AS dead FROM samples s WHERE {cond}
-                            ORDER BY s.rowid LIMIT {PAGE_SIZE} OFFSET {(page - 1) * PAGE_SIZE}""", params)
-            rows = [{"uid": u, "source": src, "caption": c or "", "kept": not dead} for u, src, c, dead in
-                    cur.fetchall()]
+            # catalog order without ORDER BY: DuckDB keeps insertion order and can stop at the page's last row
+            cur.execute(f"""SELECT s.uid, s.source, s.caption FROM samples s WHERE {cond}
+                            LIMIT {PAGE_SIZE} OFFSET {(page - 1) * PAGE_SIZE}""", params)
+            found = cur.fetchall()
+            dead = {r[0] for r in cur.execute(
+                "SELECT DISTINCT uid FROM decisions WHERE NOT kept AND uid IN (SELECT unnest(?))",
+                [[r[0] for r in found]]).fetchall()} if found and status == "any" else set()
+            rows = [{"uid": u, "source": src, "caption": c or "", "kept": status == "kept" or
+                     (status == "any" and u not in dead)} for u, src, c in found]
         return {"n": n, "capped": n > COUNT_CAP, "rows": rows, "words": words}
 
     # -- images ----------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from curate.clikit import add_plugins, run_command
-from curate.recipe import RecipeError
+from tether.clikit import add_plugins, run_command
+from tether.recipe import RecipeError
 
 PLUGINS = ["align.eval.cli"]
 

@@ -21,7 +21,7 @@ from align.data import DataConfig
 from align.features import FeatureConfig
 from align.loss import LossConfig
 from align.projectors import ProjectorConfig
-from curate.recipe import RecipeError, Strict, load_recipe, resolve_path
+from tether.recipe import RecipeError, Strict, load_recipe, resolve_path
 
 
 class VisionConfig(Strict):

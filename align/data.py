@@ -25,7 +25,7 @@ from typing import Any, Iterator, Literal, Union
 import numpy as np
 from PIL import Image
 
-from curate.recipe import RecipeError, Strict, resolve_path
+from tether.recipe import RecipeError, Strict, resolve_path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 

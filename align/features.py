@@ -41,8 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, random_resized_crop
-from curate.fileio import atomic_write
-from curate.recipe import RecipeError, Strict, resolve_path
+from tether.fileio import atomic_write
+from tether.recipe import RecipeError, Strict, resolve_path
 
 FORMAT = "tether-features/2"  # /2: exact-bytes fingerprints, file checksums, data_sha
 MANIFEST = "manifest.json"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from curate.recipe import RecipeError, Strict
+from tether.recipe import RecipeError, Strict
 
 LOSS_KINDS = ("infonce", "siglip")
 DEFAULT_INIT_TEMPERATURE = {"infonce": 0.07, "siglip": 0.1}  # SigLIP: logit scale 10

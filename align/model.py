@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from align.projectors import ProjectorConfig, build_projector_from_config
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 FORMAT = "tether-aligned/1"
 CONFIG = "config.json"
@@ -138,7 +138,7 @@ class AlignedModel(nn.Module):
     @property
     def vision(self):
         if self._vision is None:
-            from align.encoders import VisionEncoder
+            from tether.encoders import VisionEncoder
 
             c = self.config["vision"]
             enc = VisionEncoder.load(self._paths["vision"] or c["name"], device=str(self.device), dtype=c["dtype"],
@@ -149,7 +149,7 @@ class AlignedModel(nn.Module):
     @property
     def text(self):
         if self._text is None:
-            from align.encoders import TextEncoder
+            from tether.encoders import TextEncoder
 
             c = self.config["text"]
             enc = TextEncoder.load(self._paths["text"] or c["name"], device=str(self.device), dtype=c["dtype"],
@@ -208,3 +208,12 @@ class AlignedModel(nn.Module):
         e = self.encode_text(prompts, batch_size=batch_size).reshape(len(class_names), len(templates), -1)
         w = e.mean(1)
         return (w / np.linalg.norm(w, axis=-1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def load_for_plugins(path: str | Path):
+    """The ``aligned`` entry of the ``tether.model_loaders`` group (:mod:`tether.plugins`): the model (heads now,
+    encoders on the first query) and the files that identify it."""
+    from tether.plugins import LoadedModel
+
+    root = Path(path)
+    return LoadedModel(AlignedModel.from_pretrained(root), [root / CONFIG, root / WEIGHTS])

@@ -30,8 +30,8 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from align.encoders import masked_mean
-from curate.recipe import RecipeError, Strict
+from tether.encoders import masked_mean
+from tether.recipe import RecipeError, Strict
 
 KINDS = ("token", "mlp", "linear", "identity")
 SIDES = ("image", "text")

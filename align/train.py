@@ -56,9 +56,9 @@ from align.features import (CachedFeatures, FeatureCache, FeatureConfig, cache_k
                             file_checksum, verify_file)
 from align.loss import ContrastiveLoss
 from align.model import AlignedModel, DualProjector
-from curate.clikit import one_line, run_command
-from curate.fileio import atomic_write
-from curate.recipe import RecipeError
+from tether.clikit import one_line, run_command
+from tether.fileio import atomic_write
+from tether.recipe import RecipeError
 
 CKPT_PREFIX = "step-"
 CHECKSUMS = "checksums.json"  # in every checkpoint: size + sha256 of each file, verified before resuming
@@ -71,7 +71,7 @@ ERROR_DIR_ENV = "TETHER_LAUNCH_ERRORS"  # set by `align train --processes`: each
 
 def load_encoders(recipe: TrainRecipe, device: str = "cpu"):
     """The frozen vision and text encoders named by the recipe."""
-    from align.encoders import TextEncoder, VisionEncoder
+    from tether.encoders import TextEncoder, VisionEncoder
 
     vision = VisionEncoder.load(recipe.encoder_name("vision"), device=device, dtype=recipe.vision.dtype,
                                 layer=recipe.vision.layer)

@@ -34,7 +34,7 @@ from curate.catalog import Catalog  # noqa: E402
 from curate.concepts import ConceptsConfig, build_concepts  # noqa: E402
 from curate.match import LexicalMatcher, MatchConfig, load_form_concepts, naive_match, run_match  # noqa: E402
 from curate.match.lexical import Lemmatizer  # noqa: E402
-from curate.recipe import shared_dir  # noqa: E402
+from tether.recipe import shared_dir  # noqa: E402
 
 
 class Timer:
@@ -160,7 +160,7 @@ def spacy_part(a, caps: list[str], matcher: LexicalMatcher) -> None:
 
 def semantic_part(a, caps: list[str], tmp: Path) -> None:
     # --- 4. semantic ---------------------------------------------------------------------------------------
-    from align.encoders import TextEncoder, resolve_model
+    from tether.encoders import TextEncoder, resolve_model
     from curate.match.semantic import TopK, encode_sorted
 
     model = resolve_model("sentence-transformers/all-MiniLM-L6-v2")

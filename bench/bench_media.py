@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curate.recipe import shared_dir  # noqa: E402
+from tether.recipe import shared_dir  # noqa: E402
 
 
 def _timed(fn):
@@ -154,7 +154,7 @@ def bench_semantic(photos: list[Path], n_vec: int, n_embed: int) -> None:
     print(f"\n[3] semantic dedup: DINOv2-S embeddings of {n_embed} images; SemDeDup over {n_vec:,} vectors")
     model = shared_dir() / "models" / "dinov2-small"
     if model.exists():
-        from align.encoders import VisionEncoder
+        from tether.encoders import VisionEncoder
 
         enc = VisionEncoder.load(str(model))
         ims = [Image.open(p).convert("RGB") for p in photos[:n_embed]]

@@ -75,8 +75,8 @@ def bench_cache(kind: str, batch: int, n_steps: int, out_dim: int, bf16: bool = 
 
 def bench_encoders(batch: int, n_steps: int, out_dim: int, tiny: bool) -> tuple[float, str]:
     from align.data import read_flickr8k
-    from align.encoders import TextEncoder, VisionEncoder
-    from curate.recipe import shared_dir
+    from tether.encoders import TextEncoder, VisionEncoder
+    from tether.recipe import shared_dir
 
     sh = shared_dir()
     if tiny or not (sh / "models" / "dinov2-small").exists():

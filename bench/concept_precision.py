@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curate.recipe import RecipeError  # noqa: E402
+from tether.recipe import RecipeError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ROOT / "bench" / "data" / "concept_precision.csv"
@@ -139,7 +139,7 @@ def match_pairs(captions: dict[str, str], recipe_path: str, overrides: Sequence[
     from curate.config import BuildRecipe
     from curate.match import LexicalMatcher, lexical_forms
     from curate.match.lexical import Lemmatizer
-    from curate.recipe import load_recipe
+    from tether.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, BuildRecipe, list(overrides))
     cfg = recipe.match.lexical

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from curate.recipe import RecipeError  # noqa: E402
+from tether.recipe import RecipeError  # noqa: E402
 
 
 def split_captions(root: Path, split: str) -> list[tuple[str, str]]:
@@ -84,7 +84,7 @@ def write_arm(out: Path, ids: list[str], captions: dict[str, str], split: str, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from curate.recipe import shared_dir
+    from tether.recipe import shared_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--selection", required=True, help="a curate build's selection.parquet")

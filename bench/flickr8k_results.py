@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from align.config import TrainRecipe, load_train_recipe  # noqa: E402
-from curate.recipe import RecipeError  # noqa: E402
+from tether.recipe import RecipeError  # noqa: E402
 
 CKA_COLUMNS = [("linear_cka", "linear CKA"), ("unbiased_cka", "unbiased CKA"), ("mutual_knn", "mutual kNN")]
 COLUMNS = [("t2i_R@1", "T→I R@1"), ("t2i_R@5", "T→I R@5"), ("i2t_R@1", "I→T R@1"), ("i2t_R@5", "I→T R@5"),
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         "report Spearman rho against the trained retrieval")
     args = p.parse_args(argv)
     try:
-        from curate.recipe import shared_dir
+        from tether.recipe import shared_dir
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

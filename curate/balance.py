@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.recipe import Strict
+from tether.recipe import Strict
 
 TWO64 = "18446744073709551616.0"
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from curate.clikit import UserError, add_plugins, run_command
+from tether.clikit import UserError, add_plugins, run_command
 
 PLUGINS = ["curate.media", "curate.serve"]
 

@@ -13,7 +13,7 @@
 Concept sets (combinable; duplicates collapse to the first origin in this priority order, which is also the
 order a ``max_concepts`` cap keeps): the user list, ImageNet-1k, WordNet subtrees, ImageNet-21k, then hyponym
 expansion. ImageNet class lists are read by path from the files that ship inside the ``timm`` package
-(``timm/data/_info``, located by :func:`curate.resources.timm_info_dir`; timm is never imported). WordNet
+(``timm/data/_info``, located by :func:`tether.resources.timm_info_dir`; timm is never imported). WordNet
 comes from :mod:`curate.wordnet`. A user list with plain words only needs neither.
 """
 
@@ -30,8 +30,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.recipe import RecipeError, Strict, resolve_path
-from curate.resources import timm_info_dir
+from tether.recipe import RecipeError, Strict, resolve_path
+from tether.resources import timm_info_dir
 from curate.wordnet import WordNet, irregular_plurals
 
 WNID_RE = re.compile(r"^n\d{8}$")

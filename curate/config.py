@@ -19,7 +19,7 @@ from curate.concepts import ConceptsConfig
 from curate.dedup import DedupConfig, FilterConfig
 from curate.match import MatchConfig
 from curate.media import MediaRecipe
-from curate.recipe import RecipeError, Strict, expand, parse, read_yaml, resolve_path
+from tether.recipe import RecipeError, Strict, expand, parse, read_yaml, resolve_path
 from curate.selection import OutputConfig
 from curate.sources import IngestConfig, SourceConfig
 

@@ -12,7 +12,7 @@ duplicates ``ref_uid`` = the sample that was kept):
   normalized caption), applied in the configured order. Keep rule: the first sample in ``(source, row_index)``
   order survives; all SQL (window functions), so 10M rows take seconds.
 * ``neardup`` (:func:`run_near_dup`) — captions embedded with a frozen sentence encoder
-  (:class:`align.encoders.TextEncoder`), greedy in ``(source, row_index)`` order: a caption whose cosine
+  (:class:`tether.encoders.TextEncoder`), greedy in ``(source, row_index)`` order: a caption whose cosine
   similarity to an EARLIER KEPT caption is ≥ ``threshold`` is dropped with that caption as ``ref_uid``
   (faiss inner-product index over kept embeddings + an exact within-chunk pass). Chunk embeddings are cached
   under ``<catalog>.cache/neardup/`` (keyed by encoder fingerprint and the chunk's uid list), so a killed run
@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.recipe import Strict
+from tether.recipe import Strict
 
 NORM_CAPTION_SQL = "trim(regexp_replace(lower({c}), '[\\pP\\pS\\s]+', ' ', 'g'))"
 WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))"
@@ -237,7 +237,7 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encod
     if total < 2:  # nothing to compare: no encoder to load
         return 0
     if encoder is None:
-        from align.encoders import TextEncoder
+        from tether.encoders import TextEncoder
         from curate.pipeline import check_model
 
         check_model("dedup.near.model", cfg.model)

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.recipe import RecipeError, Strict
+from tether.recipe import RecipeError, Strict
 
 STAGE = "download"
 RETRY_STAGE = "download_retry"
@@ -466,7 +466,7 @@ def download_counts(cat: Catalog) -> dict[str, int]:
 
 
 def _clear_dir(d: Path, build_dir: Path) -> None:
-    """Delete ``d`` (inside the marked build folder only: :func:`curate.fileio.remove_path`)."""
-    from curate.fileio import remove_path
+    """Delete ``d`` (inside the marked build folder only: :func:`tether.fileio.remove_path`)."""
+    from tether.fileio import remove_path
 
     remove_path(d, build_dir)

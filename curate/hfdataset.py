@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from curate.catalog import Catalog
-from curate.fileio import atomic_write
+from tether.fileio import atomic_write
 
 SHARD_GLOB = "shard-*.tar"
 

@@ -18,7 +18,7 @@ does not depend on input order, batching or thread count.
   faiss binary index: ``IndexBinaryFlat`` (exact brute force, SIMD popcount) or ``IndexBinaryMultiHash`` with
   ``threshold + 1`` disjoint sub-hashes (also exact for that radius by the pigeonhole principle; sub-linear).
 * **semantic** (SemDeDup, Abbas et al. 2023): L2-normalised embeddings from a frozen
-  :class:`align.encoders.VisionEncoder`, spherical faiss k-means (``clusters`` or ``sqrt(n)``), and within each
+  :class:`tether.encoders.VisionEncoder`, spherical faiss k-means (``clusters`` or ``sqrt(n)``), and within each
   cluster a pair is a duplicate when its cosine similarity is ≥ ``1 - epsilon``. With fewer than two images left
   there is nothing to compare: the pass loads no encoder.
 
@@ -42,7 +42,7 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.download import SUCCESS, ImageStore
-from curate.recipe import Strict
+from tether.recipe import Strict
 
 STAGE = "image_dedup"
 
@@ -62,7 +62,7 @@ class PhashConfig(Strict):
 
 class SemanticConfig(Strict):
     enabled: bool = False
-    encoder: str = "facebook/dinov2-small"  # hub id or local path (any align.encoders.VisionEncoder)
+    encoder: str = "facebook/dinov2-small"  # hub id or local path (any tether.encoders.VisionEncoder)
     pooling: Literal["cls", "mean", "cls+mean"] = "cls"
     layer: int = -1
     device: str = "cpu"
@@ -285,7 +285,7 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemanticConfig, emb
     from tqdm.auto import tqdm
 
     if encoder is None:
-        from align.encoders import VisionEncoder
+        from tether.encoders import VisionEncoder
         from curate.pipeline import check_model
 
         check_model("media.image_dedup.semantic.encoder", cfg.encoder, ("config.json", "preprocessor_config.json"))

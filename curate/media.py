@@ -31,9 +31,9 @@ from curate.catalog import Catalog
 from curate.download import (DOWNLOADS_SCHEMA, MEDIA_ROWS_SCHEMA, DownloadConfig, download_counts, load_selection,
                              retry_failed, run_download)
 from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
-from curate.clikit import run_command
-from curate.fileio import check_build_dir, claim_build_dir, claim_output_dir, open_build_dir
-from curate.recipe import RecipeError, Strict, parse, read_yaml
+from tether.clikit import run_command
+from tether.fileio import check_build_dir, claim_build_dir, claim_output_dir, open_build_dir
+from tether.recipe import RecipeError, Strict, parse, read_yaml
 from curate.shards import ShardConfig, out_dir_of, run_shards
 
 REBALANCE = "rebalance"

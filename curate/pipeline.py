@@ -27,8 +27,8 @@ import yaml
 
 from curate.catalog import Catalog, _params_json
 from curate.config import BuildRecipe
-from curate.fileio import atomic_write, open_build_dir
-from curate.recipe import RecipeError
+from tether.fileio import atomic_write, open_build_dir
+from tether.recipe import RecipeError
 
 STAGES = ("ingest", "filter", "dedup", "neardup", "concepts", "match", "balance", "select")
 
@@ -196,7 +196,7 @@ def _local_copy_hint(name: str) -> str:
     """Where a local copy of hub model ``name`` is (``$TETHER_SHARED/models/<name>``), or how to make one."""
     import os
 
-    from curate.recipe import shared_dir
+    from tether.recipe import shared_dir
 
     base = name.rstrip("/").split("/")[-1]
     local = shared_dir() / "models" / base
@@ -215,7 +215,7 @@ def check_models(recipe: BuildRecipe, until: str | None = None) -> None:
 
 def check_model(key: str, name: str, files: tuple[str, ...] = ("config.json",)) -> None:
     """One encoder (recipe key ``key`` names ``name``): a one-line RecipeError when it cannot be loaded now."""
-    from align.zoo import model_unavailable
+    from tether.zoo import model_unavailable
 
     why = model_unavailable(name, files)
     if why and (Path(name).expanduser().exists() or name.startswith((".", "/", "~"))):
@@ -260,7 +260,7 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
 def check_output_paths(recipe: BuildRecipe, build_dir: Path) -> None:
     """Read-only checks of the recipe's output paths (``output.selection``, ``media.shards.out``): inside the
     build folder unless opted out, and never onto a file or into a folder tether did not write (one line)."""
-    from curate.fileio import check_outside_file, claim_output_dir
+    from tether.fileio import check_outside_file, claim_output_dir
     from curate.selection import selection_path
 
     check_outside_file(build_dir, selection_path(build_dir, recipe.output), "output.selection")

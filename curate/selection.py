@@ -23,8 +23,8 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 
 from curate.catalog import Catalog
-from curate.fileio import check_outside_file, is_inside, output_path, record_outside_file, remove_path
-from curate.recipe import Strict
+from tether.fileio import check_outside_file, is_inside, output_path, record_outside_file, remove_path
+from tether.recipe import Strict
 
 
 class OutputConfig(Strict):

@@ -400,19 +400,20 @@ def cache_root() -> Path:
 
 
 class ModelIndex:
-    """An exported :class:`align.model.AlignedModel` over the build's images: image and caption embeddings of every
+    """An exported aligned model (loaded through :func:`tether.plugins.load_model`) over the build's images: image and caption embeddings of every
     sample with a stored image (the shards' samples when the build has shards), computed once per (build, model
     fingerprint) and cached outside the build, under :func:`cache_root`."""
 
     def __init__(self, explorer: Explorer, model_dir: str | Path, eval_dir: str | Path | None = None):
-        from align.model import CONFIG, WEIGHTS, AlignedModel
+        from tether.plugins import load_model
 
         self.ex = explorer
         self.dir = Path(model_dir)
-        self.model = AlignedModel.from_pretrained(self.dir)  # heads now, encoders on the first query
+        loaded = load_model(self.dir)  # align's AlignedModel: heads now, encoders on the first query
+        self.model = loaded.model
         h = hashlib.sha256()
-        for name in (CONFIG, WEIGHTS):
-            with open(self.dir / name, "rb") as f:
+        for name in loaded.files:
+            with open(name, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
         self.fingerprint = h.hexdigest()[:16]
@@ -809,7 +810,7 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    from curate.clikit import UserError
+    from tether.clikit import UserError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port: expected 1..65535, got {args.port}")

@@ -35,8 +35,8 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.download import SUCCESS, ImageStore
-from curate.fileio import claim_build_dir, claim_output_dir, is_inside, output_path, remove_path
-from curate.recipe import Strict
+from tether.fileio import claim_build_dir, claim_output_dir, is_inside, output_path, remove_path
+from tether.recipe import Strict
 
 STAGE = "shards"
 
@@ -125,7 +125,7 @@ def _ustar_header(name: str, size: int) -> bytes:
 class ShardWriter:
     """Writes one webdataset tar (plain ustar, fixed member metadata: deterministic bytes) to a temp name;
     :meth:`commit` fsyncs and renames it into place; :meth:`abort` removes the temp file it created (through
-    :func:`curate.fileio.remove_path` when ``root``, the marked tether folder it writes in, is given)."""
+    :func:`tether.fileio.remove_path` when ``root``, the marked tether folder it writes in, is given)."""
 
     def __init__(self, path: Path, root: Path | None = None):
         self.path = path

@@ -42,7 +42,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.recipe import RecipeError, Strict, resolve_path
+from tether.recipe import RecipeError, Strict, resolve_path
 from curate.urlpolicy import MAX_URL_CHARS, url_reason
 
 STAGE = "ingest"

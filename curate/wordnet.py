@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from curate.recipe import RecipeError, expand
+from tether.recipe import RecipeError, expand
 
 WORDNET_HELP = ("install WordNet 3.0 (`apt-get install wordnet-base`, or "
                 "`python -c \"import nltk; nltk.download('wordnet')\"`) or set concepts.wordnet_dir")

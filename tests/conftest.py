@@ -20,7 +20,7 @@ if "TETHER_PROMPT_CACHE" not in os.environ:
     os.environ["TETHER_PROMPT_CACHE"] = tempfile.mkdtemp(prefix="tether-prompt-cache-")
     atexit.register(shutil.rmtree, os.environ["TETHER_PROMPT_CACHE"], True)
 
-from curate.recipe import shared_dir  # noqa: E402
+from tether.recipe import shared_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def dinov2_small(shared) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    from align.encoders import resolve_model
+    from tether.encoders import resolve_model
 
     p = Path(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
     if not p.exists():
@@ -116,13 +116,13 @@ def tiny_vision_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_text(tiny_text_dir):
-    from align.encoders import TextEncoder
+    from tether.encoders import TextEncoder
 
     return TextEncoder.load(str(tiny_text_dir))
 
 
 @pytest.fixture(scope="session")
 def tiny_vision(tiny_vision_dir):
-    from align.encoders import VisionEncoder
+    from tether.encoders import VisionEncoder
 
     return VisionEncoder.load(str(tiny_vision_dir))

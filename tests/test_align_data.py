@@ -13,7 +13,7 @@ from PIL import Image
 
 from align.data import (BadSample, DataConfig, SkipLog, crop_rng, decode_image, iter_samples, random_resized_crop,
                         read_flickr8k, read_webdataset)
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
           "black": (10, 10, 10), "white": (245, 245, 245), "brown": (120, 70, 20)}

@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from curate.cli import main
-from curate.fileio import LOCK, MARKER, build_lock, read_marker, remove_path
-from curate.recipe import RecipeError
+from tether.fileio import LOCK, MARKER, build_lock, read_marker, remove_path
+from tether.recipe import RecipeError
 from httpserver import make_build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -249,7 +249,7 @@ def test_opted_out_shards_folder_must_be_new_or_ours(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ build lock
 HOLD = """
 import sys, time
-from curate.fileio import build_lock
+from tether.fileio import build_lock
 with build_lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()

@@ -55,7 +55,7 @@ def _error_lines(err: str) -> list[str]:
 def test_fingerprint_is_exact_bytes_under_any_thread_count(minilm_path, tiny_text):
     """The old float-sum fingerprint of all-MiniLM-L6-v2 changed with the thread count (dd27… / a0f5… / 0fed… at
     1 / 2 / 4 threads); a hash of exact bytes cannot."""
-    from align.encoders import TextEncoder, _fingerprint
+    from tether.encoders import TextEncoder, _fingerprint
 
     enc = TextEncoder.load(str(minilm_path))
     before = torch.get_num_threads()

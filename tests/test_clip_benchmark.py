@@ -130,7 +130,7 @@ def test_launcher_as_a_module_and_its_errors(model_dir, image_root, tmp_path, ca
 
 def test_pretrained_is_ignored_unless_a_folder(model_dir, tmp_path):
     from align.eval import load_clip_benchmark
-    from curate.recipe import RecipeError
+    from tether.recipe import RecipeError
 
     a, _, _ = load_clip_benchmark(str(model_dir), "laion400m_e32")
     b, _, _ = load_clip_benchmark("ViT-B-32-quickgelu", str(model_dir))

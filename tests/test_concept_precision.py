@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def test_labelled_set_shape():
 def test_labelled_pairs_are_what_the_matcher_finds(tmp_path):
     """The drawn build's settings (quickstart recipe, match.lexical as it was) re-find every labelled pair —
     the labels measure this matcher and bank, not some other one."""
-    from curate.resources import timm_info_dir
+    from tether.resources import timm_info_dir
     from curate.wordnet import find_wordnet
 
     try:

@@ -10,7 +10,7 @@ import pytest
 from curate.catalog import Catalog
 from curate.concepts import (ConceptsConfig, Subtree, build_concepts, normalize, plural_forms, regular_plural,
                              timm_info_dir)
-from curate.recipe import RecipeError, parse
+from tether.recipe import RecipeError, parse
 from curate.wordnet import WordNet, find_wordnet
 
 DEBIAN_WN = Path("/usr/share/wordnet")

@@ -135,7 +135,7 @@ def test_near_dup_real_minilm(tmp_path, minilm_path):
     import pytest
 
     pytest.importorskip("faiss")
-    from align.encoders import TextEncoder
+    from tether.encoders import TextEncoder
 
     enc = TextEncoder.load(str(minilm_path), max_length=32)
     cat = Catalog(tmp_path / "c.duckdb")

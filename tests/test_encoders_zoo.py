@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from align import zoo
-from align.encoders import (
+from tether import zoo
+from tether.encoders import (
     ConvVisionEncoder,
     ImageTransform,
     MissingModelError,
@@ -23,7 +23,7 @@ from align.encoders import (
     load_vision_encoder,
     resolve_model,
 )
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 
 def _need_backbone(name: str) -> None:

@@ -17,8 +17,8 @@ import pytest
 
 from align.eval.cli import match_feature_keys, run_eval
 from align.eval.retrieval import PairedSet
-from curate.clikit import run_command
-from curate.recipe import RecipeError
+from tether.clikit import run_command
+from tether.recipe import RecipeError
 
 COLORS = {"red": (230, 20, 20), "green": (20, 210, 30), "blue": (20, 30, 230), "yellow": (230, 220, 20),
           "purple": (140, 20, 200), "cyan": (20, 220, 220)}

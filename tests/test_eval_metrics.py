@@ -351,7 +351,7 @@ def test_hf_dataset_label_column(tmp_path):
                                        features=datasets.Features({"img": datasets.Image(), "y": datasets.Value("string")}))
     p = from_hf_dataset(plain, label_column="y", image_column="img")
     assert p.classnames == ["cat", "red fox"] and p.labels.tolist() == [1, 0]
-    from curate.recipe import RecipeError
+    from tether.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="no column"):
         from_hf_dataset(plain, label_column="label")

@@ -29,7 +29,7 @@ LAYER = 11          # ../shared/README: layer 11 of these weights is better than
 
 @pytest.fixture(scope="module")
 def real_model(dinov2_small, minilm_path, flickr8k):
-    from align.encoders import TextEncoder, VisionEncoder
+    from tether.encoders import TextEncoder, VisionEncoder
 
     t0 = time.time()
     vision = VisionEncoder.load(str(dinov2_small), layer=LAYER)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from align.data import SkipLog, read_webdataset
-from align.encoders import VisionEncoder
+from tether.encoders import VisionEncoder
 from align.features import FeatureCache, FeatureConfig, StaleCacheError, cache_key, extract_features
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 from test_align_data import synthetic_pairs, write_shard
 
 

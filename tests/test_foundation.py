@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.recipe import RecipeError, Strict, load_recipe, expand
+from tether.recipe import RecipeError, Strict, load_recipe, expand
 
 
 class Inner(Strict):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from curate.catalog import Catalog
 from curate.cli import main
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 from curate.sources import (CSV_BLOCK_BYTES, IngestConfig, SourceConfig, local_file_reason, read_local_file,
                             run_ingest)
 from curate.reasons import stable_reason

@@ -163,7 +163,7 @@ def test_semantic_dedup_with_tiny_encoder_and_resume(tiny_vision, tmp_path):
 
 @pytest.mark.real
 def test_semantic_dedup_with_dinov2_small(dinov2_small, flickr8k, tmp_path):
-    from align.encoders import VisionEncoder
+    from tether.encoders import VisionEncoder
 
     enc = VisionEncoder.load(str(dinov2_small), layer=11)
     originals = sorted((flickr8k / "images").glob("*.jpg"))[300:306]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from align.loss import ContrastiveLoss, LossConfig, build_loss, gather_rows
-from curate.recipe import RecipeError, parse
+from tether.recipe import RecipeError, parse
 
 IMG = [[1.0, 0.0, 0.5], [0.6, 0.8, 0.0], [0.0, 1.0, -0.2], [0.3, -0.4, 1.0]]
 TXT = [[1.0, 0.2, 0.1], [0.5, 0.5, 0.0], [-0.3, 1.0, 0.4], [0.2, 0.1, 0.9]]
@@ -257,7 +257,7 @@ def test_real_minilm_multi_positive(flickr8k, minilm_path):
     """Real captions: the 5 captions of an image are positives of each other; MiniLM embeddings of caption #k
     vs caption #k+1 find a same-image caption far above chance, and multi-positive targets give a lower loss
     than treating the extra captions as negatives."""
-    from align.encoders import TextEncoder
+    from tether.encoders import TextEncoder
 
     lines = (flickr8k / "captions.txt").read_text(encoding="utf-8").splitlines()[:60]  # 12 images x 5
     caps = [ln.split("\t", 1)[1].strip() for ln in lines]

@@ -17,7 +17,7 @@ from curate.concepts import ConceptsConfig, build_concepts
 from curate.match import (LexicalMatcher, MatchConfig, choose_senses, drop_rare_senses, iter_units,
                           load_form_concepts, naive_match, run_match)
 from curate.match.semantic import TopK, concept_prompt
-from curate.recipe import RecipeError, parse
+from tether.recipe import RecipeError, parse
 
 NO_WN = "nonexistent-wordnet-dir"
 WORDS = ["dog", "cat", "hot dog", "box", "bicycle", "wolf", "grass"]
@@ -244,7 +244,7 @@ def test_concept_prompt():
 
 
 def test_semantic_tiny_encoder_and_cache(word_cat, tiny_text_dir, tmp_path, monkeypatch):
-    from align.encoders import TextEncoder
+    from tether.encoders import TextEncoder
 
     monkeypatch.setenv("TETHER_PROMPT_CACHE", str(tmp_path / "prompts"))  # an empty prompt cache
 

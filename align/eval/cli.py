@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from align.eval.prompts import PROMPT_SETS
-from curate.clikit import run_command
-from curate.recipe import RecipeError, load_recipe, parse
+from tether.clikit import run_command
+from tether.recipe import RecipeError, load_recipe, parse
 
 
 # ---------------------------------------------------------------------------------------------------------

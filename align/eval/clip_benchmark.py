@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from curate.clikit import run_command
-from curate.recipe import RecipeError
+from tether.clikit import run_command
+from tether.recipe import RecipeError
 
 MODEL_TYPE = "tether"
 INSTALL_HINT = "pip install --no-deps clip-benchmark==1.6.2 scikit-learn (or: pip install -e '.[bench]' and that)"

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from curate.fileio import atomic_write
+from tether.fileio import atomic_write
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from curate.fileio import atomic_write
-from curate.recipe import RecipeError
+from tether.fileio import atomic_write
+from tether.recipe import RecipeError
 
 DEFAULT_KS = (1, 5, 10)
 

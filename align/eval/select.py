@@ -27,7 +27,7 @@ from pydantic import Field
 
 from align.eval.cka import similarity_scores
 from align.eval.retrieval import PairedSet, embed_images, normalize, ranks
-from curate.recipe import RecipeError, Strict
+from tether.recipe import RecipeError, Strict
 
 METRICS = ("linear_cka", "unbiased_cka", "mutual_knn")
 
@@ -103,7 +103,7 @@ def _key(*parts: Any) -> str:
 def vision_features(cand: Candidate, pairs: PairedSet, cache_dir: Path | None, batch_size: int = 32,
                     device: str = "cpu", encoder=None, progress: bool = True) -> np.ndarray:
     """Pooled frozen features [n_images, D] of one vision candidate (resumable batch cache)."""
-    from align.encoders import VisionEncoder
+    from tether.encoders import VisionEncoder
 
     enc = encoder or VisionEncoder.load(cand.name, device=device, layer=cand.opt("layer", -1))
     pooling = cand.opt("pooling", "cls")
@@ -120,7 +120,7 @@ def vision_features(cand: Candidate, pairs: PairedSet, cache_dir: Path | None, b
 def text_features(cand: Candidate, pairs: PairedSet, cache_dir: Path | None, batch_size: int = 256,
                   device: str = "cpu", encoder=None, progress: bool = True) -> np.ndarray:
     """Per image, the mean of its captions' normalised embeddings [n_images, D] (cached when ``cache_dir``)."""
-    from align.encoders import TextEncoder
+    from tether.encoders import TextEncoder
 
     kw = {"max_length": cand.opt("max_length")} if cand.opt("max_length") else {}
     enc = encoder or TextEncoder.load(cand.name, device=device, **kw)

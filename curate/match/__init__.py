@@ -31,7 +31,7 @@ from curate.match.lexical import (LexicalConfig, LexicalMatcher, Lemmatizer, cho
                                   drop_rare_senses, naive_match)
 from curate.match.semantic import (EmbeddingCache, PromptCache, SemanticConfig, TopK, concept_prompt,
                                    encode_sorted)
-from curate.recipe import RecipeError, Strict, resolve_path
+from tether.recipe import RecipeError, Strict, resolve_path
 
 __all__ = ["MatchConfig", "LexicalConfig", "SemanticConfig", "run_match", "run_lexical", "run_semantic",
            "LexicalMatcher", "choose_senses", "drop_rare_senses", "naive_match", "load_form_concepts",
@@ -218,7 +218,7 @@ def _cache_root(cat: Catalog, cfg: SemanticConfig) -> Path:
 def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encoder=None) -> int:
     """Semantic top-K matching; returns the number of ``semantic`` rows in ``matches``.
 
-    ``encoder``: an already loaded :class:`align.encoders.TextEncoder` (else ``cfg.model`` is loaded).
+    ``encoder``: an already loaded :class:`tether.encoders.TextEncoder` (else ``cfg.model`` is loaded).
     """
     from tqdm.auto import tqdm
 
@@ -234,7 +234,7 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
         cat.mark_done(stage, 0)
         return 0
     if encoder is None:
-        from align.encoders import TextEncoder
+        from tether.encoders import TextEncoder
         from curate.pipeline import check_model
 
         check_model("match.semantic.model", cfg.model)

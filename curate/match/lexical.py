@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from curate.concepts import NON_WORD, normalize
-from curate.recipe import RecipeError, Strict
+from tether.recipe import RecipeError, Strict
 
 SensePolicy = Literal["all", "first", "imagenet_first"]
 

@@ -1,7 +1,7 @@
 """Semantic caption→concept matching, freeze-align style.
 
 Captions and concept prompts (``"{name}, {gloss}"`` by default: lemma + WordNet gloss) are embedded with the
-same FROZEN sentence encoder (:class:`align.encoders.TextEncoder`, mean pooling, L2-normalized), and every
+same FROZEN sentence encoder (:class:`tether.encoders.TextEncoder`, mean pooling, L2-normalized), and every
 concept takes its top-K captions by cosine similarity (faiss inner-product search). Captions are processed in
 units; each unit's embeddings are cached on disk (``.npy`` written atomically, keyed by the encoder's weight
 fingerprint and the unit's uid list), so a killed run re-embeds nothing it finished. The search streams over
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import Field
 
-from curate.recipe import Strict
+from tether.recipe import Strict
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -109,13 +109,13 @@ class EmbeddingCache:
 
 def prompt_cache_dir() -> Path | None:
     """``$TETHER_PROMPT_CACHE``, else ``$TETHER_CACHE/prompt-embeddings`` (default
-    ``~/.cache/tether/prompt-embeddings``; see align.zoo.cache_dir). ``TETHER_PROMPT_CACHE=off``: no cache (None)."""
+    ``~/.cache/tether/prompt-embeddings``; see tether.zoo.cache_dir). ``TETHER_PROMPT_CACHE=off``: no cache (None)."""
     env = os.environ.get("TETHER_PROMPT_CACHE")
     if env is not None and env.strip().lower() in ("", "0", "off", "false", "no"):
         return None
     if env:
         return Path(os.path.expanduser(env))
-    from align.zoo import cache_dir
+    from tether.zoo import cache_dir
 
     return cache_dir() / "prompt-embeddings"
 

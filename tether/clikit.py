@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Callable, Iterable
 
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 
 class UserError(Exception):

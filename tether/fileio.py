@@ -44,7 +44,7 @@ _IGNORABLE = {MARKER, LOCK, f".{MARKER}.tmp"}  # a folder holding only these cou
 
 
 def _error(msg: str) -> Exception:
-    from curate.recipe import RecipeError
+    from tether.recipe import RecipeError
 
     return RecipeError(msg)
 

@@ -135,6 +135,10 @@ def data_id(cfg: DataConfig) -> dict:
     d = cfg.model_dump()
     if cfg.format != "webdataset":
         d.pop("group_by")  # meaningless for other formats: caches made before the field existed stay valid
+    if cfg.captions is None:
+        d.pop("captions")  # the default captions.txt: caches made before the field existed stay valid
+    else:
+        d["captions"] = [{"path": str(resolve_path(c.path).resolve()), "lang": c.lang} for c in cfg.captions]
     paths = [d["path"]] if isinstance(d["path"], str) else d["path"]
     resolved = [str(resolve_path(p).resolve()) if resolve_path(p).exists() or cfg.format != "hf" else p
                 for p in paths]

@@ -24,10 +24,19 @@ from typing import Any, Iterator, Literal, Union
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, model_validator
 
 from tether.recipe import RecipeError, Strict, resolve_path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class CaptionSource(Strict):
+    """One captions file of a Flickr8k image set (``data.captions`` list item): ``IMAGE.jpg#N<TAB>caption`` lines
+    with the folder's image names, e.g. German captions of the same photos."""
+
+    path: str  # relative paths are relative to the directory the command runs in, like every recipe path
+    lang: str = Field(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")  # language tag: ISO 639-1 (en, de, zh), zh-Hant
 
 
 class DataConfig(Strict):
@@ -48,6 +57,25 @@ class DataConfig(Strict):
     # captions (curate's shards hold one sample per caption, with the image's sha256). The image is then
     # encoded once and its other captions are positives, not false negatives. null = every sample on its own.
     group_by: str | None = "sha256"
+    # flickr8k only: several caption files (e.g. English + German + Chinese) for the one image set of the split;
+    # each image gets the captions of every file, in the order listed (an image captioned in no file is skipped).
+    # null = the folder's captions.txt (English)
+    captions: list[CaptionSource] | None = None
+
+    @model_validator(mode="after")
+    def _caption_sources(self) -> "DataConfig":
+        if self.captions is None:
+            return self
+        if self.format != "flickr8k":
+            raise ValueError(f"captions (a list of caption files) is for format: flickr8k, not {self.format}")
+        if not self.captions:
+            raise ValueError("captions is an empty list (give at least one {path, lang} or leave it out)")
+        seen = set()
+        for c in self.captions:
+            if c.path in seen:
+                raise ValueError(f"captions lists {c.path!r} twice")
+            seen.add(c.path)
+        return self
 
 
 class BadSample(Exception):
@@ -112,6 +140,7 @@ class Sample:
     key: str
     image: ImageSource
     captions: list[str]
+    langs: list[str] | None = None  # language tag of each caption, when the source says (data.captions)
 
 
 def decode_image(src: ImageSource, key: str = "") -> Image.Image:
@@ -164,14 +193,20 @@ def _paths(spec: Union[str, list[str]], base: str | Path | None) -> list[str]:
     return out
 
 
-def flickr8k_captions(root: str | Path) -> list[tuple[str, str, str]]:
+def flickr8k_captions(root: str | Path, file: str | Path | None = None) -> list[tuple[str, str, str]]:
     """(image name, caption id ``IMAGE.jpg#N``, caption) of every non-blank line of a Flickr8k ``captions.txt``
-    (``IMAGE.jpg#N<TAB>caption``), in file order; the caption is "" on a line without a tab."""
-    cap_file = Path(root) / "captions.txt"
+    (``IMAGE.jpg#N<TAB>caption``), in file order; the caption is "" on a line without a tab.
+    ``file``: another captions file in that format (e.g. German captions of the same images)."""
+    cap_file = Path(root) / "captions.txt" if file is None else Path(file)
     if not cap_file.is_file():
-        raise RecipeError(f"{root}: no captions.txt here (expected a Flickr8k folder)")
+        raise RecipeError(f"{root}: no captions.txt here (expected a Flickr8k folder)" if file is None
+                          else f"data.captions: {cap_file} not found")
+    try:
+        text = cap_file.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise RecipeError(f"{cap_file}: cannot read ({e.strerror or e})") from None
     out = []
-    for line in cap_file.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         if line.strip():
             cid, _, cap = line.partition("\t")
             out.append((cid.split("#", 1)[0].strip(), cid.strip(), cap))
@@ -187,26 +222,41 @@ def flickr8k_split(root: str | Path, split: str) -> list[str]:
 
 
 def read_flickr8k(root: str | Path, split: str = "train", limit: int | None = None,
-                  skips: SkipLog | None = None) -> Iterator[Sample]:
-    """Flickr8k: ``captions.txt`` lines ``IMAGE.jpg#N<TAB>caption`` and ``{split}_images.txt`` name lists."""
+                  skips: SkipLog | None = None,
+                  captions: list[tuple[str | Path, str]] | None = None) -> Iterator[Sample]:
+    """Flickr8k: ``captions.txt`` lines ``IMAGE.jpg#N<TAB>caption`` and ``{split}_images.txt`` name lists.
+
+    ``captions``: ``(file, language)`` pairs read instead of ``captions.txt``; an image gets the captions of every
+    file in that order (``Sample.langs`` says which language each is) and is skipped (``no_caption``) only when no
+    file captions it. Empty caption lines are counted as ``empty_caption`` (``empty_caption_de`` … with ``captions``)."""
     root = Path(root)
     skips = skips if skips is not None else SkipLog()
-    caps: dict[str, list[str]] = {}
-    for img, _, cap in flickr8k_captions(root):
-        caps.setdefault(img, []).append(cap)
+    sources = [(None, None)] if captions is None else list(captions)
+    caps: dict[str, list[tuple[str, str | None]]] = {}
+    for file, lang in sources:
+        for img, _, cap in flickr8k_captions(root, file):
+            caps.setdefault(img, []).append((cap, lang))
     names = sorted(caps) if split in ("all", "*") else flickr8k_split(root, split)
     n = 0
     for name in names:
         if limit is not None and n >= limit:
             break
-        good = clean_captions(caps.get(name))
+        rows = caps.get(name, [])
+        good, langs, dropped = [], [], Counter()
+        for cap, lang in rows:
+            c = clean_captions(cap)
+            if c:
+                good.append(c[0])
+                langs.append(lang)
+            else:
+                dropped[lang] += 1
         if not good:
             skips.add("no_caption", name)
             continue
-        dropped = len(caps.get(name, [])) - len(good)
-        if dropped:
-            skips.add("empty_caption", name, dropped)
-        yield Sample(key=Path(name).stem, image=str(root / "images" / name), captions=good)
+        for lang, k in dropped.items():
+            skips.add("empty_caption" if lang is None else f"empty_caption_{lang}", name, k)
+        yield Sample(key=Path(name).stem, image=str(root / "images" / name), captions=good,
+                     langs=None if captions is None else langs)
         n += 1
 
 
@@ -347,7 +397,8 @@ def iter_samples(cfg: DataConfig, base: str | Path | None = None, skips: SkipLog
     """Samples of ``cfg`` in a deterministic order; unusable rows go to ``skips``."""
     if cfg.format == "flickr8k":
         root = resolve_path(cfg.path if isinstance(cfg.path, str) else cfg.path[0], base)
-        return read_flickr8k(root, cfg.split, cfg.limit, skips)
+        sources = None if cfg.captions is None else [(resolve_path(c.path, base), c.lang) for c in cfg.captions]
+        return read_flickr8k(root, cfg.split, cfg.limit, skips, sources)
     if cfg.format == "webdataset":
         return read_webdataset(cfg.path, base, cfg.limit, skips, cfg.group_by)
     return read_hf(cfg, base, skips)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -116,10 +117,18 @@ def image_bytes_digest(src: Any) -> str:
 
 def data_digest(chunk: list[Sample]) -> str:
     """sha256 over the samples' keys, captions and image bytes (what a shard was made from)."""
-    h = hashlib.sha256()
+    return chunk_digests(chunk)[0]
+
+
+def chunk_digests(chunk: list[Sample]) -> tuple[str, str]:
+    """(:func:`data_digest`, ``image_sha``: the same without the captions) with each image's bytes hashed once.
+    ``image_sha`` lets a cache of the same images with other captions (more languages) copy the image side."""
+    h, hi = hashlib.sha256(), hashlib.sha256()
     for s in chunk:
-        h.update(json.dumps([s.key, s.captions, image_bytes_digest(s.image)]).encode())
-    return h.hexdigest()
+        img = image_bytes_digest(s.image)
+        h.update(json.dumps([s.key, s.captions, img]).encode())
+        hi.update(json.dumps([s.key, img]).encode())
+    return h.hexdigest(), hi.hexdigest()
 
 
 def source_stats(chunk: list[Sample]) -> str:
@@ -350,7 +359,7 @@ class Donors:
                 continue
             shards = {s["file"]: {**s, "path": root / s["file"]} for s in donor.manifest["shards"]}
             for side, fields in _SIDE_KEYS.items():
-                if all(donor.key.get(f) == key.get(f) for f in fields):
+                if all(_side_field(donor.key, f, side) == _side_field(key, f, side) for f in fields):
                     self.sides[side].append({"shards": shards, "views": _shared_views(donor.key, key)})
         # the image donor with the most usable views first
         self.sides["image"].sort(key=lambda d: -d["views"])
@@ -358,9 +367,12 @@ class Donors:
     def __bool__(self) -> bool:
         return any(self.sides.values())
 
-    def shard(self, side: str, name: str, source_images: int, data_sha: str | None = None) -> dict[str, Any] | None:
+    def shard(self, side: str, name: str, source_images: int, data_sha: str | None = None,
+              image_sha: str | None = None, sources: str | None = None) -> dict[str, Any] | None:
         """The donor shard ``name`` (``tensors`` of that side, ``keys``, ``captions``, ``skips``), if a donor has it
-        (made from the same source samples: ``data_sha``, when given and recorded, must match)."""
+        (made from the same source samples: ``data_sha``, when given and recorded, must match). The image side
+        of a cache with other captions (``data.captions``) is copied when its images are ours: the shard's
+        ``image_sha`` matches, or, for shards written before it was recorded, its source files' stats."""
         for donor in self.sides[side]:
             s = donor["shards"].get(name)
             if s is None or s.get("source_images") != source_images or not s["path"].is_file():
@@ -371,7 +383,8 @@ class Donors:
                 continue  # a damaged donor shard is not copied: this shard is encoded instead
             with safe_open(str(s["path"]), framework="pt") as f:
                 meta = f.metadata() or {}
-                if data_sha and meta.get("data_sha", data_sha) != data_sha:
+                if data_sha and meta.get("data_sha", data_sha) != data_sha and not (
+                        side == "image" and _same_images(meta, s, image_sha, sources)):
                     continue
                 tensors = {n: f.get_tensor(n) for n in f.keys() if n in _SIDE_TENSORS[side]}
             if side == "image":  # image tensors are [n, K, ...]: keep the views we share
@@ -379,6 +392,20 @@ class Donors:
             return {"tensors": tensors, "views": donor["views"], "keys": json.loads(meta.get("keys", "[]")),
                     "captions": json.loads(meta.get("captions", "[]")), "skips": json.loads(meta.get("skips", "{}"))}
         return None
+
+
+def _side_field(key: dict[str, Any], field: str, side: str) -> Any:
+    """A cache-key field as one side sees it: the image side ignores the data's caption files."""
+    v = key.get(field)
+    if side == "image" and field == "data" and isinstance(v, dict):
+        v = {k: x for k, x in v.items() if k != "captions"}
+    return v
+
+
+def _same_images(meta: dict[str, str], entry: dict[str, Any], image_sha: str | None, sources: str | None) -> bool:
+    if "image_sha" in meta:
+        return image_sha is not None and meta["image_sha"] == image_sha
+    return sources is not None and entry.get("sources") == sources
 
 
 def _shared_views(donor: dict[str, Any], key: dict[str, Any]) -> int:
@@ -480,6 +507,8 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
         out.update(_encode_texts(text, captions, max(bs, 128), cfg.tokens, store))
     meta = {"keys": json.dumps([s.key for s in kept]), "captions": json.dumps(captions),
             "skips": json.dumps(skips.as_dict())}
+    if any(s.langs for s in kept):  # data.captions: the language of each caption
+        meta["langs"] = json.dumps([lang for s in kept for lang in (s.langs or [None] * len(s.captions))])
     return out, meta, copied
 
 
@@ -540,6 +569,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     donors = Donors([resolve_path(r) / out.name for r in cfg.reuse], key, out)
     reused = {"image": 0, "text": 0}  # whole sides copied; "image-views": shards whose leading views were copied
     repaired: list[str] = []
+    lang_counts: Counter = Counter()  # captions per language (data.captions)
     bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress, dynamic_ncols=True)
     for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
         name = f"shard-{idx:05d}.safetensors"
@@ -557,12 +587,12 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
                 existed = False
         digest = None
         if not existed:
-            digest = data_digest(chunk)
+            digest, image_sha = chunk_digests(chunk)
             shard_skips = SkipLog()
-            img_d = donors.shard("image", name, len(chunk), digest) if donors else None
+            img_d = donors.shard("image", name, len(chunk), digest, image_sha, stats) if donors else None
             txt_d = donors.shard("text", name, len(chunk), digest) if donors else None
             tensors, meta, copied = _encode_shard(chunk, vision, text, cfg, shard_skips, store, img_d, txt_d)
-            meta["data_sha"] = digest
+            meta["data_sha"], meta["image_sha"] = digest, image_sha
             for side in copied:
                 reused[side] = reused.get(side, 0) + 1
             tmp = out / (name + ".tmp")
@@ -582,6 +612,8 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
                                       f"changed since it was extracted); re-run `align extract --overwrite` or "
                                       f"choose another features.cache_dir")
         decode_skips.merge(json.loads(meta.get("skips", "{}")))
+        for lang in json.loads(meta.get("langs", "[]")):
+            lang_counts[str(lang)] += 1
         entry = {"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk), **file_checksum(path),
                  "sources": stats}
         manifest["shards"].append(entry)
@@ -599,6 +631,8 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     all_skips.merge(reader_skips)
     all_skips.merge(decode_skips)
     manifest["skips"] = all_skips.as_dict()
+    if lang_counts:
+        manifest["caption_langs"] = dict(sorted(lang_counts.items()))
     manifest["complete"] = True
     manifest.pop("pending", None)
     if repaired:

@@ -258,3 +258,92 @@ def test_curation_semantic_matching_by_encoder_name(tmp_path, fake_encoder):
     assert dict(rows) == {"ein hund im park": "dog", "eine katze": "cat", "ein vogel auf einem baum": "bird"}
     fp = TextEncoder.load("fake-bow").fingerprint
     assert any(fp in p.name for p in (tmp_path / "c.duckdb.cache" / "match_semantic").iterdir())
+
+
+# -- several caption files for one image set (data.captions) ----------------------------------------------------
+
+def caption_sources_recipe(tmp_path: Path, vision_dir: Path, root: Path, captions, cache: str, **data) -> Path:
+    d = {"format": "flickr8k", "path": str(root), "split": "test", **data}
+    if captions is not None:
+        d["captions"] = captions
+    return make_recipe(tmp_path / f"{cache}.yaml", vision_dir, root, data=d, val=None,
+                       features={"cache_dir": str(tmp_path / cache), "shard_size": 8,
+                                 "reuse": [str(tmp_path / "en-cache")]})
+
+
+def test_caption_files_in_several_languages_fill_one_cache(tmp_path, tiny_vision_dir, fake_encoder, capsys):
+    from align.config import data_id
+    from align.data import SkipLog, iter_samples
+    from align.features import FeatureCache
+
+    root = flickr_folder(tmp_path / "f8k")
+    with open(root / "captions.de.txt", "a", encoding="utf-8") as f:
+        f.write("img000.jpg#2\t   \n")  # an empty German caption: counted, not kept
+    both = [{"path": str(root / "captions.txt"), "lang": "en"}, {"path": str(root / "captions.de.txt"), "lang": "de"}]
+    en_rp = caption_sources_recipe(tmp_path, tiny_vision_dir, root, None, "en-cache")
+    mixed_rp = caption_sources_recipe(tmp_path, tiny_vision_dir, root, both, "mixed-cache")
+    en_r, mixed_r = load_train_recipe(en_rp), load_train_recipe(mixed_rp)
+    assert "captions" not in data_id(en_r.data)  # caches made before the field existed keep their key
+    assert [c["lang"] for c in data_id(mixed_r.data)["captions"]] == ["en", "de"]
+
+    skips = SkipLog()
+    samples = list(iter_samples(mixed_r.data, skips=skips))
+    assert len(samples) == 14 and skips.as_dict()["counts"] == {"empty_caption_de": 1}
+    s0 = samples[0]
+    assert s0.captions == ["a red dog in the park", "ein roter hund im park", "roter hund"]
+    assert s0.langs == ["en", "de", "de"]
+    assert samples[-1].langs == ["en"]  # the last two images have no German caption: kept with their English one
+    assert list(iter_samples(en_r.data))[0].langs is None
+
+    # English-only cache first; the mixed cache copies its image side and encodes all 14 + 24 captions
+    assert cli_main(["extract", "--config", str(en_rp), "--split", "train"]) == 0
+    assert cli_main(["extract", "--config", str(mixed_rp), "--split", "train"]) == 0
+    en = FeatureCache.open(tmp_path / "en-cache" / "train")
+    mixed = FeatureCache.open(tmp_path / "mixed-cache" / "train")
+    assert en.num_texts == 14 and mixed.num_texts == 14 + 24
+    assert mixed.manifest["caption_langs"] == {"de": 24, "en": 14} and "caption_langs" not in en.manifest
+    assert mixed.manifest["reused_shards"]["image"] == 2 and mixed.manifest["reused_shards"]["text"] == 0
+    fe, fm = en.load(), mixed.load()
+    assert torch.equal(fe.image, fm.image) and fm.captions[:3] == s0.captions
+    assert fm.text_image[:3].tolist() == [0, 0, 0]
+    # German and English captions of one image share its image index: the bag of words embeds them alike
+    assert torch.nn.functional.cosine_similarity(fm.text[0], fm.text[1], dim=0) > 0.99
+
+    # a changed language tag is another cache key: refused, not silently reused
+    relabel = [both[0], {**both[1], "lang": "nl"}]
+    rp = caption_sources_recipe(tmp_path, tiny_vision_dir, root, relabel, "mixed-cache")
+    assert cli_main(["extract", "--config", str(rp), "--split", "train"]) == 2
+    assert "stale" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("captions, data, want", [
+    ([{"path": "c.txt", "lang": "German"}], {}, "lang"),
+    ([{"path": "c.txt"}], {}, "lang"),
+    ([], {}, "empty list"),
+    ([{"path": "c.txt", "lang": "en"}, {"path": "c.txt", "lang": "de"}], {}, "twice"),
+    ([{"path": "c.txt", "lang": "en"}], {"format": "webdataset"}, "format: flickr8k"),
+    ([{"path": "c.txt", "lang": "en", "language": "en"}], {}, "language"),
+])
+def test_caption_sources_bad_recipes_are_one_line_errors(tmp_path, captions, data, want):
+    rp = make_recipe(tmp_path / "r.yaml", tmp_path, tmp_path,
+                     data={"format": "flickr8k", "path": str(tmp_path), "captions": captions, **data})
+    with pytest.raises(RecipeError) as e:
+        load_train_recipe(rp)
+    assert want in str(e.value) and "\n" not in str(e.value)
+
+
+def test_caption_sources_missing_file_is_one_line_error(tmp_path, tiny_vision_dir, fake_encoder, capsys):
+    root = flickr_folder(tmp_path / "f8k")
+    rp = caption_sources_recipe(tmp_path, tiny_vision_dir, root,
+                                [{"path": str(root / "captions.txt"), "lang": "en"},
+                                 {"path": str(root / "captions.zh.txt"), "lang": "zh"}], "c")
+    assert cli_main(["extract", "--config", str(rp), "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "captions.zh.txt not found" in last and "Traceback" not in err
+
+
+def test_mixed_recipe_loads():
+    r = load_train_recipe(Path(__file__).parent.parent / "recipes" / "align_flickr8k_multilingual_mixed.yaml")
+    assert [c.lang for c in r.data.captions] == ["en", "de", "zh"]
+    assert r.val is not None and r.val.captions is None and r.text.name == "use-multilingual-v3"

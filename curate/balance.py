@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
+from curate.stages import Stage
 from tether.recipe import Strict
 
 TWO64 = "18446744073709551616.0"
@@ -106,7 +107,7 @@ def _cleanup(cat: Catalog) -> None:
         cat.execute(f"DROP TABLE IF EXISTS {t}")
 
 
-def run_balance(cat: Catalog, cfg: BalanceConfig, stage: str = "balance", candidates_sql: str | None = None,
+def run_balance(cat: Catalog, cfg: BalanceConfig, stage: Stage = Stage.BALANCE, candidates_sql: str | None = None,
                 progress: bool = True) -> BalanceReport:
     """Balance the candidates (``candidates_sql`` → a ``uid`` column; default the ``alive`` view)."""
     cat.clear_decisions(stage)
@@ -188,20 +189,17 @@ def _coverage(cat: Catalog, cfg: BalanceConfig, progress: bool) -> None:
         owner[free] = prio[s]
     import pyarrow as pa
 
-    cat.con.register("_bown", pa.table({"code": np.arange(n_uids, dtype=np.int64), "prio": owner}))
-    try:
+    with cat.registered("_bown", pa.table({"code": np.arange(n_uids, dtype=np.int64), "prio": owner})):
         cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bres AS
             SELECT u.uid, p.concept_id, o.prio >= 0 AS kept,
                    CASE WHEN o.prio >= 0 THEN 'coverage: among the {N} best unclaimed matches of its concept'
                         ELSE 'coverage: not among the {N} best unclaimed matches of any matched concept' END AS reason
             FROM _bown o JOIN _bu u USING (code) LEFT JOIN _bp p ON p.prio = o.prio""")
-    finally:
-        cat.con.unregister("_bown")
     cat.execute("DROP TABLE _bu")
     cat.execute("DROP TABLE _bp")
 
 
-def candidates_before(cat: Catalog, stage: str = "balance") -> str | None:
+def candidates_before(cat: Catalog, stage: Stage = Stage.BALANCE) -> str | None:
     """SQL selecting the uids that were alive when ``stage`` last started (None: it never ran → ``alive``).
 
     Lets ``preview_t`` work on a finished build: the stage's own and later decisions are ignored.

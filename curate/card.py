@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from curate.catalog import Catalog
+from curate.stages import Stage
 
 
 def _imagenet1k() -> set[str]:
@@ -22,7 +23,7 @@ def _imagenet1k() -> set[str]:
         return set()
 
 
-def concept_before_after(cat: Catalog, stage: str = "balance") -> list[tuple[str, str, int, int]]:
+def concept_before_after(cat: Catalog, stage: Stage = Stage.BALANCE) -> list[tuple[str, str, int, int]]:
     """``(concept_id, name, before, after)`` from ``balance_report`` sorted by ``before`` descending."""
     return cat.execute("""SELECT r.concept_id, coalesce(any_value(c.name), r.concept_id), any_value(r.before),
                                  any_value(r.after)
@@ -97,10 +98,11 @@ def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, se
                   "| concept | name | before | after |", "|---|---|---:|---:|"]
         lines += [f"| {c} | {nm} | {b:,} | {a:,} |" for c, nm, b, a in ba[:top]]
         n_short, floor = cat.one("""SELECT count(*), any_value(floor) FROM balance_report
-                                    WHERE stage = 'balance' AND shortfall > 0""")
+                                    WHERE stage = ? AND shortfall > 0""", [Stage.BALANCE])
         if n_short:
-            short = cat.execute("""SELECT concept_id, after FROM balance_report WHERE stage = 'balance'
-                                   AND shortfall > 0 ORDER BY shortfall DESC, concept_id LIMIT 20""").fetchall()
+            short = cat.execute("""SELECT concept_id, after FROM balance_report WHERE stage = ?
+                                   AND shortfall > 0 ORDER BY shortfall DESC, concept_id LIMIT 20""",
+                                [Stage.BALANCE]).fetchall()
             listed = "all listed" if n_short <= len(short) else f"first {len(short)} listed"
             lines += ["", f"{n_short:,} concepts below the floor of {floor:,} samples after balancing ({listed}, "
                       "samples in brackets): " + ", ".join(f"{c} ({a:,})" for c, a in short)]

@@ -1,15 +1,8 @@
 """The build catalog: one DuckDB file per build holding every row and every decision.
 
-Tables (see docs/catalog.md):
-  samples(uid, source, row_index, url, path, caption, width, height, extra)   every ingested row, good or bad
-  concepts(concept_id, name, lemmas, gloss, depth, hypernyms, imagenet1k, origin)
-  matches(uid, concept_id, method, score, span)                               caption→concept matches
-  decisions(uid, stage, kept, reason, ref_uid, concept_id)                    one row per (uid, stage) verdict
-  stages(stage, status, params, started, finished, rows)                      resume bookkeeping
-  progress(stage, unit)                                                       finished units of long stages
-  surface_forms(form, concept_id)                                             written by the concepts stage
-  balance_report(stage, concept_id, before, after, floor, shortfall)          per-concept balancing outcome
-  alive (view)                                                                samples no stage has rejected
+This module is the ONE place where the catalog's tables are defined (:data:`TABLES`; docs/catalog.md mirrors it)
+and where stages start, resume or are skipped (:meth:`Catalog.begin_stage`, over the stage list of
+:mod:`curate.stages`).
 
 Resume contract: a stage either runs inside one transaction (killed → rolled back → rerun from scratch), or
 commits unit by unit, writing ``progress(stage, unit)`` in the SAME transaction as the unit's rows, and skips
@@ -22,32 +15,77 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import duckdb
 
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS samples(
+from curate.stages import OWNS, Begin, Stage
+
+#: Every table of a build's catalog, by name (docs/catalog.md has one row per entry, in this order).
+TABLES: dict[str, str] = {
+    # every ingested row, good or bad (ingest)
+    "samples": """CREATE TABLE IF NOT EXISTS samples(
         uid VARCHAR NOT NULL, source VARCHAR, row_index BIGINT, url VARCHAR, path VARCHAR, caption VARCHAR,
         width INTEGER, height INTEGER, extra VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS concepts(
-        concept_id VARCHAR NOT NULL, name VARCHAR, lemmas VARCHAR[], gloss VARCHAR, depth INTEGER,
-        hypernyms VARCHAR[], imagenet1k BOOLEAN, origin VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS matches(
-        uid VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, method VARCHAR, score DOUBLE, span VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS decisions(
+    # one row per (uid, stage) verdict (every judging stage)
+    "decisions": """CREATE TABLE IF NOT EXISTS decisions(
         uid VARCHAR NOT NULL, stage VARCHAR NOT NULL, kept BOOLEAN NOT NULL, reason VARCHAR, ref_uid VARCHAR,
         concept_id VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS stages(
-        stage VARCHAR PRIMARY KEY, status VARCHAR, params VARCHAR, started DOUBLE, finished DOUBLE, rows BIGINT)""",
-    """CREATE TABLE IF NOT EXISTS progress(stage VARCHAR NOT NULL, unit VARCHAR NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS balance_report(
+    # the concept bank (concepts)
+    "concepts": """CREATE TABLE IF NOT EXISTS concepts(
+        concept_id VARCHAR NOT NULL, name VARCHAR, lemmas VARCHAR[], gloss VARCHAR, depth INTEGER,
+        hypernyms VARCHAR[], imagenet1k BOOLEAN, origin VARCHAR)""",
+    # the normalised words that name a concept (concepts; docs/concepts.md)
+    "surface_forms": """CREATE TABLE IF NOT EXISTS surface_forms(
+        form VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, sense_rank INTEGER, kind VARCHAR, lemma VARCHAR)""",
+    # caption → concept matches (match_lexical / match_semantic)
+    "matches": """CREATE TABLE IF NOT EXISTS matches(
+        uid VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, method VARCHAR, score DOUBLE, span VARCHAR)""",
+    # per-concept balancing outcome (balance, rebalance)
+    "balance_report": """CREATE TABLE IF NOT EXISTS balance_report(
         stage VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, before BIGINT, after BIGINT, floor BIGINT,
         shortfall BIGINT)""",
-    # Samples no stage has rejected so far: what the next stage works on.
-    """CREATE OR REPLACE VIEW alive AS SELECT s.* FROM samples s
-        WHERE NOT EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)""",
-]
+    # the selection rows the media stages work on: a copy of the selection parquet (media_rows)
+    "media_rows": """CREATE TABLE IF NOT EXISTS media_rows(
+        uid VARCHAR NOT NULL, pos BIGINT, url VARCHAR, path VARCHAR, caption VARCHAR, concept_ids VARCHAR[],
+        source VARCHAR)""",
+    # one download / local-file check outcome per media row (download, download_retry)
+    "downloads": """CREATE TABLE IF NOT EXISTS downloads(
+        uid VARCHAR NOT NULL, attempt INTEGER, status VARCHAR, error VARCHAR, sha256 VARCHAR,
+        width INTEGER, height INTEGER, original_width INTEGER, original_height INTEGER,
+        format VARCHAR, store VARCHAR, shard VARCHAR, key VARCHAR)""",
+    # content-keyed caches of image dedup (kept across reruns: keyed by the image bytes' sha256)
+    "image_hashes": """CREATE TABLE IF NOT EXISTS image_hashes(
+        uid VARCHAR NOT NULL, sha256 VARCHAR, hash_size INTEGER, phash BLOB)""",
+    "image_embeddings": """CREATE TABLE IF NOT EXISTS image_embeddings(
+        uid VARCHAR NOT NULL, sha256 VARCHAR, model VARCHAR, file VARCHAR, row INTEGER)""",
+    # where each sample went in the webdataset shards (shards)
+    "shard_index": """CREATE TABLE IF NOT EXISTS shard_index(
+        uid VARCHAR NOT NULL, shard VARCHAR, key VARCHAR, pos BIGINT)""",
+    # stage bookkeeping (the stage runner): parameters and status of every stage that started
+    "stages": """CREATE TABLE IF NOT EXISTS stages(
+        stage VARCHAR PRIMARY KEY, status VARCHAR, params VARCHAR, started DOUBLE, finished DOUBLE, rows BIGINT)""",
+    # finished units of unit-resumable stages
+    "progress": """CREATE TABLE IF NOT EXISTS progress(stage VARCHAR NOT NULL, unit VARCHAR NOT NULL)""",
+}
+#: Samples no stage has rejected so far: what the next stage works on.
+ALIVE_VIEW = """CREATE OR REPLACE VIEW alive AS SELECT s.* FROM samples s
+    WHERE NOT EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)"""
+SCHEMA = [*TABLES.values(), ALIVE_VIEW]
+
+
+class StageRow(NamedTuple):
+    """A ``stages`` row: ``params`` is the JSON text the stage started with (compare with :func:`params_json`)."""
+
+    stage: str
+    status: str
+    params: str
+    started: float | None
+    finished: float | None
+    rows: int | None
+
+    def params_dict(self) -> dict:
+        return json.loads(self.params) if self.params else {}
 
 
 class Catalog:
@@ -99,23 +137,67 @@ class Catalog:
         else:
             self.con.execute("COMMIT")
 
-    # -- stage bookkeeping ------------------------------------------------------------------------------
+    # -- stage bookkeeping: the one stage runner ---------------------------------------------------------
+    def stage_row(self, stage: str) -> StageRow | None:
+        """The ``stages`` row of ``stage`` (None when it never started or was cleared)."""
+        row = self.one("SELECT stage, status, params, started, finished, rows FROM stages WHERE stage = ?", [stage])
+        return StageRow(*row) if row else None
+
     def stage_done(self, stage: str, params: dict | None = None) -> bool:
-        row = self.one("SELECT status, params FROM stages WHERE stage = ?", [stage])
-        if not row or row[0] != "done":
+        row = self.stage_row(stage)
+        if row is None or row.status != "done":
             return False
-        return params is None or row[1] == _params_json(params)
+        return params is None or row.params == params_json(params)
+
+    def begin_stage(self, stage: Stage, params: dict, *, resumable: bool = False, rerun: bool = False,
+                    also_clear: Iterable[Stage] = (), on_fresh: Callable[[], None] | None = None) -> Begin:
+        """Start ``stage`` with ``params`` and say how (every stage of every module starts here):
+
+        * :attr:`Begin.SKIP` — done earlier with the same parameters (and not ``rerun``): nothing to do;
+        * :attr:`Begin.RESUME` — a ``resumable`` stage found ``running`` with the same parameters: its committed
+          units stay (``done_units``);
+        * :attr:`Begin.FRESH` — anything else: in one transaction the stage's own catalog rows (:data:`OWNS`), its
+          sub-stages' and those of ``also_clear`` are deleted, ``on_fresh()`` runs (more catalog cleanup of the
+          caller), and the stage is marked ``running`` with ``params``.
+
+        The caller then does the work and calls :meth:`mark_done`; the ``stages`` row only says ``done`` after
+        that, so a killed stage never counts as finished.
+        """
+        row = self.stage_row(stage)
+        same = row is not None and row.params == params_json(params)
+        if same and not rerun and row.status == "done":
+            return Begin.SKIP
+        if same and resumable and row.status == "running":
+            return Begin.RESUME
+        with self.transaction():
+            for s in (*also_clear, stage):
+                self.clear_stage(s)
+            if on_fresh is not None:
+                on_fresh()
+            self.mark_started(stage, params)
+        return Begin.FRESH
+
+    def clear_stage(self, stage: Stage) -> None:
+        """Delete what ``stage`` and its sub-stages wrote in the catalog (:data:`curate.stages.OWNS`) and forget
+        that they ran. Files the stage wrote are the stage's own business."""
+        for s in (stage, *stage.children):
+            decisions, tables = OWNS[s]
+            if decisions:
+                self.clear_decisions(s)
+            for table, where in tables:
+                self.execute(f"DELETE FROM {table}" + (f" WHERE {where}" if where else ""))
+            self.invalidate([s])
 
     def mark_started(self, stage: str, params: dict | None = None) -> None:
         self.execute("DELETE FROM stages WHERE stage = ?", [stage])
         self.execute("INSERT INTO stages VALUES (?, 'running', ?, ?, NULL, NULL)",
-                     [stage, _params_json(params or {}), time.time()])
+                     [stage, params_json(params or {}), time.time()])
 
     def mark_done(self, stage: str, rows: int | None = None) -> None:
         self.execute("UPDATE stages SET status='done', finished=?, rows=? WHERE stage = ?", [time.time(), rows, stage])
 
     def invalidate(self, stages: list[str]) -> None:
-        """Forget that ``stages`` ran (their outputs are cleared by the stage itself before it reruns)."""
+        """Forget that ``stages`` ran (their bookkeeping only: :meth:`clear_stage` also deletes their rows)."""
         for s in stages:
             self.execute("DELETE FROM stages WHERE stage = ?", [s])
             self.execute("DELETE FROM progress WHERE stage = ?", [s])
@@ -136,14 +218,19 @@ class Catalog:
             "SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND database_name = current_database()",
             [name]))
 
-    def insert_arrow(self, table: str, data, select: str = "*") -> int:
-        """Append an Arrow table/batch to ``table`` via ``INSERT INTO table SELECT <select> FROM data``."""
-        name = "_tether_arrow_in"
+    @contextmanager
+    def registered(self, name: str, data) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Make the Arrow table/batch ``data`` queryable as ``name`` for the ``with`` block (then unregistered)."""
         self.con.register(name, data)
         try:
-            self.con.execute(f"INSERT INTO {table} SELECT {select} FROM {name}")
+            yield self.con
         finally:
             self.con.unregister(name)
+
+    def insert_arrow(self, table: str, data, select: str = "*") -> int:
+        """Append an Arrow table/batch to ``table`` via ``INSERT INTO table SELECT <select> FROM data``."""
+        with self.registered("_tether_arrow_in", data) as con:
+            con.execute(f"INSERT INTO {table} SELECT {select} FROM _tether_arrow_in")
         return int(data.num_rows)
 
     def stage_status(self) -> list[tuple]:
@@ -213,5 +300,6 @@ class Catalog:
         return dict(zip([d[0] for d in cur.description], rows[0]))
 
 
-def _params_json(params: dict) -> str:
+def params_json(params: dict) -> str:
+    """The canonical JSON text of a stage's parameters (what ``stages.params`` stores and compares)."""
     return json.dumps(params, sort_keys=True, default=str)

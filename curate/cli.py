@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from curate.stages import CAPTION_STAGES, Stage
 from tether.clikit import UserError, add_plugins, run_command
 
 PLUGINS = ["curate.media", "curate.serve"]
@@ -134,10 +135,10 @@ def cmd_preview(args) -> int:
     if not ts or min(ts) < 1:
         raise UserError("--t: give at least one positive integer")
     recipe = load_build_recipe(args.recipe, args.set)
-    res = build(recipe, out=args.out, progress=not args.no_progress, until="match",
+    res = build(recipe, out=args.out, progress=not args.no_progress, until=Stage.MATCH.value,
                 recipe_dir=Path(args.recipe).resolve().parent)
     with Catalog(res.catalog) as cat:
-        rows = preview_t(cat, ts, recipe.balance, candidates_sql=candidates_before(cat, "balance"))
+        rows = preview_t(cat, ts, recipe.balance, candidates_sql=candidates_before(cat, Stage.BALANCE))
     c = rows[0]
     print(f"candidates {c['candidates']:,} (matched {c['matched']:,}) over {c['concepts']:,} concepts")
     print(_table(["t", "expected pairs", "share of candidates", "concepts capped"],
@@ -156,8 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     b.add_argument("--out", help="build folder: new, empty, or an earlier tether build (default: recipe `out` or "
                                   "builds/<name>)")
-    b.add_argument("--until", choices=["ingest", "filter", "dedup", "neardup", "concepts", "match", "balance",
-                                       "select"], help="stop after this stage")
+    b.add_argument("--until", choices=[s.value for s in CAPTION_STAGES], help="stop after this stage")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_build)
 

@@ -29,7 +29,7 @@ from typing import Iterable, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.catalog import Catalog
+from curate.catalog import TABLES, Catalog
 from tether.recipe import RecipeError, Strict, resolve_path
 from tether.resources import timm_info_dir
 from curate.wordnet import WordNet, irregular_plurals
@@ -37,8 +37,7 @@ from curate.wordnet import WordNet, irregular_plurals
 WNID_RE = re.compile(r"^n\d{8}$")
 NON_WORD = re.compile(r"[\W_]+")
 
-SURFACE_FORMS_DDL = """CREATE TABLE IF NOT EXISTS surface_forms(
-    form VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, sense_rank INTEGER, kind VARCHAR, lemma VARCHAR)"""
+SURFACE_FORMS_DDL = TABLES["surface_forms"]  # the catalog schema lives in curate/catalog.py
 
 def normalize(text: str) -> str:
     """Lowercase; every run of punctuation, ``_`` and whitespace becomes one space; trimmed.

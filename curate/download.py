@@ -39,21 +39,12 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.catalog import Catalog
+from curate.stages import Begin, Stage
 from tether.recipe import RecipeError, Strict
 
-STAGE = "download"
-RETRY_STAGE = "download_retry"
+STAGE = Stage.DOWNLOAD
+RETRY_STAGE = Stage.DOWNLOAD_RETRY
 SUCCESS = "success"
-
-DOWNLOADS_SCHEMA = """CREATE TABLE IF NOT EXISTS downloads(
-    uid VARCHAR NOT NULL, attempt INTEGER, status VARCHAR, error VARCHAR, sha256 VARCHAR,
-    width INTEGER, height INTEGER, original_width INTEGER, original_height INTEGER,
-    format VARCHAR, store VARCHAR, shard VARCHAR, key VARCHAR)"""
-
-# The selection rows the media stages work on (a copy of the selection parquet, loaded once per build).
-MEDIA_ROWS_SCHEMA = """CREATE TABLE IF NOT EXISTS media_rows(
-    uid VARCHAR NOT NULL, pos BIGINT, url VARCHAR, path VARCHAR, caption VARCHAR, concept_ids VARCHAR[],
-    source VARCHAR)"""
 
 
 class DownloadConfig(Strict):
@@ -111,9 +102,8 @@ def load_selection(cat: Catalog, selection_path: str | Path) -> int:
     Missing optional columns become NULL; a missing ``uid`` column or duplicate uids are a RecipeError.
     Returns the row count. Skipped when the same file (by digest) is already loaded.
     """
-    cat.execute(MEDIA_ROWS_SCHEMA)
     digest = file_digest(selection_path)
-    if cat.stage_done("media_rows", {"digest": digest}):
+    if cat.begin_stage(Stage.MEDIA_ROWS, {"digest": digest}) is Begin.SKIP:
         return int(cat.scalar("SELECT count(*) FROM media_rows"))
     cols = set(pq.read_schema(selection_path).names)
     if "uid" not in cols:
@@ -123,7 +113,6 @@ def load_selection(cat: Catalog, selection_path: str | Path) -> int:
         return f"CAST({name} AS {sql_type})" if name in cols else f"CAST(NULL AS {sql_type})"
 
     with cat.transaction() as con:
-        con.execute("DELETE FROM media_rows")
         con.execute(
             f"""INSERT INTO media_rows SELECT CAST(uid AS VARCHAR), row_number() OVER () - 1,
                 nullif(trim({col('url', 'VARCHAR')}), ''), nullif(trim({col('path', 'VARCHAR')}), ''),
@@ -134,9 +123,8 @@ def load_selection(cat: Catalog, selection_path: str | Path) -> int:
         dup = con.execute("SELECT uid FROM media_rows GROUP BY uid HAVING count(*) > 1 LIMIT 1").fetchone()
         if dup:
             raise RecipeError(f"{selection_path}: duplicate uid {dup[0]!r} in the selection")
-        cat.mark_started("media_rows", {"digest": digest})
         n = int(con.execute("SELECT count(*) FROM media_rows").fetchone()[0])
-        cat.mark_done("media_rows", n)
+        cat.mark_done(Stage.MEDIA_ROWS, n)
     return n
 
 
@@ -238,15 +226,15 @@ def _record(con, rows: list[tuple]) -> None:
     rows = [(*r[:3], stable_reason(r[3]), *r[4:]) for r in rows]  # no object addresses in reasons
     cols = list(zip(*rows))
     tbl = pa.table({c: pa.array(list(v), t) for c, v, t in zip(_DL_COLS, cols, _DL_TYPES)})
-    con.register("_rec", tbl)
+    con.register("_rec", tbl)  # (a plain connection: the caller holds the transaction)
     try:
         con.execute("DELETE FROM downloads WHERE uid IN (SELECT uid FROM _rec)")
-        con.execute(f"DELETE FROM decisions WHERE stage = '{STAGE}' AND uid IN (SELECT uid FROM _rec)")
+        con.execute("DELETE FROM decisions WHERE stage = $stage AND uid IN (SELECT uid FROM _rec)", {"stage": STAGE})
         con.execute(f"INSERT INTO downloads SELECT {', '.join(_DL_COLS)} FROM _rec")
-        con.execute(f"""INSERT INTO decisions(uid, stage, kept, reason)
-            SELECT uid, '{STAGE}', status = '{SUCCESS}',
-                   CASE WHEN status = '{SUCCESS}' THEN status ELSE status || ': ' || coalesce(error, '') END
-            FROM _rec""")
+        con.execute("""INSERT INTO decisions(uid, stage, kept, reason)
+            SELECT uid, $stage, status = $ok,
+                   CASE WHEN status = $ok THEN status ELSE status || ': ' || coalesce(error, '') END
+            FROM _rec""", {"stage": STAGE, "ok": SUCCESS})
     finally:
         con.unregister("_rec")
 
@@ -402,27 +390,21 @@ def _params(cfg: DownloadConfig, cat: Catalog) -> dict:
     d = cfg.model_dump()
     for k in ("processes_count", "thread_count", "distributor", "subjob_size", "local_threads"):
         d.pop(k)  # how to run, not what comes out
-    row = cat.execute("SELECT params FROM stages WHERE stage='media_rows' AND status='done'").fetchone()
-    if row is None:
+    row = cat.stage_row(Stage.MEDIA_ROWS)
+    if row is None or row.status != "done":
         raise RecipeError("download: no selection loaded (call load_selection first)")
-    d["selection"] = row[0]
+    d["selection"] = row.params
     return d
 
 
 def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True) -> dict:
     """Download / check every ``media_rows`` row once; returns counts per status. Resumable (see module doc)."""
-    cat.execute(DOWNLOADS_SCHEMA)
     build_dir = Path(build_dir)
     params = _params(cfg, cat)
-    if not cat.stage_done(STAGE, params):
-        prev = cat.execute("SELECT params FROM stages WHERE stage = ?", [STAGE]).fetchone()
-        if prev is None or prev[0] != json.dumps(params, sort_keys=True, default=str):
-            # new or changed settings: start over (a rerun with the same settings resumes instead)
-            with cat.transaction():
-                cat.execute("DELETE FROM downloads")
-                cat.clear_decisions(STAGE)
-                cat.invalidate([STAGE, RETRY_STAGE])
-                cat.mark_started(STAGE, params)
+    # new or changed settings start over (their folder too); a rerun with the same settings resumes
+    how = cat.begin_stage(STAGE, params, resumable=True)
+    if how is not Begin.SKIP:
+        if how is Begin.FRESH:
             _clear_dir(build_dir / "media" / "download", build_dir)
         with cat.transaction() as con:
             none = con.execute("""SELECT uid FROM media_rows WHERE url IS NULL AND path IS NULL
@@ -442,20 +424,19 @@ def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
 
     Resumable: a killed retry keeps its attempt number (``stages('download_retry')``) and its input list.
     """
-    cat.execute(DOWNLOADS_SCHEMA)
-    row = cat.execute("SELECT status, params FROM stages WHERE stage = ?", [RETRY_STAGE]).fetchone()
-    if row and row[0] == "running":
-        attempt = json.loads(row[1])["attempt"]
+    row = cat.stage_row(RETRY_STAGE)
+    if row and row.status == "running":  # a killed retry keeps its attempt number
+        attempt = row.params_dict()["attempt"]
     else:
         attempt = int(cat.scalar("SELECT coalesce(max(attempt), 0) FROM downloads")) + 1
-        cat.mark_started(RETRY_STAGE, {"attempt": attempt})
+    cat.begin_stage(RETRY_STAGE, {"attempt": attempt}, resumable=True)
     listed = _attempt_dir(Path(build_dir), attempt) / "rows.parquet"
     if listed.exists():
         rows = _read_rows(listed)
     else:
         rows = cat.execute(
-            f"""SELECT m.uid, m.url, m.caption FROM media_rows m JOIN downloads d USING (uid)
-                WHERE d.status <> '{SUCCESS}' AND m.url IS NOT NULL AND m.path IS NULL ORDER BY m.pos""").fetchall()
+            """SELECT m.uid, m.url, m.caption FROM media_rows m JOIN downloads d USING (uid)
+               WHERE d.status <> ? AND m.url IS NOT NULL AND m.path IS NULL ORDER BY m.pos""", [SUCCESS]).fetchall()
     _download_urls(cat, cfg, rows, Path(build_dir), attempt, progress)
     cat.mark_done(RETRY_STAGE, len(rows))
     return len(rows)

@@ -42,15 +42,11 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.download import SUCCESS, ImageStore
+from curate.stages import Stage
 from tether.recipe import Strict
 
-STAGE = "image_dedup"
+STAGE = Stage.IMAGE_DEDUP
 
-CACHE_SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS image_hashes(uid VARCHAR NOT NULL, sha256 VARCHAR, hash_size INTEGER, phash BLOB)",
-    """CREATE TABLE IF NOT EXISTS image_embeddings(uid VARCHAR NOT NULL, sha256 VARCHAR, model VARCHAR,
-        file VARCHAR, row INTEGER)""",
-]
 
 
 class PhashConfig(Strict):
@@ -211,34 +207,30 @@ def semantic_duplicates(emb: np.ndarray, epsilon: float, clusters: int | None = 
 # --------------------------------------------------------------------------------------------------------
 # catalog stage
 # --------------------------------------------------------------------------------------------------------
-LATER_STAGES = (STAGE, "rebalance")  # decisions of these stages do not limit this stage's candidates
+LATER_STAGES = (STAGE, Stage.REBALANCE)  # decisions of these stages do not limit this stage's candidates
 
 
 def _candidates(cat: Catalog) -> list[tuple]:
     """(uid, sha256, format, store, shard, key, source) of alive stored images, in keep-rule rank order;
     ``source`` is the row's path or url (rows sharing it are one image with several captions)."""
-    ignore = ", ".join(f"'{s}'" for s in LATER_STAGES)
     return cat.execute(
-        f"""SELECT d.uid, d.sha256, d.format, d.store, d.shard, d.key, coalesce(m.path, m.url)
-            FROM downloads d JOIN media_rows m USING (uid)
-            WHERE d.status = '{SUCCESS}'
-              AND NOT EXISTS (SELECT 1 FROM decisions x
-                              WHERE x.uid = d.uid AND NOT x.kept AND x.stage NOT IN ({ignore}))
-            ORDER BY coalesce(d.original_width, d.width, 0)::BIGINT * coalesce(d.original_height, d.height, 0) DESC,
-                     d.uid""").fetchall()
+        """SELECT d.uid, d.sha256, d.format, d.store, d.shard, d.key, coalesce(m.path, m.url)
+           FROM downloads d JOIN media_rows m USING (uid)
+           WHERE d.status = $ok
+             AND NOT EXISTS (SELECT 1 FROM decisions x
+                             WHERE x.uid = d.uid AND NOT x.kept AND NOT list_contains($ignore, x.stage))
+           ORDER BY coalesce(d.original_width, d.width, 0)::BIGINT * coalesce(d.original_height, d.height, 0) DESC,
+                    d.uid""", {"ok": SUCCESS, "ignore": [s.value for s in LATER_STAGES]}).fetchall()
 
 
 def _missing(cat: Catalog, rows: list[tuple], table: str, extra: str, params: list) -> list[tuple]:
     import pyarrow as pa
 
-    cat.con.register("_cand", pa.table({"uid": [r[0] for r in rows], "sha256": [r[1] for r in rows],
-                                        "i": list(range(len(rows)))}))
-    try:
+    cand = pa.table({"uid": [r[0] for r in rows], "sha256": [r[1] for r in rows], "i": list(range(len(rows)))})
+    with cat.registered("_cand", cand):
         miss = cat.execute(f"""SELECT i FROM _cand c WHERE NOT EXISTS (SELECT 1 FROM {table} t
                                WHERE t.uid = c.uid AND t.sha256 IS NOT DISTINCT FROM c.sha256 {extra}) ORDER BY i""",
                            params).fetchall()
-    finally:
-        cat.con.unregister("_cand")
     return [rows[i] for (i,) in miss]
 
 
@@ -246,13 +238,8 @@ def _insert(cat: Catalog, table: str, cols: dict) -> None:
     """Append one Arrow batch to ``table`` in its own transaction (a committed chunk of a resumable step)."""
     import pyarrow as pa
 
-    tbl = pa.table(cols)
-    with cat.transaction() as con:
-        con.register("_ins", tbl)
-        try:
-            con.execute(f"INSERT INTO {table}({', '.join(cols)}) SELECT {', '.join(cols)} FROM _ins")
-        finally:
-            con.unregister("_ins")
+    with cat.transaction():
+        cat.insert_arrow(f"{table}({', '.join(cols)})", pa.table(cols), ", ".join(cols))
 
 
 def compute_phashes(cat: Catalog, rows: list[tuple], cfg: ImageDedupConfig, encode_format: str = "jpg",
@@ -336,8 +323,6 @@ def candidates_digest(cat: Catalog) -> str:
 def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, encode_format: str = "jpg",
                     encoder=None, progress: bool = True) -> DedupResult:
     """Judge every stored, alive image once (see module doc); replaces earlier ``image_dedup`` decisions."""
-    for stmt in CACHE_SCHEMA:
-        cat.execute(stmt)
     rows = _candidates(cat)
     res = DedupResult(candidates=len(rows))
     if not cfg.enabled:
@@ -406,10 +391,7 @@ def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, 
     })
     res.drops = [(u, rf, why) for u, k, why, rf in zip(tbl["uid"].to_pylist(), kept.tolist(),
                                                        tbl["reason"].to_pylist(), tbl["ref_uid"].to_pylist()) if not k]
-    with cat.transaction() as con:
+    with cat.transaction():
         cat.clear_decisions(STAGE)
-        con.register("_dd", tbl)
-        con.execute("INSERT INTO decisions(uid, stage, kept, reason, ref_uid) SELECT uid, stage, kept, reason, ref_uid "
-                    "FROM _dd")
-        con.unregister("_dd")
+        cat.insert_arrow("decisions(uid, stage, kept, reason, ref_uid)", tbl, "uid, stage, kept, reason, ref_uid")
     return res

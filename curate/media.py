@@ -28,16 +28,16 @@ from typing import Optional
 
 from curate.balance import BalanceConfig
 from curate.catalog import Catalog
-from curate.download import (DOWNLOADS_SCHEMA, MEDIA_ROWS_SCHEMA, DownloadConfig, download_counts, load_selection,
-                             retry_failed, run_download)
+from curate.download import DownloadConfig, download_counts, load_selection, retry_failed, run_download
 from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
 from tether.clikit import run_command
 from tether.fileio import check_build_dir, claim_build_dir, claim_output_dir, open_build_dir
 from tether.recipe import RecipeError, Strict, parse, read_yaml
 from curate.shards import ShardConfig, out_dir_of, run_shards
+from curate.stages import Begin, Stage
 
-REBALANCE = "rebalance"
-DEDUP = "image_dedup"
+REBALANCE = Stage.REBALANCE
+DEDUP = Stage.IMAGE_DEDUP
 
 
 class RebalanceConfig(Strict):
@@ -63,29 +63,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _params(cat: Catalog, stage: str) -> Optional[dict]:
-    row = cat.execute("SELECT params FROM stages WHERE stage = ?", [stage]).fetchone()
-    return json.loads(row[0]) if row and row[0] else None
+def _params(cat: Catalog, stage: Stage) -> Optional[dict]:
+    row = cat.stage_row(stage)
+    return row.params_dict() if row else None
 
 
-def _stage(cat: Catalog, stage: str, params: dict, run, clear_later: list[str]):
-    """Run ``run()`` unless ``stage`` is done with ``params``; a rerun first clears the later stages."""
-    if cat.stage_done(stage, params):
+def _stage(cat: Catalog, stage: Stage, params: dict, run, clear_later: list[Stage]):
+    """Run ``run()`` unless ``stage`` is done with ``params``; a rerun first clears ``clear_later``."""
+    if cat.begin_stage(stage, params, also_clear=clear_later) is Begin.SKIP:
         return None
-    with cat.transaction():
-        for s in clear_later + [stage]:
-            cat.clear_decisions(s)
-            cat.execute("DELETE FROM balance_report WHERE stage = ?", [s])
-            cat.invalidate([s])
-        cat.mark_started(stage, params)
     out = run()
     cat.mark_done(stage)
     return out
 
 
-def _survivors_sql() -> str:
-    return """SELECT m.uid FROM media_rows m JOIN downloads d USING (uid) WHERE d.status = 'success'
-              AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept)"""
+def _survivors_sql(before_rebalance: bool = False) -> str:
+    """Stored media rows no stage rejected (``before_rebalance``: ignoring the re-balance's own verdicts)."""
+    skip = f" AND x.stage <> '{REBALANCE.value}'" if before_rebalance else ""
+    return f"""SELECT m.uid FROM media_rows m JOIN downloads d USING (uid) WHERE d.status = 'success'
+              AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept{skip})"""
 
 
 def download_summary(counts: dict) -> str:
@@ -100,7 +96,7 @@ def download_summary(counts: dict) -> str:
 def balance_settings(cat: Catalog, cfg: RebalanceConfig) -> BalanceConfig:
     if cfg.balance is not None:
         return cfg.balance
-    p = _params(cat, "balance")
+    p = _params(cat, Stage.BALANCE)
     return BalanceConfig.model_validate(p) if p else BalanceConfig()
 
 
@@ -109,8 +105,7 @@ def concept_losses(cat: Catalog, floor: int = 0) -> list[dict]:
     rows = cat.execute(f"""
         WITH c AS (SELECT uid, unnest(concept_ids) AS concept_id FROM media_rows),
         st AS (SELECT uid FROM downloads WHERE status = 'success'),
-        dd AS (SELECT uid FROM st WHERE NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = st.uid AND NOT x.kept
-                                                    AND x.stage <> '{REBALANCE}')),
+        dd AS ({_survivors_sql(before_rebalance=True)}),
         fin AS ({_survivors_sql()})
         SELECT concept_id, count(*) AS selected,
                count(*) FILTER (WHERE uid IN (SELECT uid FROM st)) AS stored,
@@ -133,8 +128,6 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     """Image dedup → re-balance → shards on the current downloads; returns the media report."""
     build_dir = claim_build_dir(build_dir, cat)
     fmt = recipe.download.encode_format
-    cat.execute(MEDIA_ROWS_SCHEMA)
-    cat.execute(DOWNLOADS_SCHEMA)  # download disabled on a fresh build: nothing stored, nothing to shard
     dedup_params = {**recipe.image_dedup.model_dump(), "input": candidates_digest(cat)}
     res = _stage(cat, DEDUP, dedup_params,
                  lambda: run_image_dedup(cat, recipe.image_dedup, build_dir, fmt, encoder=encoder, progress=progress),
@@ -146,22 +139,20 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     bal = balance_settings(cat, recipe.rebalance)
     if recipe.rebalance.enabled:
         h = hashlib.sha1("\n".join(sorted(r[0] for r in cat.execute(
-            _survivors_sql().replace("NOT x.kept", f"NOT x.kept AND x.stage <> '{REBALANCE}'")).fetchall())).encode())
+            _survivors_sql(before_rebalance=True)).fetchall())).encode())
         rb_params = {"balance": bal.model_dump(), "input": h.hexdigest()[:16]}
         rep = _stage(cat, REBALANCE, rb_params, lambda: run_rebalance(cat, recipe.rebalance, progress), [])
         if rep is not None:
             log(f"  {rep.summary()}")
     else:
         with cat.transaction():
-            cat.clear_decisions(REBALANCE)
-            cat.execute("DELETE FROM balance_report WHERE stage = ?", [REBALANCE])
-            cat.invalidate([REBALANCE])
+            cat.clear_stage(REBALANCE)
     report: dict = {"downloads": download_counts(cat),
                     "image_dedup": dict(cat.execute(
-                        f"SELECT split_part(reason, ' (', 1), count(*) FROM decisions WHERE stage = '{DEDUP}' "
-                        "GROUP BY 1 ORDER BY 1").fetchall()),
+                        "SELECT split_part(reason, ' (', 1), count(*) FROM decisions WHERE stage = ? "
+                        "GROUP BY 1 ORDER BY 1", [DEDUP]).fetchall()),
                     "rebalance_dropped": int(cat.scalar(
-                        f"SELECT count(*) FROM decisions WHERE stage = '{REBALANCE}' AND NOT kept") or 0),
+                        "SELECT count(*) FROM decisions WHERE stage = ? AND NOT kept", [REBALANCE]) or 0),
                     "concepts": concept_losses(cat, bal.floor if recipe.rebalance.enabled else 0)}
     report["concepts_short"] = sum(1 for c in report["concepts"] if c["shortfall"] > 0)
     if recipe.shards.enabled:
@@ -231,13 +222,13 @@ def _cmd(args) -> int:
                 load_selection(cat, _selection_of(build, data, args.selection))
                 print(json.dumps(run_download(cat, recipe.download, build, progress=progress)))
             elif args.media_cmd == "retry-failed":
-                if not cat.stage_done("download"):
+                if not cat.stage_done(Stage.DOWNLOAD):
                     raise RecipeError(f"{build}: run `curate download {build}` first")
                 n = retry_failed(cat, recipe.download, build, progress=progress)
                 print(json.dumps({"retried": n, **download_counts(cat)}))
                 print(f"now run `curate shard {build}` to dedup, re-balance and re-shard", file=sys.stderr)
             else:
-                if not cat.stage_done("download"):
+                if not cat.stage_done(Stage.DOWNLOAD):
                     raise RecipeError(f"{build}: run `curate download {build}` first")
                 rep = run_after_download(cat, recipe, build, progress=progress)
                 print(json.dumps({k: v for k, v in rep.items() if k != "concepts"}))

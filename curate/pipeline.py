@@ -1,14 +1,16 @@
 """Stage runner for ``curate build``: runs the stages in order over one catalog, resumably.
 
-Stages: ``ingest → filter → dedup → neardup → concepts → match → balance → select`` (then the media stages when
-the recipe has a ``media`` section). Each stage has the parameters it was run with (its recipe section) stored in
-the catalog's ``stages`` table.
+Stages: :data:`curate.stages.CAPTION_STAGES` — ``ingest → filter → dedup → neardup → concepts → match → balance →
+select`` — then the media stages (:data:`curate.stages.MEDIA_STAGES`, :mod:`curate.media`) when the recipe has a
+``media`` section: one sequence of :class:`curate.stages.Stage`. Each stage has the parameters it was run with
+(its recipe section) stored in the catalog's ``stages`` table; every stage starts through
+:meth:`curate.catalog.Catalog.begin_stage`.
 
 Rerun rules (what makes a killed or edited build converge to the result of one uninterrupted run):
 
 * a stage marked ``done`` with the same parameters, and no earlier stage rerun, is skipped;
-* otherwise every LATER stage is cleared first (its decisions/tables and bookkeeping — including stages this
-  module does not know, e.g. the media stages), because their outputs depend on this stage's;
+* otherwise every LATER stage in :class:`~curate.stages.Stage` order is cleared first (its catalog rows and
+  bookkeeping, the media stages included), because their outputs depend on this stage's;
 * a unit-resumable stage (``ingest``, ``match``) found ``running`` with the same parameters continues from its
   committed units; any other stage is cleared and rerun from scratch (its partial writes never count: the
   ``stages`` row only says ``done`` after the stage finished).
@@ -25,20 +27,22 @@ from typing import Callable
 
 import yaml
 
-from curate.catalog import Catalog, _params_json
+from curate.catalog import Catalog
 from curate.config import BuildRecipe
+from curate.stages import CAPTION_STAGES, Begin, Stage
 from tether.fileio import atomic_write, open_build_dir
 from tether.recipe import RecipeError
 
-STAGES = ("ingest", "filter", "dedup", "neardup", "concepts", "match", "balance", "select")
+STAGES = tuple(s.value for s in CAPTION_STAGES)  # `curate build --until` choices
 
 
 @dataclass
-class Stage:
-    name: str
+class StageStep:
+    """One caption stage of a build: what it runs with (``params``, its recipe section) and how."""
+
+    stage: Stage
     params: dict
     run: Callable[[], int | None]
-    clear: Callable[[], None]
     resumable: bool = False
     outputs_exist: Callable[[], bool] = lambda: True  # a done stage whose files vanished reruns
     counts: str = "rows"  # what run()'s number counts, for the `stage X: done — N <counts>` line
@@ -59,45 +63,24 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _drop_table_rows(cat: Catalog, table: str) -> None:
-    if cat.table_exists(table):
-        cat.execute(f"DELETE FROM {table}")
-
-
 def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: BuildResult, progress: bool,
-                recipe_dir: Path | None = None) -> list[Stage]:
+                recipe_dir: Path | None = None) -> list[StageStep]:
     from curate import balance, card, dedup, selection, sources
-
-    def clear_decisions(name: str) -> Callable[[], None]:
-        return lambda: cat.clear_decisions(name)
 
     def run_concepts() -> int:
         from curate.concepts import build_concepts
 
         return build_concepts(cat, recipe.concepts, progress=progress, base_dir=recipe_dir)
 
-    def clear_concepts() -> None:
-        _drop_table_rows(cat, "concepts")
-        _drop_table_rows(cat, "surface_forms")
-
     def run_match() -> int:
         from curate.match import run_match
 
         return run_match(cat, recipe.match, progress=progress)
 
-    def clear_match() -> None:
-        _drop_table_rows(cat, "matches")
-        subs = [r[0] for r in cat.execute("SELECT stage FROM stages WHERE stage LIKE 'match_%'").fetchall()]
-        cat.invalidate(["match", *subs])
-
     def run_balance() -> int:
-        rep = balance.run_balance(cat, recipe.balance, "balance", progress=progress)
+        rep = balance.run_balance(cat, recipe.balance, Stage.BALANCE, progress=progress)
         log(f"  {rep.summary()}")
         return rep.kept
-
-    def clear_balance() -> None:
-        cat.clear_decisions("balance")
-        cat.execute("DELETE FROM balance_report WHERE stage = 'balance'")
 
     def run_select() -> int:
         path, n = selection.write_selection(cat, build_dir, recipe.output)
@@ -107,74 +90,61 @@ def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: Buil
         return n
 
     return [
-        Stage("ingest", {"sources": [s.model_dump() for s in recipe.sources], "ingest": recipe.ingest.model_dump()},
-              lambda: sources.run_ingest(cat, recipe.sources, recipe.ingest, progress=progress),
-              lambda: sources.clear_ingest(cat), resumable=True, counts="rows ingested"),
-        Stage("filter", recipe.filter.model_dump(), lambda: dedup.run_filters(cat, recipe.filter),
-              clear_decisions("filter"), counts="rows rejected"),
-        Stage("dedup", {"exact": recipe.dedup.exact}, lambda: dedup.run_exact_dedup(cat, recipe.dedup),
-              clear_decisions("dedup"), counts="duplicate rows rejected"),
-        Stage("neardup", recipe.dedup.near.model_dump(),
-              lambda: dedup.run_near_dup(cat, recipe.dedup.near, progress=progress), clear_decisions("neardup"),
-              counts="near-duplicate captions rejected"),
-        Stage("concepts", recipe.concepts.model_dump(), run_concepts, clear_concepts, counts="concepts in the bank"),
-        Stage("match", recipe.match.model_dump(), run_match, clear_match, resumable=True,
-              counts="caption-concept matches"),
-        Stage("balance", recipe.balance.model_dump(), run_balance, clear_balance, counts="rows kept"),
-        Stage("select", recipe.output.model_dump(exclude={"allow_outside_build"}), run_select, lambda: None,
-              outputs_exist=lambda: (build_dir / recipe.output.selection).exists(), counts="rows selected"),
+        StageStep(Stage.INGEST, {"sources": [s.model_dump() for s in recipe.sources],
+                                 "ingest": recipe.ingest.model_dump()},
+                  lambda: sources.run_ingest(cat, recipe.sources, recipe.ingest, progress=progress),
+                  resumable=True, counts="rows ingested"),
+        StageStep(Stage.FILTER, recipe.filter.model_dump(), lambda: dedup.run_filters(cat, recipe.filter),
+                  counts="rows rejected"),
+        StageStep(Stage.DEDUP, {"exact": recipe.dedup.exact}, lambda: dedup.run_exact_dedup(cat, recipe.dedup),
+                  counts="duplicate rows rejected"),
+        StageStep(Stage.NEARDUP, recipe.dedup.near.model_dump(),
+                  lambda: dedup.run_near_dup(cat, recipe.dedup.near, progress=progress),
+                  counts="near-duplicate captions rejected"),
+        StageStep(Stage.CONCEPTS, recipe.concepts.model_dump(), run_concepts, counts="concepts in the bank"),
+        StageStep(Stage.MATCH, recipe.match.model_dump(), run_match, resumable=True,
+                  counts="caption-concept matches"),
+        StageStep(Stage.BALANCE, recipe.balance.model_dump(), run_balance, counts="rows kept"),
+        StageStep(Stage.SELECT, recipe.output.model_dump(exclude={"allow_outside_build"}), run_select,
+                  outputs_exist=lambda: (build_dir / recipe.output.selection).exists(), counts="rows selected"),
     ]
 
 
-def run_stages(cat: Catalog, stages: list[Stage], result: BuildResult, until: str | None = None) -> None:
-    """Run ``stages`` in order with the rerun rules of this module; stop after ``until`` when given."""
-    known = {s.name for s in stages}
+def run_stages(cat: Catalog, steps: list[StageStep], result: BuildResult, until: str | None = None) -> None:
+    """Run ``steps`` in order with the rerun rules of this module; stop after ``until`` when given."""
     dirty = False  # an earlier stage ran in this invocation: every later one must rerun
-    for i, st in enumerate(stages):
-        row = cat.one("SELECT status, params FROM stages WHERE stage = ?", [st.name])
-        same = row is not None and row[1] == _params_json(st.params)
-        if not dirty and row is not None and row[0] == "done" and same and st.outputs_exist():
-            result.skipped.append(st.name)
-            log(f"stage {st.name}: done earlier, skipped")
+    for st in steps:
+        name = st.stage.value
+        rerun = dirty or not st.outputs_exist()
+        # every stage recorded after this one is cleared with it when it is the first to rerun
+        later = [s for s in _recorded(cat) if s in st.stage.later()] if not dirty else []
+        how = cat.begin_stage(st.stage, st.params, resumable=st.resumable, rerun=rerun, also_clear=later[::-1])
+        if how is Begin.SKIP:
+            result.skipped.append(name)
+            log(f"stage {name}: done earlier, skipped")
         else:
-            if not dirty:
-                _clear_after(cat, stages, i, known)
-                dirty = True
-            resume = st.resumable and same and row is not None and row[0] == "running"
-            if resume:
-                log(f"stage {st.name}: resuming ({len(cat.done_units(st.name))} units done)")
+            dirty = True
+            if how is Begin.RESUME:
+                with cat.transaction():  # (FRESH cleared them already)
+                    for s in later[::-1]:
+                        cat.clear_stage(s)
+                log(f"stage {name}: resuming ({len(cat.done_units(name))} units done)")
             else:
-                st.clear()
-                cat.invalidate([st.name])
-                cat.mark_started(st.name, st.params)
-                log(f"stage {st.name}: start")
+                log(f"stage {name}: start")
             t0 = time.time()
             n = st.run()
-            cat.mark_done(st.name, n)
-            result.ran.append(st.name)
+            cat.mark_done(name, n)
+            result.ran.append(name)
             what = f"{n:,} {st.counts}" if n is not None else "finished"
-            log(f"stage {st.name}: done \N{EM DASH} {what} ({time.time() - t0:.1f}s)")
-        if until and st.name == until:
+            log(f"stage {name}: done \N{EM DASH} {what} ({time.time() - t0:.1f}s)")
+        if until and name == until:
             break
 
 
-def _clear_after(cat: Catalog, stages: list[Stage], i: int, known: set[str]) -> None:
-    """Clear every stage after ``i``: known ones via their clear(); stages this module does not know (media
-    stages, later stages' sub-stages) that started after stage ``i`` lose their decisions and bookkeeping.
-    Stage ``i``'s own sub-stages (``<name>_*``) are left to stage ``i`` (it resumes or clears them itself)."""
-    recorded = cat.execute("SELECT stage, started FROM stages ORDER BY started").fetchall()
-    start_i = next((t for n, t in recorded if n == stages[i].name), None)
-    own = stages[i].name + "_"  # sub-stages of stage i itself (match_lexical …) resume with it
-    for name, started in reversed(recorded):
-        if name not in known and not name.startswith(own) and (start_i is None or started > start_i):
-            cat.clear_decisions(name)
-            cat.execute("DELETE FROM balance_report WHERE stage = ?", [name])
-            cat.invalidate([name])
-    names = {n for n, _ in recorded}
-    for s in reversed(stages[i + 1:]):
-        if s.name in names:
-            s.clear()
-            cat.invalidate([s.name])
+def _recorded(cat: Catalog) -> list[Stage]:
+    """The stages the catalog has bookkeeping for, in build order."""
+    names = [r[0] for r in cat.execute("SELECT stage FROM stages").fetchall()]
+    return sorted({s for s in map(Stage.of, names) if s is not None}, key=lambda s: s.order)
 
 
 def recipe_models(recipe: BuildRecipe, until: str | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -243,8 +213,8 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
         with Catalog(result.catalog, threads=recipe.threads) as cat:
             if progress and sys.stderr.isatty():  # DuckDB's own bar for the long single-statement stages
                 cat.execute("SET enable_progress_bar = true")
-            stages = make_stages(cat, recipe, build_dir, result, progress, recipe_dir)
-            run_stages(cat, stages, result, until)
+            steps = make_stages(cat, recipe, build_dir, result, progress, recipe_dir)
+            run_stages(cat, steps, result, until)
             sel = build_dir / recipe.output.selection
             if result.selection is None and "select" in result.skipped and sel.exists():
                 result.selection = sel

@@ -23,6 +23,7 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 
 from curate.catalog import Catalog
+from curate.stages import Stage
 from tether.fileio import check_outside_file, is_inside, output_path, record_outside_file, remove_path
 from tether.recipe import Strict
 
@@ -38,7 +39,7 @@ class OutputConfig(Strict):
     card_top_concepts: int = Field(default=40, ge=1)
 
 
-def selection_sql(cfg: OutputConfig, balance_stage: str = "balance") -> str:
+def selection_sql(cfg: OutputConfig, balance_stage: Stage = Stage.BALANCE) -> str:
     extras = "".join(
         f", json_extract_string(s.extra, '$.\"{c}\"') AS \"{c}\"" for c in cfg.extra_columns)
     return f"""

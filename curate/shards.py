@@ -35,13 +35,11 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.download import SUCCESS, ImageStore
+from curate.stages import Begin, Stage
 from tether.fileio import claim_build_dir, claim_output_dir, is_inside, output_path, remove_path
 from tether.recipe import Strict
 
-STAGE = "shards"
-
-SHARD_INDEX_SCHEMA = """CREATE TABLE IF NOT EXISTS shard_index(
-    uid VARCHAR NOT NULL, shard VARCHAR, key VARCHAR, pos BIGINT)"""
+STAGE = Stage.SHARDS
 
 
 class ShardConfig(Strict):
@@ -181,11 +179,12 @@ def _survivors(cat: Catalog) -> list[tuple]:
     """(uid, caption, concept_ids, source, url, sha256, width, height, format, store, shard, key) of every alive
     row with a stored image."""
     return cat.execute(
-        f"""SELECT m.uid, m.caption, m.concept_ids, m.source, m.url, d.sha256, d.width, d.height,
-                   d.format, d.store, d.shard, d.key
-            FROM media_rows m JOIN downloads d USING (uid)
-            WHERE d.status = '{SUCCESS}' AND NOT EXISTS
-              (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept AND x.stage <> '{STAGE}')""").fetchall()
+        """SELECT m.uid, m.caption, m.concept_ids, m.source, m.url, d.sha256, d.width, d.height,
+                  d.format, d.store, d.shard, d.key
+           FROM media_rows m JOIN downloads d USING (uid)
+           WHERE d.status = $ok AND NOT EXISTS
+             (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept AND x.stage <> $stage)""",
+        {"ok": SUCCESS, "stage": STAGE}).fetchall()
 
 
 def _clear_outputs(out: Path, root: Path) -> None:
@@ -206,7 +205,6 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     from curate.hfdataset import write_card, write_index, write_sizes
 
     t0 = time.time()
-    cat.execute(SHARD_INDEX_SCHEMA)
     claim_build_dir(build_dir, cat)
     out = out_dir_of(cfg, build_dir)
     claim_output_dir(build_dir, out, "media.shards.out")  # outside the build: new/empty/ours, then marked
@@ -219,13 +217,8 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     digest = hashlib.sha1("\n".join(order).encode()).hexdigest()[:16]
     params = {"seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "out": str(out),
               "jpeg_quality": cfg.jpeg_quality, "samples": digest}
-    row = cat.execute("SELECT status, params FROM stages WHERE stage = ?", [STAGE]).fetchone()
-    same = row is not None and row[1] == json.dumps(params, sort_keys=True, default=str)
-    if not same:
-        with cat.transaction():
-            cat.execute("DELETE FROM shard_index")
-            cat.invalidate([STAGE])
-            cat.mark_started(STAGE, params)
+    # same parameters: finish (or re-check) the shards written so far; otherwise start over
+    if cat.begin_stage(STAGE, params, resumable=True) is Begin.FRESH:
         _clear_outputs(out, root)
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob(".shard-*.tar.tmp"):
@@ -255,13 +248,11 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
             except BaseException:
                 w.abort()
                 raise
-            with cat.transaction() as con:
-                con.register("_si", pa.table({"uid": uids, "shard": [name] * len(uids),
-                                              "key": [sample_key(start + j) for j in range(len(uids))],
-                                              "pos": list(range(start, start + len(uids)))}))
-                con.execute("INSERT INTO shard_index SELECT uid, shard, key, pos FROM _si")
-                con.unregister("_si")
-                con.execute("INSERT INTO progress VALUES (?, ?)", [STAGE, name])
+            with cat.transaction():
+                cat.insert_arrow("shard_index", pa.table({
+                    "uid": uids, "shard": [name] * len(uids), "key": [sample_key(start + j) for j in range(len(uids))],
+                    "pos": list(range(start, start + len(uids)))}), "uid, shard, key, pos")
+                cat.add_unit(STAGE, name)
             written += 1
             bar.update(len(uids))
     bar.close()

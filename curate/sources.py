@@ -669,7 +669,7 @@ def _commit_batch(cat: Catalog, source: str, std: pa.Table, uids: pa.Table, icfg
         con.register("_batch", std)
         con.register("_uids", uids)
         try:
-            con.execute(_INSERT_SQL.replace("$maxc", str(int(icfg.max_caption_chars))), {"src": source})
+            con.execute(_INSERT_SQL, {"src": source, "maxc": int(icfg.max_caption_chars)})
         finally:
             con.unregister("_batch")
             con.unregister("_uids")

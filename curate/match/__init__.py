@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.catalog import Catalog, _params_json
-from curate.concepts import SURFACE_FORMS_DDL
+from curate.catalog import Catalog
+from curate.stages import Begin, Stage
 from curate.match.lexical import (LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, drop_adjective_forms,
                                   drop_rare_senses, naive_match)
 from curate.match.semantic import (EmbeddingCache, PromptCache, SemanticConfig, TopK, concept_prompt,
@@ -83,7 +83,6 @@ def _input_size(cat: Catalog) -> int:
 
 def _bank_fingerprint(cat: Catalog) -> str:
     """Identity of the concept bank + surface forms, so that a rebuilt bank invalidates old matches."""
-    cat.execute(SURFACE_FORMS_DDL)
     row = cat.execute(
         "SELECT (SELECT count(*) FROM concepts), (SELECT coalesce(sum(hash(concept_id || coalesce(gloss, ''))), 0) "
         "FROM concepts), (SELECT count(*) FROM surface_forms), "
@@ -98,28 +97,10 @@ def _input_fingerprint(cat: Catalog) -> str:
     return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
 
 
-def _begin(cat: Catalog, stage: str, method: str, params: dict) -> bool:
-    """True when ``stage`` is already done with ``params``. Otherwise make sure it is marked running with
-    ``params``: resuming the same run keeps its rows and units; anything else clears them first."""
-    row = cat.execute("SELECT status, params FROM stages WHERE stage = ?", [stage]).fetchone()
-    if row and row[1] == _params_json(params):
-        if row[0] == "done":
-            return True
-        if row[0] == "running":
-            return False
-    with cat.transaction():
-        cat.execute("DELETE FROM matches WHERE method = ?", [method])
-        cat.invalidate([stage])
-        cat.mark_started(stage, params)
-    return False
-
-
-def _insert_table(con, tbl: pa.Table) -> None:
-    con.register("_tether_matches", tbl)
-    try:
-        con.execute("INSERT INTO matches SELECT uid, concept_id, method, score, span FROM _tether_matches")
-    finally:
-        con.unregister("_tether_matches")
+def _begin(cat: Catalog, stage: Stage, params: dict) -> bool:
+    """True when ``stage`` is already done with ``params``; otherwise it is running with ``params`` (resumed with
+    its committed units, or started fresh with its old matches cleared): :meth:`Catalog.begin_stage`."""
+    return cat.begin_stage(stage, params, resumable=True) is Begin.SKIP
 
 
 def _count(cat: Catalog, method: str) -> int:
@@ -127,7 +108,6 @@ def _count(cat: Catalog, method: str) -> int:
 
 
 def _form_rows(cat: Catalog) -> list[tuple]:
-    cat.execute(SURFACE_FORMS_DDL)
     rows = cat.execute("SELECT f.form, f.concept_id, f.sense_rank, f.lemma, coalesce(c.imagenet1k, false) "
                        "FROM surface_forms f JOIN concepts c USING (concept_id)").fetchall()
     if not rows:
@@ -170,14 +150,14 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     """Lexical matching, resumable unit by unit; returns the number of ``lexical`` rows in ``matches``."""
     from tqdm.auto import tqdm
 
-    stage = "match_lexical"
+    stage = Stage.MATCH_LEXICAL
     forms, removed = lexical_forms(cat, cfg)
     skipped, dropped = removed["skipped_adjective_forms"], removed["dropped_rare_senses"]
     # what the WordNet filters removed is part of the stage parameters: `curate inspect` shows it, a change
     # reruns the stage
     params = {"cfg": cfg.model_dump(exclude={"wordnet_dir"}), "bank": _bank_fingerprint(cat),
               "input": _input_fingerprint(cat), **removed}
-    if _begin(cat, stage, "lexical", params):
+    if _begin(cat, stage, params):
         return _count(cat, "lexical")
     if _input_size(cat) == 0:  # no caption to match: no matcher to build, no lemmatizer to load
         cat.mark_done(stage, 0)
@@ -199,8 +179,8 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
             tbl = pa.table({"uid": pa.array(uids, pa.string()).take(ci), "concept_id": concept_arr.take(ki),
                             "method": pa.array(["lexical"] * len(ci), pa.string()),
                             "score": pa.array(np.ones(len(ci)), pa.float64()), "span": form_arr.take(fi)})
-            with cat.transaction() as con:
-                _insert_table(con, tbl)
+            with cat.transaction():
+                cat.insert_arrow("matches", tbl, "uid, concept_id, method, score, span")
                 cat.add_unit(stage, str(unit))
         bar.update(len(uids))
     bar.close()
@@ -222,10 +202,10 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
     """
     from tqdm.auto import tqdm
 
-    stage = "match_semantic"
+    stage = Stage.MATCH_SEMANTIC
     params = {"cfg": cfg.model_dump(exclude={"cache_dir", "batch_size", "device"}),
               "bank": _bank_fingerprint(cat), "input": _input_fingerprint(cat)}
-    if _begin(cat, stage, "semantic", params):
+    if _begin(cat, stage, params):
         return _count(cat, "semantic")
     concepts = cat.execute("SELECT concept_id, name, lemmas, gloss FROM concepts ORDER BY concept_id").fetchall()
     if not concepts:
@@ -277,7 +257,7 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
                     "span": pa.nulls(len(qi), pa.string())})
     with cat.transaction() as con:
         con.execute("DELETE FROM matches WHERE method = 'semantic'")
-        _insert_table(con, tbl)
+        cat.insert_arrow("matches", tbl, "uid, concept_id, method, score, span")
         n = _count(cat, "semantic")
         cat.mark_done(stage, n)
     return n

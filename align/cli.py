@@ -18,16 +18,16 @@ PLUGINS = ["align.eval.cli"]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from align import train as train_mod
+    from align.training import program
 
     if args.processes is None:
-        return train_mod.run(args)
-    return train_mod.launch(args, args.processes)
+        return program.run(args)
+    return program.launch(args, args.processes)
 
 
 def _extract(args: argparse.Namespace) -> int:
     from align.config import load_train_recipe
-    from align.train import extract_split, load_encoders
+    from align.training.caches import extract_split, load_encoders
 
     recipe = load_train_recipe(args.config, args.set)
     splits = ["train", "val"] if args.split == "all" else [args.split]
@@ -50,17 +50,16 @@ def _export(args: argparse.Namespace) -> int:
 
     from align.config import load_train_recipe
     from align.model import AlignedModel, DualProjector
-    from align.train import latest_checkpoint, load_encoders
+    from align.training.caches import load_encoders
+    from align.training.checkpoints import latest_checkpoint
 
     recipe = load_train_recipe(args.config, args.set)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(recipe.output_dir)
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
         raise RecipeError(f"no checkpoint with model.safetensors found ({ckpt or recipe.output_dir / 'checkpoints'})")
     vision, text = load_encoders(recipe, device="cpu")
-    tok_img = recipe.projector.image.kind == "token"
-    heads = DualProjector(recipe.projector.image, recipe.projector.text,
-                          vision.dim if tok_img else vision.pooled_dim(recipe.image_pooling),
-                          text.dim, vision.num_prefix_tokens)
+    heads = DualProjector.for_encoders(recipe.projector.image, recipe.projector.text, vision, text,
+                                       recipe.image_pooling)
     state = load_file(str(ckpt / "model.safetensors"))
     heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
     lt = state.get("loss.log_temperature")
@@ -73,13 +72,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from align import train as train_mod
+    from align.training import program
 
     parser = argparse.ArgumentParser(prog="align", description="Align frozen unimodal encoders (tether).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train projectors (same as `accelerate launch align/train.py`)")
-    train_mod.build_parser(t)
+    t = sub.add_parser("train", help="train projectors (same as `accelerate launch align/train.py` / `-m align.train`)")
+    program.build_parser(t)
     t.add_argument("--processes", type=int, default=None, metavar="N",
                    help="launch N processes with accelerate (DDP; on the CPU when there is no GPU) instead of "
                         "training in this process; errors stay one line")

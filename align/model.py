@@ -29,6 +29,15 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
+def head_dims(image_cfg: ProjectorConfig, vision, text, pooling: str) -> tuple[int, int]:
+    """Input widths ``(image, text)`` of the two heads on these frozen encoders — the one rule that training,
+    ``align export`` and the text-encoder swap share: a token image head reads the vision encoder's hidden size, a
+    pooled one the width of ``pooling``'s output (``cls+mean``: twice the hidden size); the text head reads the
+    text encoder's width (pooled or per token)."""
+    image = vision.dim if image_cfg.kind == "token" else vision.pooled_dim(pooling)
+    return int(image), int(text.dim)
+
+
 class DualProjector(nn.Module):
     """The two trained heads. ``image``/``text`` take pooled ``[B, D]`` or tokens ``[B, T, D]`` by kind."""
 
@@ -37,6 +46,13 @@ class DualProjector(nn.Module):
         super().__init__()
         self.image = build_projector_from_config(image_cfg, "image", image_dim, num_prefix_tokens)
         self.text = build_projector_from_config(text_cfg, "text", text_dim)
+
+    @classmethod
+    def for_encoders(cls, image_cfg: ProjectorConfig, text_cfg: ProjectorConfig, vision, text,
+                     pooling: str) -> "DualProjector":
+        """New heads sized for ``vision`` + ``text`` (:func:`head_dims`), the image head pooled as ``pooling``."""
+        image_dim, text_dim = head_dims(image_cfg, vision, text, pooling)
+        return cls(image_cfg, text_cfg, image_dim, text_dim, vision.num_prefix_tokens)
 
     @property
     def image_tokens(self) -> bool:
@@ -199,6 +215,28 @@ class AlignedModel(nn.Module):
                 out.append(_np(self.heads.text(enc.pooled(texts[i:i + batch_size]).float(), None)))
         return np.concatenate(out)
 
+    @property
+    def has_patch_embeddings(self) -> bool:
+        """True when the image head embeds each patch token (a ``token`` head with a patch term)."""
+        return self.heads.image_tokens and getattr(self.heads.image, "patch_block", None) is not None
+
+    @torch.no_grad()
+    def patch_similarity(self, image, text: str) -> np.ndarray:
+        """``[h, w]``: the cosine of ``text``'s embedding with each patch embedding of ``image`` (a PIL image) — the
+        token image head's patch block on the encoder's patch tokens, normalised — on the patch grid of the
+        encoder's input (its preprocessing's center crop). Token image heads with a patch term only."""
+        if not self.has_patch_embeddings:
+            raise RecipeError("this model has pooled heads only: no per-patch embeddings")
+        head, enc = self.heads.image, self.vision
+        px = enc.preprocess([image.convert("RGB")])
+        patches = _np(head.patch_block(enc.tokens(px)[:, head.num_prefix_tokens:].float()))[0]  # [P, E]
+        sims = patches @ self.encode_text([text])[0]
+        n, (height, width) = len(sims), px.shape[-2:]
+        h = max(1, round((n * height / width) ** 0.5))
+        if n % h:  # not a grid of the input's aspect ratio: one row
+            h = 1
+        return sims.reshape(h, n // h).astype(np.float32)
+
     def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                              batch_size: int = 256) -> np.ndarray:
         """``[C, embed_dim]``: per class, the mean of its normalised prompt embeddings, renormalised.
@@ -216,4 +254,6 @@ def load_for_plugins(path: str | Path):
     from tether.plugins import LoadedModel
 
     root = Path(path)
-    return LoadedModel(AlignedModel.from_pretrained(root), [root / CONFIG, root / WEIGHTS])
+    model = AlignedModel.from_pretrained(root)
+    return LoadedModel(model, [root / CONFIG, root / WEIGHTS],
+                       patch_similarity=model.patch_similarity if model.has_patch_embeddings else None)

@@ -178,6 +178,25 @@ def _run_script(rp: Path, env_extra: dict | None = None, timeout: int = 120) -> 
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+# the run killed (SIGKILL) right after an optimiser step, by a step callback (align.training.Trainer)
+_KILL_AFTER = """
+import os, signal, sys
+from align.config import load_train_recipe
+from align.training import train
+
+def kill_after(trainer):
+    if trainer.state.step == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_train_recipe(sys.argv[1]), callbacks=[kill_after])
+"""
+
+
+def _run_killed_after(rp: Path, step: int, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _KILL_AFTER, str(rp), str(step)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_vision_dir, text_dir, data_dir):
     # 6 steps/epoch, 3 epochs; checkpoints every 7 steps and at epoch ends -> killed (SIGKILL) after step 16,
     # the rerun resumes from step 14 = epoch 2, batch 2 (mid-epoch) and redoes steps 15-16
@@ -185,7 +204,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_vision_dir, text_di
     ref = train(load_train_recipe(make_recipe(tmp_path / "ref" / "r.yaml", tiny_vision_dir, text_dir, data_dir,
                                               **over)))
     kill_r = make_recipe(tmp_path / "kill" / "r.yaml", tiny_vision_dir, text_dir, data_dir, **over)
-    p = _run_script(kill_r, {"TETHER_KILL_AFTER_STEP": "16"})
+    p = _run_killed_after(kill_r, 16)
     assert p.returncode == -9, p.stderr[-2000:]
     ck = sorted(x.name for x in (tmp_path / "kill" / "run" / "checkpoints").iterdir())
     assert ck[-1] == "step-00000014" and not (tmp_path / "kill" / "run" / "model").exists()

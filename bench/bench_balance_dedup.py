@@ -30,7 +30,7 @@ from curate.dedup import DedupConfig, run_exact_dedup  # noqa: E402
 
 def make_catalog(path: Path, rows: int, concepts: int) -> Catalog:
     cat = Catalog(path)
-    cat.execute(f"""INSERT INTO samples
+    cat.execute(f"""INSERT INTO samples(uid, source, row_index, url, path, caption, width, height, extra)
         SELECT 'u' || i, 'synthetic', i,
                'http://img.example/' || CASE WHEN i % 50 = 7 THEN i // 3 ELSE i END || '.jpg', NULL,
                CASE WHEN i % 33 = 5 THEN 'a photo of a dog on the beach'

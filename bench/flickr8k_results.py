@@ -85,8 +85,9 @@ class FrozenZeroShot:
             texts = [t for ps in per_class for t in ps]
             text_rows = []
             for i in tqdm(range(0, len(texts), 128), desc="zero-shot prompt features", unit="batch"):
-                h, m = text.tokens(texts[i:i + 128])
-                text_rows.append(text.mean_pool(h, m).float().numpy())
+                # the encoder's own pooled embedding, as in the feature cache: any text encoder, packaged
+                # (pooled-only, e.g. use-multilingual-v3) ones included
+                text_rows.append(text.pooled(texts[i:i + 128]).float().numpy())
         feats = {"image": np.concatenate(image_rows), "keys": np.array(labeled.keys()),
                  "labels": np.asarray(labeled.labels), "text": np.concatenate(text_rows),
                  "n_templates": np.array(len(per_class[0]))}

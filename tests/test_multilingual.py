@@ -383,3 +383,30 @@ def test_bench_langid_runs_on_real_captions(shared, capsys):
             or ln.startswith("| fasttext-lid176")}
     assert float(rows["tether"][2].strip(" %")) >= 98  # the script rule + lid.176 on 600 real captions
     assert float(rows["tether"][5]) > float(rows["fasttext-lid176"][5])  # Chinese: the script rule helps
+
+
+def test_flickr8k_results_bench_with_a_packaged_encoder(tmp_path, tiny_vision_dir, fake_encoder, capsys):
+    """bench/flickr8k_results.py trains, validates and scores zero-shot with a pooled-only (non-HF) text encoder."""
+    import importlib.util
+
+    root = flickr_folder(tmp_path / "f8k")
+    (root / "train_images.txt").write_text((root / "test_images.txt").read_text())
+    classes = tmp_path / "classes"
+    for c in ("red", "blue", "green"):
+        (classes / c).mkdir(parents=True)
+        for k in range(2):
+            (classes / c / f"{c}{k}.jpg").write_bytes(_jpeg(COLORS[c], seed=900 + k))
+    f8k = {"format": "flickr8k", "path": str(root)}
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, root, data={**f8k, "split": "train"},
+                     val={**f8k, "split": "test"}, train={"output_dir": str(tmp_path / "run"), "epochs": 2,
+                                                          "batch_size": 8, "checkpoint_every": 1000, "progress": False})
+    spec = importlib.util.spec_from_file_location("f8k_results", Path(__file__).parent.parent / "bench" /
+                                                  "flickr8k_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "results"
+    assert mod.main(["--config", str(rp), "--seeds", "0", "--imagenet", str(classes), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())["summary"]["recipe"]
+    assert {"t2i_R@1", "i2t_R@1", "zs_top1", "zs_top5"} <= set(res)
+    assert 0 <= res["zs_top1"]["mean"] <= 100 and res["zs_top5"]["mean"] == 100  # 3 classes: top-5 holds them all

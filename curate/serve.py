@@ -42,6 +42,11 @@ COUNT_CAP = 100_000  # search results are counted up to this many (exact below i
 IMAGE_HITS = 240  # text → image: this many nearest images, paged
 STATUSES = ("any", "kept", "dropped")
 DEAD = "EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)"
+# caption words, as search sees them: runs of letters, digits and "_" (RE2 in DuckDB, re in Python: the same sets)
+TOKEN_SQL = r"[\pL\pN_]+"
+TOKEN_RE = re.compile(r"\w+")
+MAX_TOKEN = 64  # longer runs are not indexed (and cannot be searched)
+SUMMARY_VERSION = 1
 
 
 class BadRequest(Exception):
@@ -73,8 +78,29 @@ class Explorer:
         self._thumbs: OrderedDict[tuple[str, int], bytes | None] = OrderedDict()
         self.encode_format = self._encode_format()
         self.shards_dir = self._shards_dir()
+        self.has_lang = bool(self.con.execute(
+            "SELECT 1 FROM duckdb_columns() WHERE database_name = current_database() AND table_name = 'samples' "
+            "AND column_name = 'lang'").fetchall())
+        self.build_key = hashlib.sha256(f"{self.catalog.resolve()}:{self.etag_seed}".encode()).hexdigest()[:16]
+        self.summary: Summary | None = None  # precomputed tables outside the build (use_summary)
+
+    def use_summary(self, background: bool = False) -> "Summary":
+        """Load (or build, then cache) the summary tables; ``background``: in a thread, the pages answering from
+        the catalog itself meanwhile."""
+        self.summary = Summary(self)
+        if background:
+            self.summary.start_background()
+        else:
+            self.summary.load_or_build()
+        return self.summary
+
+    @property
+    def summary_ready(self) -> bool:
+        return self.summary is not None and self.summary.ready
 
     def close(self) -> None:
+        if self.summary is not None:
+            self.summary.close()
         self.con.close()
 
     @contextmanager
@@ -118,21 +144,37 @@ class Explorer:
         return Path(out)
 
     # -- overview --------------------------------------------------------------------------------------
+    def _overview_counts(self, cur) -> dict:
+        """The overview's counts, straight from the catalog (``cur``: a cursor whose default database is it)."""
+        from curate.catalog import Catalog
+
+        cat = Catalog.__new__(Catalog)  # its query helpers, over our read-only connection
+        cat.con = cur
+        total = cur.execute("SELECT count(*) FROM samples").fetchone()[0]
+        alive = cur.execute("SELECT count(*) FROM alive").fetchone()[0]
+        stages = [list(r) for r in cat.stage_counts()] if self.has("stages") else []
+        reasons = [list(r) for r in cur.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept
+                                                  GROUP BY ALL ORDER BY 3 DESC, 1, 2 LIMIT 30""").fetchall()]
+        dead = "SELECT DISTINCT uid FROM decisions WHERE NOT kept"
+        sources = [list(r) for r in cur.execute(f"""
+            SELECT source, count(*), count(*) FILTER (WHERE d.uid IS NULL) FROM samples s
+            LEFT JOIN ({dead}) d USING (uid) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50""").fetchall()]
+        langs = None
+        if self.has_lang:
+            langs = [list(r) for r in cur.execute(f"""
+                SELECT coalesce(nullif(trim(s.lang), ''), 'und') AS lang, count(*),
+                       count(*) FILTER (WHERE d.uid IS NULL) FROM samples s
+                LEFT JOIN ({dead}) d USING (uid) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50""").fetchall()]
+        return {"total": total, "alive": alive, "stages": stages, "reasons": reasons, "sources": sources,
+                "langs": langs}
+
     def overview(self) -> dict:
         def compute() -> dict:
-            from curate.catalog import Catalog
-
-            cat = Catalog.__new__(Catalog)  # its query helpers, over our read-only connection
+            if self.summary_ready:
+                with self.summary.cursor() as cur:
+                    return {k: json.loads(v) for k, v in cur.execute("SELECT key, value FROM meta").fetchall()}
             with self.cursor() as cur:
-                cat.con = cur
-                total = cur.execute("SELECT count(*) FROM samples").fetchone()[0]
-                alive = cur.execute("SELECT count(*) FROM alive").fetchone()[0]
-                stages = cat.stage_counts() if self.has("stages") else []
-                reasons = cur.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept
-                                         GROUP BY ALL ORDER BY 3 DESC, 1, 2 LIMIT 30""").fetchall()
-                sources = cur.execute(f"""SELECT source, count(*), count(*) FILTER (WHERE NOT {DEAD})
-                                          FROM samples s GROUP BY 1 ORDER BY 2 DESC LIMIT 50""").fetchall()
-            return {"total": total, "alive": alive, "stages": stages, "reasons": reasons, "sources": sources}
+                return self._overview_counts(cur)
 
         ov = dict(self._cached("overview", compute))
         concepts = self.concept_table()
@@ -142,31 +184,41 @@ class Explorer:
         ov["tail"] = [c for c in concepts if c["matched"]][-10:][::-1]
         ov["curve"] = head_tail_svg([c["matched"] for c in concepts if c["matched"]],
                                     [c["alive"] for c in concepts if c["matched"]])
+        ov["has_lang"] = self.has_lang
         return ov
 
+    def _concept_sql(self) -> str:
+        """Every concept ``(id, name, gloss, matched, alive, before, after)``, largest first, from the catalog."""
+        br = ("LEFT JOIN (SELECT concept_id, any_value(before) AS before, any_value(after) AS after FROM "
+              "balance_report WHERE stage = 'balance' GROUP BY 1) b USING (concept_id)"
+              if self.has("balance_report") else "")
+        bcols = "b.before, b.after" if br else "NULL::BIGINT, NULL::BIGINT"
+        return f"""
+            WITH mc AS (SELECT DISTINCT uid, concept_id FROM matches),
+                 dead AS (SELECT DISTINCT uid FROM decisions WHERE NOT kept),
+                 per AS (SELECT mc.concept_id, count(*) AS matched,
+                                count(*) FILTER (WHERE dead.uid IS NULL) AS alive
+                         FROM mc LEFT JOIN dead USING (uid) GROUP BY 1),
+                 ids AS (SELECT concept_id FROM concepts UNION SELECT concept_id FROM per)
+            SELECT ids.concept_id AS id, c.name, c.gloss, coalesce(per.matched, 0) AS matched,
+                   coalesce(per.alive, 0) AS alive, {bcols}
+            FROM ids LEFT JOIN (SELECT concept_id, any_value(name) AS name, any_value(gloss) AS gloss
+                                FROM concepts GROUP BY 1) c USING (concept_id)
+                 LEFT JOIN per USING (concept_id) {br}
+            ORDER BY 4 DESC, 1"""
+
     def concept_table(self) -> list[dict]:
-        """Every concept with matched / balance before-after / alive counts, largest first (computed once)."""
+        """Every concept with matched / balance before-after / alive counts, largest first (computed once);
+        ``cix`` is its rank (its key in the summary tables)."""
         def compute() -> list[dict]:
-            br = ("LEFT JOIN (SELECT concept_id, any_value(before) AS before, any_value(after) AS after FROM "
-                  "balance_report WHERE stage = 'balance' GROUP BY 1) b USING (concept_id)"
-                  if self.has("balance_report") else "")
-            bcols = "b.before, b.after" if br else "NULL, NULL"
-            with self.cursor() as cur:
-                rows = cur.execute(f"""
-                    WITH mc AS (SELECT DISTINCT uid, concept_id FROM matches),
-                         dead AS (SELECT DISTINCT uid FROM decisions WHERE NOT kept),
-                         per AS (SELECT mc.concept_id, count(*) AS matched,
-                                        count(*) FILTER (WHERE dead.uid IS NULL) AS alive
-                                 FROM mc LEFT JOIN dead USING (uid) GROUP BY 1),
-                         ids AS (SELECT concept_id FROM concepts UNION SELECT concept_id FROM per)
-                    SELECT ids.concept_id, c.name, c.gloss, coalesce(per.matched, 0), coalesce(per.alive, 0),
-                           {bcols}
-                    FROM ids LEFT JOIN (SELECT concept_id, any_value(name) AS name, any_value(gloss) AS gloss
-                                        FROM concepts GROUP BY 1) c USING (concept_id)
-                         LEFT JOIN per USING (concept_id) {br}
-                    ORDER BY 4 DESC, 1""").fetchall()
+            if self.summary_ready:
+                with self.summary.cursor() as cur:
+                    rows = [r[1:] for r in cur.execute("SELECT * FROM ctable ORDER BY cix").fetchall()]
+            else:
+                with self.cursor() as cur:
+                    rows = cur.execute(self._concept_sql()).fetchall()
             return [{"id": r[0], "name": r[1] or "", "gloss": r[2] or "", "matched": r[3], "alive": r[4],
-                     "before": r[5], "after": r[6]} for r in rows]
+                     "before": r[5], "after": r[6], "cix": i} for i, r in enumerate(rows)]
 
         return self._cached("concepts", compute)
 
@@ -190,46 +242,75 @@ class Explorer:
             names = dict(cur.execute("SELECT concept_id, any_value(name) FROM concepts WHERE concept_id IN "
                                      "(SELECT unnest(?)) GROUP BY 1", [hyper]).fetchall()) if hyper else {}
             info["hypernyms"] = [(h, names.get(h) or h) for h in hyper]
-            # page through the concept's matches first (matches + decisions only), then read the page's captions
-            mc = """WITH m AS (SELECT uid, any_value(span) FILTER (WHERE span IS NOT NULL) AS span FROM matches
-                             WHERE concept_id = $c GROUP BY uid)"""
-            cur.execute(f"""{mc} SELECT uid, span FROM m WHERE NOT EXISTS
-                              (SELECT 1 FROM decisions d WHERE d.uid = m.uid AND NOT d.kept)
-                            ORDER BY uid LIMIT {GRID_SIZE} OFFSET $o""", {"c": cid, "o": (page - 1) * GRID_SIZE})
-            kept = [{"uid": u, "span": sp} for u, sp in cur.fetchall()]
+            if self.summary_ready and counts:
+                kept, dropped = self._concept_members(counts["cix"], page, dpage)
+            else:
+                kept, dropped = self._concept_members_scan(cur, cid, page, dpage)
             n_dropped = matched - n_kept
-            cur.execute(f"""{mc}, d AS (SELECT uid, stage, reason, ref_uid FROM decisions
-                                        WHERE NOT kept AND uid IN (SELECT uid FROM m)
-                                        QUALIFY row_number() OVER (PARTITION BY uid ORDER BY rowid) = 1)
-                            SELECT m.uid, m.span, d.stage, d.reason, d.ref_uid FROM m JOIN d USING (uid)
-                            ORDER BY m.uid LIMIT {GRID_SIZE} OFFSET $o""", {"c": cid, "o": (dpage - 1) * GRID_SIZE})
-            dropped = [{"uid": u, "span": sp, "stage": st, "reason": r, "ref": ref}
-                       for u, sp, st, r, ref in cur.fetchall()]
-            page_uids = [x["uid"] for x in kept + dropped]
-            caps = dict(cur.execute("SELECT uid, caption FROM samples WHERE uid IN (SELECT unnest(?))",
-                                    [page_uids]).fetchall()) if page_uids else {}
+            caps = dict(self.captions([x["uid"] for x in kept + dropped]))
             for x in kept + dropped:
                 x["caption"] = caps.get(x["uid"]) or ""
         return {"info": info, "matched": matched, "n_kept": n_kept, "kept": kept, "n_dropped": n_dropped,
                 "dropped": dropped}
 
+    def _concept_members(self, cix: int, page: int, dpage: int) -> tuple[list[dict], list[dict]]:
+        """A page of the concept's alive and dropped samples from the summary's ranked ``members`` (keyset on
+        ``rn``: the same rows and order as :meth:`_concept_members_scan`)."""
+        q = """SELECT uid, span, stage, reason, ref_uid FROM members
+               WHERE cix = ? AND alive = ? AND rn > ? AND rn <= ? ORDER BY rn"""
+        with self.summary.cursor() as cur:
+            kept = [{"uid": u, "span": sp} for u, sp, *_ in cur.execute(
+                q, [cix, True, (page - 1) * GRID_SIZE, page * GRID_SIZE]).fetchall()]
+            dropped = [{"uid": u, "span": sp, "stage": st, "reason": r, "ref": ref} for u, sp, st, r, ref in
+                       cur.execute(q, [cix, False, (dpage - 1) * GRID_SIZE, dpage * GRID_SIZE]).fetchall()]
+        return kept, dropped
+
+    def _concept_members_scan(self, cur, cid: str, page: int, dpage: int) -> tuple[list[dict], list[dict]]:
+        """The same page from the catalog itself (before the summary exists): scans matches and decisions."""
+        mc = """WITH m AS (SELECT uid, any_value(span) FILTER (WHERE span IS NOT NULL) AS span FROM matches
+                         WHERE concept_id = $c GROUP BY uid)"""
+        cur.execute(f"""{mc} SELECT uid, span FROM m WHERE NOT EXISTS
+                          (SELECT 1 FROM decisions d WHERE d.uid = m.uid AND NOT d.kept)
+                        ORDER BY uid LIMIT {GRID_SIZE} OFFSET $o""", {"c": cid, "o": (page - 1) * GRID_SIZE})
+        kept = [{"uid": u, "span": sp} for u, sp in cur.fetchall()]
+        cur.execute(f"""{mc}, d AS (SELECT uid, stage, reason, ref_uid FROM decisions
+                                    WHERE NOT kept AND uid IN (SELECT uid FROM m)
+                                    QUALIFY row_number() OVER (PARTITION BY uid ORDER BY rowid) = 1)
+                        SELECT m.uid, m.span, d.stage, d.reason, d.ref_uid FROM m JOIN d USING (uid)
+                        ORDER BY m.uid LIMIT {GRID_SIZE} OFFSET $o""", {"c": cid, "o": (dpage - 1) * GRID_SIZE})
+        dropped = [{"uid": u, "span": sp, "stage": st, "reason": r, "ref": ref}
+                   for u, sp, st, r, ref in cur.fetchall()]
+        return kept, dropped
+
     # -- one sample ------------------------------------------------------------------------------------
     def sample(self, uid: str) -> dict:
+        fast = self.summary_ready
+        S = self.summary
         with self.cursor() as cur:
-            cur.execute("SELECT * FROM samples WHERE uid = ?", [uid])
-            rows = cur.fetchall()
+            if fast:
+                sid = S.by_uid("uids", "sid", uid)
+                rows = cur.execute("SELECT * FROM samples WHERE rowid = ?", [sid[0][0]]).fetchall() if sid else []
+            else:
+                rows = cur.execute("SELECT * FROM samples WHERE uid = ?", [uid]).fetchall()
             if not rows:
                 raise NotFound(f"uid {uid!r} is not in this build")
             row = dict(zip([d[0] for d in cur.description], rows[0]))
-            cur.execute("""SELECT m.concept_id, coalesce(c.name, ''), m.method, m.score, m.span FROM matches m
-                           LEFT JOIN (SELECT concept_id, any_value(name) AS name FROM concepts GROUP BY 1) c
-                           USING (concept_id) WHERE m.uid = ?
-                           ORDER BY m.method, m.score DESC NULLS LAST, m.concept_id""", [uid])
-            matches = cur.fetchall()
-            cur.execute("SELECT stage, kept, reason, ref_uid, concept_id FROM decisions WHERE uid = ? ORDER BY rowid",
-                        [uid])
+            if fast:
+                names = self.concept_index()
+                matches = sorted(((c, (names.get(c) or {}).get("name", ""), m, sc, sp) for c, m, sc, sp in
+                                  S.by_uid("smatch", "concept_id, method, score, span", uid)),
+                                 key=lambda x: (x[2] is None, x[2] or "", x[3] is None, -(x[3] or 0), x[0]))
+                decisions = S.by_uid("sdec", "stage, kept, reason, ref_uid, concept_id", uid, "r")
+            else:
+                cur.execute("""SELECT m.concept_id, coalesce(c.name, ''), m.method, m.score, m.span FROM matches m
+                               LEFT JOIN (SELECT concept_id, any_value(name) AS name FROM concepts GROUP BY 1) c
+                               USING (concept_id) WHERE m.uid = ?
+                               ORDER BY m.method, m.score DESC NULLS LAST, m.concept_id""", [uid])
+                matches = cur.fetchall()
+                decisions = cur.execute("SELECT stage, kept, reason, ref_uid, concept_id FROM decisions WHERE uid = ? "
+                                        "ORDER BY rowid", [uid]).fetchall()
             decided: dict[str, list] = {}
-            for st, kept, reason, ref, cid in cur.fetchall():
+            for st, kept, reason, ref, cid in decisions:
                 decided.setdefault(st, []).append({"kept": kept, "reason": reason, "ref": ref, "concept": cid})
             ran = cur.execute("SELECT stage, status FROM stages ORDER BY started").fetchall() \
                 if self.has("stages") else []
@@ -242,19 +323,39 @@ class Explorer:
                     if not d["kept"] and verdict is None:
                         verdict = f"dropped at {st}: {d['reason']}"
             # the duplicate group: the sample this one duplicates, and every sample that duplicates it
-            cur.execute("SELECT DISTINCT stage, ref_uid FROM decisions WHERE uid = ? AND ref_uid IS NOT NULL "
-                        "ORDER BY 1, 2", [uid])
-            dup_of = cur.fetchall()
-            cur.execute("""SELECT d.uid, d.stage, d.reason, s.caption FROM decisions d LEFT JOIN samples s USING (uid)
-                           WHERE d.ref_uid = ? ORDER BY d.stage, d.uid LIMIT 200""", [uid])
-            dups = cur.fetchall()
-            shard = cur.execute("SELECT shard, key, pos FROM shard_index WHERE uid = ?", [uid]).fetchall() \
-                if self.has("shard_index") else []
-            dl = cur.execute("""SELECT status, error, sha256, width, height, format FROM downloads WHERE uid = ?
-                                ORDER BY attempt DESC LIMIT 1""", [uid]).fetchall() if self.has("downloads") else []
+            dup_of = sorted({(st, ref) for st, _, _, ref, _ in decisions if ref is not None})
+            if fast:
+                dups = sorted(S.by_uid("sref", "uid, stage, reason", uid, key="ref_uid"), key=lambda x: (x[1], x[0]))
+                dups = dups[:200]
+                caps = dict(self.captions([u for u, _, _ in dups]))
+                dups = [(u, st, r, caps.get(u)) for u, st, r in dups]
+                shard = S.by_uid("sshard", "shard, key, pos", uid) if S.has("sshard") else []
+                dl = S.by_uid("sdl", "status, error, sha256, width, height, format", uid, "attempt DESC")[:1] \
+                    if S.has("sdl") else []
+            else:
+                cur.execute("""SELECT d.uid, d.stage, d.reason, s.caption FROM decisions d LEFT JOIN samples s
+                               USING (uid) WHERE d.ref_uid = ? ORDER BY d.stage, d.uid LIMIT 200""", [uid])
+                dups = cur.fetchall()
+                shard = cur.execute("SELECT shard, key, pos FROM shard_index WHERE uid = ?", [uid]).fetchall() \
+                    if self.has("shard_index") else []
+                dl = cur.execute("""SELECT status, error, sha256, width, height, format FROM downloads WHERE uid = ?
+                                    ORDER BY attempt DESC LIMIT 1""", [uid]).fetchall() if self.has("downloads") else []
         return {"row": row, "matches": matches, "stages": stages, "verdict": verdict or "alive (no stage rejected it)",
                 "dup_of": dup_of, "dups": dups, "shard": shard[0] if shard else None, "download": dl[0] if dl else None,
                 "spans": [m[4] for m in matches if m[4]]}
+
+    def captions(self, uids: list[str]) -> list[tuple[str, str]]:
+        """``(uid, caption)`` of these samples (by the summary's rowids when it exists: no scan)."""
+        if not uids:
+            return []
+        with self.cursor() as cur:
+            if self.summary_ready:
+                with self.summary.cursor() as sc:
+                    hs = sc.execute("SELECT list(hash(u)) FROM unnest(?) t(u)", [uids]).fetchone()[0]
+                    sids = [r[0] for r in sc.execute("SELECT sid FROM uids WHERE h = ANY($h) AND uid = ANY($u)",
+                                                     {"h": hs, "u": uids}).fetchall()]
+                return cur.execute("SELECT uid, caption FROM samples WHERE rowid = ANY(?)", [sids]).fetchall()
+            return cur.execute("SELECT uid, caption FROM samples WHERE uid IN (SELECT unnest(?))", [uids]).fetchall()
 
     # -- search ----------------------------------------------------------------------------------------
     def sources(self) -> list[str]:
@@ -265,14 +366,33 @@ class Explorer:
         return self._cached("sources", compute)
 
     def search(self, q: str, concept: str, status: str, source: str, page: int) -> dict:
-        words = q.split()
+        """Samples whose caption has every word of ``q`` (words: runs of letters / digits / ``_``, compared
+        lower-cased and whole), with the filters, in catalog order; counted exactly up to ``COUNT_CAP``."""
+        words = list(dict.fromkeys(TOKEN_RE.findall(q.lower())))
+        if concept and concept not in self.concept_index():
+            raise NotFound(f"concept {concept!r} is not in this build")
+        if any(len(w) > MAX_TOKEN for w in words):
+            found, n = [], 0  # never indexed: no caption has it as a word
+        elif self.summary_ready:
+            found, n = self._search_index(words, concept, status, source, page)
+        else:
+            found, n = self._search_scan(words, concept, status, source, page)
+        with self.cursor() as cur:
+            caps = {r[0]: r[1:] for r in cur.execute(
+                "SELECT rowid, uid, source, caption FROM samples WHERE rowid = ANY(?)",
+                [[sid for sid, _ in found]]).fetchall()} if found else {}
+        rows = [{"uid": caps[sid][0], "source": caps[sid][1], "caption": caps[sid][2] or "", "kept": not dead}
+                for sid, dead in found if sid in caps]
+        return {"n": min(n, COUNT_CAP + 1), "capped": n > COUNT_CAP, "rows": rows, "words": words}
+
+    def _search_scan(self, words, concept, status, source, page) -> tuple[list[tuple[int, bool]], int]:
+        """Search straight over the catalog (before the summary exists): a full scan per request."""
         where, params = [], []
         for w in words:
-            where.append("s.caption ILIKE ? ESCAPE '\\'")
-            params.append("%" + re.sub(r"([\\%_])", r"\\\1", w) + "%")
+            where.append(f"s.caption ILIKE ? ESCAPE '\\' AND list_contains(regexp_extract_all(lower(s.caption), "
+                         f"'{TOKEN_SQL}'), ?)")
+            params += ["%" + re.sub(r"([\\%_])", r"\\\1", w) + "%", w]
         if concept:
-            if concept not in self.concept_index():
-                raise NotFound(f"concept {concept!r} is not in this build")
             where.append("s.uid IN (SELECT uid FROM matches WHERE concept_id = ?)")
             params.append(concept)
         if source:
@@ -287,34 +407,89 @@ class Explorer:
             cur.execute(f"SELECT count(*) FROM (SELECT 1 FROM samples s WHERE {cond} LIMIT {COUNT_CAP + 1})", params)
             n = cur.fetchone()[0]
             # catalog order without ORDER BY: DuckDB keeps insertion order and can stop at the page's last row
-            cur.execute(f"""SELECT s.uid, s.source, s.caption FROM samples s WHERE {cond}
+            cur.execute(f"""SELECT s.rowid, {DEAD} FROM samples s WHERE {cond}
                             LIMIT {PAGE_SIZE} OFFSET {(page - 1) * PAGE_SIZE}""", params)
-            found = cur.fetchall()
-            dead = {r[0] for r in cur.execute(
-                "SELECT DISTINCT uid FROM decisions WHERE NOT kept AND uid IN (SELECT unnest(?))",
-                [[r[0] for r in found]]).fetchall()} if found and status == "any" else set()
-            rows = [{"uid": u, "source": src, "caption": c or "", "kept": status == "kept" or
-                     (status == "any" and u not in dead)} for u, src, c in found]
-        return {"n": n, "capped": n > COUNT_CAP, "rows": rows, "words": words}
+            return [(sid, bool(dead)) for sid, dead in cur.fetchall()], n
+
+    def _search_index(self, words, concept, status, source, page) -> tuple[list[tuple[int, bool]], int]:
+        """Search over the summary's word index: the rarest word's postings, intersected with the others', window
+        by window of sample ids, stopping once the page is filled and more than ``COUNT_CAP`` rows were counted."""
+        with self.summary.cursor() as cur:
+            if words:
+                df = dict(cur.execute("SELECT tok, df FROM vocab WHERE tok = ANY(?)", [words]).fetchall())
+                if len(df) < len(words):
+                    return [], 0  # a word no caption has
+                words = sorted(words, key=lambda w: (df[w], w))
+                base, bparams = "SELECT sid, dead FROM postings WHERE tok = ?", [words[0]]
+            else:
+                base, bparams = "SELECT sid, dead FROM docs WHERE TRUE", []
+            if status != "any":
+                base += " AND dead" if status == "dropped" else " AND NOT dead"
+            if source:
+                code = cur.execute("SELECT src FROM sources WHERE source = ?", [source]).fetchone()
+                if code is None:
+                    return [], 0
+                base += " AND src = ?"
+                bparams.append(code[0])
+            extra, eparams = "", []
+            for w in words[1:]:
+                extra += " AND sid IN (SELECT sid FROM postings WHERE tok = ? AND sid BETWEEN $lo AND $hi)"
+                eparams.append(w)
+            if concept:
+                extra += " AND sid IN (SELECT sid FROM members WHERE cix = ? AND sid BETWEEN $lo AND $hi)"
+                eparams.append(self.concept_index()[concept]["cix"])
+            top = cur.execute("SELECT max(sid) FROM docs").fetchone()[0]
+            if top is None:
+                return [], 0
+            # named ($lo, $hi) and positional parameters cannot mix in DuckDB: number them all
+            sql = f"WITH h AS ({base} AND sid BETWEEN $lo AND $hi{extra}) " \
+                  "SELECT (SELECT count(*) FROM h), (SELECT list([sid, dead::INTEGER]) FROM " \
+                  "(SELECT sid, dead FROM h ORDER BY sid LIMIT $lim OFFSET $off))"
+            names = iter(range(1, 1000))
+            sql = re.sub(r"\?", lambda _: f"$p{next(names)}", sql)
+            plist = bparams + eparams
+            start, stop = (page - 1) * PAGE_SIZE, page * PAGE_SIZE
+            step = max(1, (top + 1) // 8)
+            n, found, lo = 0, [], 0
+            while lo <= top:
+                hi = lo + step - 1
+                args = {f"p{i + 1}": v for i, v in enumerate(plist)}
+                off = max(0, start - n)
+                args.update(lo=lo, hi=hi, off=off, lim=max(0, stop - max(n, start)))
+                cnt, hits = cur.execute(sql, args).fetchone()
+                found += [(int(sid), bool(dead)) for sid, dead in (hits or [])]
+                n += cnt
+                lo = hi + 1
+                if n > COUNT_CAP and n >= stop:  # the page is filled and the count is past the cap
+                    break
+        return found, n
 
     # -- images ----------------------------------------------------------------------------------------
     def image_bytes(self, uid: str) -> bytes | None:
         """The stored bytes of ``uid``'s image: its shard member, else its stored download, else its local file."""
+        S = self.summary if self.summary_ready else None
         with self.cursor() as cur:
             if self.shards_dir is not None and self.has("shard_index"):
-                r = cur.execute("SELECT shard, key FROM shard_index WHERE uid = ?", [uid]).fetchall()
+                r = S.by_uid("sshard", "shard, key", uid) if S is not None and S.has("sshard") else \
+                    cur.execute("SELECT shard, key FROM shard_index WHERE uid = ?", [uid]).fetchall()
                 if r:
                     data = self._tar_member(self.shards_dir / r[0][0], f"{r[0][1]}.jpg")
                     if data is not None:
                         return data
             if self.has("downloads"):
-                r = cur.execute("""SELECT format, store, shard, key FROM downloads WHERE uid = ? AND status = 'success'
+                r = [x[1:] for x in S.by_uid("sdl", "status, format, store, shard, key", uid, "attempt DESC")
+                     if x[0] == "success"][:1] if S is not None and S.has("sdl") else \
+                    cur.execute("""SELECT format, store, shard, key FROM downloads WHERE uid = ? AND status = 'success'
                                    ORDER BY attempt DESC LIMIT 1""", [uid]).fetchall()
                 if r:
                     data = self._stored(*r[0])
                     if data is not None:
                         return data
-            r = cur.execute("SELECT path FROM samples WHERE uid = ?", [uid]).fetchall()
+            if S is not None:
+                sid = S.by_uid("uids", "sid", uid)
+                r = cur.execute("SELECT path FROM samples WHERE rowid = ?", [sid[0][0]]).fetchall() if sid else []
+            else:
+                r = cur.execute("SELECT path FROM samples WHERE uid = ?", [uid]).fetchall()
         if not r:
             raise NotFound(f"uid {uid!r} is not in this build")
         if r[0][0]:
@@ -393,6 +568,189 @@ class Explorer:
         return out
 
 
+# ------------------------------------------------------------------------------- precomputed summary tables
+class Summary:
+    """Tables precomputed once per build and cached OUTSIDE it (the build is read-only), so that every page reads
+    a page of rows whatever the build's size: ``cache_root()/<build key>/explorer-v1.duckdb``, keyed like the
+    embedding cache by the catalog's path, size and modification time (a rebuilt catalog gets a new file).
+
+    * ``meta``     the overview's counts (stages, rejection reasons, sources, languages) as JSON
+    * ``ctable``   every concept with matched / alive / balance counts and its rank ``cix``
+    * ``docs``     one row per sample: ``sid`` (the catalog's rowid), uid, dropped or not, source code
+    * ``members``  (concept, sample) pairs sorted by concept, alive-or-not and a per-group rank ``rn``, with the
+                   first stage that dropped the sample: a concept's page ``k`` is the rows ``rn`` in
+                   ``(24(k-1), 24k]`` (no OFFSET scan; DuckDB's min/max row-group statistics skip the rest)
+    * ``postings`` / ``vocab``  an inverted index of caption words (``TOKEN_SQL``, lower-cased) sorted by word:
+                   DuckDB's own FTS extension is not available offline, this is the same idea in plain tables
+    """
+
+    def __init__(self, explorer: "Explorer"):
+        self.ex = explorer
+        self.folder = cache_root() / explorer.build_key
+        self.path = self.folder / f"explorer-v{SUMMARY_VERSION}.duckdb"
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.error: str | None = None
+        self.seconds_to_build: float | None = None
+        self.step = ""  # what the build is doing now (shown while it runs)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.con is not None
+
+    @contextmanager
+    def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cur = self.con.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    def _open(self) -> bool:
+        if not self.path.is_file():
+            return False
+        try:
+            con = duckdb.connect(str(self.path), read_only=True)
+            meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('version', 'hash_probe')").fetchall())
+            probe = con.execute("SELECT hash('tether')::VARCHAR").fetchone()[0]
+            if (json.loads(meta.get("version", "0")), json.loads(meta.get("hash_probe", "0"))) != \
+                    (SUMMARY_VERSION, probe):
+                con.close()  # another layout, or a DuckDB whose hash() differs: rebuilt
+                return False
+        except (duckdb.Error, ValueError):
+            return False  # a damaged or foreign file is rebuilt
+        self.con = con
+        return True
+
+    def load_or_build(self) -> None:
+        with self._lock:
+            if self.con is None and not self._open():
+                self._build()
+                if not self._open():
+                    raise RuntimeError(f"{self.path}: the summary just written cannot be opened")
+
+    def start_background(self) -> None:
+        def run():
+            try:
+                self.load_or_build()
+            except Exception as e:  # noqa: BLE001 - the pages keep answering from the catalog itself
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+        self._thread = threading.Thread(target=run, name="tether-serve-summary", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+    def has(self, table: str) -> bool:
+        return self._cached_tables().__contains__(table)
+
+    def _cached_tables(self) -> set[str]:
+        if not hasattr(self, "_tables"):
+            with self.cursor() as cur:
+                self._tables = {r[0] for r in cur.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        return self._tables
+
+    def by_uid(self, table: str, cols: str, uid: str, order: str = "", key: str = "uid") -> list[tuple]:
+        """``cols`` of ``table``'s rows whose ``key`` column is ``uid`` (via the sorted ``h = hash(key)``)."""
+        with self.cursor() as cur:
+            return cur.execute(f"SELECT {cols} FROM {table} WHERE h = hash($u) AND {key} = $u "
+                               f"{'ORDER BY ' + order if order else ''}", {"u": uid}).fetchall()
+
+    def _build(self) -> None:
+        import time
+
+        t0 = time.time()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".explorer.{os.getpid()}.{threading.get_ident()}.duckdb"
+        tmp.unlink(missing_ok=True)
+        con = duckdb.connect()  # in memory: reads the catalog (attached read-only), writes the summary file
+        try:
+            spill = self.folder / f".spill.{os.getpid()}"
+            con.execute(f"SET memory_limit = '{os.environ.get('TETHER_SERVE_MEMORY', '4GB')}'")
+            con.execute(f"SET temp_directory = '{spill}'")
+            con.execute("ATTACH ? AS c (READ_ONLY)", [str(self.ex.catalog)])
+            con.execute("ATTACH ? AS sx", [str(tmp)])
+            self.step = "overview"
+            con.execute("USE c")  # the catalog's own queries, unchanged
+            probe = con.execute("SELECT hash('tether')::VARCHAR").fetchone()[0]
+            meta = {"version": SUMMARY_VERSION, "hash_probe": probe, **self.ex._overview_counts(con)}
+            self.step = "concepts"
+            con.execute(f"""CREATE TABLE sx.ctable AS
+                            SELECT (row_number() OVER (ORDER BY matched DESC, id) - 1)::INTEGER AS cix, *
+                            FROM ({self.ex._concept_sql()}) ORDER BY cix""")
+            con.execute("USE sx")
+            self.step = "dropped samples"
+            con.execute("""CREATE TEMP TABLE dead AS SELECT uid, stage, reason, ref_uid FROM
+                           (SELECT uid, stage, reason, ref_uid, row_number() OVER (PARTITION BY uid ORDER BY rowid) AS r
+                            FROM c.decisions WHERE NOT kept) WHERE r = 1""")
+            con.execute("""CREATE TEMP TABLE srcs AS SELECT source, (row_number() OVER (ORDER BY source) - 1)::INTEGER
+                           AS src FROM (SELECT DISTINCT source FROM c.samples)""")
+            self.step = "samples"
+            con.execute("""CREATE TABLE docs AS SELECT s.rowid AS sid, s.uid, d.uid IS NOT NULL AS dead, srcs.src
+                           FROM c.samples s LEFT JOIN dead d USING (uid)
+                           LEFT JOIN srcs ON s.source IS NOT DISTINCT FROM srcs.source ORDER BY sid""")
+            con.execute("CREATE TABLE sources AS SELECT * FROM srcs ORDER BY src")
+            # per-sample lookups, sorted by hash(uid): a uid's rows sit in one row group, found by its min/max
+            # statistics (uids themselves share long prefixes such as "flickr8k:", which those cannot tell apart)
+            self.step = "per-sample lookups"
+            con.execute("CREATE TABLE uids AS SELECT hash(uid) AS h, uid, sid FROM docs ORDER BY h")
+            con.execute("""CREATE TABLE sdec AS SELECT hash(uid) AS h, uid, rowid AS r, stage, kept, reason, ref_uid,
+                           concept_id FROM c.decisions ORDER BY h, r""")
+            con.execute("""CREATE TABLE sref AS SELECT hash(ref_uid) AS h, ref_uid, uid, stage, reason
+                           FROM c.decisions WHERE ref_uid IS NOT NULL ORDER BY h""")
+            con.execute("""CREATE TABLE smatch AS SELECT hash(uid) AS h, uid, concept_id, method, score, span
+                           FROM c.matches ORDER BY h""")
+            if self.ex.has("shard_index"):
+                con.execute("CREATE TABLE sshard AS SELECT hash(uid) AS h, uid, shard, key, pos FROM c.shard_index "
+                            "ORDER BY h")
+            if self.ex.has("downloads"):
+                con.execute("""CREATE TABLE sdl AS SELECT hash(uid) AS h, uid, status, error, sha256, width, height,
+                               format, store, shard, key, attempt FROM c.downloads ORDER BY h, attempt DESC""")
+            self.step = "concept members"
+            con.execute("""CREATE TABLE members AS
+                WITH m AS (SELECT uid, concept_id, any_value(span) FILTER (WHERE span IS NOT NULL) AS span
+                           FROM c.matches GROUP BY ALL),
+                     x AS (SELECT ct.cix, m.uid, m.span, docs.sid, d.uid IS NULL AS alive, d.stage, d.reason,
+                                  d.ref_uid
+                           FROM m JOIN ctable ct ON ct.id = m.concept_id LEFT JOIN dead d USING (uid)
+                                LEFT JOIN docs USING (uid))
+                SELECT *, row_number() OVER (PARTITION BY cix, alive ORDER BY uid) AS rn FROM x
+                ORDER BY cix, alive, rn""")
+            self.step = "caption word index"
+            con.execute(f"""CREATE TABLE postings AS
+                SELECT tok, sid, dead, src FROM (
+                    SELECT unnest(list_distinct(regexp_extract_all(lower(s.caption), '{TOKEN_SQL}'))) AS tok,
+                           docs.sid, docs.dead, docs.src
+                    FROM c.samples s JOIN docs ON docs.sid = s.rowid)
+                WHERE length(tok) <= {MAX_TOKEN} ORDER BY tok, sid""")
+            con.execute("CREATE TABLE vocab AS SELECT tok, count(*) AS df FROM postings GROUP BY tok ORDER BY tok")
+            con.execute("CREATE TABLE meta(key VARCHAR, value VARCHAR)")
+            con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+            con.execute("USE memory")
+            con.execute("DETACH c")
+            con.execute("CHECKPOINT sx")
+            con.execute("DETACH sx")
+            con.close()
+            os.replace(tmp, self.path)
+            self.seconds_to_build = time.time() - t0
+        finally:
+            try:
+                con.close()
+            except duckdb.Error:
+                pass
+            tmp.unlink(missing_ok=True)
+            for leftover in self.folder.glob(f"{tmp.name}.wal"):
+                leftover.unlink(missing_ok=True)
+            import shutil
+
+            shutil.rmtree(self.folder / f".spill.{os.getpid()}", ignore_errors=True)
+            self.step = ""
+
+
 # ------------------------------------------------------------------------------------------ aligned model
 def cache_root() -> Path:
     """Where embeddings of builds are cached: ``$TETHER_CACHE/serve`` (default ``~/.cache/tether/serve``)."""
@@ -411,14 +769,15 @@ class ModelIndex:
         self.dir = Path(model_dir)
         loaded = load_model(self.dir)  # align's AlignedModel: heads now, encoders on the first query
         self.model = loaded.model
+        self.patch_similarity = loaded.patch_similarity  # None: pooled heads only
+        self._maps: OrderedDict[tuple[str, str], tuple[object, object]] = OrderedDict()
         h = hashlib.sha256()
         for name in loaded.files:
             with open(name, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
         self.fingerprint = h.hexdigest()[:16]
-        build_key = hashlib.sha256(f"{explorer.catalog.resolve()}:{explorer.etag_seed}".encode()).hexdigest()[:16]
-        self.cache = cache_root() / f"{build_key}-{self.fingerprint}"
+        self.cache = cache_root() / f"{explorer.build_key}-{self.fingerprint}"
         self.eval_dir = Path(eval_dir) if eval_dir else None
         self._lock = threading.Lock()
         self._index: tuple[list[str], object, object] | None = None
@@ -552,6 +911,56 @@ class ModelIndex:
         top = np.argsort(-scores, kind="stable")[:k]
         return [(uids[j], float(scores[j])) for j in top]
 
+    def patch_map(self, uid: str, q: str) -> tuple[object, object]:
+        """``(sims [h, w], view)``: the model's patch similarity map of the text ``q`` over ``uid``'s stored image
+        and the part of the image it covers (the center square the encoder's preprocessing keeps). The last 32 are
+        kept (the page and its PNG ask for the same map)."""
+        import numpy as np
+        from PIL import Image, ImageOps
+
+        if self.patch_similarity is None:
+            raise NotFound("this model has pooled heads only: it has no patch embeddings to map")
+        key = (uid, q)
+        with self._lock:
+            if key in self._maps:
+                self._maps.move_to_end(key)
+                return self._maps[key]
+        data = self.ex.image_bytes(uid)  # NotFound for an unknown uid
+        if data is None:
+            raise NotFound(f"sample {uid!r} has no stored image")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception:  # noqa: BLE001 - a broken stored image is "no image", not a crash
+            raise NotFound(f"sample {uid!r}: its stored image cannot be decoded") from None
+        sims = np.asarray(self.patch_similarity(im, q), dtype=np.float32)
+        if sims.ndim != 2 or not sims.size or not np.isfinite(sims).all():
+            raise RuntimeError(f"the model's patch similarity is not a finite 2-D map (shape {sims.shape})")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        out = (sims, im.crop((left, top, left + side, top + side)))
+        with self._lock:
+            self._maps[key] = out
+            while len(self._maps) > 32:
+                self._maps.popitem(last=False)
+        return out
+
+    def patch_map_png(self, uid: str, q: str, size: int = 384) -> bytes:
+        """The map upsampled (bilinear) over the image's center square as a heat map (dark: lowest cosine on this
+        image, bright yellow: highest), blended with the photo, as PNG."""
+        import numpy as np
+        from PIL import Image
+
+        sims, view = self.patch_map(uid, q)
+        heat = np.asarray(Image.fromarray(sims).resize((size, size), Image.BILINEAR), dtype=np.float32)
+        lo, hi = float(sims.min()), float(sims.max())
+        t = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+        photo = np.asarray(view.resize((size, size), Image.BICUBIC), dtype=np.float32)
+        blend = (0.4 * photo + 0.6 * heat_colors(t)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(blend).save(buf, format="PNG")
+        return buf.getvalue()
+
     def reports(self) -> list[dict]:
         """The eval reports (``<task>.md`` + ``<task>.png`` written by ``align eval``) in ``eval_dir``."""
         if not self.eval_dir or not self.eval_dir.is_dir():
@@ -580,6 +989,17 @@ def highlight(caption: str, spans, whole: bool = True) -> Markup:
         last = m.end()
     out.append(escape(caption[last:]))
     return Markup("").join(out)
+
+
+def heat_colors(t):
+    """``t`` in [0, 1] (any shape) → RGB floats on a dark-purple → red → yellow ramp (``[..., 3]``)."""
+    import numpy as np
+
+    stops = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+    x = np.clip(t, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    f = (x - i)[..., None]
+    return stops[i] * (1 - f) + stops[i + 1] * f
 
 
 def head_tail_svg(matched: list[int], alive: list[int], w: int = 640, h: int = 200) -> Markup:
@@ -611,7 +1031,7 @@ def quote_id(value: str) -> str:
 
 # -------------------------------------------------------------------------------------------------- app
 def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str | Path | None = None,
-               index_in_background: bool = False):
+               index_in_background: bool = False, summary: bool = True):
     """The FastAPI app over ``build`` (a build folder or its catalog.duckdb); with ``model`` (an exported
     AlignedModel folder) also text → image search, image → text on sample pages, and the model's eval reports
     (``eval_dir``: where ``align eval --out`` wrote them)."""
@@ -622,6 +1042,8 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     ex = Explorer(build)
+    if summary:  # the precomputed tables (cached outside the build); without them every page scans the catalog
+        ex.use_summary(background=index_in_background)
     mi = ModelIndex(ex, model, eval_dir) if model else None
     if mi is not None and index_in_background:
         mi.start_background()
@@ -629,6 +1051,7 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
     templates.env.filters["q"] = quote_id
     templates.env.filters["num"] = lambda v: "" if v is None else f"{v:,}"
     templates.env.globals["highlight"] = highlight
+    templates.env.globals["pct"] = lambda n, total: f"{100 * n / total:.1f}%" if total else ""
     templates.env.globals["has_model"] = mi is not None
     app = FastAPI(title="tether explorer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = ex
@@ -716,13 +1139,10 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
             if hits is not None:
                 caps = {u: c for u, c in ex_captions([u for u, _ in hits])}
                 near = [(u, sc, caps.get(u, "")) for u, sc in hits]
-        return page(request, "sample.html", s=s, uid=uid, near=near, title=f"Sample {uid}")
+        return page(request, "sample.html", s=s, uid=uid, near=near, title=f"Sample {uid}",
+                    patch_maps=mi is not None and mi.patch_similarity is not None)
 
-    def ex_captions(uids: list[str]) -> list[tuple[str, str]]:
-        if not uids:
-            return []
-        with ex.cursor() as cur:
-            return cur.execute("SELECT uid, caption FROM samples WHERE uid IN (SELECT unnest(?))", [uids]).fetchall()
+    ex_captions = ex.captions
 
     def need_model():
         if mi is None:
@@ -757,9 +1177,29 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
             "indexed": len(m.index()[2]) if q else None, "pager": pager(request, page, n, GRID_SIZE)})
 
     @app.get("/model", response_class=HTMLResponse)
-    def model_page(request: Request):
+    def model_page(request: Request, uid: str = "", q: str = ""):
         m = need_model()
-        return page(request, "model.html", title="Model", m=m, config=m.model.config, reports=m.reports())
+        uid, q = uid.strip(), q.strip()
+        for name, v in (("q", q), ("uid", uid)):
+            if len(v) > MAX_QUERY_CHARS:
+                raise BadRequest(f"{name} too long ({len(v)} > {MAX_QUERY_CHARS} characters)")
+            if "\x00" in v:
+                raise BadRequest(f"{name} contains a NUL character")
+        pmap = None
+        if m.patch_similarity is not None and uid and q:
+            sims, _ = m.patch_map(uid, q)
+            pmap = {"grid": sims.shape, "min": float(sims.min()), "max": float(sims.max()),
+                    "png": "/model/patchmap.png?" + urlencode({"uid": uid, "q": q})}
+        return page(request, "model.html", title="Model", m=m, config=m.model.config, reports=m.reports(),
+                    uid=uid, q=q, pmap=pmap)
+
+    @app.get("/model/patchmap.png")
+    def patch_map_png(uid: str, q: str):
+        m = need_model()
+        if not q.strip() or len(q) > MAX_QUERY_CHARS or "\x00" in q or len(uid) > MAX_QUERY_CHARS:
+            raise BadRequest("q must be a text of 1 to 300 characters (and uid at most 300)")
+        return Response(m.patch_map_png(uid.strip(), q.strip()), media_type="image/png",
+                        headers={"Cache-Control": "no-cache"})
 
     @app.get("/model/report/{name}")
     def model_report(name: str):

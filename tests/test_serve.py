@@ -219,6 +219,98 @@ def test_cli_errors_are_one_line(build, tmp_path, capsys):
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _serve_cache(tmp_path_factory):
+    """The explorer's summary tables (and embedding indexes) go to a per-module cache, never the user's."""
+    old = os.environ.get("TETHER_CACHE")
+    os.environ["TETHER_CACHE"] = str(tmp_path_factory.mktemp("serve-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TETHER_CACHE")
+    else:
+        os.environ["TETHER_CACHE"] = old
+
+
+def test_summary_tables_answer_like_the_catalog(build):
+    """The precomputed summary (cached outside the build) gives the same pages as scanning the catalog itself."""
+    before = _tree_hash(build)
+    fast, scan = TestClient(create_app(build)), TestClient(create_app(build, summary=False))
+    assert fast.app.state.explorer.summary_ready and not scan.app.state.explorer.summary_ready
+    summary_file = fast.app.state.explorer.summary.path
+    assert summary_file.is_file() and build.resolve() not in summary_file.resolve().parents
+    with _catalog(build) as con:
+        concepts = [c for (c,) in con.execute("SELECT DISTINCT concept_id FROM matches ORDER BY 1").fetchall()]
+        uids = [u for (u,) in con.execute("SELECT uid FROM samples ORDER BY uid").fetchall()]
+        words = {w for (c,) in con.execute("SELECT caption FROM samples").fetchall()
+                 for w in re.findall(r"\w+", (c or "").lower())}
+    urls = ["/", "/concepts", "/concepts?q=dog"] + [f"/concept/{_q(c)}?page={p}&dpage={d}" for c in concepts
+                                                  for p, d in ((1, 1), (2, 1), (1, 2))]
+    urls += ["/search", "/search?page=2", "/search?status=dropped", "/search?status=kept&page=2"]
+    urls += [f"/search?{q}" for q in ("q=dog", "q=Dog+PARK&status=kept", "q=park+number&status=dropped",
+                                      "q=kite", "q=number+1", "q=playing&concept=user%3Acat",
+                                      "q=the&source=web&page=2", "q=unicorn", "q=park&concept=user%3Adog&status=kept",
+                                      "concept=user%3Abird")]
+    urls += [f"/sample/{_q(u)}" for u in uids]
+    for url in urls:
+        a, b = fast.get(url), scan.get(url)
+        assert a.status_code == b.status_code == 200, url
+        assert _text(a.text) == _text(b.text), url
+    for uid in uids[::7]:  # the same image bytes through both paths
+        assert fast.get("/thumb/" + _q(uid)).content == scan.get("/thumb/" + _q(uid)).content
+    # whole words: a word is not found inside another word, every result has each word
+    r = fast.get("/search", params={"q": "numb"})
+    assert "numb" not in words and "0 results" in r.text
+    n = int(re.search(r"(\d+) results", fast.get("/search", params={"q": "park number"}).text).group(1))
+    with _catalog(build) as con:
+        want = con.execute("""SELECT count(*) FROM samples WHERE list_has_all(
+                              regexp_extract_all(lower(caption), '[\\pL\\pN_]+'), ['park', 'number'])""").fetchone()[0]
+    assert n == want > 0
+    # a second app on the same build reads the cached summary instead of building it
+    app2 = create_app(build)
+    assert app2.state.explorer.summary.seconds_to_build is None and app2.state.explorer.summary_ready
+    assert _tree_hash(build) == before
+
+
+def _catalog_copy(build: Path, dest: Path, langs: list[str] | None) -> Path:
+    """A copy of the build's catalog with a ``samples.lang`` column set to ``langs`` (cycled), or without one."""
+    dest.mkdir(parents=True)
+    shutil.copy(build / "catalog.duckdb", dest / "catalog.duckdb")
+    with duckdb.connect(str(dest / "catalog.duckdb")) as con:
+        has = con.execute("SELECT count(*) FROM duckdb_columns() WHERE table_name = 'samples' AND column_name = "
+                          "'lang'").fetchone()[0]
+        if langs is None:
+            if has:
+                con.execute("ALTER TABLE samples DROP COLUMN lang")
+        else:
+            if not has:
+                con.execute("ALTER TABLE samples ADD COLUMN lang VARCHAR")
+            con.execute("UPDATE samples SET lang = (?)[1 + row_index % ?]", [langs, len(langs)])
+    return dest
+
+
+def test_language_and_source_mix(build, tmp_path):
+    old = TestClient(create_app(_catalog_copy(build, tmp_path / "old", None)))
+    r = old.get("/")
+    assert r.status_code == 200 and "no language column (built before language ID)" in r.text
+    assert 'id="langs"' not in r.text and 'id="sources"' in r.text
+    new = _catalog_copy(build, tmp_path / "new", ["en", "de", "", None, "fr", "en"])
+    with _catalog(new) as con:
+        want = dict(con.execute("SELECT coalesce(nullif(lang, ''), 'und'), count(*) FROM samples GROUP BY 1")
+                    .fetchall())
+        total = con.execute("SELECT count(*) FROM samples").fetchone()[0]
+    for summary in (True, False):
+        r = TestClient(create_app(new, summary=summary)).get("/")
+        assert r.status_code == 200 and "no language column" not in r.text
+        table = r.text[r.text.index('id="langs"'):]
+        table = table[:table.index("</table>")]
+        shown = {m[0]: int(m[1].replace(",", "")) for m in
+                 re.findall(r"<tr><td>(\w+)</td><td class=\"n\">([\d,]+)</td>", table)}
+        assert shown == want and set(want) == {"en", "de", "fr", "und"}
+        assert f"{100 * want['en'] / total:.1f}%" in table
+        src = r.text[r.text.index('id="sources"'):]
+        assert re.search(rf'>web</a></td><td class="n">{total}</td><td class="n">100.0%</td>', src)
+
+
 # ------------------------------------------------------------------------------------------ aligned model
 @pytest.fixture(scope="module")
 def tiny_model(tiny_vision, tiny_text, tmp_path_factory) -> Path:
@@ -309,6 +401,72 @@ def test_text_to_image_search_cached_outside_the_build(build, tiny_model, tmp_pa
     plain = TestClient(create_app(build))
     r = plain.get("/images", params={"q": "dog"})
     assert r.status_code == 404 and "--model" in r.text
+    assert _tree_hash(build) == before
+
+
+@pytest.fixture(scope="module")
+def token_model(tiny_vision, tiny_text, tmp_path_factory) -> Path:
+    """A tiny model with the paper's token-level image head (patch embeddings) and a linear text head."""
+    import torch
+
+    from align.model import AlignedModel, DualProjector
+    from align.projectors import ProjectorConfig
+
+    torch.manual_seed(0)
+    pi, pt = ProjectorConfig(kind="token", out_dim=8), ProjectorConfig(kind="linear", out_dim=8)
+    heads = DualProjector(pi, pt, tiny_vision.dim, tiny_text.dim, tiny_vision.num_prefix_tokens)
+    out = tmp_path_factory.mktemp("token-model") / "m"
+    AlignedModel.from_parts(heads, tiny_vision, tiny_text, pi, pt).save_pretrained(out)
+    return out
+
+
+def test_patch_similarity_map(build, token_model, tiny_model, tmp_path, one_torch_thread):
+    import numpy as np
+    import torch
+
+    from tether.plugins import load_model
+
+    with _catalog(build) as con:
+        uid, path = con.execute("SELECT uid, path FROM samples JOIN shard_index USING (uid) ORDER BY pos LIMIT 1"
+                                ).fetchone()
+    loaded = load_model(token_model)
+    assert loaded.patch_similarity is not None and load_model(tiny_model).patch_similarity is None
+    m = loaded.model
+    photo = Image.open(path).convert("RGB")
+    sims = loaded.patch_similarity(photo, "a red dog")
+    assert sims.shape == (4, 4) and sims.dtype == np.float32  # 56 px / patch 14: a 4 × 4 grid
+    # each cell is the cosine of the text with that patch's embedding (row-major patch order)
+    with torch.no_grad():
+        tok = m.vision.tokens(m.vision.preprocess([photo]))[0, m.vision.num_prefix_tokens:]
+        patches = torch.nn.functional.normalize(m.heads.image.patch_block(tok), dim=-1).numpy()
+    np.testing.assert_allclose(sims.ravel(), patches @ m.encode_text(["a red dog"])[0], atol=1e-5)
+    assert np.abs(sims).max() <= 1 + 1e-5 and sims.std() > 0
+
+    before = _tree_hash(build)
+    client = TestClient(_model_app(build, token_model, tmp_path / "cache"))
+    r = client.get("/model", params={"uid": uid, "q": "a red dog"})
+    assert r.status_code == 200 and 'id="patch-map-img"' in r.text and "4×4 patches" in r.text
+    assert f"{sims.min():.3f} … {sims.max():.3f}" in r.text
+    png = client.get("/model/patchmap.png", params={"uid": uid, "q": "a red dog"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(png.content)) as im:
+        assert im.size == (384, 384) and len(im.convert("L").getcolors(65536) or range(65537)) > 20
+    other = client.get("/model/patchmap.png", params={"uid": uid, "q": "a black cat"})
+    assert other.status_code == 200 and other.content != png.content  # another text, another map
+    assert 'id="patch-link"' in client.get("/sample/" + _q(uid)).text
+    for params, code, msg in [({"uid": "web:nope", "q": "dog"}, 404, "is not in this build"),
+                              ({"uid": uid, "q": ""}, 400, "q must be"),
+                              ({"uid": uid, "q": "x" * 400}, 400, "q must be")]:
+        r = client.get("/model/patchmap.png", params=params)
+        assert r.status_code == code and msg in r.text, params
+    assert client.get("/model", params={"uid": "web:nope", "q": "dog"}).status_code == 404
+
+    pooled = TestClient(_model_app(build, tiny_model, tmp_path / "cache"))
+    r = pooled.get("/model", params={"uid": uid, "q": "a red dog"})
+    assert r.status_code == 200 and "This model has pooled heads only" in r.text and "patch-map-img" not in r.text
+    r = pooled.get("/model/patchmap.png", params={"uid": uid, "q": "a red dog"})
+    assert r.status_code == 404 and "pooled heads only" in r.text
+    assert 'id="patch-link"' not in pooled.get("/sample/" + _q(uid)).text
     assert _tree_hash(build) == before
 
 

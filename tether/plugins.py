@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tether.recipe import RecipeError
 
@@ -23,10 +23,16 @@ MODEL_LOADERS = "tether.model_loaders"
 class LoadedModel:
     """A model that embeds images and texts into one space (``encode_image(list of PIL images)`` and
     ``encode_text(list of str)``, both returning L2-normalised float32 arrays), with the files whose exact bytes
-    identify it (``files``: hashed for caches keyed by the model)."""
+    identify it (``files``: hashed for caches keyed by the model).
+
+    ``patch_similarity`` (optional): for models whose image head embeds every patch token,
+    ``patch_similarity(image, text) -> [h, w]`` array: the cosine of ``text``'s embedding with the embedding of each
+    patch of ``image`` (a PIL image), on the grid the vision encoder sees (its preprocessing's center square);
+    ``None`` for models with pooled heads only."""
 
     model: Any
     files: list[Path] = field(default_factory=list)
+    patch_similarity: Callable[[Any, str], Any] | None = None
 
 
 def model_loaders() -> dict[str, Any]:

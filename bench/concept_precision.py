@@ -137,8 +137,7 @@ def match_pairs(captions: dict[str, str], recipe_path: str, overrides: Sequence[
                 build: str | None = None) -> set[tuple[str, str]]:
     """(uid, concept_id) pairs that ``match.lexical`` of the recipe (+ ``overrides``) finds in ``captions``."""
     from curate.config import BuildRecipe
-    from curate.match import LexicalMatcher, lexical_forms
-    from curate.match.lexical import Lemmatizer
+    from curate.match import RuleMatcher, lexical_plan
     from tether.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, BuildRecipe, list(overrides))
@@ -148,15 +147,14 @@ def match_pairs(captions: dict[str, str], recipe_path: str, overrides: Sequence[
     sub.mkdir(exist_ok=True)
     cat = _bank_catalog(sub, recipe, Path(recipe_path).resolve().parent, build)
     try:
-        forms, _ = lexical_forms(cat, cfg)
+        plan = lexical_plan(cat, cfg)
     finally:
         cat.close()
-    matcher = LexicalMatcher(forms, overlaps=cfg.overlaps)
+    rules = RuleMatcher(plan, cfg)
     uids = list(captions)
     texts = [captions[u] for u in uids]
-    lemmas = Lemmatizer(cfg.spacy_model)(texts) if cfg.lemmatize else None
-    ci, cc, _ = matcher.match(texts, lemmas)
-    return {(uids[i], matcher.concept_ids[c]) for i, c in zip(ci, cc)}
+    (ci, cc, _), _ = rules(texts)
+    return {(uids[i], rules.matcher.concept_ids[c]) for i, c in zip(ci, cc)}
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:

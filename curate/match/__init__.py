@@ -27,15 +27,15 @@ from pydantic import Field
 
 from curate.catalog import Catalog
 from curate.stages import Begin, Stage
-from curate.match.lexical import (LexicalConfig, LexicalMatcher, Lemmatizer, choose_senses, drop_adjective_forms,
-                                  drop_rare_senses, naive_match)
+from curate.match.lexical import (REASONS, FormPlan, LexicalConfig, LexicalMatcher, RuleMatcher, choose_senses,
+                                  drop_rare_senses, naive_match, plan_forms)
 from curate.match.semantic import (EmbeddingCache, PromptCache, SemanticConfig, TopK, concept_prompt,
                                    encode_sorted)
 from tether.recipe import RecipeError, Strict, resolve_path
 
 __all__ = ["MatchConfig", "LexicalConfig", "SemanticConfig", "run_match", "run_lexical", "run_semantic",
-           "LexicalMatcher", "choose_senses", "drop_rare_senses", "naive_match", "load_form_concepts",
-           "lexical_forms", "iter_units"]
+           "LexicalMatcher", "RuleMatcher", "choose_senses", "drop_rare_senses", "naive_match", "load_form_concepts",
+           "lexical_forms", "lexical_plan", "iter_units"]
 
 INPUT_SQL = ("SELECT uid, caption FROM alive WHERE caption IS NOT NULL AND length(trim(caption)) > 0 "
              "ORDER BY uid, caption")
@@ -120,29 +120,24 @@ def load_form_concepts(cat: Catalog, senses: str = "first") -> dict[str, tuple[s
     return choose_senses(_form_rows(cat), senses)  # type: ignore[arg-type]
 
 
-def lexical_forms(cat: Catalog, cfg: LexicalConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, list[str]]]:
-    """form → concept ids as ``match.lexical`` matches them: rare senses dropped (``min_sense_share``), the
-    ``senses`` policy, adjective-dominant forms skipped (``skip_adjectives``). Also returns what the WordNet
-    filters removed (``dropped_rare_senses``: ``form:concept_id``; ``skipped_adjective_forms``)."""
-    from curate.wordnet import adjective_words, noun_sense_counts
+def lexical_plan(cat: Catalog, cfg: LexicalConfig) -> FormPlan:
+    """The catalog's bank under ``match.lexical``'s form-level rules (:func:`.lexical.plan_forms`)."""
+    return plan_forms(_form_rows(cat), cfg)
 
-    rows = _form_rows(cat)
-    dropped: list[str] = []
-    if cfg.min_sense_share > 0:
-        try:
-            counts = noun_sense_counts(cfg.wordnet_dir)
-        except RecipeError:  # no WordNet at all (a plain user list): nothing to look up
-            counts = {}
-        rows, dropped = drop_rare_senses(rows, counts, cfg.min_sense_share)
-    forms = choose_senses(rows, cfg.senses)
-    skipped: list[str] = []
-    if cfg.skip_adjectives:
-        try:
-            adjectives = adjective_words(cfg.wordnet_dir, ratio=cfg.adjective_ratio)
-        except RecipeError:
-            adjectives = frozenset()
-        forms, skipped = drop_adjective_forms(forms, adjectives)
-    return forms, {"dropped_rare_senses": dropped, "skipped_adjective_forms": skipped}
+
+def lexical_forms(cat: Catalog, cfg: LexicalConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, list[str]]]:
+    """form → concept ids as ``match.lexical`` matches them: rare senses dropped (``min_sense_share``,
+    ``uncounted_senses``), plural readings (``own_word_first``), the ``senses`` policy, adjective-dominant forms
+    skipped (``skip_adjectives``). Also returns what the WordNet filters removed (``dropped_rare_senses``:
+    ``form:concept_id``; ``skipped_adjective_forms``; the other rules' lists when they are on)."""
+    plan = lexical_plan(cat, cfg)
+    return plan.forms, plan.summary
+
+
+#: per-row reasons of the lexical (caption, concept) hits a ``match.lexical`` rule removed
+LEXICAL_REMOVED_DDL = """CREATE TABLE IF NOT EXISTS lexical_removed(
+    uid VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, span VARCHAR, reason VARCHAR NOT NULL)"""
+
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -151,7 +146,8 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     from tqdm.auto import tqdm
 
     stage = Stage.MATCH_LEXICAL
-    forms, removed = lexical_forms(cat, cfg)
+    plan = lexical_plan(cat, cfg)
+    removed = plan.summary
     skipped, dropped = removed["skipped_adjective_forms"], removed["dropped_rare_senses"]
     # what the WordNet filters removed is part of the stage parameters: `curate inspect` shows it, a change
     # reruns the stage
@@ -168,19 +164,27 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     if dropped and progress:
         print(f"match lexical: {len(dropped)} rare word senses not matched (e.g. {', '.join(dropped[:4])}); "
               f"match.lexical.min_sense_share=0 keeps them")
-    matcher = LexicalMatcher(forms, cfg.overlaps)
-    lemmatizer = Lemmatizer(cfg.spacy_model) if cfg.lemmatize else None
+    rules = RuleMatcher(plan, cfg)
+    matcher = rules.matcher
     done = cat.done_units(stage)
+    cat.execute(LEXICAL_REMOVED_DDL)
+    if not done:  # a fresh start: the removed rows of an earlier run go with its matches
+        cat.execute("DELETE FROM lexical_removed")
+    reasons = pa.array(REASONS, pa.string())
     bar = tqdm(total=_input_size(cat), desc="match lexical", unit="caption", disable=not progress)
     concept_arr, form_arr = pa.array(matcher.concept_ids, pa.string()), pa.array(matcher.forms, pa.string())
     for unit, uids, caps in iter_units(cat, cfg.unit_rows):
         if str(unit) not in done:
-            ci, ki, fi = matcher.match(caps, lemmatizer(caps) if lemmatizer else None)
+            ci, ki, fi = matcher.match(caps, rules.lemmatizer(caps) if rules.lemmatizer else None)
+            gi, gk, gf, gr = matcher.removed
+            gone = pa.table({"uid": pa.array(uids, pa.string()).take(gi), "concept_id": concept_arr.take(gk),
+                             "span": form_arr.take(gf), "reason": reasons.take(gr)})
             tbl = pa.table({"uid": pa.array(uids, pa.string()).take(ci), "concept_id": concept_arr.take(ki),
                             "method": pa.array(["lexical"] * len(ci), pa.string()),
                             "score": pa.array(np.ones(len(ci)), pa.float64()), "span": form_arr.take(fi)})
             with cat.transaction():
                 cat.insert_arrow("matches", tbl, "uid, concept_id, method, score, span")
+                cat.insert_arrow("lexical_removed", gone, "uid, concept_id, span, reason")
                 cat.add_unit(stage, str(unit))
         bar.update(len(uids))
     bar.close()

@@ -16,7 +16,7 @@ from curate.stages import Stage
 
 def _imagenet1k() -> set[str]:
     try:
-        from curate.concepts import imagenet_wnids
+        from tether.resources import imagenet_wnids
 
         return set(imagenet_wnids("1k"))
     except Exception:  # noqa: BLE001 - timm data files absent: coverage falls back to the concepts table flag

@@ -24,14 +24,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
 import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import TABLES, Catalog
 from tether.recipe import RecipeError, Strict, resolve_path
-from tether.resources import timm_info_dir
+from tether.resources import imagenet_wnids, timm_info_dir
 from curate.wordnet import WordNet, irregular_plurals
 
 WNID_RE = re.compile(r"^n\d{8}$")
@@ -126,12 +126,6 @@ def _stopwords() -> frozenset[str]:
 
 
 # --------------------------------------------------------------------------------------------- ImageNet
-def imagenet_wnids(which: Literal["1k", "21k"] = "1k") -> list[str]:
-    """The ImageNet-1k (1,000) or ImageNet-21k (fall 2011, 21,843) wnids, in class-index order."""
-    name = {"1k": "imagenet_synsets.txt", "21k": "imagenet21k_goog_synsets.txt"}[which]
-    return [ln.strip() for ln in (timm_info_dir() / name).read_text().splitlines() if ln.strip()]
-
-
 def imagenet_names() -> dict[str, tuple[list[str], str]]:
     """wnid → (lemma names, definition) from timm's ``imagenet_synset_to_{lemma,definition}.txt``."""
     d = timm_info_dir()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
 from pydantic import Field
 
 from curate.balance import BalanceConfig
@@ -19,7 +18,7 @@ from curate.concepts import ConceptsConfig
 from curate.dedup import DedupConfig, FilterConfig
 from curate.match import MatchConfig
 from curate.media import MediaRecipe
-from tether.recipe import RecipeError, Strict, expand, parse, read_yaml, resolve_path
+from tether.recipe import RecipeError, Strict, apply_overrides, expand, parse, read_yaml, resolve_path
 from curate.selection import OutputConfig
 from curate.sources import IngestConfig, SourceConfig
 
@@ -111,38 +110,6 @@ def _check_missing_inputs(sources: list[SourceConfig], source: str, raw_paths: l
 
 def _looks_local(value: str, base) -> bool:
     return Path(expand(value)).is_absolute() or resolve_path(value, base).exists() or value.startswith(".")
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML); integer keys index lists (``sources.0.path=x``)."""
-    for ov in overrides:
-        if "=" not in ov:
-            raise RecipeError(f"override {ov!r}: expected key.path=value")
-        key, val = ov.split("=", 1)
-        keys = [k for k in key.strip().split(".") if k]
-        if not keys:
-            raise RecipeError(f"override {ov!r}: empty key")
-        cur: object = data
-        for j, k in enumerate(keys):
-            last = j == len(keys) - 1
-            if isinstance(cur, list):
-                if not k.isdigit() or int(k) >= len(cur):
-                    raise RecipeError(f"override {ov!r}: {k} is not an index of a {len(cur)}-item list")
-                if last:
-                    cur[int(k)] = yaml.safe_load(val)
-                else:
-                    cur = cur[int(k)]
-            elif isinstance(cur, dict):
-                if last:
-                    cur[k] = yaml.safe_load(val)
-                else:
-                    nxt = cur.setdefault(k, {})
-                    if not isinstance(nxt, (dict, list)):
-                        raise RecipeError(f"override {ov!r}: {k} is not a section")
-                    cur = nxt
-            else:
-                raise RecipeError(f"override {ov!r}: {keys[j - 1]} is not a section")
-    return data
 
 
 def load_build_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> BuildRecipe:

@@ -125,7 +125,7 @@ def _size_category(n: int) -> str:
     return "n>1B" if n > 1_000_000_000 else "100M<n<1B"
 
 
-def write_card(out: Path, name: str, shards: int, samples: int, seed: int) -> Path:
+def write_dataset_card(out: Path, name: str, shards: int, samples: int, seed: int) -> Path:
     path = Path(out) / "README.md"
     atomic_write(path, card_text(name, shards, samples, seed))
     return path

@@ -56,7 +56,9 @@ class PhashConfig(Strict):
     index: Literal["flat", "multihash"] = "multihash"  # both exact for the threshold; multihash is sub-linear
 
 
-class SemanticConfig(Strict):
+class SemDedupConfig(Strict):
+    """``media.image_dedup.semantic``: SemDeDup over frozen image embeddings."""
+
     enabled: bool = False
     encoder: str = "facebook/dinov2-small"  # hub id or local path (any tether.encoders.VisionEncoder)
     pooling: Literal["cls", "mean", "cls+mean"] = "cls"
@@ -77,7 +79,7 @@ class ImageDedupConfig(Strict):
     group_same_source: bool = True  # rows with the same path/url = one image with several captions
     exact: bool = True
     phash: PhashConfig = PhashConfig()
-    semantic: SemanticConfig = SemanticConfig()
+    semantic: SemDedupConfig = SemDedupConfig()
     threads: int = Field(2, ge=1)
     chunk: int = Field(2000, ge=1)
 
@@ -265,7 +267,7 @@ def compute_phashes(cat: Catalog, rows: list[tuple], cfg: ImageDedupConfig, enco
         np.zeros((0, hs * hs // 8), np.uint8)
 
 
-def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemanticConfig, emb_dir: Path, encoder=None,
+def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb_dir: Path, encoder=None,
                        encode_format: str = "jpg", chunk: int = 2000, progress: bool = True) -> np.ndarray:
     """L2-normalised embeddings ``[len(rows), d]`` from a frozen vision encoder (cached as .npy chunks)."""
     from PIL import Image

@@ -202,7 +202,7 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     """Write (or resume, or reshard) the shards of the current survivors; see the module doc."""
     from tqdm.auto import tqdm
 
-    from curate.hfdataset import write_card, write_index, write_sizes
+    from curate.hfdataset import write_dataset_card, write_index, write_sizes
 
     t0 = time.time()
     claim_build_dir(build_dir, cat)
@@ -258,7 +258,7 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     bar.close()
     write_sizes(cat, out)
     write_index(cat, out)
-    write_card(out, name=dataset_name or cfg.name or Path(build_dir).resolve().name,
+    write_dataset_card(out, name=dataset_name or cfg.name or Path(build_dir).resolve().name,
                shards=len(plan), samples=len(order), seed=cfg.seed)
     cat.mark_done(STAGE, len(order))
     return ShardResult(out_dir=out, shards=len(plan), samples=len(order), written=written,

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tether.recipe import RecipeError, expand
-
-WORDNET_HELP = ("install WordNet 3.0 (`apt-get install wordnet-base`, or "
-                "`python -c \"import nltk; nltk.download('wordnet')\"`) or set concepts.wordnet_dir")
+from tether.recipe import RecipeError
+from tether.resources import WORDNET_HELP, find_wordnet  # noqa: F401  (the one WordNet locator)
 
 ROOT_WNID = "n00001740"  # entity.n.01
 
@@ -51,53 +48,6 @@ class Synset:
     def definition(self) -> str:
         """The gloss without its quoted usage examples."""
         return self.gloss.split('; "', 1)[0].strip()
-
-
-def _candidate_dirs() -> list[Path]:
-    out: list[Path] = []
-    for var in ("WNSEARCHDIR",):
-        if os.environ.get(var):
-            out.append(Path(os.environ[var]))
-    if os.environ.get("WNHOME"):
-        out.append(Path(os.environ["WNHOME"]) / "dict")
-    out += [Path("/usr/share/wordnet"), Path("/usr/local/share/wordnet"), Path("/usr/local/WordNet-3.0/dict")]
-    nltk_dirs = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
-    nltk_dirs += [str(Path.home() / "nltk_data"), os.path.join(sys.prefix, "nltk_data"),
-                  os.path.join(sys.prefix, "share", "nltk_data"), os.path.join(sys.prefix, "lib", "nltk_data"),
-                  "/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data",
-                  "/usr/local/lib/nltk_data"]
-    out += [Path(d) for d in nltk_dirs]
-    return out
-
-
-def _locate_in(base: Path) -> Path | None:
-    """The folder (or zip) under ``base`` that holds ``data.noun``, trying the NLTK layouts too."""
-    for cand in (base, base / "dict", base / "wordnet", base / "corpora" / "wordnet"):
-        if (cand / "data.noun").is_file():
-            return cand
-    for z in (base / "corpora" / "wordnet.zip", base / "wordnet.zip", base):
-        if z.is_file() and zipfile.is_zipfile(z):
-            return z
-    return None
-
-
-def find_wordnet(path: str | os.PathLike | None = None) -> Path:
-    """Where the WordNet dictionary files are; a one-line :class:`RecipeError` saying how to install if absent.
-
-    ``path`` (when given) must hold them; otherwise the usual system and NLTK locations are searched.
-    """
-    if path:
-        base = Path(expand(str(path)))
-        hit = _locate_in(base)
-        if hit is None:
-            raise RecipeError(f"concepts.wordnet_dir: no WordNet dictionary (data.noun) under {base}; {WORDNET_HELP}")
-        return hit
-    for base in _candidate_dirs():
-        hit = _locate_in(base)
-        if hit is not None:
-            return hit
-    raise RecipeError(f"WordNet 3.0 not found (searched /usr/share/wordnet, $WNSEARCHDIR, NLTK data dirs); "
-                      f"{WORDNET_HELP}")
 
 
 def _open_text(where: Path, name: str) -> io.TextIOBase:

@@ -92,20 +92,40 @@ def load_recipe(path: str | os.PathLike, model: Type[T], overrides: list[str] | 
     Relative paths inside the recipe are NOT rewritten; models that hold paths resolve them against
     ``recipe_dir`` (set in the returned data under the private key ``_recipe_dir`` when the model accepts it).
     """
-    data = read_yaml(path)
-    for ov in overrides or []:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return parse(model, data, str(path))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML); integer keys index lists (``sources.0.path=x``)."""
+    for ov in overrides:
         if "=" not in ov:
             raise RecipeError(f"override {ov!r}: expected key.path=value")
         key, val = ov.split("=", 1)
-        cur = data
-        keys = key.strip().split(".")
-        for k in keys[:-1]:
-            nxt = cur.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise RecipeError(f"override {ov!r}: {k} is not a section")
-            cur = nxt
-        cur[keys[-1]] = yaml.safe_load(val)
-    return parse(model, data, str(path))
+        keys = [k for k in key.strip().split(".") if k]
+        if not keys:
+            raise RecipeError(f"override {ov!r}: empty key")
+        cur: object = data
+        for j, k in enumerate(keys):
+            last = j == len(keys) - 1
+            if isinstance(cur, list):
+                if not k.isdigit() or int(k) >= len(cur):
+                    raise RecipeError(f"override {ov!r}: {k} is not an index of a {len(cur)}-item list")
+                if last:
+                    cur[int(k)] = yaml.safe_load(val)
+                else:
+                    cur = cur[int(k)]
+            elif isinstance(cur, dict):
+                if last:
+                    cur[k] = yaml.safe_load(val)
+                else:
+                    nxt = cur.setdefault(k, {})
+                    if not isinstance(nxt, (dict, list)):
+                        raise RecipeError(f"override {ov!r}: {k} is not a section")
+                    cur = nxt
+            else:
+                raise RecipeError(f"override {ov!r}: {keys[j - 1]} is not a section")
+    return data
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

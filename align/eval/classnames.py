@@ -13,7 +13,6 @@ column and a label column (``ClassLabel`` names used when present).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,8 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from tether.recipe import RecipeError
-from tether.resources import TIMM_HELP
+from tether.resources import imagenet_wnids  # noqa: F401  (re-exported: the one ImageNet class list)
 from tether.resources import timm_info_dir as _timm_dir
+from tether.resources import wordnet_dict_dir
 
 WNID = re.compile(r"^n\d{8}$")
 WNID_PREFIX = re.compile(r"^(n\d{8})(?:[_\-.]|$)")
@@ -49,13 +49,6 @@ def _timm_tables() -> tuple[dict[str, str], dict[str, str]] | None:
     if not (lem.exists() and dfn.exists()):
         return None
     return _read_tsv(lem), _read_tsv(dfn)
-
-
-def wordnet_dict_dir() -> Path | None:
-    for c in (os.environ.get("WNHOME") and Path(os.environ["WNHOME"]) / "dict", Path("/usr/share/wordnet")):
-        if c and (Path(c) / "data.noun").exists():
-            return Path(c)
-    return None
 
 
 def _wordnet_synset(wnid: str) -> tuple[list[str], str] | None:
@@ -94,14 +87,6 @@ def wnid_gloss(wnid: str) -> str | None:
         return t[1][wnid].split(";")[0].strip()
     syn = _wordnet_synset(wnid)
     return syn[1] if syn else None
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1,000 ImageNet-1k wnids in the standard (sorted) label order."""
-    d = _timm_dir(required=False)
-    if d is not None and (d / "imagenet_synsets.txt").exists():
-        return [ln.strip() for ln in (d / "imagenet_synsets.txt").read_text().splitlines() if ln.strip()]
-    raise RecipeError(f"ImageNet-1k class list needs timm's data files: {TIMM_HELP}")
 
 
 def names_for_wnids(wnids: Sequence[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Reports: JSON (machine-readable), markdown (for humans and docs) and a PNG chart, written atomically.
 
-* :func:`write_selection` — ``selection.json`` / ``selection.md`` (ranked table + ranking agreement) /
+* :func:`write_select_report` — ``selection.json`` / ``selection.md`` (ranked table + ranking agreement) /
   ``selection.png`` (one group of bars per encoder pair: linear CKA, unbiased CKA, mutual kNN).
 * :func:`write_eval` — ``<task>.json`` / ``<task>.md`` / ``<task>.png`` for an ``align eval`` run (retrieval:
   recall@K curves; zero-shot: per-class accuracy).
@@ -59,7 +59,7 @@ def _bar_png(path: Path, groups: Sequence[str], series: dict[str, Sequence[float
     return path
 
 
-def write_selection(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
+def write_select_report(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write the ranked encoder-pair table (JSON, markdown, PNG)."""
     out = Path(out_dir)
     rows = result["rows"]

@@ -302,7 +302,7 @@ def ranking_agreement(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def run_select(cfg: SelectConfig, progress: bool = True) -> dict[str, Any]:
     """Embed, score, rank, and write ``selection.{json,md,png}`` under ``cfg.out``; returns the result."""
-    from align.eval.report import write_selection
+    from align.eval.report import write_select_report
 
     vis_c = [parse_candidate(s, "vision") for s in cfg.vision]
     txt_c = [parse_candidate(s, "text") for s in cfg.text]
@@ -323,7 +323,7 @@ def run_select(cfg: SelectConfig, progress: bool = True) -> dict[str, Any]:
                        "n_captions": len(pairs.captions), "rank_by": cfg.rank_by, "knn_k": cfg.knn_k,
                        "probe_steps": cfg.probe_steps, "text_features": "mean of normalised caption embeddings",
                        "vision_features": "pooled frozen features (per candidate options)"}}
-    result["files"] = [str(p) for p in write_selection(result, out)]
+    result["files"] = [str(p) for p in write_select_report(result, out)]
     return result
 
 

@@ -11,8 +11,13 @@ Pages (server-rendered with Jinja2 on FastAPI/Starlette, served by uvicorn on 12
 * ``/images``, ``/model`` with ``--model``: text → image search over the build's images (embeddings cached per
   build + model fingerprint under ``$TETHER_CACHE/serve``), the model's config and eval reports
 
+* ``/model`` also draws the patch-level similarity map of a text over an image (``?uid=&q=``, the PNG at
+  ``/model/patchmap.png``) when the model's image head embeds patch tokens (``LoadedModel.patch_similarity``)
+
 Read-only by construction: the catalog is opened with ``duckdb.connect(path, read_only=True)`` and images are
-read (one tar member, one file) from where the build stored them — never extracted, never written. Bad input
+read (one tar member, one file) from where the build stored them — never extracted, never written. What has to be
+precomputed for large builds (per-concept ranked members, a caption word index, per-sample lookups: see
+:class:`Summary`) is cached outside the build, under ``$TETHER_CACHE/serve``. Bad input
 (unknown uid/concept, malformed query) gets an HTML page with a 4xx status, never a traceback.
 """
 
@@ -1034,7 +1039,8 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
                index_in_background: bool = False, summary: bool = True):
     """The FastAPI app over ``build`` (a build folder or its catalog.duckdb); with ``model`` (an exported
     AlignedModel folder) also text → image search, image → text on sample pages, and the model's eval reports
-    (``eval_dir``: where ``align eval --out`` wrote them)."""
+    (``eval_dir``: where ``align eval --out`` wrote them). ``summary``: load (or build and cache) the summary tables
+    — now, or in a thread with ``index_in_background`` — instead of answering every page from the catalog."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, Response
@@ -1105,7 +1111,14 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
 
     @app.get("/", response_class=HTMLResponse)
     def overview(request: Request):
-        return page(request, "overview.html", ov=ex.overview(), title="Overview")
+        sm = ex.summary
+        note = None
+        if sm is not None and sm.error:
+            note = f"summary tables could not be built ({sm.error}): every page queries the catalog itself"
+        elif sm is not None and not sm.ready:
+            note = (f"summary tables are being built ({sm.step or 'starting'}): until then pages query the catalog "
+                    "itself, slower on large builds")
+        return page(request, "overview.html", ov=ex.overview(), title="Overview", summary_note=note)
 
     @app.get("/concepts", response_class=HTMLResponse)
     def concepts_page(request: Request, q: str = "", page: int = 1):
@@ -1275,6 +1288,10 @@ def cmd_serve(args) -> int:
                 from None
     print(f"tether explorer on http://{args.host}:{args.port}/ (read-only over {Path(args.build).resolve()}); "
           "Ctrl-C stops it", flush=True)
+    sm = app.state.explorer.summary
+    if sm is not None and not sm.ready:
+        print(f"summary tables: building them once in the background into {sm.path} (large builds: minutes); pages "
+              "answer from the catalog meanwhile", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("TETHER_SERVE_LOG", "warning"))
     return 0
 

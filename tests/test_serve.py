@@ -271,6 +271,32 @@ def test_summary_tables_answer_like_the_catalog(build):
     assert _tree_hash(build) == before
 
 
+def test_summary_in_background_and_when_it_cannot_be_written(build, tmp_path, monkeypatch):
+    """As `curate serve` runs it, the summary is built in a thread (pages answer from the catalog meanwhile); a cache
+    folder that cannot be written leaves every page working from the catalog, and the overview says so."""
+    before = _tree_hash(build)
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "fresh"))
+    app = create_app(build, index_in_background=True)
+    c = TestClient(app)
+    first = c.get("/search", params={"q": "dog"})
+    assert first.status_code == 200
+    deadline = time.time() + 60
+    while not app.state.explorer.summary_ready:
+        assert time.time() < deadline and app.state.explorer.summary.error is None
+        time.sleep(0.1)
+    assert _text(c.get("/search", params={"q": "dog"}).text) == _text(first.text)
+    assert 'id="summary-note"' not in c.get("/").text
+    (tmp_path / "not-a-folder").write_text("x")
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "not-a-folder"))
+    app = create_app(build, index_in_background=True)
+    app.state.explorer.summary._thread.join(60)
+    c = TestClient(app)
+    r = c.get("/")
+    assert r.status_code == 200 and "summary tables could not be built" in r.text
+    assert c.get("/search", params={"q": "dog"}).text.count("/sample/") == first.text.count("/sample/")
+    assert _tree_hash(build) == before
+
+
 def _catalog_copy(build: Path, dest: Path, langs: list[str] | None) -> Path:
     """A copy of the build's catalog with a ``samples.lang`` column set to ``langs`` (cycled), or without one."""
     dest.mkdir(parents=True)

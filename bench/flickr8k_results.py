@@ -8,6 +8,14 @@ projectors from the recipe's feature cache (``align extract`` it first, or let t
 * zero-shot: the ImageNet sample, with frozen image features and frozen prompt features computed ONCE per
   encoder (``<out>/zeroshot-*.npz``) and only the projectors applied per model (token heads: not evaluated).
 
+With ``--captions NAME=FILE`` (repeatable; e.g. ``de=captions.de.txt``), each model is also scored on the val
+split's images with that captions file (Flickr8k format, any language; images without a caption in it are left
+out): the frozen caption features are computed ONCE per (text encoder, file) into ``<out>/captions-*.npz`` and
+the image features come from the recipe's val cache, so per model only the projectors run — the numbers
+``align eval MODEL --task retrieval --data VAL_FOLDER --captions FILE --features CACHE/val`` prints.
+``NAME=FILE@REF`` compares its T→I R@1 with captions file REF's (default: the English val captions), e.g.
+German on its 929 images against English on the same images.
+
 With ``--cka N``, each variant's frozen train features (the first N images of its train cache: crop 0, and the
 mean of each image's caption features) are also scored by linear CKA, unbiased CKA and mutual kNN, and the
 Spearman ρ between each score and the trained retrieval over the variants answers "does the CKA ranking
@@ -114,14 +122,87 @@ class FrozenZeroShot:
         return {"zs_top1": m["top1"], "zs_top5": m["top5"]}
 
 
-def run_one(config: str, overrides: list[str], out_dir: Path, zeroshot: FrozenZeroShot | None) -> dict[str, Any]:
+class FrozenCaptions:
+    """Retrieval on the val images with another captions file (``--captions``): frozen caption features once per
+    (text encoder, file), image features from the recipe's val cache; :meth:`evaluate` runs the projectors only."""
+
+    METRICS = ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5")
+
+    def __init__(self, recipe: TrainRecipe, spec: str, out: Path):
+        from tether.recipe import resolve_path
+
+        name, sep, rest = spec.partition("=")
+        file, _, self.ref = rest.partition("@")
+        if not sep or not name or not file:
+            raise RecipeError(f"--captions {spec!r}: expected NAME=FILE or NAME=FILE@REF")
+        val = recipe.val
+        if val is None or val.format != "flickr8k":
+            raise RecipeError("--captions needs the recipe's val section to be a flickr8k folder")
+        self.name, self.file = name, resolve_path(file)
+        if not self.file.is_file():
+            raise RecipeError(f"--captions {spec!r}: {self.file} not found")
+        self.root, self.split = resolve_path(val.path if isinstance(val.path, str) else val.path[0]), val.split
+        self.recipe, self.cache = recipe, recipe.cache_dir("val")
+        st = self.file.stat()
+        key = json.dumps([recipe.encoder_name("text"), recipe.text.max_length, recipe.text.dtype,
+                          str(self.file.resolve()), st.st_size, st.st_mtime_ns, str(self.root.resolve()), self.split,
+                          str(self.cache.resolve())])
+        self.path = out / f"captions-{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+        self._feats: dict[str, Any] | None = None
+
+    def _compute(self) -> dict[str, Any]:
+        from align.eval.cli import load_cached_image_features
+        from align.eval.retrieval import PairedSet
+        from tether.encoders import TextEncoder
+
+        pairs = PairedSet.from_flickr8k(self.root, self.split, self.file)
+        text = TextEncoder.load(self.recipe.encoder_name("text"), dtype=self.recipe.text.dtype,
+                                max_length=self.recipe.text.max_length)
+        caps = list(pairs.captions)
+        with torch.no_grad():  # what AlignedModel.encode_text feeds its text head: the pooled embedding, float32
+            rows = [text.pooled(caps[i:i + 256]).float().numpy() for i in range(0, len(caps), 256)]
+        feats = {"text": np.concatenate(rows), "text_image": np.asarray(pairs.caption_image),
+                 "image": load_cached_image_features(self.cache, list(pairs.keys)),
+                 "fingerprint": np.array(text.fingerprint)}
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, **feats)
+        tmp.replace(self.path)
+        return feats
+
+    def features(self, fingerprint: str | None = None) -> dict[str, Any]:
+        if self._feats is None and self.path.exists():
+            self._feats = dict(np.load(self.path))
+        if self._feats is None or (fingerprint and str(self._feats["fingerprint"]) != fingerprint):
+            self._feats = self._compute()
+        return self._feats
+
+    def evaluate(self, model) -> dict[str, float]:
+        from align.eval.retrieval import retrieval_eval
+
+        f = self.features(model.config["text"].get("fingerprint"))
+        m, _ = retrieval_eval(model.project_image_features(f["image"]), model.project_text_features(f["text"]),
+                              f["text_image"])
+        out = {f"{self.name}:{k}": float(m[k]) for k in self.METRICS}
+        out[f"{self.name}:n_images"] = int(f["image"].shape[0])
+        return out
+
+
+def run_one(config: str, overrides: list[str], out_dir: Path, zeroshot: FrozenZeroShot | None,
+            captions: list[FrozenCaptions] = ()) -> dict[str, Any]:
     """Train (unless finished) and evaluate one (variant, seed); returns its flat metrics."""
     from align.model import AlignedModel
     from align.train import train
 
     done = out_dir / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        row = json.loads(done.read_text())
+        todo = [c for c in captions if f"{c.name}:t2i_R@1" not in row]
+        if todo:  # a finished run scored on captions files added since
+            model = AlignedModel.from_pretrained(out_dir / "model")
+            for c in todo:
+                row.update(c.evaluate(model))
+            done.write_text(json.dumps(row, indent=2))
+        return row
     recipe = load_train_recipe(config, overrides + [f"train.output_dir={out_dir}", "train.progress=false"])
     metrics = out_dir / "metrics.json"  # written when training finished (killed later, e.g. in zero-shot)
     trained_before = metrics.exists()
@@ -134,6 +215,10 @@ def run_one(config: str, overrides: list[str], out_dir: Path, zeroshot: FrozenZe
     tokens = "token" in (recipe.projector.image.kind, recipe.projector.text.kind)
     if zeroshot is not None and not tokens:
         row.update(zeroshot.evaluate(AlignedModel.from_pretrained(out_dir / "model")))
+    if captions:
+        model = AlignedModel.from_pretrained(out_dir / "model")
+        for c in captions:
+            row.update(c.evaluate(model))
     done.write_text(json.dumps(row, indent=2))
     return row
 
@@ -176,6 +261,35 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, 
     return "\n".join(lines) + "\n", summary
 
 
+def captions_table(results: dict[str, list[dict[str, Any]]], captions: list[FrozenCaptions],
+                   summary: dict[str, Any]) -> str:
+    """Per variant and captions file: retrieval on the val images (mean ± std over seeds) and T→I R@1 as a share
+    of the reference's (``@REF``, default the English val captions)."""
+    def stat(rows, key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
+
+    cols = [(k, h) for k, h in COLUMNS if k in FrozenCaptions.METRICS]
+    out = ["\nRetrieval on the val images per captions file (`--captions`; `val` = the recipe's own val captions):\n",
+           "| variant | captions | images | " + " | ".join(h for _, h in cols) + " | T→I R@1 vs reference |",
+           "|" + "---|" * (len(cols) + 4)]
+    for name, rows in results.items():
+        for c in [None, *captions]:
+            prefix = "" if c is None else f"{c.name}:"
+            cells = [stat(rows, prefix + k) for k, _ in cols]
+            if c is not None:
+                summary[name].update({prefix + k: {"mean": v[0], "std": v[1], "n": len(rows)}
+                                      for (k, _), v in zip(cols, cells) if v})
+            ref_prefix = f"{c.ref}:" if c is not None and c.ref else ""
+            ref = stat(rows, ref_prefix + "t2i_R@1") if c is not None else None
+            mine = cells[0] if cols[0][0] == "t2i_R@1" else stat(rows, prefix + "t2i_R@1")
+            ratio = f"{100 * mine[0] / ref[0]:.0f} % (of {c.ref or 'val'})" if ref and mine and ref[0] else "—"
+            n_img = rows[0].get(prefix + "n_images", "") if c is not None else ""
+            out.append(f"| {name} | {'val' if c is None else c.name} | {n_img} | "
+                       + " | ".join(f"{v[0]:.1f} ± {v[1]:.1f}" if v else "—" for v in cells) + f" | {ratio} |")
+    return "\n".join(out) + "\n"
+
+
 def cka_table(args, variants, summary: dict[str, Any]) -> str:
     """Per variant: frozen-feature similarity scores and trained R@1; then Spearman rho of each score vs each
     trained recall over the variants (+1 = the similarity ranking is the trained ranking)."""
@@ -210,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                    "imagenet-sample); 'none' skips zero-shot")
     p.add_argument("--prompts", default="photo", help="prompt set for zero-shot (photo | clip80 | ...)")
     p.add_argument("--out", default="runs/results/flickr8k")
+    p.add_argument("--captions", action="append", default=[], metavar="NAME=FILE[@REF]",
+                   help="also score each model on the val images with this captions file (any language); @REF: "
+                        "compare its T→I R@1 with captions file REF's instead of the val captions'")
     p.add_argument("--cka", type=int, default=0, metavar="N",
                    help="also score each variant's frozen train features (first N images) by CKA / mutual kNN and "
                         "report Spearman rho against the trained retrieval")
@@ -229,12 +346,19 @@ def main(argv: list[str] | None = None) -> int:
                 if not imagenet.is_dir():
                     raise RecipeError(f"{imagenet}: no ImageNet sample (pass --imagenet DIR or --imagenet none)")
                 zs = FrozenZeroShot(load_train_recipe(args.config, ov), imagenet, args.prompts, out)
+            caps = [FrozenCaptions(load_train_recipe(args.config, ov), c, out) for c in args.captions]
+            names = {c.name for c in caps}
+            for c in caps:
+                if c.ref and c.ref not in names:
+                    raise RecipeError(f"--captions {c.name}=…@{c.ref}: no --captions named {c.ref!r}")
             for seed in args.seeds:
-                row = run_one(args.config, ov + [f"train.seed={seed}"], out / name / f"seed{seed}", zs)
+                row = run_one(args.config, ov + [f"train.seed={seed}"], out / name / f"seed{seed}", zs, caps)
                 results.setdefault(name, []).append({"seed": seed, **row})
                 print(f"{name} seed {seed}: " + ", ".join(f"{k} {row[k]:.1f}" for k, _ in COLUMNS if row.get(k) is not None),
                       flush=True)
         table, summary = summarise(results)
+        if args.captions:
+            table += captions_table(results, caps, summary)
         if args.cka:
             table += cka_table(args, variants, summary)
         meta = {"command": " ".join(["python", "bench/flickr8k_results.py", *(argv or sys.argv[1:])]),

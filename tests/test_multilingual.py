@@ -398,8 +398,9 @@ def test_flickr8k_results_bench_with_a_packaged_encoder(tmp_path, tiny_vision_di
             (classes / c / f"{c}{k}.jpg").write_bytes(_jpeg(COLORS[c], seed=900 + k))
     f8k = {"format": "flickr8k", "path": str(root)}
     rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, root, data={**f8k, "split": "train"},
-                     val={**f8k, "split": "test"}, train={"output_dir": str(tmp_path / "run"), "epochs": 2,
-                                                          "batch_size": 8, "checkpoint_every": 1000, "progress": False})
+                     val={**f8k, "split": "test"}, train={"output_dir": str(tmp_path / "run"), "epochs": 40,
+                                                          "batch_size": 8, "lr": 3e-3, "checkpoint_every": 1000,
+                                                          "progress": False})
     spec = importlib.util.spec_from_file_location("f8k_results", Path(__file__).parent.parent / "bench" /
                                                   "flickr8k_results.py")
     mod = importlib.util.module_from_spec(spec)
@@ -410,3 +411,26 @@ def test_flickr8k_results_bench_with_a_packaged_encoder(tmp_path, tiny_vision_di
     res = json.loads((out / "results.json").read_text())["summary"]["recipe"]
     assert {"t2i_R@1", "i2t_R@1", "zs_top1", "zs_top5"} <= set(res)
     assert 0 <= res["zs_top1"]["mean"] <= 100 and res["zs_top5"]["mean"] == 100  # 3 classes: top-5 holds them all
+
+    # --captions: the finished run is scored on German captions (and English ones of the same 12 images) without
+    # training again; the numbers are those of `align eval --captions ... --features <cache>/val`
+    en12 = root / "captions.en12.txt"
+    en12.write_text("".join(ln + "\n" for ln in (root / "captions.txt").read_text().splitlines()[:12]))
+    capsys.readouterr()
+    assert mod.main(["--config", str(rp), "--seeds", "0", "--imagenet", "none", "--out", str(out),
+                     "--captions", f"de={root / 'captions.de.txt'}@en12", "--captions", f"en12={en12}"]) == 0
+    printed = capsys.readouterr().out
+    row = json.loads((out / "recipe" / "seed0" / "result.json").read_text())
+    assert row["de:n_images"] == row["en12:n_images"] == 12
+    assert "| recipe | de | 12 |" in printed and "(of en12)" in printed
+    for name, cap in (("de", root / "captions.de.txt"), ("en12", en12)):
+        assert cli_main(["eval", str(out / "recipe" / "seed0" / "model"), "--task", "retrieval", "--data", str(root),
+                         "--split", "test", "--captions", str(cap), "--features", str(tmp_path / "cache" / "val"),
+                         "--out", str(tmp_path / f"eval-{name}")]) == 0
+        ev = json.loads((tmp_path / f"eval-{name}" / "retrieval.json").read_text())["metrics"]
+        for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5"):
+            assert row[f"{name}:{k}"] == pytest.approx(ev[k], abs=1e-6)
+    for bad, want in ((["--captions", "de"], "NAME=FILE"), (["--captions", f"de={root / 'no.txt'}"], "not found"),
+                      (["--captions", f"de={en12}@xx"], "no --captions named 'xx'")):
+        assert mod.main(["--config", str(rp), "--seeds", "0", "--imagenet", "none", "--out", str(out), *bad]) == 2
+        assert want in capsys.readouterr().err

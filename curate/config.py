@@ -15,7 +15,8 @@ from pydantic import Field
 
 from curate.balance import BalanceConfig
 from curate.concepts import ConceptsConfig
-from curate.dedup import DedupConfig, FilterConfig
+from curate.dedup import DedupConfig
+from curate.filters import FilterConfig
 from curate.match import MatchConfig
 from curate.media import MediaRecipe
 from tether.recipe import RecipeError, Strict, apply_overrides, expand, parse, read_yaml, resolve_path

@@ -1,12 +1,8 @@
-"""Caption filters, exact dedup and optional near-duplicate captions (faiss over frozen text embeddings).
+"""Exact dedup and optional near-duplicate captions (faiss over frozen text embeddings).
 
-Three stages, each recording one ``decisions`` row per sample it rejects (``kept = false``, a reason, and for
-duplicates ``ref_uid`` = the sample that was kept):
+Two stages, each recording one ``decisions`` row per sample it rejects (``kept = false``, a reason, and
+``ref_uid`` = the sample that was kept); the caption filters before them are :mod:`curate.filters`.
 
-* ``filter`` (:func:`run_filters`) — min words / chars, max words, and a cheap English heuristic (no language
-  identification library is a dependency): at least ``min_ascii_letter_share`` of the letters are A–Z, and a
-  caption of ``stopword_min_words`` or more words contains at least one spaCy English stop word (terse English
-  captions such as "Kids playing softball ." are short enough to pass); one SQL pass.
 * ``dedup`` (:func:`run_exact_dedup`) — exact duplicates by ``url``, by normalized caption (``caption``: lower
   case, Unicode punctuation/symbols → space, whitespace collapsed) and by ``url_caption`` (url or local path +
   normalized caption), applied in the configured order. Keep rule: the first sample in ``(source, row_index)``
@@ -25,13 +21,13 @@ Each stage reads the ``alive`` view, so it only judges samples that earlier stag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
-from tether.recipe import RecipeError, Strict
+from tether.recipe import Strict
 
 NORM_CAPTION_SQL = "trim(regexp_replace(lower({c}), '[\\pP\\pS\\s]+', ' ', 'g'))"
 WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))"
@@ -40,21 +36,6 @@ WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))
 def norm_caption_sql(col: str = "caption") -> str:
     """SQL expression normalizing a caption column for duplicate detection."""
     return NORM_CAPTION_SQL.format(c=col)
-
-
-class FilterConfig(Strict):
-    """Recipe section ``filter:``. Zero / null disables a rule."""
-
-    min_words: int = Field(default=0, ge=0)
-    min_chars: int = Field(default=0, ge=0)
-    max_words: int | None = Field(default=None, ge=1)
-    english_only: bool = False
-    min_ascii_letter_share: float = Field(default=0.6, ge=0, le=1)
-    stopword_min_words: int = Field(default=8, ge=1)
-    # keep captions whose samples.lang (set by ingest.language_id: true) is listed, e.g. [en, de] ('und' may be
-    # listed too); each dropped row's reason names its language. null = no language filter
-    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")]] | None = Field(
-        default=None, min_length=1)
 
 
 class NearDupConfig(Strict):
@@ -74,66 +55,6 @@ class DedupConfig(Strict):
 
     exact: list[Literal["url", "caption", "url_caption"]] = ["url", "url_caption"]
     near: NearDupConfig = NearDupConfig()
-
-
-def english_stop_words() -> list[str]:
-    """spaCy's English stop words (alphabetic ASCII ones), sorted.
-
-    Read from spaCy's ``lang/en/stop_words.py`` source without importing spaCy (that import costs seconds);
-    falls back to the import when the file layout differs.
-    """
-    import ast
-    import importlib.util
-
-    words: set[str] = set()
-    spec = importlib.util.find_spec("spacy")
-    if spec is not None and spec.submodule_search_locations:
-        f = Path(list(spec.submodule_search_locations)[0]) / "lang" / "en" / "stop_words.py"
-        if f.is_file():
-            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 200:
-                    words.update(node.value.split())
-    if not words:
-        from spacy.lang.en.stop_words import STOP_WORDS
-
-        words = set(STOP_WORDS)
-    return sorted(w for w in words if w.isalpha() and w.isascii())
-
-
-def run_filters(cat: Catalog, cfg: FilterConfig, stage: str = "filter") -> int:
-    """Reject captions failing the basic filters; returns the number rejected."""
-    cat.clear_decisions(stage)
-    rules: list[tuple[str, str]] = []
-    words = WORDS_SQL.format(c="caption")
-    if cfg.min_chars:
-        rules.append((f"length(trim(caption)) < {cfg.min_chars}",
-                      f"'too short (' || length(trim(caption)) || ' < {cfg.min_chars} chars)'"))
-    if cfg.min_words:
-        rules.append((f"{words} < {cfg.min_words}", f"'too few words (' || {words} || ' < {cfg.min_words})'"))
-    if cfg.max_words:
-        rules.append((f"{words} > {cfg.max_words}", f"'too many words (' || {words} || ' > {cfg.max_words})'"))
-    if cfg.english_only:
-        letters = "length(regexp_replace(caption, '[^\\pL]', '', 'g'))"
-        ascii_letters = "length(regexp_replace(caption, '[^A-Za-z]', '', 'g'))"
-        share = f"({ascii_letters} / greatest({letters}, 1))"
-        sw = "[" + ", ".join(f"'{w}'" for w in english_stop_words()) + "]"
-        rules.append((f"{share} < {cfg.min_ascii_letter_share}", "'not English (mostly non-Latin letters)'"))
-        rules.append((f"{words} >= {cfg.stopword_min_words} AND "
-                      f"NOT list_has_any(regexp_split_to_array(lower(caption), '[^a-z]+'), {sw})",
-                      f"'not English (no English stop word in {cfg.stopword_min_words}+ words)'"))
-    if cfg.languages is not None:
-        if not cat.scalar("SELECT count(*) FROM samples WHERE lang IS NOT NULL"):
-            raise RecipeError("filter.languages needs the caption languages: set ingest.language_id: true")
-        lang = "coalesce(nullif(trim(lang), ''), 'und')"
-        listed = ", ".join(f"'{code}'" for code in cfg.languages)  # codes are validated: [a-z] and '-' only
-        rules.append((f"{lang} NOT IN ({listed})",
-                      f"'language ' || {lang} || ' not in [{', '.join(cfg.languages)}]'"))
-    if not rules:
-        return 0
-    case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"
-    return _inserted(cat, f"""INSERT INTO decisions
-        SELECT uid, '{stage}', false, reason, NULL, NULL FROM (
-          SELECT uid, {case} AS reason FROM alive) WHERE reason IS NOT NULL""")
 
 
 def exact_key_sql(key: str) -> tuple[str, str]:

@@ -14,7 +14,8 @@ same bookkeeping. Every row ends up in
 ``status`` is img2dataset's own vocabulary (``success`` / ``failed_to_download`` / ``failed_to_resize``) plus
 ``failed_to_decode`` / ``missing_file`` for local rows and ``no_source`` for rows with neither url nor path.
 ``format``/``store``/``shard``/``key`` say where the image bytes are: an img2dataset output folder in
-``webdataset`` or ``files`` layout, or ``local`` (``key`` = the file path). :class:`ImageStore` reads them back.
+``webdataset`` or ``files`` layout, or ``local`` (``key`` = the file path). :class:`curate.imagestore.ImageStore`
+reads them back.
 
 Resume: img2dataset runs in ``incremental`` mode (a shard whose ``_stats.json`` exists is done), and each
 finished img2dataset shard is loaded into the catalog in one transaction together with its
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, Optional
@@ -125,59 +125,6 @@ def load_selection(cat: Catalog, selection_path: str | Path) -> int:
         n = int(con.execute("SELECT count(*) FROM media_rows").fetchone()[0])
         cat.mark_done(Stage.MEDIA_ROWS, n)
     return n
-
-
-# --------------------------------------------------------------------------------------------------------
-# reading image bytes back
-# --------------------------------------------------------------------------------------------------------
-class ImageStore:
-    """Random access to stored image bytes by a ``downloads`` row (format, store, shard, key).
-
-    webdataset: the tar ``store/shard.tar`` is indexed once (member → offset, size) and read with ``pread``;
-    files: ``store/shard/key.<ext>``; local: the file at ``key``.
-    """
-
-    def __init__(self, encode_format: str = "jpg"):
-        self.ext = encode_format
-        self._index: dict[str, dict[str, tuple[int, int]]] = {}
-        self._fds: dict[str, int] = {}
-
-    def _tar_index(self, tar_path: str) -> dict[str, tuple[int, int]]:
-        idx = self._index.get(tar_path)
-        if idx is None:
-            idx = {}
-            with tarfile.open(tar_path, "r:") as tf:
-                for m in tf:
-                    if m.isfile():
-                        idx[m.name] = (m.offset_data, m.size)
-            self._index[tar_path] = idx
-            self._fds[tar_path] = os.open(tar_path, os.O_RDONLY)
-        return idx
-
-    def read(self, fmt: str, store: str, shard: str, key: str) -> bytes:
-        if fmt == "local":
-            with open(key, "rb") as f:
-                return f.read()
-        if fmt == "files":
-            with open(Path(store) / shard / f"{key}.{self.ext}", "rb") as f:
-                return f.read()
-        if fmt == "webdataset":
-            tar_path = str(Path(store) / f"{shard}.tar")
-            off, size = self._tar_index(tar_path)[f"{key}.{self.ext}"]
-            return os.pread(self._fds[tar_path], size, off)
-        raise ValueError(f"unknown image store format {fmt!r}")
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._index.clear()
-
-    def __enter__(self) -> "ImageStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.download import SUCCESS, ImageStore
+from curate.download import SUCCESS
+from curate.imagestore import ImageStore
 from curate.stages import Stage
 from tether.recipe import Strict
 

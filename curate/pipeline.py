@@ -65,7 +65,7 @@ def log(msg: str) -> None:
 
 def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: BuildResult, progress: bool,
                 recipe_dir: Path | None = None) -> list[StageStep]:
-    from curate import balance, card, dedup, selection, sources
+    from curate import balance, card, dedup, filters, selection, sources
 
     def run_concepts() -> int:
         from curate.concepts import build_concepts
@@ -94,7 +94,7 @@ def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: Buil
                                  "ingest": recipe.ingest.model_dump()},
                   lambda: sources.run_ingest(cat, recipe.sources, recipe.ingest, progress=progress),
                   resumable=True, counts="rows ingested"),
-        StageStep(Stage.FILTER, recipe.filter.model_dump(), lambda: dedup.run_filters(cat, recipe.filter),
+        StageStep(Stage.FILTER, recipe.filter.model_dump(), lambda: filters.run_filters(cat, recipe.filter),
                   counts="rows rejected"),
         StageStep(Stage.DEDUP, {"exact": recipe.dedup.exact}, lambda: dedup.run_exact_dedup(cat, recipe.dedup),
                   counts="duplicate rows rejected"),

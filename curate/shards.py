@@ -34,7 +34,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.download import SUCCESS, ImageStore
+from curate.download import SUCCESS
+from curate.imagestore import ImageStore
 from curate.stages import Begin, Stage
 from tether.fileio import claim_build_dir, claim_output_dir, is_inside, output_path, remove_path
 from tether.recipe import Strict

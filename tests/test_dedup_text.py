@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 
 from curate.catalog import Catalog
-from curate.dedup import (DedupConfig, FilterConfig, NearDupConfig, greedy_near_dups, run_exact_dedup,
-                          run_filters, run_near_dup)
+from curate.dedup import DedupConfig, NearDupConfig, greedy_near_dups, run_exact_dedup, run_near_dup
+from curate.filters import FilterConfig, run_filters
 
 
 def _fill(cat: Catalog, rows: list[tuple[str, str | None, str | None, str]]) -> None:

@@ -157,7 +157,7 @@ def test_empty_concept_lists_load_with_card_features(tmp_path):
 
 
 def test_image_store_reads_every_layout(tmp_path):
-    from curate.download import ImageStore
+    from curate.imagestore import ImageStore
     from curate.shards import ShardWriter, sample_meta
 
     blobs = [bytes([i]) * (100 + 700 * i) for i in range(3)]

@@ -263,7 +263,7 @@ def test_ingest_stores_the_caption_language(tmp_path):
 
 def test_language_filter_reasons_and_card(tmp_path):
     from curate.card import language_mix, write_card
-    from curate.dedup import FilterConfig, run_filters
+    from curate.filters import FilterConfig, run_filters
 
     src = _mixed_source(tmp_path)
     cat = _cat(tmp_path)

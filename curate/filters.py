@@ -1,0 +1,95 @@
+"""The ``filter`` stage: reject captions by length, by a cheap English heuristic and by language.
+
+:func:`run_filters` records one ``decisions`` row per rejected sample (``kept = false`` and a reason) in one SQL
+pass over the ``alive`` view: min words / chars, max words; ``english_only``: at least
+``min_ascii_letter_share`` of the letters are A–Z, and a caption of ``stopword_min_words`` or more words contains
+at least one spaCy English stop word (terse English captions such as "Kids playing softball ." are short enough
+to pass); ``languages``: the ``samples.lang`` code that ingest's language identification stored is listed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from curate.catalog import Catalog
+from curate.dedup import WORDS_SQL, _inserted
+from curate.stages import Stage
+from tether.recipe import RecipeError, Strict
+
+
+class FilterConfig(Strict):
+    """Recipe section ``filter:``. Zero / null disables a rule."""
+
+    min_words: int = Field(default=0, ge=0)
+    min_chars: int = Field(default=0, ge=0)
+    max_words: int | None = Field(default=None, ge=1)
+    english_only: bool = False
+    min_ascii_letter_share: float = Field(default=0.6, ge=0, le=1)
+    stopword_min_words: int = Field(default=8, ge=1)
+    # keep captions whose samples.lang (set by ingest.language_id: true) is listed, e.g. [en, de] ('und' may be
+    # listed too); each dropped row's reason names its language. null = no language filter
+    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")]] | None = Field(
+        default=None, min_length=1)
+
+
+def english_stop_words() -> list[str]:
+    """spaCy's English stop words (alphabetic ASCII ones), sorted.
+
+    Read from spaCy's ``lang/en/stop_words.py`` source without importing spaCy (that import costs seconds);
+    falls back to the import when the file layout differs.
+    """
+    import ast
+    import importlib.util
+
+    words: set[str] = set()
+    spec = importlib.util.find_spec("spacy")
+    if spec is not None and spec.submodule_search_locations:
+        f = Path(list(spec.submodule_search_locations)[0]) / "lang" / "en" / "stop_words.py"
+        if f.is_file():
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 200:
+                    words.update(node.value.split())
+    if not words:
+        from spacy.lang.en.stop_words import STOP_WORDS
+
+        words = set(STOP_WORDS)
+    return sorted(w for w in words if w.isalpha() and w.isascii())
+
+
+def run_filters(cat: Catalog, cfg: FilterConfig, stage: Stage = Stage.FILTER) -> int:
+    """Reject captions failing the basic filters; returns the number rejected."""
+    cat.clear_decisions(stage)
+    rules: list[tuple[str, str]] = []
+    words = WORDS_SQL.format(c="caption")
+    if cfg.min_chars:
+        rules.append((f"length(trim(caption)) < {cfg.min_chars}",
+                      f"'too short (' || length(trim(caption)) || ' < {cfg.min_chars} chars)'"))
+    if cfg.min_words:
+        rules.append((f"{words} < {cfg.min_words}", f"'too few words (' || {words} || ' < {cfg.min_words})'"))
+    if cfg.max_words:
+        rules.append((f"{words} > {cfg.max_words}", f"'too many words (' || {words} || ' > {cfg.max_words})'"))
+    if cfg.english_only:
+        letters = "length(regexp_replace(caption, '[^\\pL]', '', 'g'))"
+        ascii_letters = "length(regexp_replace(caption, '[^A-Za-z]', '', 'g'))"
+        share = f"({ascii_letters} / greatest({letters}, 1))"
+        sw = "[" + ", ".join(f"'{w}'" for w in english_stop_words()) + "]"
+        rules.append((f"{share} < {cfg.min_ascii_letter_share}", "'not English (mostly non-Latin letters)'"))
+        rules.append((f"{words} >= {cfg.stopword_min_words} AND "
+                      f"NOT list_has_any(regexp_split_to_array(lower(caption), '[^a-z]+'), {sw})",
+                      f"'not English (no English stop word in {cfg.stopword_min_words}+ words)'"))
+    if cfg.languages is not None:
+        if not cat.scalar("SELECT count(*) FROM samples WHERE lang IS NOT NULL"):
+            raise RecipeError("filter.languages needs the caption languages: set ingest.language_id: true")
+        lang = "coalesce(nullif(trim(lang), ''), 'und')"
+        listed = ", ".join(f"'{code}'" for code in cfg.languages)  # codes are validated: [a-z] and '-' only
+        rules.append((f"{lang} NOT IN ({listed})",
+                      f"'language ' || {lang} || ' not in [{', '.join(cfg.languages)}]'"))
+    if not rules:
+        return 0
+    case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"
+    return _inserted(cat, f"""INSERT INTO decisions
+        SELECT uid, '{stage}', false, reason, NULL, NULL FROM (
+          SELECT uid, {case} AS reason FROM alive) WHERE reason IS NOT NULL""")

@@ -400,3 +400,139 @@ def test_rare_senses_are_not_matched(tmp_path):
     spans = {s for (s,) in cat.execute("SELECT DISTINCT span FROM matches").fetchall()}
     assert "spots" in spans
     cat.close()
+
+
+# ------------------------------------------------------------------------------- sense-choice rules (issue 13)
+def _need_wordnet():
+    from curate.wordnet import find_wordnet
+
+    try:
+        if not (find_wordnet() / "cntlist.rev").is_file():
+            pytest.skip("WordNet without cntlist.rev")
+    except RecipeError as e:
+        pytest.skip(str(e))
+
+
+def test_plan_own_word_first_unit():
+    """own_word_first: a form that is a lemma of its own is not also the plural of another lemma, unless SemCor
+    tags that other lemma more often (glasses: glass); off, both readings stay."""
+    from curate.match.lexical import LexicalConfig, WordNetFacts, plan_forms
+
+    rows = [("sunglasses", "n_sunglasses", 0, "sunglasses", False), ("sunglasses", "n_sunglass", 0, "sunglass", False),
+            ("sunglass", "n_sunglass", 0, "sunglass", False),
+            ("glasses", "n_spectacles", 0, "glasses", False), ("glasses", "n_glass", 0, "glass", False)]
+    facts = WordNetFacts(sense_counts={"glass": {0: 22, 1: 12}, "glasses": {0: 4}})
+    off = plan_forms(rows, LexicalConfig(skip_adjectives=False), facts)
+    assert off.forms["sunglasses"] == ("n_sunglass", "n_sunglasses") and off.removed == {}
+    on = plan_forms(rows, LexicalConfig(skip_adjectives=False, own_word_first=True), facts)
+    assert on.forms["sunglasses"] == ("n_sunglasses",) and on.forms["sunglass"] == ("n_sunglass",)
+    assert on.forms["glasses"] == ("n_glass", "n_spectacles")  # glass is tagged more often than glasses
+    assert on.removed == {"sunglasses": {"n_sunglass": 4}} and on.summary["dropped_plural_readings"] == [
+        "sunglasses:n_sunglass"]
+
+
+def test_lexical_config_rules_validate():
+    from curate.match.lexical import LexicalConfig
+
+    assert LexicalConfig(compounds=False, pos=False).pos == "off"  # YAML's unquoted `off`
+    for bad in ({"compounds": "all"}, {"pos": "verb"}, {"uncounted_senses": "some"}, {"pos_ambiguity": -1}):
+        with pytest.raises(ValueError):
+            LexicalConfig(**bad)
+
+
+RULE_CAPTIONS = ["A girl in a tank top stands by a tank .",          # tank top blocks tank; the second tank stays
+                 "Three children in bathing suits play .",          # bathing suit is not a suit
+                 "A baseball player runs .",                        # a baseball player IS a player
+                 "A young man walks .",                             # young man → boyfriend is a rare sense: man stays
+                 "A man paddles down the rapids .",                 # paddles: a verb
+                 "He holds a wooden paddle .",                      # paddle: a noun
+                 "A lady wearing sunglasses .",                     # sunglasses, not sunglass + s
+                 "Three kites in the air .",                        # the toy kite comes first: not the hawk
+                 "A swimmer in the pool ."]                         # both senses of swimmer are persons: kept
+RULE_BANK = ["n04389033", "n04350905", "n10439851", "n10287213", "n03873416", "n04355933", "n04356056",
+             "n01608432", "n10683126", "n09871364", "n09835506"]
+PRECISE = {"min_sense_share": 0.25, "adjective_ratio": 0.5, "uncounted_senses": "same_kind", "own_word_first": True,
+           "compounds": "wordnet", "pos": "noun_or_proper"}
+
+
+def test_rules_on_real_wordnet_with_reasons(tmp_path):
+    """The precise settings on captions with each error class: the wrong pairs go, each with its reason in
+    lexical_removed, the right ones stay; the card counts what each rule removed."""
+    _need_wordnet()
+    pytest.importorskip("spacy")
+    from curate.match.lexical import card_lines
+
+    cat = _catalog(tmp_path / "c.duckdb", RULE_CAPTIONS)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=RULE_BANK), progress=False)
+    try:
+        run_match(cat, MatchConfig(lexical=PRECISE), progress=False)
+    except RecipeError as e:
+        pytest.skip(f"no spaCy English pipeline: {e}")
+    got = set(cat.execute("SELECT uid, concept_id FROM matches").fetchall())
+    gone = {(u, c): r for u, c, r in cat.execute("SELECT uid, concept_id, reason FROM lexical_removed").fetchall()}
+    assert got == {("u00000", "n04389033"), ("u00002", "n10439851"), ("u00002", "n09835506"),
+                   ("u00003", "n10287213"), ("u00004", "n10287213"), ("u00005", "n03873416"),
+                   ("u00006", "n04356056"), ("u00008", "n10683126")}
+    assert gone[("u00001", "n04350905")] == "inside_compound"
+    assert gone[("u00003", "n09871364")] == "rare_sense"
+    assert gone[("u00004", "n03873416")] == "not_a_noun"
+    assert gone[("u00006", "n04355933")] == "plural_reading"
+    assert gone[("u00007", "n01608432")] == "uncounted_sense"
+    assert not set(gone) & got
+    card = "\n".join(card_lines(cat))
+    assert "| not_a_noun | 1 |" in card and "| inside_compound | 1 |" in card and "Wilson" in card
+    # the plain matcher (rules off) finds every one of them
+    run_match(cat, MatchConfig(lexical={"adjective_ratio": 0.5}), progress=False)
+    plain = set(cat.execute("SELECT uid, concept_id FROM matches").fetchall())
+    assert plain >= got | set(gone)
+    assert cat.scalar("SELECT count(*) FROM lexical_removed") == 0  # a fresh run forgets the old reasons
+    cat.close()
+
+
+def test_rules_resume_after_kill_same_rows(tmp_path, monkeypatch):
+    """With the rules on, a killed run resumes to exactly the matches AND removed rows of an uninterrupted one."""
+    _need_wordnet()
+    caps = RULE_CAPTIONS * 7
+    cfg = {**PRECISE, "pos": "off", "unit_rows": 10}  # (no tagger: this checks the unit bookkeeping)
+    clean = _catalog(tmp_path / "a.duckdb", caps)
+    build_concepts(clean, ConceptsConfig(imagenet1k=False, words=RULE_BANK), progress=False)
+    run_match(clean, MatchConfig(lexical=cfg), progress=False)
+    want = (_matches(clean), clean.execute("SELECT * FROM lexical_removed ORDER BY ALL").fetchall())
+    clean.close()
+    cat = _catalog(tmp_path / "b.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=RULE_BANK), progress=False)
+    orig, calls = LexicalMatcher.match, {"n": 0}
+
+    def dies_on_third_unit(self, captions, lemma_texts=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return orig(self, captions, lemma_texts)
+
+    monkeypatch.setattr(LexicalMatcher, "match", dies_on_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        run_match(cat, MatchConfig(lexical=cfg), progress=False)
+    monkeypatch.setattr(LexicalMatcher, "match", orig)
+    run_match(cat, MatchConfig(lexical=cfg), progress=False)
+    assert want[1] and (_matches(cat), cat.execute("SELECT * FROM lexical_removed ORDER BY ALL").fetchall()) == want
+    cat.close()
+
+
+def test_pos_tagger_aligns_with_normalized_words():
+    pytest.importorskip("spacy")
+    from curate.concepts import normalize
+    from curate.match.lexical import PosTagger
+
+    try:
+        tagger = PosTagger()
+    except RecipeError as e:
+        pytest.skip(str(e))
+    caps = ["A blonde-haired man paddles down the rapids with a paddle .", "Domino's Pizza sign", "",
+            "İstanbul street"]
+    tags = tagger(caps)
+    assert [len(t) if t is not None else None for t in tags] == [len(normalize(c).split()) if c else 0
+                                                                 for c in caps[:3]] + [None]
+    words = normalize(caps[0]).split()
+    assert tags[0][words.index("paddles")].startswith("VB") and tags[0][words.index("paddle")] == "NN"
+    assert tags[0][words.index("blonde")] == "JJ" and tags[0][words.index("haired")] != "NN"
+    assert tagger.captions == 4

@@ -51,6 +51,7 @@ DEAD = "EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)"
 TOKEN_SQL = r"[\pL\pN_]+"
 TOKEN_RE = re.compile(r"\w+")
 MAX_TOKEN = 64  # longer runs are not indexed (and cannot be searched)
+RARE_WORD = 20_000  # a search whose rarest word is in at most this many captions checks them all in one query
 SUMMARY_VERSION = 1
 
 
@@ -252,7 +253,11 @@ class Explorer:
             else:
                 kept, dropped = self._concept_members_scan(cur, cid, page, dpage)
             n_dropped = matched - n_kept
-            caps = dict(self.captions([x["uid"] for x in kept + dropped]))
+            if all(x.get("sid") is not None for x in kept + dropped):  # the summary's rowids: no lookup
+                caps = dict(cur.execute("SELECT uid, caption FROM samples WHERE rowid = ANY(?)",
+                                        [[x["sid"] for x in kept + dropped]]).fetchall())
+            else:
+                caps = dict(self.captions([x["uid"] for x in kept + dropped]))
             for x in kept + dropped:
                 x["caption"] = caps.get(x["uid"]) or ""
         return {"info": info, "matched": matched, "n_kept": n_kept, "kept": kept, "n_dropped": n_dropped,
@@ -261,12 +266,13 @@ class Explorer:
     def _concept_members(self, cix: int, page: int, dpage: int) -> tuple[list[dict], list[dict]]:
         """A page of the concept's alive and dropped samples from the summary's ranked ``members`` (keyset on
         ``rn``: the same rows and order as :meth:`_concept_members_scan`)."""
-        q = """SELECT uid, span, stage, reason, ref_uid FROM members
+        q = """SELECT uid, span, stage, reason, ref_uid, sid FROM members
                WHERE cix = ? AND alive = ? AND rn > ? AND rn <= ? ORDER BY rn"""
         with self.summary.cursor() as cur:
-            kept = [{"uid": u, "span": sp} for u, sp, *_ in cur.execute(
+            kept = [{"uid": u, "span": sp, "sid": sid} for u, sp, _, _, _, sid in cur.execute(
                 q, [cix, True, (page - 1) * GRID_SIZE, page * GRID_SIZE]).fetchall()]
-            dropped = [{"uid": u, "span": sp, "stage": st, "reason": r, "ref": ref} for u, sp, st, r, ref in
+            dropped = [{"uid": u, "span": sp, "stage": st, "reason": r, "ref": ref, "sid": sid}
+                       for u, sp, st, r, ref, sid in
                        cur.execute(q, [cix, False, (dpage - 1) * GRID_SIZE, dpage * GRID_SIZE]).fetchall()]
         return kept, dropped
 
@@ -355,10 +361,9 @@ class Explorer:
             return []
         with self.cursor() as cur:
             if self.summary_ready:
-                with self.summary.cursor() as sc:
-                    hs = sc.execute("SELECT list(hash(u)) FROM unnest(?) t(u)", [uids]).fetchone()[0]
-                    sids = [r[0] for r in sc.execute("SELECT sid FROM uids WHERE h = ANY($h) AND uid = ANY($u)",
-                                                     {"h": hs, "u": uids}).fetchall()]
+                # one point lookup per uid: each reads the one row group its hash sorts into (a single query
+                # over scattered hashes reads most of them)
+                sids = [r[0] for u in dict.fromkeys(uids) for r in self.summary.by_uid("uids", "sid", u)]
                 return cur.execute("SELECT uid, caption FROM samples WHERE rowid = ANY(?)", [sids]).fetchall()
             return cur.execute("SELECT uid, caption FROM samples WHERE uid IN (SELECT unnest(?))", [uids]).fetchall()
 
@@ -388,7 +393,7 @@ class Explorer:
                 [[sid for sid, _ in found]]).fetchall()} if found else {}
         rows = [{"uid": caps[sid][0], "source": caps[sid][1], "caption": caps[sid][2] or "", "kept": not dead}
                 for sid, dead in found if sid in caps]
-        return {"n": min(n, COUNT_CAP + 1), "capped": n > COUNT_CAP, "rows": rows, "words": words}
+        return {"n": min(n, COUNT_CAP), "capped": n > COUNT_CAP, "rows": rows, "words": words}
 
     def _search_scan(self, words, concept, status, source, page) -> tuple[list[tuple[int, bool]], int]:
         """Search straight over the catalog (before the summary exists): a full scan per request."""
@@ -421,9 +426,12 @@ class Explorer:
         by window of sample ids, stopping once the page is filled and more than ``COUNT_CAP`` rows were counted."""
         with self.summary.cursor() as cur:
             if words:
-                df = dict(cur.execute("SELECT tok, df FROM vocab WHERE tok = ANY(?)", [words]).fetchall())
-                if len(df) < len(words):
-                    return [], 0  # a word no caption has
+                df = {}
+                for w in words:  # one equality each: DuckDB skips row groups by it (not by a list parameter)
+                    r = cur.execute("SELECT df FROM vocab WHERE tok = ?", [w]).fetchone()
+                    if r is None:
+                        return [], 0  # a word no caption has
+                    df[w] = r[0]
                 words = sorted(words, key=lambda w: (df[w], w))
                 base, bparams = "SELECT sid, dead FROM postings WHERE tok = ?", [words[0]]
             else:
@@ -441,9 +449,14 @@ class Explorer:
                 extra += " AND sid IN (SELECT sid FROM postings WHERE tok = ? AND sid BETWEEN $lo AND $hi)"
                 eparams.append(w)
             if concept:
-                extra += " AND sid IN (SELECT sid FROM members WHERE cix = ? AND sid BETWEEN $lo AND $hi)"
+                extra += " AND sid IN (SELECT sid FROM cmem WHERE cix = ? AND sid BETWEEN $lo AND $hi)"
                 eparams.append(self.concept_index()[concept]["cix"])
-            top = cur.execute("SELECT max(sid) FROM docs").fetchone()[0]
+            if words:  # the rarest word's sample-id range; one window when it is rare
+                lo, top = cur.execute("SELECT min(sid), max(sid) FROM postings WHERE tok = ?", [words[0]]).fetchone()
+                windows = 1 if df[words[0]] <= RARE_WORD else 8
+            else:
+                lo, top = 0, self._cached("max_sid", lambda: cur.execute("SELECT max(sid) FROM docs").fetchone()[0])
+                windows = 8
             if top is None:
                 return [], 0
             # named ($lo, $hi) and positional parameters cannot mix in DuckDB: number them all
@@ -454,8 +467,8 @@ class Explorer:
             sql = re.sub(r"\?", lambda _: f"$p{next(names)}", sql)
             plist = bparams + eparams
             start, stop = (page - 1) * PAGE_SIZE, page * PAGE_SIZE
-            step = max(1, (top + 1) // 8)
-            n, found, lo = 0, [], 0
+            step = max(1, -(-(top + 1 - lo) // windows))
+            n, found = 0, []
             while lo <= top:
                 hi = lo + step - 1
                 args = {f"p{i + 1}": v for i, v in enumerate(plist)}
@@ -725,6 +738,7 @@ class Summary:
                                 LEFT JOIN docs USING (uid))
                 SELECT *, row_number() OVER (PARTITION BY cix, alive ORDER BY uid) AS rn FROM x
                 ORDER BY cix, alive, rn""")
+            con.execute("CREATE TABLE cmem AS SELECT cix, sid FROM members ORDER BY cix, sid")  # concept filter
             self.step = "caption word index"
             con.execute(f"""CREATE TABLE postings AS
                 SELECT tok, sid, dead, src FROM (

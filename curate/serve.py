@@ -43,7 +43,7 @@ PAGE_SIZE = 50  # table rows per page
 GRID_SIZE = 24  # thumbnails per page
 MAX_PAGE = 1_000_000
 MAX_QUERY_CHARS = 300
-COUNT_CAP = 100_000  # search results are counted up to this many (exact below it)
+COUNT_CAP = 10_000  # search results are counted exactly up to this many (beyond: "10,000+", and an estimate)
 IMAGE_HITS = 240  # text → image: this many nearest images, paged
 STATUSES = ("any", "kept", "dropped")
 DEAD = "EXISTS (SELECT 1 FROM decisions d WHERE d.uid = s.uid AND NOT d.kept)"
@@ -382,18 +382,19 @@ class Explorer:
         if concept and concept not in self.concept_index():
             raise NotFound(f"concept {concept!r} is not in this build")
         if any(len(w) > MAX_TOKEN for w in words):
-            found, n = [], 0  # never indexed: no caption has it as a word
+            found, n, est = [], 0, None  # never indexed: no caption has it as a word
         elif self.summary_ready:
-            found, n = self._search_index(words, concept, status, source, page)
+            found, n, est = self._search_index(words, concept, status, source, page)
         else:
-            found, n = self._search_scan(words, concept, status, source, page)
+            (found, n), est = self._search_scan(words, concept, status, source, page), None
         with self.cursor() as cur:
             caps = {r[0]: r[1:] for r in cur.execute(
                 "SELECT rowid, uid, source, caption FROM samples WHERE rowid = ANY(?)",
                 [[sid for sid, _ in found]]).fetchall()} if found else {}
         rows = [{"uid": caps[sid][0], "source": caps[sid][1], "caption": caps[sid][2] or "", "kept": not dead}
                 for sid, dead in found if sid in caps]
-        return {"n": min(n, COUNT_CAP), "capped": n > COUNT_CAP, "rows": rows, "words": words}
+        return {"n": min(n, COUNT_CAP), "capped": n > COUNT_CAP, "rows": rows, "words": words,
+                "estimate": est if n > COUNT_CAP else None}
 
     def _search_scan(self, words, concept, status, source, page) -> tuple[list[tuple[int, bool]], int]:
         """Search straight over the catalog (before the summary exists): a full scan per request."""
@@ -421,16 +422,18 @@ class Explorer:
                             LIMIT {PAGE_SIZE} OFFSET {(page - 1) * PAGE_SIZE}""", params)
             return [(sid, bool(dead)) for sid, dead in cur.fetchall()], n
 
-    def _search_index(self, words, concept, status, source, page) -> tuple[list[tuple[int, bool]], int]:
+    def _search_index(self, words, concept, status, source, page) -> tuple[list[tuple[int, bool]], int, int | None]:
         """Search over the summary's word index: the rarest word's postings, intersected with the others', window
-        by window of sample ids, stopping once the page is filled and more than ``COUNT_CAP`` rows were counted."""
+        by window of sample ids (windows doubling from 1/64 of the range), stopping once the page is filled and more
+        than ``COUNT_CAP`` rows were counted. Returns the page's ``(sid, dropped)``, the count and, when it stopped
+        early, the count extrapolated to the whole id range (an estimate)."""
         with self.summary.cursor() as cur:
             if words:
                 df = {}
                 for w in words:  # one equality each: DuckDB skips row groups by it (not by a list parameter)
                     r = cur.execute("SELECT df FROM vocab WHERE tok = ?", [w]).fetchone()
                     if r is None:
-                        return [], 0  # a word no caption has
+                        return [], 0, None  # a word no caption has
                     df[w] = r[0]
                 words = sorted(words, key=lambda w: (df[w], w))
                 base, bparams = "SELECT sid, dead FROM postings WHERE tok = ?", [words[0]]
@@ -441,7 +444,7 @@ class Explorer:
             if source:
                 code = cur.execute("SELECT src FROM sources WHERE source = ?", [source]).fetchone()
                 if code is None:
-                    return [], 0
+                    return [], 0, None
                 base += " AND src = ?"
                 bparams.append(code[0])
             extra, eparams = "", []
@@ -453,12 +456,12 @@ class Explorer:
                 eparams.append(self.concept_index()[concept]["cix"])
             if words:  # the rarest word's sample-id range; one window when it is rare
                 lo, top = cur.execute("SELECT min(sid), max(sid) FROM postings WHERE tok = ?", [words[0]]).fetchone()
-                windows = 1 if df[words[0]] <= RARE_WORD else 8
+                windows = 1 if df[words[0]] <= RARE_WORD else 64
             else:
                 lo, top = 0, self._cached("max_sid", lambda: cur.execute("SELECT max(sid) FROM docs").fetchone()[0])
-                windows = 8
+                windows = 64
             if top is None:
-                return [], 0
+                return [], 0, None
             # named ($lo, $hi) and positional parameters cannot mix in DuckDB: number them all
             sql = f"WITH h AS ({base} AND sid BETWEEN $lo AND $hi{extra}) " \
                   "SELECT (SELECT count(*) FROM h), (SELECT list([sid, dead::INTEGER]) FROM " \
@@ -467,10 +470,10 @@ class Explorer:
             sql = re.sub(r"\?", lambda _: f"$p{next(names)}", sql)
             plist = bparams + eparams
             start, stop = (page - 1) * PAGE_SIZE, page * PAGE_SIZE
-            step = max(1, -(-(top + 1 - lo) // windows))
+            first, step = lo, max(1, -(-(top + 1 - lo) // windows))
             n, found = 0, []
             while lo <= top:
-                hi = lo + step - 1
+                hi = min(top, lo + step - 1)
                 args = {f"p{i + 1}": v for i, v in enumerate(plist)}
                 off = max(0, start - n)
                 args.update(lo=lo, hi=hi, off=off, lim=max(0, stop - max(n, start)))
@@ -478,9 +481,12 @@ class Explorer:
                 found += [(int(sid), bool(dead)) for sid, dead in (hits or [])]
                 n += cnt
                 lo = hi + 1
+                if lo - first >= 2 * step:
+                    step *= 2
                 if n > COUNT_CAP and n >= stop:  # the page is filled and the count is past the cap
-                    break
-        return found, n
+                    est = n * (top + 1 - first) / (lo - first)
+                    return found, n, int(round(est, -max(0, len(str(int(est))) - 3)))  # 3 significant digits
+        return found, n, None
 
     # -- images ----------------------------------------------------------------------------------------
     def image_bytes(self, uid: str) -> bytes | None:
@@ -688,8 +694,11 @@ class Summary:
         con = duckdb.connect()  # in memory: reads the catalog (attached read-only), writes the summary file
         try:
             spill = self.folder / f".spill.{os.getpid()}"
-            con.execute(f"SET memory_limit = '{os.environ.get('TETHER_SERVE_MEMORY', '4GB')}'")
-            con.execute(f"SET temp_directory = '{spill}'")
+            mem = os.environ.get("TETHER_SERVE_MEMORY", "4GB").strip()
+            if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", mem, re.IGNORECASE):
+                raise ValueError(f"TETHER_SERVE_MEMORY: expected a size such as 4GB, got {mem!r}")
+            con.execute(f"SET memory_limit = '{mem}'")
+            con.execute("SET temp_directory = '" + str(spill).replace("'", "''") + "'")
             con.execute("ATTACH ? AS c (READ_ONLY)", [str(self.ex.catalog)])
             con.execute("ATTACH ? AS sx", [str(tmp)])
             self.step = "overview"

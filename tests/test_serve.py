@@ -271,6 +271,25 @@ def test_summary_tables_answer_like_the_catalog(build):
     assert _tree_hash(build) == before
 
 
+def test_search_count_cap_and_estimate(build, monkeypatch):
+    """Past the count cap a search stops once its page is filled: "N+ results", and an estimate from the part of
+    the catalog it searched (the summary path) — here with a cap of 5 on the 60-row build."""
+    from curate import serve
+
+    with _catalog(build) as con:
+        total = con.execute("SELECT count(*) FROM samples").fetchone()[0]
+        n_park = con.execute("SELECT count(*) FROM samples WHERE caption ILIKE '%park%'").fetchone()[0]
+    monkeypatch.setattr(serve, "COUNT_CAP", 5)
+    fast, scan = TestClient(create_app(build)), TestClient(create_app(build, summary=False))
+    for params, n in (({}, total), ({"q": "park"}, n_park)):
+        a, b = fast.get("/search", params=params), scan.get("/search", params=params)
+        assert "5+ results" in a.text and "5+ results" in b.text and n > 5
+        est = int(re.search(r"about ([\d,]+) in all", a.text).group(1).replace(",", ""))
+        assert 0.7 * n <= est <= 1.3 * n, (est, n)
+        assert re.findall(r'<a href="/sample/([^"]+)">', a.text) == re.findall(r'<a href="/sample/([^"]+)">', b.text)
+        assert "page 1 of 1 " in a.text  # the pager stops at the cap
+
+
 def test_summary_in_background_and_when_it_cannot_be_written(build, tmp_path, monkeypatch):
     """As `curate serve` runs it, the summary is built in a thread (pages answer from the catalog meanwhile); a cache
     folder that cannot be written leaves every page working from the catalog, and the overview says so."""

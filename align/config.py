@@ -5,8 +5,11 @@ A recipe has the sections ``vision``, ``text`` (frozen encoders), ``data`` and o
 ``projector`` (one :class:`align.projectors.ProjectorConfig` per side), ``loss``
 (:class:`align.loss.LossConfig`) and ``train`` (:class:`TrainConfig`). Unknown keys are errors.
 
-Paths may use ``~``, ``$VAR`` and ``${VAR:-default}``; relative paths are relative to the directory the
-command runs in (the repository root for the shipped recipes, e.g. ``${TETHER_SHARED:-../shared}``).
+Paths may use ``~``, ``$VAR`` and ``${VAR:-default}``. One rule for every tether recipe
+(:func:`tether.recipe.resolve_input`): relative INPUT paths — ``data``/``val`` paths and caption files, local
+encoder folders, ``features.reuse`` caches, ``train.lock_image_from`` — resolve against the recipe's folder
+(e.g. ``${TETHER_SHARED:-../../shared}`` for a recipe in ``recipes/``); the OUTPUT locations
+``features.cache_dir`` and ``train.output_dir`` resolve against the working directory.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from align.data import DataConfig
 from align.features import FeatureConfig
 from align.loss import LossConfig
 from align.projectors import ProjectorConfig
-from tether.recipe import RecipeError, Strict, load_recipe, resolve_path
+from tether.recipe import RecipeError, Strict, load_recipe, resolve_input, resolve_path
 
 
 class VisionConfig(Strict):
@@ -81,6 +84,10 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     log_with: Literal["auto", "tensorboard", "jsonl", "none"] = "auto"
     progress: bool = True
+    # text-encoder swap (LiT-style): an AlignedModel folder whose trained image head is loaded and frozen; only the
+    # text head (for this recipe's text encoder) and the temperature train. The model's vision encoder fingerprint,
+    # layer, pooling and image head must match this recipe's (align/training/lock.py)
+    lock_image_from: str | None = None
 
 
 class TrainRecipe(Strict):
@@ -126,8 +133,36 @@ class TrainRecipe(Strict):
 
 
 def load_train_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainRecipe:
-    """Load and validate a training recipe; any problem → :class:`RecipeError` with one line."""
-    return load_recipe(path, TrainRecipe, overrides)
+    """Load and validate a training recipe; any problem → :class:`RecipeError` with one line. Relative input
+    paths come back resolved against the recipe's folder (:func:`inputs_from`)."""
+    return inputs_from(load_recipe(path, TrainRecipe, overrides), Path(path).resolve().parent)
+
+
+def data_inputs_from(cfg: DataConfig, base: str | os.PathLike) -> DataConfig:
+    """``cfg`` with its relative paths resolved against ``base`` (hf dataset names stay names)."""
+    hf = cfg.format == "hf"
+    path = ([resolve_input(p, base, may_be_id=hf) for p in cfg.path] if isinstance(cfg.path, list)
+            else resolve_input(cfg.path, base, may_be_id=hf))
+    update: dict = {"path": path}
+    if cfg.captions is not None:
+        update["captions"] = [c.model_copy(update={"path": resolve_input(c.path, base)}) for c in cfg.captions]
+    # (hf data_files stay as written: datasets resolves them against the dataset's own folder or repository)
+    return cfg.model_copy(update=update)
+
+
+def inputs_from(recipe: TrainRecipe, base: str | os.PathLike) -> TrainRecipe:
+    """The recipe with every relative INPUT path resolved against ``base`` (the recipe's folder); encoder names
+    that are hub ids or zoo names stay as they are (:func:`tether.recipe.resolve_input`)."""
+    return recipe.model_copy(update={
+        "vision": recipe.vision.model_copy(update={"name": resolve_input(recipe.vision.name, base, may_be_id=True)}),
+        "text": recipe.text.model_copy(update={"name": resolve_input(recipe.text.name, base, may_be_id=True)}),
+        "data": data_inputs_from(recipe.data, base),
+        "val": data_inputs_from(recipe.val, base) if recipe.val is not None else None,
+        "features": recipe.features.model_copy(update={"reuse": [resolve_input(r, base)
+                                                                 for r in recipe.features.reuse]}),
+        "train": recipe.train.model_copy(update={"lock_image_from": resolve_input(
+            recipe.train.lock_image_from, base) if recipe.train.lock_image_from else None}),
+    })
 
 
 def data_id(cfg: DataConfig) -> dict:

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         captions = dict(pairs)
         curated = selected_ids(Path(args.selection), set(captions))
         rand = random.Random(args.sample_seed).sample([cid for cid, _ in pairs], len(curated))
-        out = Path(args.out)
+        out = Path(args.out).resolve()  # (data.path overrides are recipe inputs: absolute, not recipe-relative)
         sizes = {arm: write_arm(out / arm, ids, captions, args.split, root / "images")
                  for arm, ids in (("curated", curated), ("random", rand))}
         print(f"curated: {len(curated)} captions of {sizes['curated']} images; random: {len(rand)} captions of "

@@ -19,7 +19,7 @@ from curate.dedup import DedupConfig
 from curate.filters import FilterConfig
 from curate.match import MatchConfig
 from curate.media import MediaRecipe
-from tether.recipe import RecipeError, Strict, apply_overrides, expand, parse, read_yaml, resolve_path
+from tether.recipe import RecipeError, Strict, apply_overrides, parse, read_yaml, resolve_input, resolve_path
 from curate.selection import OutputConfig
 from curate.sources import IngestConfig, SourceConfig
 
@@ -48,12 +48,12 @@ class BuildRecipe(Strict):
         data = self.model_dump()
 
         def fix(v):
-            return None if v is None else os.path.normpath(resolve_path(v, base))
+            return None if v is None else resolve_input(v, base)
 
         for s in data["sources"]:
             for k in ("path", "captions", "image_root"):
-                if s.get(k) and not (k == "path" and s.get("format") == "hf" and not _looks_local(s[k], base)):
-                    s[k] = fix(s[k])
+                if s.get(k):
+                    s[k] = resolve_input(s[k], base, may_be_id=k == "path" and s.get("format") == "hf")
             if s.get("data_files"):
                 df = s["data_files"]
                 s["data_files"] = fix(df) if isinstance(df, str) else [fix(f) for f in df]
@@ -107,10 +107,6 @@ def _check_missing_inputs(sources: list[SourceConfig], source: str, raw_paths: l
     raise RecipeError(f"{source}: no file matches the input path of {len(missing)} of {len(sources)} sources: "
                       f"{what}; {how}, "
                       f"or set a path with --set sources.{first}.path=... (or remove the sources you lack)")
-
-
-def _looks_local(value: str, base) -> bool:
-    return Path(expand(value)).is_absolute() or resolve_path(value, base).exists() or value.startswith(".")
 
 
 def load_build_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> BuildRecipe:

@@ -13,6 +13,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_dinov2_roberta": TrainRecipe,
         "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe, "align_flickr8k_lite_mpnet": TrainRecipe,
         "align_flickr8k_multilingual": TrainRecipe}
+KIND["align_flickr8k_swap_use"] = TrainRecipe  # text-encoder swap (train.lock_image_from), tests/test_swap.py
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 

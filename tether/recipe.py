@@ -145,6 +145,23 @@ def shared_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared"
 
 
+def looks_local(value: str, base: str | os.PathLike | None) -> bool:
+    """Whether a value that may be a hub id / zoo name (``facebook/dinov2-small``) is meant as a local path: absolute
+    after expansion, starting with ``.``, or existing relative to ``base``."""
+    return (Path(expand(str(value))).is_absolute() or str(value).startswith(".")
+            or resolve_path(value, base).exists())
+
+
+def resolve_input(value: str, base: str | os.PathLike, may_be_id: bool = False) -> str:
+    """THE path rule of every tether recipe (curate and align): a relative INPUT path (data, captions, local
+    models, caches read from other runs) resolves against the recipe's folder ``base``, so a recipe means the same
+    from any working directory; OUTPUT locations (build folder, feature cache, output_dir) stay relative to the
+    working directory. ``may_be_id``: a value that is not :func:`looks_local` (a hub id or zoo name) is kept."""
+    if may_be_id and not looks_local(value, base):
+        return value
+    return os.path.normpath(resolve_path(value, base))
+
+
 def resolve_path(value: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
     """Expand env vars (``${VAR:-default}`` too) and resolve a relative path against ``base`` (or CWD)."""
     p = Path(expand(str(value)))

@@ -26,7 +26,7 @@ import numpy as np
 
 from align.eval.prompts import PROMPT_SETS
 from tether.clikit import run_command
-from tether.recipe import RecipeError, load_recipe, parse
+from tether.recipe import RecipeError, load_recipe, parse, resolve_input
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,8 +337,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("vision", "text", "data", "split", "limit", "seed", "knn_k", "rank_by",
                                            "batch_size", "device", "out", "cache_dir", "probe_steps")
              if getattr(args, k) is not None}
-    if args.config:
-        cfg = load_recipe(args.config, SelectConfig, [f"{k}={json.dumps(v)}" for k, v in flags.items()])
+    if args.config:  # the file's relative input paths resolve against its folder, command-line values against CWD
+        base = Path(args.config).resolve().parent
+        cfg = load_recipe(args.config, SelectConfig)
+        cfg = cfg.model_copy(update={"data": resolve_input(cfg.data, base, may_be_id=True),
+                                     "vision": [resolve_input(v, base, may_be_id=True) for v in cfg.vision],
+                                     "text": [resolve_input(t, base, may_be_id=True) for t in cfg.text]})
+        cfg = parse(SelectConfig, {**cfg.model_dump(), **flags}, str(args.config))
     else:
         cfg = parse(SelectConfig, flags, "align select")
     res = run_select(cfg)

@@ -19,6 +19,8 @@
   ``log_with`` (tensorboard when installed, else a JSONL tracker, :mod:`align.training.trackers`); validation
   retrieval R@1/5/10 (``align.eval.retrieval``) on the held-out ``val`` split from cached features every
   ``val_every`` steps / epoch; export with :class:`align.model.AlignedModel`.
+* Text-encoder swap (``train.lock_image_from``): a trained model's image head loaded and locked, only a new text
+  head (+ temperature) trained, saved as a new model. :mod:`align.training.lock`.
 * The command line (``align train [--processes N]``, the script entry): :mod:`align.training.program`.
 """
 
@@ -27,6 +29,7 @@ from align.training.caches import (expected_key, extract_split, load_encoders, o
                                    split_data, split_features_config)
 from align.training.checkpoints import (CHECKSUMS, CKPT_PREFIX, TrainState, latest_checkpoint, resume_checkpoint,
                                         save_checkpoint, verify_checkpoint)
+from align.training.lock import LockedImageHead, load_locked_image_head
 from align.training.program import ERROR_DIR_ENV, build_parser, launch, main, run
 from align.training.trackers import make_trackers
 from align.training.trainer import AlignTask, StepCallback, Trainer, param_groups, train, validate, warmup_cosine
@@ -34,5 +37,5 @@ from align.training.trainer import AlignTask, StepCallback, Trainer, param_group
 __all__ = ["CacheBatches", "EncoderBatches", "EpochPlan", "expected_key", "extract_split", "load_encoders",
            "open_checked", "pooled_part", "split_data", "split_features_config", "CHECKSUMS", "CKPT_PREFIX",
            "TrainState", "latest_checkpoint", "resume_checkpoint", "save_checkpoint", "verify_checkpoint",
-           "ERROR_DIR_ENV", "build_parser", "launch", "main", "run", "make_trackers", "AlignTask", "StepCallback",
+           "LockedImageHead", "load_locked_image_head", "ERROR_DIR_ENV", "build_parser", "launch", "main", "run", "make_trackers", "AlignTask", "StepCallback",
            "Trainer", "param_groups", "train", "validate", "warmup_cosine"]

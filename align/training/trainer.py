@@ -2,7 +2,8 @@
 ``Trainer(recipe, ...).fit()``.
 
 Set-up, in order (the order fixes the random streams, so it is part of kill + resume = uninterrupted): the
-accelerator, the seed, the frozen encoders, the feature caches (:mod:`align.training.caches`), the batch provider
+accelerator, the seed, the frozen encoders (+ the locked image head of a text-encoder swap,
+:mod:`align.training.lock`), the feature caches (:mod:`align.training.caches`), the batch provider
 (:mod:`align.training.batches`), the step schedule, the heads + loss + optimiser, the resume
 (:mod:`align.training.checkpoints`), the output folder and trackers. The loop does one micro-batch at a time; after
 every optimiser step :meth:`Trainer.after_step` does the logging, validation, epoch end, checkpoint and the
@@ -31,16 +32,28 @@ from align.model import AlignedModel, DualProjector
 from align.training.batches import CacheBatches, EncoderBatches, EpochPlan
 from align.training.caches import extract_split, load_encoders, open_checked, pooled_part
 from align.training.checkpoints import TrainState, resume_checkpoint, save_checkpoint, verify_checkpoint
+from align.training.lock import load_locked_image_head, lock_image_head
 from align.training.trackers import flat_config, make_trackers
 from tether.recipe import RecipeError
 
 
 class AlignTask(nn.Module):
-    """Projectors + contrastive loss: what the optimiser trains (the loss holds the learnable temperature)."""
+    """Projectors + contrastive loss: what the optimiser trains (the loss holds the learnable temperature).
+    ``lock_image``: the image head is frozen and stays in eval mode (no dropout) — the text-encoder swap."""
 
-    def __init__(self, heads: DualProjector, loss: ContrastiveLoss):
+    def __init__(self, heads: DualProjector, loss: ContrastiveLoss, lock_image: bool = False):
         super().__init__()
         self.heads, self.loss = heads, loss
+        self.lock_image = lock_image
+        if lock_image:
+            heads.image.requires_grad_(False)
+            heads.image.eval()
+
+    def train(self, mode: bool = True) -> "AlignTask":
+        super().train(mode)
+        if self.lock_image:
+            self.heads.image.eval()
+        return self
 
     def forward(self, image, text, text_mask=None, image_ids=None):
         img, txt = self.heads(image, text, text_mask)
@@ -71,7 +84,7 @@ def warmup_cosine(total: int, warmup: int, min_ratio: float = 0.0):
 @torch.no_grad()
 def validate(heads: DualProjector, feats: CachedFeatures, device: torch.device, batch: int = 1024) -> dict[str, float]:
     """Retrieval R@1/5/10 (%, ``align.eval.retrieval``) of the current heads on cached validation features."""
-    was = heads.training
+    was = {m: m.training for m in heads.modules()}  # restored per module: a locked image head stays in eval mode
     heads.eval()
     img_x = feats.image_tokens[:, 0] if heads.image_tokens else feats.image[:, 0]
     txt_x = feats.text_tokens if heads.text_tokens else feats.text
@@ -79,7 +92,8 @@ def validate(heads: DualProjector, feats: CachedFeatures, device: torch.device, 
     txts = [heads.text(txt_x[i:i + batch].float().to(device),
                        feats.text_mask[i:i + batch].to(device) if heads.text_tokens else None)
             for i in range(0, len(txt_x), batch)]
-    heads.train(was)
+    for m, mode in was.items():
+        m.train(mode)
     img = torch.nn.functional.normalize(torch.cat(imgs).float(), dim=-1).cpu().numpy()
     txt = torch.nn.functional.normalize(torch.cat(txts).float(), dim=-1).cpu().numpy()
     res = retrieval_metrics(img, txt, feats.text_image.numpy(), ks=(1, 5, 10))
@@ -111,6 +125,11 @@ class Trainer:
         self.device, self.world = self.accelerator.device, self.accelerator.num_processes
         set_seed(self.tc.seed)
         self.vision, self.text = load_encoders(recipe, device=str(self.device))
+        # text-encoder swap: the locked image head is checked against the encoders before any feature is extracted
+        self.locked = load_locked_image_head(recipe, self.vision, self.text) if self.tc.lock_image_from else None
+        if self.locked is not None:
+            self.accelerator.print(f"image head locked from {self.locked.path} (trained with text encoder "
+                                   f"{self.locked.config['text'].get('name')}); training the text head only")
         self.tok_img = recipe.projector.image.kind == "token"
         self.tok_txt = recipe.projector.text.kind == "token"
         self.skips = SkipLog()
@@ -185,13 +204,15 @@ class Trainer:
 
     def _make_heads(self) -> DualProjector:
         recipe = self.recipe
-        return DualProjector.for_encoders(recipe.projector.image, recipe.projector.text, self.vision, self.text,
-                                          recipe.image_pooling)
+        heads = DualProjector.for_encoders(recipe.projector.image, recipe.projector.text, self.vision, self.text,
+                                           recipe.image_pooling)
+        return heads if self.locked is None else lock_image_head(heads, self.locked)
 
     def _make_optimizer(self):
         """Heads + loss (the learnable temperature) as one module, AdamW, warm-up + cosine; prepared."""
         tc = self.tc
-        task = AlignTask(self._make_heads(), ContrastiveLoss.from_config(self.recipe.loss))
+        task = AlignTask(self._make_heads(), ContrastiveLoss.from_config(self.recipe.loss),
+                         lock_image=self.locked is not None)
         optimizer = torch.optim.AdamW(param_groups(task, tc.weight_decay), lr=tc.lr, betas=tc.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                       warmup_cosine(self.total_steps, self.warmup, tc.min_lr_ratio))
@@ -360,6 +381,8 @@ class Trainer:
         model = AlignedModel.from_parts(self.unwrapped.heads, self.vision, self.text, recipe.projector.image,
                                         recipe.projector.text, pooling=recipe.image_pooling,
                                         temperature=summary["temperature"])
+        if self.locked is not None:
+            model.config["image_head_locked_from"] = self.locked.provenance()
         model.save_pretrained(out_dir / "model")
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         loss = ("no loss recorded" if summary["first_loss"] is None else

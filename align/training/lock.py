@@ -1,0 +1,73 @@
+"""Text-encoder swap, LiT-style (``train.lock_image_from: MODEL``): the image head of an already trained
+:class:`~align.model.AlignedModel` is loaded and locked (no gradient, no dropout), and only a new text head — for the
+recipe's text encoder, which may be any other one, e.g. a multilingual one — and the temperature are trained
+against it. The result is saved as a new ``AlignedModel`` (same image side, new text side).
+
+The locked head only means something on the vision features it was trained on, so the model's vision encoder
+fingerprint (exact weight bytes), layer and pooling must equal the recipe's, and its image head configuration the
+recipe's ``projector.image``; anything else is refused in one line before any feature is extracted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.config import TrainRecipe
+from align.model import AlignedModel, DualProjector, head_dims
+from align.projectors import ProjectorConfig
+from tether.recipe import RecipeError, resolve_path
+
+
+@dataclass
+class LockedImageHead:
+    """The trained image head of the model at ``path`` (weights without the ``image.`` prefix) and its config."""
+
+    path: Path
+    config: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+    def provenance(self) -> dict[str, Any]:
+        """What the new model records about where its image head came from (``config.json``,
+        ``image_head_locked_from``)."""
+        return {"path": str(self.path), "text": {k: self.config["text"].get(k) for k in ("name", "fingerprint")}}
+
+
+def load_locked_image_head(recipe: TrainRecipe, vision, text) -> LockedImageHead:
+    """Read ``train.lock_image_from`` and check it fits ``recipe`` and its loaded frozen encoders."""
+    path = resolve_path(recipe.train.lock_image_from)
+    what = f"train.lock_image_from {path}"
+    try:
+        model = AlignedModel.from_pretrained(path)
+    except RecipeError as e:
+        raise RecipeError(f"train.lock_image_from: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable or malformed config/weights
+        raise RecipeError(f"{what}: cannot read the model ({type(e).__name__}: {e})") from None
+    c = model.config["vision"]
+    ours = {"fingerprint": vision.fingerprint, "layer": vision.layer, "pooling": recipe.image_pooling}
+    diff = [f"{k} {c.get(k)} (model) vs {v} (recipe)" for k, v in ours.items() if c.get(k) != v]
+    if diff:
+        raise RecipeError(f"{what}: its image head was trained on other vision features than this recipe's "
+                          f"({', '.join(diff)}; vision {c.get('name')!r} vs {vision.name!r}); lock a model trained "
+                          f"with the same vision encoder weights, layer and pooling")
+    got = ProjectorConfig(**model.config["projector"]["image"]).model_dump()
+    want = recipe.projector.image.model_dump()
+    if got != want:
+        keys = ", ".join(f"{k} {got[k]!r} (model) vs {want[k]!r} (recipe)" for k in want if got.get(k) != want[k])
+        raise RecipeError(f"{what}: its image head differs from projector.image ({keys}); set projector.image to "
+                          f"the model's")
+    image_dim, _ = head_dims(recipe.projector.image, vision, text, recipe.image_pooling)
+    if int(c.get("dim", -1)) != image_dim:
+        raise RecipeError(f"{what}: its image head reads {c.get('dim')}-wide features, this recipe's vision "
+                          f"features are {image_dim}-wide")
+    state = {k: v.detach().clone() for k, v in model.heads.image.state_dict().items()}
+    return LockedImageHead(path, model.config, state)
+
+
+def lock_image_head(heads: DualProjector, locked: LockedImageHead) -> DualProjector:
+    """Load the locked weights into ``heads.image`` and freeze them (the text head is untouched)."""
+    heads.image.load_state_dict(locked.state)
+    heads.image.requires_grad_(False)
+    return heads

@@ -23,7 +23,7 @@ def _align_recipe(folder: Path) -> Path:
                  "captions": [{"path": "../f8k/captions.de.txt", "lang": "de"}]},
          "features": {"cache_dir": "runs/cache", "reuse": ["other/cache"]},
          "projector": {"image": {"kind": "mlp"}, "text": {"kind": "mlp"}},
-         "train": {"output_dir": "runs/out"}}
+         "train": {"output_dir": "runs/out", "lock_image_from": "models/m"}}
     p = folder / "r.yaml"
     p.write_text(yaml.safe_dump(r))
     return p
@@ -36,13 +36,14 @@ def test_align_inputs_follow_the_recipe_outputs_follow_cwd(tmp_path, monkeypatch
         monkeypatch.chdir(cwd)
         r = load_train_recipe(rec)
         seen.append((r.vision.name, r.text.name, r.data.path, r.val.path, r.val.captions[0].path,
-                     r.features.reuse))
+                     r.features.reuse, r.train.lock_image_from))
         assert r.output_dir.resolve() == cwd / "runs" / "out"
         assert r.cache_dir("train").resolve() == cwd / "runs" / "cache" / "train"
     assert seen[0] == seen[1]
     rd = tmp_path / "recipes"
     assert seen[0] == (str(rd / "enc"), "sentence-transformers/all-MiniLM-L6-v2", str(rd / "shards/train-*.tar"),
-                       str(tmp_path / "f8k"), str(tmp_path / "f8k/captions.de.txt"), [str(rd / "other/cache")])
+                       str(tmp_path / "f8k"), str(tmp_path / "f8k/captions.de.txt"), [str(rd / "other/cache")],
+                       str(rd / "models/m"))
     # --set values are recipe values: the same rule
     monkeypatch.chdir(tmp_path)
     r = load_train_recipe(rec, ["data.path=elsewhere/*.tar", "vision.name=efficientnet-lite0"])

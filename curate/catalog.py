@@ -41,6 +41,9 @@ TABLES: dict[str, str] = {
     # caption → concept matches (match_lexical / match_semantic)
     "matches": """CREATE TABLE IF NOT EXISTS matches(
         uid VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, method VARCHAR, score DOUBLE, span VARCHAR)""",
+    # the lexical (caption, concept) hits a match.lexical precision rule removed, with the rule (match_lexical)
+    "lexical_removed": """CREATE TABLE IF NOT EXISTS lexical_removed(
+        uid VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, span VARCHAR, reason VARCHAR NOT NULL)""",
     # per-concept balancing outcome (balance, rebalance)
     "balance_report": """CREATE TABLE IF NOT EXISTS balance_report(
         stage VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, before BIGINT, after BIGINT, floor BIGINT,

@@ -134,9 +134,6 @@ def lexical_forms(cat: Catalog, cfg: LexicalConfig) -> tuple[dict[str, tuple[str
     return plan.forms, plan.summary
 
 
-#: per-row reasons of the lexical (caption, concept) hits a ``match.lexical`` rule removed
-LEXICAL_REMOVED_DDL = """CREATE TABLE IF NOT EXISTS lexical_removed(
-    uid VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, span VARCHAR, reason VARCHAR NOT NULL)"""
 
 
 
@@ -167,9 +164,7 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     rules = RuleMatcher(plan, cfg)
     matcher = rules.matcher
     done = cat.done_units(stage)
-    cat.execute(LEXICAL_REMOVED_DDL)
-    if not done:  # a fresh start: the removed rows of an earlier run go with its matches
-        cat.execute("DELETE FROM lexical_removed")
+    # (a fresh start cleared the removed rows of an earlier run with its matches: curate.stages.OWNS)
     reasons = pa.array(REASONS, pa.string())
     bar = tqdm(total=_input_size(cat), desc="match lexical", unit="caption", disable=not progress)
     concept_arr, form_arr = pa.array(matcher.concept_ids, pa.string()), pa.array(matcher.forms, pa.string())

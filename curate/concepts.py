@@ -30,7 +30,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import TABLES, Catalog
-from tether.recipe import RecipeError, Strict, resolve_path
+from tether.recipe import RecipeError, Strict, read_text_file, resolve_path
 from tether.resources import imagenet_wnids, timm_info_dir
 from curate.wordnet import WordNet, irregular_plurals
 
@@ -158,12 +158,7 @@ class Concept:
 
 def _read_user_list(path: Path) -> list[tuple[str, str | None, int]]:
     """(wnid or word, optional gloss, line number) for every non-blank, non-comment line."""
-    if not path.is_file():
-        raise RecipeError(f"concepts.user_list: file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"concepts.user_list: {path} is not UTF-8 text (byte {e.start})") from None
+    text = read_text_file(path, f"concepts.user_list: file not found: {path}", f"concepts.user_list: {path}")
     out = []
     for i, ln in enumerate(text.splitlines(), 1):
         if not ln.strip() or ln.lstrip().startswith("#"):

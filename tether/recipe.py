@@ -56,15 +56,22 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {parts[0]}{extra}" if parts else f"{source}: invalid recipe"
 
 
+def read_text_file(path: str | os.PathLike, missing: str, what: str) -> str:
+    """A UTF-8 text file a recipe names; one-line RecipeError ``missing`` when it is not a file, ``what: not UTF-8
+    text (…)`` when it does not decode."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(missing)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; any problem becomes a one-line RecipeError."""
     p = Path(path)
-    if not p.exists():
-        raise RecipeError(f"{p}: recipe file not found")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text_file(p, f"{p}: recipe file not found", str(p))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

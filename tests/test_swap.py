@@ -95,7 +95,7 @@ def other_vision_dir(tmp_path_factory, tiny_vision_dir) -> Path:
     return d
 
 
-@pytest.mark.parametrize("case", ["fingerprint", "layer", "head", "pooling", "not-a-model"])
+@pytest.mark.parametrize("case", ["fingerprint", "layer", "head", "pooling", "not-a-model", "damaged"])
 def test_incompatible_model_is_one_line_error(tmp_path, tiny_vision_dir, other_vision_dir, data_dir, fake_encoder,
                                               donor, case, capsys):
     vision, sets = tiny_vision_dir, []
@@ -109,6 +109,12 @@ def test_incompatible_model_is_one_line_error(tmp_path, tiny_vision_dir, other_v
         sets = ["--set", "features.pooling=mean"]
     elif case == "not-a-model":
         sets = ["--set", f"train.lock_image_from={tmp_path}"]
+    elif case == "damaged":
+        bad = tmp_path / "damaged"
+        bad.mkdir()
+        (bad / "config.json").write_text((donor / "config.json").read_text())
+        (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+        sets = ["--set", f"train.lock_image_from={bad}"]
     rp = swap_recipe(tmp_path, vision, data_dir, donor)
     assert cli_main(["train", "--config", str(rp), *sets]) == 2
     err = capsys.readouterr().err
@@ -116,7 +122,8 @@ def test_incompatible_model_is_one_line_error(tmp_path, tiny_vision_dir, other_v
     assert len(lines) == 1 and lines[0].startswith("error: train.lock_image_from") and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == lines[0]
     want = {"fingerprint": "fingerprint", "layer": "layer -1 (model) vs 1 (recipe)", "head": "hidden_dim 48 (model)",
-            "pooling": "pooling cls (model) vs mean (recipe)", "not-a-model": "not an aligned model"}[case]
+            "pooling": "pooling cls (model) vs mean (recipe)", "not-a-model": "not an aligned model",
+            "damaged": "cannot read the model"}[case]
     assert want in lines[0], lines[0]
     assert not (tmp_path / "swap" / "cache").exists()  # refused before any feature was extracted
 

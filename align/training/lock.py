@@ -43,7 +43,7 @@ def load_locked_image_head(recipe: TrainRecipe, vision, text) -> LockedImageHead
         model = AlignedModel.from_pretrained(path)
     except RecipeError as e:
         raise RecipeError(f"train.lock_image_from: {e}") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable or malformed config/weights
+    except Exception as e:  # noqa: BLE001 - unreadable or malformed config.json / model.safetensors
         raise RecipeError(f"{what}: cannot read the model ({type(e).__name__}: {e})") from None
     c = model.config["vision"]
     ours = {"fingerprint": vision.fingerprint, "layer": vision.layer, "pooling": recipe.image_pooling}

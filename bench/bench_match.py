@@ -7,6 +7,10 @@
 2. the same through the catalog (DuckDB read + match + write, unit commits): captions/s end to end;
 3. spaCy lemmatization of captions (the optional ``lemmatize: true``): captions/s, its cost relative to
    matching, and how many extra (caption, concept) hits it finds;
+5. (``--parts rules``) the issue-13 sense-choice rules, old (default ``match.lexical``) vs new (the quickstart
+   recipe's precise settings) side by side on Flickr8k captions with the quickstart bank: per-caption CPU cost of
+   the automaton scan, of the whole matcher (rules included), of the POS tagger and the share of captions it
+   tags, one-time set-up (WordNet facts, spaCy load), and the lexical stage end to end through the catalog;
 4. semantic: all-MiniLM-L6-v2 on CPU embedding captions (length-sorted batches vs the plain input order) and
    faiss top-K search against the ImageNet-1k prompts — captions/s.
 
@@ -66,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--naive", type=int, default=200, help="captions for the reference loop")
     ap.add_argument("--spacy", type=int, default=3_000, help="captions for spaCy lemmatization")
     ap.add_argument("--semantic", type=int, default=2_000, help="captions for MiniLM embedding")
-    ap.add_argument("--parts", default="lexical,spacy,semantic", help="comma list of parts to run")
+    ap.add_argument("--parts", default="lexical,spacy,semantic", help="comma list of parts to run "
+                    "(lexical, spacy, semantic, rules)")
+    ap.add_argument("--rules-captions", type=int, default=40_000, help="Flickr8k captions for the rules part")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     a = ap.parse_args(argv)
     if a.quick:
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             spacy_part(a, caps, matcher)
     if "semantic" in parts:
         semantic_part(a, caps, tmp)
+    if "rules" in parts:
+        rules_part(a, tmp)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
@@ -192,6 +200,84 @@ def semantic_part(a, caps: list[str], tmp: Path) -> None:
     print(f"[semantic] faiss top-100 search, 1,000 ImageNet prompts x {len(sub):,} captions: "
           f"{len(sub) / max(t_s.wall, 1e-9):,.0f} captions/s; embedding + search: "
           f"{len(sub) / (t_sorted.wall + t_s.wall):,.0f} captions/s")
+
+
+def rules_part(a, tmp: Path) -> None:
+    # --- 5. sense-choice rules: old vs new, per caption ------------------------------------------------------
+    from curate.config import BuildRecipe
+    from curate.match import lexical_plan
+    from curate.match.lexical import RuleMatcher
+    from tether.recipe import load_recipe
+
+    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "quickstart_curate.yaml"
+    recipe = load_recipe(str(recipe_path), BuildRecipe, [])
+    f = shared_dir() / "data" / "flickr8k" / "captions.txt"
+    if not f.is_file():
+        print("[rules] skipped: no Flickr8k captions under $TETHER_SHARED")
+        return
+    caps = [ln.partition("\t")[2].strip() for ln in f.read_text(encoding="utf-8").splitlines() if "\t" in ln]
+    caps = caps[: a.rules_captions]
+    bank = Catalog(tmp / "rules-bank.duckdb")
+    build_concepts(bank, recipe.concepts, progress=False, base_dir=recipe_path.parent)
+    new_cfg = recipe.match.lexical
+    old_cfg = type(new_cfg)()
+    print(f"[rules] {len(caps):,} Flickr8k captions, quickstart bank; new = {recipe_path.name} match.lexical "
+          f"({', '.join(f'{k}={v}' for k, v in new_cfg.model_dump().items() if v != getattr(old_cfg, k))})")
+    rows = {}
+    for name, cfg in (("old", old_cfg), ("new", new_cfg)):
+        with Timer() as t_setup:
+            rules = RuleMatcher(lexical_plan(bank, cfg), cfg)
+        tag_cpu = [0.0]
+        if rules.tagger is not None:
+            inner = rules.tagger
+
+            def timed(texts, inner=inner):
+                c = time.process_time()
+                try:
+                    return inner(texts)
+                finally:
+                    tag_cpu[0] += time.process_time() - c
+
+            rules.matcher.tagger = timed
+            rules.tagger(caps[:50])  # warm-up
+            inner.captions = 0
+            tag_cpu[0] = 0.0
+        with Timer() as t_scan:
+            rules.matcher.hits(caps)
+        with Timer() as t_all:
+            (ci, _, _), removed = rules(caps)
+        tagged = rules.tagger.captions if rules.tagger is not None else 0
+        rows[name] = dict(setup=t_setup.wall, setup_cpu=t_setup.cpu, scan=t_scan.cpu, all=t_all.cpu, tag=tag_cpu[0], tagged=tagged,
+                          kept=len(ci), removed=len(removed[0]))
+    for name, r in rows.items():
+        n = len(caps)
+        print(f"[rules] {name}: set-up {r['setup']:.1f} s wall / {r['setup_cpu']:.1f} s CPU (once); automaton scan "
+              f"{n / r['scan']:,.0f} captions/s/core; "
+              f"whole matcher {1e6 * r['all'] / n:.1f} µs/caption CPU ({n / r['all']:,.0f}/s) of which tagger "
+              f"{1e6 * r['tag'] / n:.1f} µs ({r['tag'] / max(r['all'], 1e-9):.0%}), captions tagged "
+              f"{r['tagged']:,} ({r['tagged'] / n:.1%}); pairs kept {r['kept']:,}, removed by a rule {r['removed']:,}")
+    o, w = rows["old"], rows["new"]
+    print(f"[rules] new / old per caption: matcher x{w['all'] / o['all']:.2f}")
+    # end to end: the lexical stage through the catalog (read, match, write matches + lexical_removed)
+    ends = {}
+    for name, cfg in (("old", old_cfg), ("new", new_cfg)):
+        cat = Catalog(tmp / f"rules-{name}.duckdb")
+        build_concepts(cat, recipe.concepts, progress=False, base_dir=recipe_path.parent)
+        tbl = pa.table({"uid": [f"u{i:08d}" for i in range(len(caps))], "caption": caps})
+        cat.con.register("_caps", tbl)
+        cat.execute("INSERT INTO samples(uid, caption) SELECT uid, caption FROM _caps")
+        cat.con.unregister("_caps")
+        with Timer() as t:
+            run_match(cat, MatchConfig(lexical=cfg), progress=False)
+        ends[name] = t
+        cat.close()
+        print(f"[rules] {name}: lexical stage end to end {t.wall:.1f} s wall / {t.cpu:.1f} s CPU for {len(caps):,} "
+              f"captions = {1e6 * t.cpu / len(caps):.0f} µs/caption CPU (set-up included)")
+    per = {k: (ends[k].cpu - rows[k]["setup_cpu"]) / len(caps) for k in ends}
+    print(f"[rules] new / old lexical stage (CPU, set-up included): x{ends['new'].cpu / ends['old'].cpu:.2f}; per "
+          f"caption without the one-time set-up: {1e6 * per['old']:.0f} -> {1e6 * per['new']:.0f} µs = "
+          f"x{per['new'] / max(per['old'], 1e-12):.2f}")
+    bank.close()
 
 
 if __name__ == "__main__":

@@ -140,11 +140,13 @@ def _index_lemmas(where: Path, name: str) -> Iterator[str]:
                     yield word.replace("_", " ").lower()
 
 
-def non_noun_lemmas(path: str | os.PathLike | None = None) -> frozenset[str]:
+def non_noun_lemmas(path: str | os.PathLike | None = None,
+                    files: tuple[str, ...] = ("index.verb", "index.adj", "index.adv")) -> frozenset[str]:
     """Lemmas (lowercased, spaces) that WordNet also lists as a verb, adjective or adverb (``index.verb``,
-    ``index.adj``, ``index.adv``): ``swing``, ``fly``, ``stand in``, ``blond``. Needs the WordNet files."""
+    ``index.adj``, ``index.adv``; ``files`` picks): ``swing``, ``fly``, ``stand in``, ``blond``. Needs the
+    WordNet files."""
     where = find_wordnet(path)
-    return frozenset(w for name in ("index.verb", "index.adj", "index.adv") for w in _index_lemmas(where, name))
+    return frozenset(w for name in files for w in _index_lemmas(where, name))
 
 
 def noun_collocations(path: str | os.PathLike | None = None) -> frozenset[str]:

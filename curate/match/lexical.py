@@ -57,6 +57,13 @@ REASON_HELP = {
 }
 R = {name: i for i, name in enumerate(REASONS)}
 WORD = re.compile(r"[^\W_]+")
+#: a word after one of these (or a preposition) and before a closed-class word is a noun, a word before one of
+#: these is not (no tagger asked)
+DETERMINERS = frozenset("a an the his her their its my your our these those some two three four five six several "
+                        "many each every another".split())
+PREPOSITIONS = frozenset("on in at with of from into onto by near under over behind beside across through "
+                         "inside outside".split())  # not "to": "to swing" is a verb
+_CLOSED: frozenset[str] | None = None  # spaCy's English stop words, read on first use
 NOUN_TAGS = {"noun": frozenset({"NN", "NNS"}), "noun_or_proper": frozenset({"NN", "NNS", "NNP", "NNPS"})}
 
 
@@ -164,6 +171,7 @@ class WordNetFacts:
     adjectives: frozenset[str] = frozenset()
     tag_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # lemma → (noun, non-noun) SemCor tags
     non_nouns: frozenset[str] = frozenset()  # lemmas WordNet also lists as verb / adjective / adverb
+    modifiers: frozenset[str] = frozenset()  # lemmas WordNet also lists as adjective / adverb
     collocations: frozenset[str] = frozenset()  # multi-word WordNet noun lemmas
     wordnet: object | None = None  # curate.wordnet.WordNet (hypernyms), for compounds
 
@@ -205,6 +213,7 @@ class WordNetFacts:
         if cfg.pos != "off":
             f.tag_counts = get(pos_tag_counts, d) or {}
             f.non_nouns = get(non_noun_lemmas, d) or frozenset()
+            f.modifiers = get(non_noun_lemmas, d, ("index.adj", "index.adv")) or frozenset()
         if cfg.compounds == "wordnet":
             f.collocations = get(noun_collocations, d) or frozenset()
         if cfg.compounds != "off" or cfg.uncounted_senses == "same_kind":
@@ -229,13 +238,18 @@ class FormPlan:
     head_exempt: frozenset[str] = frozenset()  # compounds that do not block their last word (a kind of it)
 
 
-def pos_ambiguous(word: str, facts: WordNetFacts, ratio: float) -> bool:
+def pos_ambiguous(word: str, facts: WordNetFacts, ratio: float, inflected: bool = False) -> bool:
     """``word`` (a lemma) may well be a verb / adjective / adverb in a caption: WordNet lists it as one and
-    SemCor tags it so more than ``ratio`` × as a noun (or never tagged it at all)."""
+    SemCor tags it so more than ``ratio`` × as a noun. A word SemCor never tagged is ambiguous when WordNet lists
+    it as an adjective or adverb (``asian``, ``homeless``), as a phrasal verb (``walk in``, ``look alike``), or as a
+    verb and the caption's form is its ``-s`` form (``skis``; a bare ``ski``, ``backpack`` or ``canoe`` in a
+    caption is a noun)."""
     if word not in facts.non_nouns:
         return False
     noun, other = facts.tag_counts.get(word, (0, 0))
-    return other > ratio * noun or (noun == 0 and other == 0)
+    if noun or other:
+        return other > ratio * noun
+    return inflected or " " in word or word in facts.modifiers
 
 
 def plan_forms(rows: Iterable[tuple[str, str, int | None, str, bool]], cfg: "LexicalConfig",
@@ -354,9 +368,13 @@ def plan_forms(rows: Iterable[tuple[str, str, int | None, str, bool]], cfg: "Lex
         for form, _, _, lemma, _ in rows:
             lemmas.setdefault(form, set()).add((lemma or form).lower())
         for f in forms:
-            words = {w for lm in lemmas.get(f, {f}) for w in (lm, lm.rpartition(" ")[2])}
-            if any(pos_ambiguous(w, facts, cfg.pos_ambiguity) for w in words):
-                ambiguous.add(normalize(f))
+            for lm in lemmas.get(f, {f}):
+                inflected = normalize(f) != normalize(lm)
+                # a compound's head after its modifier is a noun ("german shepherd", "mountain bike") unless the
+                # form is an -s form ("boat paddles" may be "boat" + the verb "paddles")
+                words = {lm, lm.rpartition(" ")[2]} if inflected else {lm}
+                if any(pos_ambiguous(w, facts, cfg.pos_ambiguity, inflected) for w in words):
+                    ambiguous.add(normalize(f))
     return FormPlan(forms, removed, frozenset(blockers), frozenset(ambiguous), summary, frozenset(head_exempt))
 
 
@@ -560,6 +578,10 @@ class LexicalMatcher:
             end = np.asarray(rend, dtype=np.int64)
             need = np.flatnonzero(self._ambiguous[rv_a] & (why == 0) & (end >= 0))
             if len(need):
+                sure = [self._context_pos(texts[int(ri_a[h])], int(end[h]), int(rv_a[h])) for h in need]
+                why[[h for h, c in zip(need, sure) if c is False]] = R["not_a_noun"]
+                need = need[[c is None for c in sure]]
+            if len(need):
                 order = sorted(set(ri_a[need].tolist()))
                 tags = dict(zip(order, tagger([captions[i] or "" for i in order])))
                 for h in need:
@@ -570,6 +592,26 @@ class LexicalMatcher:
                     if 0 <= j < len(words) and words[j] not in noun_tags:
                         why[h] = R["not_a_noun"]
         return self._split(ri_a, rv_a, why)
+
+    def _context_pos(self, text: str, end: int, v: int) -> bool | None:
+        """What the words around the hit ending at ``end`` in the normalized ``text`` say, without the tagger:
+        True (a noun) after a determiner or preposition and before a closed-class word or the caption's end ("on
+        a swing .", "his paddle and", "on swings"); False (not a noun) before a determiner ("paddles a kayak",
+        "pets the dog"); None: ask the tagger."""
+        global _CLOSED
+        if _CLOSED is None:
+            from curate.concepts import _stopwords
+
+            _CLOSED = _stopwords()
+        before = text[: end - len(self.forms[v]) - 1].rsplit(" ", 2)
+        after = text[end + 1:].split(" ", 1)
+        prev = before[-1] if before else ""
+        nxt = after[0] if after else ""
+        if nxt in DETERMINERS:
+            return False
+        if (prev in DETERMINERS or prev in PREPOSITIONS) and (not nxt or nxt in _CLOSED):
+            return True
+        return None
 
     def _split(self, ri_a: np.ndarray, rv_a: np.ndarray, why: np.ndarray):
         """Hits with their hit-level reasons → kept pairs and removed pairs (see :meth:`match_rules`)."""

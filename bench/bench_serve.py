@@ -2,11 +2,14 @@
 
 The synthetic build is the scale benchmark's catalog (bench/bench_balance_dedup.py: N samples, ~1.6 matches per
 sample over a Zipf bank of C concepts) after tether's exact dedup and t-balancing, plus a concepts table and the
-stage rows the explorer reads. Pages are requested in-process through Starlette's TestClient (no network), warm:
-the first overview request (which computes the cached overview and concept table) is reported separately.
+stage rows the explorer reads, and a ``samples.lang`` column when the generator made none. Pages are requested
+in-process through Starlette's TestClient (no network), warm: the first overview request is reported separately.
+The explorer's summary tables (curate.serve.Summary) are read from $TETHER_CACHE/serve, or built first (timed and
+printed); ``--no-summary`` serves from the catalog alone.
 
     python bench/bench_serve.py --build runs/quickstart/curate            # a real build (read-only)
-    python bench/bench_serve.py --rows 10000000 --concepts 20000          # a synthetic 10M-row build
+    python bench/bench_serve.py --rows 10000000 --concepts 20000          # a synthetic 10M-row build (temp folder)
+    python bench/bench_serve.py --rows 10000000 --out DIR [--make-only]   # ... kept in DIR and reused
 """
 
 from __future__ import annotations

@@ -247,8 +247,8 @@ def rules_part(a, tmp: Path) -> None:
         with Timer() as t_all:
             (ci, _, _), removed = rules(caps)
         tagged = rules.tagger.captions if rules.tagger is not None else 0
-        rows[name] = dict(setup=t_setup.wall, setup_cpu=t_setup.cpu, scan=t_scan.cpu, all=t_all.cpu, tag=tag_cpu[0], tagged=tagged,
-                          kept=len(ci), removed=len(removed[0]))
+        rows[name] = dict(setup=t_setup.wall, setup_cpu=t_setup.cpu, scan=t_scan.cpu, all=t_all.cpu, tag=tag_cpu[0],
+                          tagged=tagged, kept=len(ci), removed=len(removed[0]))
     for name, r in rows.items():
         n = len(caps)
         print(f"[rules] {name}: set-up {r['setup']:.1f} s wall / {r['setup_cpu']:.1f} s CPU (once); automaton scan "

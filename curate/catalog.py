@@ -94,7 +94,10 @@ class StageRow(NamedTuple):
 class Catalog:
     """Thin wrapper around a DuckDB connection with the tether schema and stage bookkeeping."""
 
-    def __init__(self, path: str | Path, read_only: bool = False, threads: int | None = None):
+    def __init__(self, path: str | Path, read_only: bool = False, threads: int | None = None,
+                 memory_limit: str | None = None, temp_dir: str | Path | None = None):
+        """``memory_limit`` (validated text such as ``6GB``, :func:`curate.config.memory_bytes_text`) caps DuckDB's
+        memory; what does not fit spills to ``temp_dir`` (created here)."""
         self.path = Path(path)
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,14 @@ class Catalog:
         self.con = duckdb.connect(str(self.path), read_only=read_only)
         if threads:
             self.con.execute(f"SET threads={int(threads)}")
+        if memory_limit:
+            self.con.execute(f"SET memory_limit='{str(memory_limit).replace(chr(39), '')}'")
+        self._temp_made: Path | None = None  # the spill folder this catalog created: removed on close when empty
+        if temp_dir:
+            if not Path(temp_dir).exists():
+                self._temp_made = Path(temp_dir)
+            Path(temp_dir).mkdir(parents=True, exist_ok=True)
+            self.con.execute(f"SET temp_directory='{str(temp_dir).replace(chr(39), chr(39) * 2)}'")
         if not read_only:
             for stmt in SCHEMA:
                 self.con.execute(stmt)
@@ -110,6 +121,8 @@ class Catalog:
     # -- plumbing ---------------------------------------------------------------------------------------
     def close(self) -> None:
         self.con.close()
+        if self._temp_made is not None and self._temp_made.is_dir() and not any(self._temp_made.iterdir()):
+            self._temp_made.rmdir()
 
     def __enter__(self) -> "Catalog":
         return self

@@ -63,7 +63,8 @@ DETERMINERS = frozenset("a an the his her their its my your our these those some
                         "many each every another".split())
 PREPOSITIONS = frozenset("on in at with of from into onto by near under over behind beside across through "
                          "inside outside".split())  # not "to": "to swing" is a verb
-_CLOSED: frozenset[str] | None = None  # spaCy's English stop words, read on first use
+_CLOSED: frozenset[str] | None = None
+TAG_WINDOW = 3  # words either side of a hit that the POS tagger sees  # spaCy's English stop words, read on first use
 NOUN_TAGS = {"noun": frozenset({"NN", "NNS"}), "noun_or_proper": frozenset({"NN", "NNS", "NNP", "NNPS"})}
 
 
@@ -433,6 +434,7 @@ class LexicalMatcher:
         self._kept_sets = [frozenset(c for c, r in merged[f].items() if r == 0) for f in real] + \
             [frozenset() for _ in extra]
         self._blocks = [bool(k) for k in self._kept_sets[: len(real)]] + [True] * len(extra)
+        self.form_words = [f.count(" ") + 1 for f in self.forms]
         self._form_len = np.fromiter((len(f) for f in self.forms), dtype=np.int64, count=len(self.forms))
         self.automaton = ahocorasick.Automaton()
         for i, form in enumerate(self.forms):
@@ -582,14 +584,27 @@ class LexicalMatcher:
                 why[[h for h, c in zip(need, sure) if c is False]] = R["not_a_noun"]
                 need = need[[c is None for c in sure]]
             if len(need):
-                order = sorted(set(ri_a[need].tolist()))
-                tags = dict(zip(order, tagger([captions[i] or "" for i in order])))
+                # the tagger sees the hit with TAG_WINDOW words either side (the caption's own characters: case and
+                # punctuation kept), each distinct window once per call
+                spans: dict[int, list[tuple[int, int]]] = {}
+                asks: list[tuple[int, str, int]] = []
                 for h in need:
-                    words = tags.get(int(ri_a[h]))
-                    if not words:
-                        continue
-                    j = texts[int(ri_a[h])].count(" ", 0, int(end[h])) - 1
-                    if 0 <= j < len(words) and words[j] not in noun_tags:
+                    i = int(ri_a[h])
+                    cap = captions[i] or ""
+                    if i not in spans:
+                        spans[i] = [m.span() for m in WORD.finditer(cap)]
+                    sp = spans[i]
+                    j = texts[i].count(" ", 0, int(end[h])) - 1
+                    if len(sp) != texts[i].count(" ") - 1 or not 0 <= j < len(sp):
+                        continue  # lowercasing changed the words (rare Unicode): keep the hit
+                    lo = max(0, j - self.form_words[int(rv_a[h])] + 1 - TAG_WINDOW)
+                    hi = min(len(sp) - 1, j + TAG_WINDOW)
+                    asks.append((int(h), cap[sp[lo][0]: sp[hi][1]], j - lo))
+                windows = sorted({w for _, w, _ in asks})
+                tags = dict(zip(windows, tagger(windows)))
+                for h, w, k in asks:
+                    words = tags.get(w)
+                    if words and k < len(words) and words[k] not in noun_tags:
                         why[h] = R["not_a_noun"]
         return self._split(ri_a, rv_a, why)
 

@@ -187,7 +187,7 @@ def write_pool(out: str | os.PathLike, rows: int, seed: int = 0, shard_rows: int
 
 
 def make_recipe(pool: Path, dest: Path, t: int = 2000, threads: int | None = None, memory_limit: str | None = None,
-                temp_dir: str | None = None, workers: int | None = None) -> Path:
+                temp_dir: str | None = None, workers: int | None = None, overrides: list[str] | None = None) -> Path:
     """The full-scale recipe with the media section removed, the pool as its source, lexical matching, t."""
     from curate.config import BuildRecipe
 
@@ -213,6 +213,10 @@ def make_recipe(pool: Path, dest: Path, t: int = 2000, threads: int | None = Non
             r.setdefault("distributor", {})["workers"] = int(workers)
         else:
             raise SystemExit("error: --workers: this tether has no `distributor.workers` recipe key yet")
+    if overrides:
+        from tether.recipe import apply_overrides
+
+        r = apply_overrides(r, overrides)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(yaml.safe_dump(r, sort_keys=False))
     return dest
@@ -315,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temp-dir", default=None, help="recipe `temp_dir` (default: BUILD/.tmp)")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
                     help="lexical matching processes (`distributor.workers`); several values run side by side")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other recipe override, as `curate build --set` (recorded in the JSON)")
     ap.add_argument("--keep-builds", action="store_true", help="keep each build folder (default: deleted)")
     ap.add_argument("--pool-only", action="store_true", help="write the pools, run nothing")
     ap.add_argument("--json", help="write the results here")
@@ -336,12 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         for w in (args.workers or [None]):
             tag = f"{n}" + (f"-w{w}" if w else "") + (f"-m{args.memory_limit}" if args.memory_limit else "")
             recipe = make_recipe(pool, work / f"recipe-{tag}.yaml", args.t, args.threads, args.memory_limit,
-                                 args.temp_dir, w)
+                                 args.temp_dir, w, args.set)
             build = work / f"build-{tag}"
             print(f"build {tag}: start", file=sys.stderr, flush=True)
             res = run_build(recipe, build, work / f"build-{tag}.log")
             res.update({"pool_rows": n, "workers": w, "memory_limit": args.memory_limit, "recipe": str(recipe),
-                        "pool_seconds": round(gen_s, 1), "load_avg_after": os.getloadavg()})
+                        "pool_seconds": round(gen_s, 1), "overrides": args.set,
+                        "load_avg_after": os.getloadavg()})
             results.append(res)
             print(f"build {tag}: {res['wall_s']:.1f}s, peak RSS {gb(res['peak_rss'])} in {res['peak_stage']}",
                   file=sys.stderr, flush=True)

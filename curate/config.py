@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from curate.balance import BalanceConfig
 from curate.concepts import ConceptsConfig
@@ -30,6 +30,10 @@ class BuildRecipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     out: str | None = None
     threads: int | None = Field(default=None, ge=1)
+    # the catalog's DuckDB memory cap (e.g. "6GB"; unset: DuckDB's default, 80 % of RAM) and where it spills
+    # what does not fit (default: BUILD/.tmp; a relative path is inside the build folder)
+    memory_limit: str | None = None
+    temp_dir: str | None = None
     sources: list[SourceConfig] = Field(min_length=1)
     ingest: IngestConfig = IngestConfig()
     filter: FilterConfig = FilterConfig()
@@ -39,6 +43,25 @@ class BuildRecipe(Strict):
     balance: BalanceConfig = BalanceConfig()
     output: OutputConfig = OutputConfig()
     media: MediaRecipe | None = None
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str | None) -> str | None:
+        return None if v is None else memory_bytes_text(v)
+
+    @field_validator("temp_dir")
+    @classmethod
+    def _temp_dir(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("empty path (leave it unset for BUILD/.tmp)")
+        return v
+
+    def temp_path(self, build_dir: str | os.PathLike) -> Path:
+        """Where DuckDB spills: ``temp_dir`` (relative: inside the build folder), default ``BUILD/.tmp``."""
+        if self.temp_dir is None:
+            return Path(build_dir) / ".tmp"
+        p = Path(os.path.expandvars(self.temp_dir)).expanduser()
+        return p if p.is_absolute() else Path(build_dir) / p
 
     def build_dir(self, out: str | os.PathLike | None = None) -> Path:
         return resolve_path(out or self.out or f"builds/{self.name}")
@@ -79,6 +102,24 @@ class BuildRecipe(Strict):
                 raise RecipeError(f"{source}: {e}") from None
         if self.concepts.user_list and not Path(self.concepts.user_list).is_file():
             raise RecipeError(f"{source}: concepts.user_list: file not found: {self.concepts.user_list}")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MIN_MEMORY_LIMIT = 100 * 10**6
+
+
+def memory_bytes_text(v: str) -> str:
+    """A memory size as DuckDB reads it (``6GB``, ``512MiB``, ``2.5 GB`` → ``2.5GB``); ValueError otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", v, flags=re.IGNORECASE)
+    if not m or not m.group(2):
+        raise ValueError(f"{v!r} is not a memory size: write a number and a unit, e.g. 6GB or 512MiB")
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if size < MIN_MEMORY_LIMIT:
+        raise ValueError(f"{v!r} is below the smallest workable limit, 100MB")
+    return f"{m.group(1)}{m.group(2)}"
 
 
 def _check_missing_inputs(sources: list[SourceConfig], source: str, raw_paths: list | None) -> None:

@@ -210,7 +210,8 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
         atomic_write(build_dir / "recipe.yaml",
                      yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False))
         result = BuildResult(build_dir=build_dir, catalog=build_dir / "catalog.duckdb")
-        with Catalog(result.catalog, threads=recipe.threads) as cat:
+        with Catalog(result.catalog, threads=recipe.threads, memory_limit=recipe.memory_limit,
+                     temp_dir=recipe.temp_path(build_dir)) as cat:
             if progress and sys.stderr.isatty():  # DuckDB's own bar for the long single-statement stages
                 cat.execute("SET enable_progress_bar = true")
             steps = make_stages(cat, recipe, build_dir, result, progress, recipe_dir)

@@ -197,3 +197,29 @@ def test_subtree_and_hyponym_expansion(cat):
     assert cat.scalar("SELECT origin FROM concepts WHERE concept_id = 'n02124075'") == "hyponym:n02121808"
     with pytest.raises(RecipeError, match="neither a WordNet noun"):
         build_concepts(cat, ConceptsConfig(imagenet1k=False, subtrees=[{"root": "qwzx"}]), False)
+
+
+def test_wordnet_pos_facts_for_sense_choice(tmp_path):
+    """What match.lexical's sense-choice rules read from WordNet: lexicographer files, SemCor noun / non-noun tag
+    counts, verb/adjective/adverb lemmas, noun collocations; the index readers work on an NLTK zip too."""
+    from curate.wordnet import non_noun_lemmas, noun_collocations, pos_tag_counts
+
+    _has_debian_wordnet()
+    wn = WordNet.load(DEBIAN_WN)
+    assert wn.synset("n01608432").lexfile == 5 and wn.synset("n03621473").lexfile == 6  # kite: hawk, toy
+    counts = pos_tag_counts(DEBIAN_WN)
+    noun, other = counts["swing"]
+    assert other > 10 * noun > 0  # mostly a verb
+    noun, other = counts["dog"]
+    assert noun > 10 * other
+    nn = non_noun_lemmas(DEBIAN_WN)
+    assert {"swing", "stand in", "blond", "fly"} <= nn and "kangaroo" not in nn
+    assert "stand in" not in non_noun_lemmas(DEBIAN_WN, ("index.adj", "index.adv"))
+    cols = noun_collocations(DEBIAN_WN)
+    assert {"tank top", "bathing suit", "water wings", "hot dog"} <= cols and "dog" not in cols
+    z = tmp_path / "wordnet.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("wordnet/data.noun", TINY_DATA_NOUN)
+        zf.writestr("wordnet/index.noun", TINY_INDEX_NOUN)
+        zf.writestr("wordnet/index.verb", "  1 licence line\ndog v 1 1 @ 1 0 01234567  \n")
+    assert non_noun_lemmas(z) == {"dog"} and noun_collocations(z) == {"domestic dog"}

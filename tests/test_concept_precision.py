@@ -144,3 +144,29 @@ def test_adjective_ratio_skips_colour_nouns(tmp_path):
     cat.close()
     with pytest.raises(ValueError):
         MatchConfig(lexical={"adjective_ratio": -1})
+
+
+def test_new_kept_labels_are_what_the_precise_matcher_finds(tmp_path):
+    """bench/data/concept_precision_new_kept.csv: 100 pairs of the selection built with the precise settings
+    (quickstart, balance.t=93), judged by the same rule; the pinned settings re-find every one of them."""
+    from tether.resources import timm_info_dir
+    from curate.wordnet import find_wordnet
+
+    rows = B.read_labels(REPO / "bench" / "data" / "concept_precision_new_kept.csv")
+    assert len(rows) == 100 and {r["set"] for r in rows} == {"kept"}
+    assert len({(r["uid"], r["concept_id"]) for r in rows}) == 100
+    assert B.precision(rows).correct == 90
+    try:
+        find_wordnet()
+        timm_info_dir()
+    except (RecipeError, FileNotFoundError) as e:
+        pytest.skip(f"WordNet / ImageNet lists missing: {e}")
+    pytest.importorskip("spacy")
+    ov = ["match.lexical.senses=first", "match.lexical.min_sense_share=0.25", "match.lexical.skip_adjectives=true",
+          "match.lexical.adjective_ratio=0.5", "match.lexical.uncounted_senses=same_kind",
+          "match.lexical.own_word_first=true", "match.lexical.compounds=wordnet", "match.lexical.pos=noun_or_proper",
+          "match.lexical.pos_ambiguity=0.2", "match.lexical.overlaps=all", "match.lexical.lemmatize=false",
+          "concepts={imagenet1k: true, subtrees: [{root: n00015388, max_depth: 4}, {root: n00007846, max_depth: 2}]}"]
+    found = B.match_pairs({r["uid"]: r["caption"] for r in rows}, str(REPO / "recipes" / "quickstart_curate.yaml"),
+                          ov, tmp_path)
+    assert [(r["uid"], r["concept_id"]) for r in rows if (r["uid"], r["concept_id"]) not in found] == []

@@ -19,15 +19,12 @@ This module imports img2dataset (OpenCV, albumentations): import it only where a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import io
 import os
-import signal
 import sys
 import threading
-import time
 import warnings
 from multiprocessing import get_context
 
@@ -38,38 +35,15 @@ import img2dataset.main  # noqa: E402,F401 - the package's ``main`` attribute is
 from img2dataset.distributor import retrier  # noqa: E402
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
+from curate.distribute import die_with_parent  # noqa: E402
 from curate.fetch import USER_AGENT, FetchPolicy, Refused, clean_error, fetch, fetch_error  # noqa: E402
 
 i2d_main = sys.modules["img2dataset.main"]
-PR_SET_PDEATHSIG = 1
 
 
 # --------------------------------------------------------------------------------------------------------
 # workers die with their parent
 # --------------------------------------------------------------------------------------------------------
-def die_with_parent(parent_pid: int) -> None:
-    """Make this process die when ``parent_pid`` (the process that started it) dies, even by SIGKILL.
-
-    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere (or if prctl fails) a daemon thread that exits the
-    process once its parent pid changes. Either way, a parent already gone by now means exit at once.
-    """
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-    if not armed:
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(0.5)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="tether-parent-watch", daemon=True).start()
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 class GuardedLoggerProcess(LoggerProcess):
     """img2dataset's logger process, tied to the process that starts it."""
 

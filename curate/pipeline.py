@@ -75,7 +75,8 @@ def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: Buil
     def run_match() -> int:
         from curate.match import run_match
 
-        return run_match(cat, recipe.match, progress=progress)
+        return run_match(cat, recipe.match, progress=progress, distributor=recipe.distributor,
+                         threads=recipe.threads)
 
     def run_balance() -> int:
         rep = balance.run_balance(cat, recipe.balance, Stage.BALANCE, progress=progress)

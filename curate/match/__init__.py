@@ -26,6 +26,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog
+from curate.distribute import DistributorConfig, run_units
 from curate.stages import Begin, Stage
 from curate.match.lexical import (REASONS, FormPlan, LexicalConfig, LexicalMatcher, RuleMatcher, choose_senses,
                                   drop_rare_senses, naive_match, plan_forms)
@@ -138,8 +139,34 @@ def lexical_forms(cat: Catalog, cfg: LexicalConfig) -> tuple[dict[str, tuple[str
 
 
 # ------------------------------------------------------------------------------------------ stages
-def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
-    """Lexical matching, resumable unit by unit; returns the number of ``lexical`` rows in ``matches``."""
+class LexicalWorker:
+    """``match.lexical`` over one unit of captions, built once per process (:mod:`curate.distribute`): the
+    automaton, compounds, taggers of :class:`RuleMatcher`. ``(uids, captions)`` → the unit's ``matches`` rows,
+    its ``lexical_removed`` rows (Arrow tables) and its caption count."""
+
+    def __init__(self, plan: FormPlan, cfg: LexicalConfig):
+        self.rules = RuleMatcher(plan, cfg)
+        m = self.rules.matcher
+        self.concepts, self.forms = pa.array(m.concept_ids, pa.string()), pa.array(m.forms, pa.string())
+        self.reasons = pa.array(REASONS, pa.string())
+
+    def __call__(self, uids: list[str], caps: list[str]) -> tuple[pa.Table, pa.Table, int]:
+        (ci, ki, fi), (gi, gk, gf, gr) = self.rules(caps)
+        uid_arr = pa.array(uids, pa.string())
+        tbl = pa.table({"uid": uid_arr.take(ci), "concept_id": self.concepts.take(ki),
+                        "method": pa.array(["lexical"] * len(ci), pa.string()),
+                        "score": pa.array(np.ones(len(ci)), pa.float64()), "span": self.forms.take(fi)})
+        gone = pa.table({"uid": uid_arr.take(gi), "concept_id": self.concepts.take(gk),
+                         "span": self.forms.take(gf), "reason": self.reasons.take(gr)})
+        return tbl, gone, len(uids)
+
+
+def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True,
+                distributor: DistributorConfig | None = None, threads: int | None = None) -> int:
+    """Lexical matching, resumable unit by unit; returns the number of ``lexical`` rows in ``matches``.
+
+    ``distributor`` says where the units are matched (:mod:`curate.distribute`; default: this process); the
+    result is the same rows in the same order either way."""
     from tqdm.auto import tqdm
 
     stage = Stage.MATCH_LEXICAL
@@ -161,27 +188,26 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True) -> int:
     if dropped and progress:
         print(f"match lexical: {len(dropped)} rare word senses not matched (e.g. {', '.join(dropped[:4])}); "
               f"match.lexical.min_sense_share=0 keeps them")
-    rules = RuleMatcher(plan, cfg)
-    matcher = rules.matcher
     done = cat.done_units(stage)
     # (a fresh start cleared the removed rows of an earlier run with its matches: curate.stages.OWNS)
-    reasons = pa.array(REASONS, pa.string())
     bar = tqdm(total=_input_size(cat), desc="match lexical", unit="caption", disable=not progress)
-    concept_arr, form_arr = pa.array(matcher.concept_ids, pa.string()), pa.array(matcher.forms, pa.string())
-    for unit, uids, caps in iter_units(cat, cfg.unit_rows):
-        if str(unit) not in done:
-            ci, ki, fi = matcher.match(caps, rules.lemmatizer(caps) if rules.lemmatizer else None)
-            gi, gk, gf, gr = matcher.removed
-            gone = pa.table({"uid": pa.array(uids, pa.string()).take(gi), "concept_id": concept_arr.take(gk),
-                             "span": form_arr.take(gf), "reason": reasons.take(gr)})
-            tbl = pa.table({"uid": pa.array(uids, pa.string()).take(ci), "concept_id": concept_arr.take(ki),
-                            "method": pa.array(["lexical"] * len(ci), pa.string()),
-                            "score": pa.array(np.ones(len(ci)), pa.float64()), "span": form_arr.take(fi)})
-            with cat.transaction():
-                cat.insert_arrow("matches", tbl, "uid, concept_id, method, score, span")
-                cat.insert_arrow("lexical_removed", gone, "uid, concept_id, span, reason")
-                cat.add_unit(stage, str(unit))
-        bar.update(len(uids))
+
+    def todo():  # the units not committed yet; finished ones only advance the bar
+        for unit, uids, caps in iter_units(cat, cfg.unit_rows):
+            if str(unit) in done:
+                bar.update(len(uids))
+            else:
+                yield str(unit), (uids, caps)
+
+    # matched in this process or in workers (curate.distribute); committed here, in unit order, one unit a time
+    pending = -(-_input_size(cat) // cfg.unit_rows) - len(done)
+    for unit, (tbl, gone, n_captions) in run_units(distributor or DistributorConfig(workers=1), LexicalWorker,
+                                                   (plan, cfg), todo(), threads, n_items=pending):
+        with cat.transaction():
+            cat.insert_arrow("matches", tbl, "uid, concept_id, method, score, span")
+            cat.insert_arrow("lexical_removed", gone, "uid, concept_id, span, reason")
+            cat.add_unit(stage, unit)
+        bar.update(n_captions)
     bar.close()
     n = _count(cat, "lexical")
     cat.mark_done(stage, n)
@@ -262,11 +288,12 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
     return n
 
 
-def run_match(cat: Catalog, cfg: MatchConfig, progress: bool = True) -> int:
+def run_match(cat: Catalog, cfg: MatchConfig, progress: bool = True, distributor: DistributorConfig | None = None,
+              threads: int | None = None) -> int:
     """Run the configured matching mode(s); returns the number of rows in ``matches`` they own."""
     n = 0
     if cfg.mode in ("lexical", "both"):
-        n += run_lexical(cat, cfg.lexical, progress)
+        n += run_lexical(cat, cfg.lexical, progress, distributor, threads)
     if cfg.mode in ("semantic", "both"):
         n += run_semantic(cat, cfg.semantic, progress)
     return n

@@ -31,7 +31,7 @@ import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -156,20 +156,37 @@ def check_local_image(path: str) -> tuple[str, Optional[str], Optional[str], Opt
     return SUCCESS, None, sha, w, h
 
 
-_DL_COLS = ("uid", "attempt", "status", "error", "sha256", "width", "height", "original_width", "original_height",
-            "format", "store", "shard", "key")
+class Outcome(NamedTuple):
+    """One ``downloads`` row: what happened to a media row's image and where its bytes are."""
+
+    uid: str
+    attempt: int
+    status: str
+    error: str | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    format: str = "none"  # webdataset | files | local | none
+    store: str = ""
+    shard: str = ""
+    key: str = ""
+
+
+_DL_COLS = Outcome._fields
 _DL_TYPES = (pa.string(), pa.int32(), pa.string(), pa.string(), pa.string(), pa.int32(), pa.int32(), pa.int32(),
              pa.int32(), pa.string(), pa.string(), pa.string(), pa.string())
 
 
-def _record(con, rows: list[tuple]) -> None:
+def _record(con, rows: list[Outcome]) -> None:
     """Insert ``downloads`` rows and their ``decisions(stage='download')``, replacing earlier ones (one Arrow
     batch per call: row-by-row inserts cost DuckDB ~1 ms each)."""
     if not rows:
         return
     from curate.reasons import stable_reason
 
-    rows = [(*r[:3], stable_reason(r[3]), *r[4:]) for r in rows]  # no object addresses in reasons
+    rows = [r._replace(error=stable_reason(r.error)) for r in rows]  # no object addresses in reasons
     cols = list(zip(*rows))
     tbl = pa.table({c: pa.array(list(v), t) for c, v, t in zip(_DL_COLS, cols, _DL_TYPES)})
     con.register("_rec", tbl)  # (a plain connection: the caller holds the transaction)
@@ -201,8 +218,10 @@ def _local_rows(cat: Catalog, cfg: DownloadConfig, progress: bool) -> None:
             paths = [str(Path(p).resolve()) for _, p in chunk]
             new = [p for p in dict.fromkeys(paths) if p not in checked]
             checked.update(zip(new, pool.map(check_local_image, new)))
-            recs = [(uid, 0, *checked[p][:3], *checked[p][3:], *checked[p][3:], "local", "", "", p)
-                    for (uid, _), p in zip(chunk, paths)]
+            recs = []
+            for (uid, _), p in zip(chunk, paths):
+                status, error, sha, w, h = checked[p]
+                recs.append(Outcome(uid, 0, status, error, sha, w, h, w, h, "local", "", "", p))
             with cat.transaction() as con:
                 _record(con, recs)
                 con.execute("INSERT INTO progress VALUES (?, ?)", [STAGE, unit])
@@ -295,9 +314,9 @@ def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, members: 
         unit = f"a{attempt:03d}/{shard}"
         if unit in done:
             continue
-        recs = [(uid, attempt, r["status"], r.get("error_message"), r.get("sha256"), r.get("width"),
-                 r.get("height"), r.get("original_width"), r.get("original_height"), fmt, str(out_dir), shard,
-                 r["key"])
+        recs = [Outcome(uid, attempt, r["status"], r.get("error_message"), r.get("sha256"), r.get("width"),
+                        r.get("height"), r.get("original_width"), r.get("original_height"), fmt, str(out_dir), shard,
+                        r["key"])
                 for r in pq.read_table(out_dir / f"{shard}.parquet").to_pylist()
                 for uid in ((members or {}).get(r["url"]) or [r["uid"]])]
         with cat.transaction() as con:
@@ -355,8 +374,7 @@ def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
         with cat.transaction() as con:
             none = con.execute("""SELECT uid FROM media_rows WHERE url IS NULL AND path IS NULL
                                   AND uid NOT IN (SELECT uid FROM downloads)""").fetchall()
-            _record(con, [(u, 0, "no_source", "row has neither url nor path", None, None, None, None, None,
-                           "none", "", "", "") for (u,) in none])
+            _record(con, [Outcome(u, 0, "no_source", "row has neither url nor path") for (u,) in none])
         _local_rows(cat, cfg, progress)
         urls = cat.execute("SELECT uid, url, caption FROM media_rows WHERE path IS NULL AND url IS NOT NULL "
                            "ORDER BY pos").fetchall()

@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pyarrow as pa
 from pydantic import Field
@@ -176,16 +176,32 @@ def _owner_of(out: Path, build_dir: str | Path) -> Path:
     return Path(build_dir) if is_inside(out, build_dir) else out
 
 
-def _survivors(cat: Catalog) -> list[tuple]:
-    """(uid, caption, concept_ids, source, url, sha256, width, height, format, store, shard, key) of every alive
-    row with a stored image."""
-    return cat.execute(
+class Survivor(NamedTuple):
+    """An alive media row with a stored image: what its shard sample holds and where its bytes are."""
+
+    uid: str
+    caption: str | None
+    concept_ids: list[str] | None
+    source: str | None
+    url: str | None
+    sha256: str | None
+    width: int | None
+    height: int | None
+    format: str
+    store: str
+    shard: str
+    key: str
+
+
+def _survivors(cat: Catalog) -> list[Survivor]:
+    """Every alive media row with a stored image."""
+    return [Survivor(*r) for r in cat.execute(
         """SELECT m.uid, m.caption, m.concept_ids, m.source, m.url, d.sha256, d.width, d.height,
                   d.format, d.store, d.shard, d.key
            FROM media_rows m JOIN downloads d USING (uid)
            WHERE d.status = $ok AND NOT EXISTS
              (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept AND x.stage <> $stage)""",
-        {"ok": SUCCESS, "stage": STAGE}).fetchall()
+        {"ok": SUCCESS, "stage": STAGE}).fetchall()]
 
 
 def _clear_outputs(out: Path, root: Path) -> None:
@@ -210,9 +226,9 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     out = out_dir_of(cfg, build_dir)
     claim_output_dir(build_dir, out, "media.shards.out")  # outside the build: new/empty/ours, then marked
     root = _owner_of(out, build_dir)
-    rows = {r[0]: r for r in _survivors(cat)}
+    rows = {r.uid: r for r in _survivors(cat)}
     order = shard_order(list(rows), cfg.seed)
-    lead = next((i for i, u in enumerate(order) if rows[u][2]), 0)
+    lead = next((i for i, u in enumerate(order) if rows[u].concept_ids), 0)
     if lead:  # schema inference reads the first samples: lead with one whose concept list is not empty
         order.insert(0, order.pop(lead))
     digest = hashlib.sha1("\n".join(order).encode()).hexdigest()[:16]
@@ -241,10 +257,11 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
             w = ShardWriter(out / name, root)
             try:
                 for j, uid in enumerate(uids):
-                    uid, caption, cids, source, url, sha, width, height, fmt, st, sh, key = rows[uid]
-                    img = as_jpeg(store.read(fmt, st, sh, key), cfg.jpeg_quality)
-                    w.write(sample_key(start + j), img, caption or "",
-                            sample_meta(uid, caption, cids, source, url, sha, width, height))
+                    r = rows[uid]
+                    img = as_jpeg(store.read(r.format, r.store, r.shard, r.key), cfg.jpeg_quality)
+                    w.write(sample_key(start + j), img, r.caption or "",
+                            sample_meta(r.uid, r.caption, r.concept_ids, r.source, r.url, r.sha256, r.width,
+                                        r.height))
                 w.commit()
             except BaseException:
                 w.abort()

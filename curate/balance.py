@@ -15,7 +15,8 @@ version). :func:`preview_t` gives the expected output size
 **coverage** (``method: coverage``; freeze-align): concepts are visited weakest tail first (fewest candidate
 matches, then lowest score of their ``per_concept``-th best match, then concept id); each takes up to
 ``per_concept`` of its best-scoring candidates not claimed by an earlier concept (unique assignment). The
-greedy runs in numpy over integer codes (one vectorised step per concept), so millions of pairs take seconds.
+greedy runs in numpy over integer codes (one vectorised step per concept), so millions of pairs take seconds; the
+pairs stream from DuckDB in bounded batches and Python holds one int32 owner per matched uid.
 
 Matches are read one row per (uid, concept): rows of both methods for the same pair are merged (max score);
 with a single method present the match stage's guarantee of one row per (uid, concept, method) is relied on.
@@ -41,6 +42,7 @@ from curate.stages import Stage
 from tether.recipe import Strict
 
 TWO64 = "18446744073709551616.0"
+COVERAGE_BATCH = 1 << 20  # (concept, candidate) pairs per Arrow batch streamed into the coverage greedy
 
 
 class BalanceConfig(Strict):
@@ -174,27 +176,40 @@ def _coverage(cat: Catalog, cfg: BalanceConfig, progress: bool) -> None:
                  min(score) FILTER (WHERE rk <= {N}) AS tail FROM (
             SELECT concept_id, score, row_number() OVER (PARTITION BY concept_id ORDER BY score DESC, uid) AS rk
             FROM _bm) GROUP BY concept_id)""")
-    arr = cat.execute("""SELECT p.prio, u.code FROM _bm m JOIN _bp p USING (concept_id) JOIN _bu u USING (uid)
-                         ORDER BY p.prio, m.score DESC, m.uid""").fetchnumpy()
-    prio = np.asarray(arr["prio"], dtype=np.int64)
-    code = np.asarray(arr["code"], dtype=np.int64)
     n_uids = int(cat.scalar("SELECT count(*) FROM _bu"))
-    owner = np.full(n_uids, -1, dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, prio[1:] != prio[:-1]]) if prio.size else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], prio.size]
-    for s, e in tqdm(zip(starts, ends), total=len(starts), desc="coverage balance", unit="concepts",
-                     disable=not progress, mininterval=0.5):
-        cand = code[s:e]
-        free = cand[owner[cand] < 0][:N]
-        owner[free] = prio[s]
+    n_concepts = int(cat.scalar("SELECT count(*) FROM _bp"))
+    # the only pool-sized array: the owner (concept priority) of every matched uid, 4 bytes each; the sorted
+    # (concept, candidate) pairs stream from DuckDB in bounded batches (a concept may span two batches)
+    owner = np.full(n_uids, -1, dtype=np.int32 if n_concepts < 2**31 - 1 else np.int64)
+    # (on the catalog's own connection: the temp tables are its own; nothing else runs on it while reading)
+    reader = cat.con.sql("""SELECT p.prio, u.code FROM _bm m JOIN _bp p USING (concept_id) JOIN _bu u USING (uid)
+                             ORDER BY p.prio, m.score DESC, m.uid""").to_arrow_reader(COVERAGE_BATCH)
+    bar = tqdm(total=n_concepts, desc="coverage balance", unit="concepts", disable=not progress, mininterval=0.5)
+    last, taken = -1, 0  # the concept being filled and how many candidates it has taken so far
+    for batch in reader:
+        prio = batch.column(0).to_numpy().astype(np.int64, copy=False)
+        code = batch.column(1).to_numpy().astype(np.int64, copy=False)
+        starts = np.flatnonzero(np.r_[True, prio[1:] != prio[:-1]])
+        for s, e in zip(starts, np.r_[starts[1:], prio.size]):
+            if prio[s] != last:
+                last, taken = int(prio[s]), 0
+                bar.update(1)
+            if taken >= N:
+                continue
+            cand = code[s:e]
+            free = cand[owner[cand] < 0][:N - taken]
+            owner[free] = last
+            taken += free.size
+    bar.close()
     import pyarrow as pa
 
-    with cat.registered("_bown", pa.table({"code": np.arange(n_uids, dtype=np.int64), "prio": owner})):
+    owned = np.flatnonzero(owner >= 0)  # at most concepts × per_concept rows, whatever the pool size
+    with cat.registered("_bown", pa.table({"code": owned.astype(np.int64), "prio": owner[owned].astype(np.int64)})):
         cat.execute(f"""CREATE OR REPLACE TEMP TABLE _bres AS
-            SELECT u.uid, p.concept_id, o.prio >= 0 AS kept,
-                   CASE WHEN o.prio >= 0 THEN 'coverage: among the {N} best unclaimed matches of its concept'
+            SELECT u.uid, p.concept_id, o.prio IS NOT NULL AS kept,
+                   CASE WHEN o.prio IS NOT NULL THEN 'coverage: among the {N} best unclaimed matches of its concept'
                         ELSE 'coverage: not among the {N} best unclaimed matches of any matched concept' END AS reason
-            FROM _bown o JOIN _bu u USING (code) LEFT JOIN _bp p ON p.prio = o.prio""")
+            FROM _bu u LEFT JOIN _bown o USING (code) LEFT JOIN _bp p ON p.prio = o.prio""")
     cat.execute("DROP TABLE _bu")
     cat.execute("DROP TABLE _bp")
 

@@ -150,3 +150,30 @@ def test_empty_temp_dir_is_one_line(tmp_path, capsys):
     rc = main(["build", str(_recipe(tmp_path, temp_dir=" ")), "--out", str(tmp_path / "b"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "temp_dir" in err[0], err
+
+
+def test_coverage_streamed_in_small_batches_is_identical(tmp_path, monkeypatch):
+    """Coverage balancing streams the sorted (concept, candidate) pairs: a concept split across Arrow batches
+    gets exactly the same owners as with one batch holding everything."""
+    import random
+
+    import curate.balance as balance
+
+    rng = random.Random(5)
+    ms = [(f"u{rng.randrange(3000)}", f"c{int(60 * rng.random() ** 3)}", round(rng.random(), 3)) for _ in range(9000)]
+    ms = list({(u, c): (u, c, s) for u, c, s in ms}.values())  # one row per (uid, concept), as the match stage
+    runs = []
+    for i, batch in enumerate((1 << 20, 7, 1)):
+        monkeypatch.setattr(balance, "COVERAGE_BATCH", batch)
+        cat = Catalog(tmp_path / f"c{i}.duckdb")
+        cat.execute("""INSERT INTO samples(uid, source, row_index, url, path, caption, width, height, extra)
+                       SELECT 'u' || i, 's', i, NULL, NULL, 'c', NULL, NULL, NULL FROM range(3200) r(i)""")
+        cat.insert_arrow("matches", pa.table({"uid": [m[0] for m in ms], "c": [m[1] for m in ms],
+                                              "s": [m[2] for m in ms]}), "uid, c, 'lexical', s, NULL")
+        rep = balance.run_balance(cat, balance.BalanceConfig(method="coverage", per_concept=25), progress=False)
+        runs.append((rep.kept, sorted(cat.execute("SELECT uid, kept, reason, concept_id FROM decisions").fetchall(),
+                                      key=repr),
+                     sorted(cat.execute("SELECT * FROM balance_report").fetchall())))
+        cat.close()
+    assert runs[0][0] > 25 * 10  # many concepts filled, many candidates claimed by an earlier concept
+    assert runs[1] == runs[0] and runs[2] == runs[0]

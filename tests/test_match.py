@@ -536,3 +536,23 @@ def test_pos_tagger_aligns_with_normalized_words():
     assert tags[0][words.index("paddles")].startswith("VB") and tags[0][words.index("paddle")] == "NN"
     assert tags[0][words.index("blonde")] == "JJ" and tags[0][words.index("haired")] != "NN"
     assert tagger.captions == 4
+
+
+def test_rules_on_hostile_captions(tmp_path):
+    """The precise settings on captions that are blank, punctuation only, odd Unicode (lowercasing changes the
+    length), very long, or full of control characters: no error, hits kept when the tagger cannot align."""
+    _need_wordnet()
+    pytest.importorskip("spacy")
+    caps = [None, "", "   ", "?!.,;", "İSTANBUL: a girl swings on a swing", "swing " * 400, "a\tswing\nswings\x00 .",
+            "Swings", "A MAN PADDLES A KAYAK"]
+    cat = _catalog(tmp_path / "c.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=["n04371774", "n03873416"]), progress=False)
+    try:
+        run_match(cat, MatchConfig(lexical=PRECISE), progress=False)
+    except RecipeError as e:
+        pytest.skip(f"no spaCy English pipeline: {e}")
+    got = dict(cat.execute("SELECT uid, count(*) FROM matches GROUP BY 1").fetchall())
+    assert got.get("u00004") == 1  # Unicode that lowercases longer (İ) does not derail the word positions
+    assert got.get("u00005") == 1 and "u00008" not in got  # "paddles a kayak": a verb before a determiner
+    assert {"u00000", "u00001", "u00002", "u00003"}.isdisjoint(got)
+    cat.close()

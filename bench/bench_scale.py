@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             d = next((s for s in r["stages"] if s["stage"] == st), None)
             cells.append("—" if d is None else f"{d['seconds']:.1f} s, {d['pool_rows_per_s'] or 0:,} rows/s, "
-                                               f"{gb(d['peak_rss'])}")
+                                               + (gb(d['peak_rss']) if d['peak_rss'] else "(shorter than a poll)"))
         print(f"| {st} | " + " | ".join(cells) + " |")
     print("| **wall** | " + " | ".join(f"{r['wall_s']:.1f} s ({r['pool_rows'] / r['wall_s']:,.0f} rows/s)"
                                        for r in results) + " |")

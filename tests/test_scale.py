@@ -177,3 +177,19 @@ def test_coverage_streamed_in_small_batches_is_identical(tmp_path, monkeypatch):
         cat.close()
     assert runs[0][0] > 25 * 10  # many concepts filled, many candidates claimed by an earlier concept
     assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def test_memory_limit_does_not_change_the_result(tmp_path, capsys):
+    rp = _recipe(tmp_path)
+    assert main(["build", str(rp), "--out", str(tmp_path / "free"), "--no-progress"]) == 0
+    assert main(["build", str(rp), "--out", str(tmp_path / "capped"), "--no-progress",
+                 "--set", "memory_limit=100MB", "--set", "temp_dir=spill"]) == 0
+    assert pq.read_table(tmp_path / "capped" / "selection.parquet").equals(
+        pq.read_table(tmp_path / "free" / "selection.parquet"))
+    dump = []
+    for b in ("free", "capped"):
+        with Catalog(tmp_path / b / "catalog.duckdb", read_only=True) as cat:
+            dump.append(sorted(cat.execute("SELECT uid, stage, kept, reason, ref_uid, concept_id FROM decisions"
+                                           ).fetchall(), key=repr))
+    assert dump[0] == dump[1] and len(dump[0]) >= 60
+    assert not (tmp_path / "capped" / "spill").exists() and not (tmp_path / "free" / ".tmp").exists()

@@ -193,3 +193,18 @@ def test_memory_limit_does_not_change_the_result(tmp_path, capsys):
                                            ).fetchall(), key=repr))
     assert dump[0] == dump[1] and len(dump[0]) >= 60
     assert not (tmp_path / "capped" / "spill").exists() and not (tmp_path / "free" / ".tmp").exists()
+
+
+def test_bench_recipe_is_the_full_scale_recipe_without_media(bs, tmp_path):
+    from curate.config import load_build_recipe
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pq.write_table(pa.table({"url": ["https://x/1.jpg"], "caption": ["a dog"]}), pool / "part-00000.parquet")
+    rp = bs.make_recipe(pool, tmp_path / "r.yaml", t=2000, threads=2, memory_limit="6GB", workers=3,
+                        overrides=["match.lexical.pos=off"])
+    r = load_build_recipe(rp)
+    assert r.media is None and r.match.mode == "lexical" and r.balance.t == 2000 and r.threads == 2
+    assert r.distributor.workers == 3 and r.memory_limit == "6GB" and r.match.lexical.pos == "off"
+    assert r.match.lexical.compounds == "wordnet" and r.dedup.exact == ["url", "caption"]  # the rest: as shipped
+    assert [s.name for s in r.sources] == ["pool"] and r.output.extra_columns == []

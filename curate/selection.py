@@ -49,11 +49,13 @@ def selection_sql(cfg: OutputConfig, balance_stage: Stage = Stage.BALANCE) -> st
                b.concept_id AS balance_concept, s.source, s.width, s.height{extras}
         FROM alive s
         LEFT JOIN (
-          SELECT uid, list(concept_id ORDER BY concept_id) AS concept_ids,
-                 list(coalesce(name, concept_id) ORDER BY concept_id) AS concept_names
-          FROM (SELECT DISTINCT mm.uid, mm.concept_id, c.name FROM matches mm
-                LEFT JOIN concepts c USING (concept_id))
-          GROUP BY uid) m USING (uid)
+          -- the matches of surviving rows only; a plain list() sorted afterwards (an ORDER BY inside the
+          -- aggregate cannot spill: it ran out of a 1GB memory_limit at 10M rows)
+          SELECT uid, list_transform(l, lambda x: x.c) AS concept_ids, list_transform(l, lambda x: x.n) AS concept_names
+          FROM (SELECT uid, list_sort(list({{'c': concept_id, 'n': coalesce(name, concept_id)}})) AS l
+                FROM (SELECT DISTINCT mm.uid, mm.concept_id, c.name FROM matches mm SEMI JOIN alive USING (uid)
+                      LEFT JOIN concepts c USING (concept_id))
+                GROUP BY uid)) m USING (uid)
         LEFT JOIN (SELECT uid, concept_id FROM decisions WHERE stage = '{balance_stage}' AND kept) b USING (uid)
         ORDER BY s.source, s.row_index"""
 

@@ -14,6 +14,7 @@ KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_di
         "align_cpu_flickr8k": TrainRecipe, "quickstart_align": TrainRecipe, "align_flickr8k_lite_mpnet": TrainRecipe,
         "align_flickr8k_multilingual": TrainRecipe}
 KIND["align_flickr8k_swap_use"] = TrainRecipe  # text-encoder swap (train.lock_image_from), tests/test_swap.py
+KIND["align_flickr8k_multilingual_mixed"] = TrainRecipe  # English + German + Chinese train captions (data.captions)
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 

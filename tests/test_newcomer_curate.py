@@ -216,7 +216,7 @@ def test_no_caption_left_text_encoders_never_load(tmp_path, monkeypatch, capsys,
 
     loads = _Counting(monkeypatch, TextEncoder)
     lemmatizers: list = []
-    monkeypatch.setattr("curate.match.Lemmatizer", lambda *a, **k: lemmatizers.append(a))
+    monkeypatch.setattr("curate.match.lexical.Lemmatizer", lambda *a, **k: lemmatizers.append(a))
     src = _write_rows(tmp_path, broken_images=True)
     recipe = _recipe(tmp_path, src, filter={"min_words": 50},  # every caption is rejected
                      dedup={"exact": ["caption"], "near": {"enabled": True, "model": str(tiny_text_dir)}},

@@ -91,6 +91,21 @@ class StageRow(NamedTuple):
         return json.loads(self.params) if self.params else {}
 
 
+
+@contextmanager
+def arrow_views(con: duckdb.DuckDBPyConnection, **tables) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Make each Arrow table/batch of ``tables`` queryable under its keyword name on ``con`` for the ``with``
+    block, then unregister them all (also on error). The one place the catalog registers Arrow data."""
+    done = []
+    try:
+        for name, data in tables.items():
+            con.register(name, data)
+            done.append(name)
+        yield con
+    finally:
+        for name in done:
+            con.unregister(name)
+
 class Catalog:
     """Thin wrapper around a DuckDB connection with the tether schema and stage bookkeeping."""
 
@@ -234,14 +249,9 @@ class Catalog:
             "SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND database_name = current_database()",
             [name]))
 
-    @contextmanager
-    def registered(self, name: str, data) -> Iterator[duckdb.DuckDBPyConnection]:
+    def registered(self, name: str, data):
         """Make the Arrow table/batch ``data`` queryable as ``name`` for the ``with`` block (then unregistered)."""
-        self.con.register(name, data)
-        try:
-            yield self.con
-        finally:
-            self.con.unregister(name)
+        return arrow_views(self.con, **{name: data})
 
     def insert_arrow(self, table: str, data, select: str = "*") -> int:
         """Append an Arrow table/batch to ``table`` via ``INSERT INTO table SELECT <select> FROM data``."""

@@ -29,7 +29,7 @@ from typing import Iterable
 import pyarrow as pa
 from pydantic import Field
 
-from curate.catalog import TABLES, Catalog
+from curate.catalog import TABLES, Catalog, arrow_views
 from tether.recipe import RecipeError, Strict, read_text_file, resolve_path
 from tether.resources import imagenet_wnids, timm_info_dir
 from curate.wordnet import WordNet, irregular_plurals
@@ -304,13 +304,8 @@ def build_concepts(cat: Catalog, cfg: ConceptsConfig, progress: bool = True,
         con.execute("DELETE FROM concepts")
         con.execute("DROP TABLE IF EXISTS surface_forms")  # recreated: also upgrades an older layout
         con.execute(SURFACE_FORMS_DDL)
-        con.register("_tether_concepts", concepts_tbl)
-        con.register("_tether_forms", forms_tbl)
-        try:
+        with arrow_views(con, _tether_concepts=concepts_tbl, _tether_forms=forms_tbl):
             con.execute("INSERT INTO concepts SELECT concept_id, name, lemmas, gloss, depth, hypernyms, imagenet1k, "
                         "origin FROM _tether_concepts")
             con.execute("INSERT INTO surface_forms SELECT form, concept_id, sense_rank, kind, lemma FROM _tether_forms")
-        finally:
-            con.unregister("_tether_concepts")
-            con.unregister("_tether_forms")
     return len(bank)

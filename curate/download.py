@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from curate.catalog import Catalog
+from curate.catalog import Catalog, arrow_views
 from curate.stages import Begin, Stage
 from tether.recipe import RecipeError, Strict
 
@@ -189,8 +189,7 @@ def _record(con, rows: list[Outcome]) -> None:
     rows = [r._replace(error=stable_reason(r.error)) for r in rows]  # no object addresses in reasons
     cols = list(zip(*rows))
     tbl = pa.table({c: pa.array(list(v), t) for c, v, t in zip(_DL_COLS, cols, _DL_TYPES)})
-    con.register("_rec", tbl)  # (a plain connection: the caller holds the transaction)
-    try:
+    with arrow_views(con, _rec=tbl):  # (a plain connection: the caller holds the transaction)
         con.execute("DELETE FROM downloads WHERE uid IN (SELECT uid FROM _rec)")
         con.execute("DELETE FROM decisions WHERE stage = $stage AND uid IN (SELECT uid FROM _rec)", {"stage": STAGE})
         con.execute(f"INSERT INTO downloads SELECT {', '.join(_DL_COLS)} FROM _rec")
@@ -198,8 +197,6 @@ def _record(con, rows: list[Outcome]) -> None:
             SELECT uid, $stage, status = $ok,
                    CASE WHEN status = $ok THEN status ELSE status || ': ' || coalesce(error, '') END
             FROM _rec""", {"stage": STAGE, "ok": SUCCESS})
-    finally:
-        con.unregister("_rec")
 
 
 def _local_rows(cat: Catalog, cfg: DownloadConfig, progress: bool) -> None:

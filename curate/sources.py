@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.catalog import Catalog
+from curate.catalog import Catalog, arrow_views
 from tether.recipe import RecipeError, Strict, resolve_path
 from curate.urlpolicy import MAX_URL_CHARS, url_reason
 
@@ -671,13 +671,8 @@ def ingest_source(cat: Catalog, cfg: SourceConfig, icfg: IngestConfig, progress:
 def _commit_batch(cat: Catalog, source: str, std: pa.Table, uids: pa.Table, icfg: IngestConfig, unit: str) -> None:
     con = cat.con
     with cat.transaction():
-        con.register("_batch", std)
-        con.register("_uids", uids)
-        try:
+        with arrow_views(con, _batch=std, _uids=uids):
             con.execute(_INSERT_SQL, {"src": source, "maxc": int(icfg.max_caption_chars)})
-        finally:
-            con.unregister("_batch")
-            con.unregister("_uids")
         con.execute("""INSERT INTO samples SELECT uid, $src, row_index, url, path, caption,
                          TRY_CAST(width AS INTEGER), TRY_CAST(height AS INTEGER), extra, lang
                        FROM _ingest ORDER BY row_index""", {"src": source})

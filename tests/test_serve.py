@@ -522,12 +522,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(build, tiny_model, tmp_path_factory):
+def _serving(app):
+    """Run ``app`` with uvicorn on a free loopback port in a thread; yield its base URL, then stop it."""
     import uvicorn
 
     port = _free_port()
-    app = _model_app(build, tiny_model, tmp_path_factory.mktemp("cache"))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -538,6 +537,11 @@ def server(build, tiny_model, tmp_path_factory):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     th.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(build, tiny_model, tmp_path_factory):
+    yield from _serving(_model_app(build, tiny_model, tmp_path_factory.mktemp("cache")))
 
 
 def test_real_browser(build, server, tmp_path):
@@ -684,22 +688,10 @@ def flickr_build(flickr8k, minilm_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def flickr_server(flickr_build, tmp_path_factory):
-    import uvicorn
-
     build, model = flickr_build
     app = _model_app(build, model, tmp_path_factory.mktemp("flickr-cache"))
     app.state.model_index.index()  # embed the build's images before the browser asks
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(10)
+    yield from _serving(app)
 
 
 def test_real_browser_on_flickr8k(flickr_build, flickr_server, tmp_path):

@@ -253,6 +253,19 @@ def pos_ambiguous(word: str, facts: WordNetFacts, ratio: float, inflected: bool 
     return inflected or " " in word or word in facts.modifiers
 
 
+def _drop_rows(rows: list, test: Callable[[tuple], bool], reason: int, why: dict) -> tuple[list, list[str]]:
+    """``rows`` without those ``test`` flags; each flagged ``(form, concept_id)`` gets ``reason`` in ``why`` (first
+    reason wins) and is listed as ``form:concept_id`` (sorted, unique) in the second value."""
+    keep, gone = [], set()
+    for row in rows:
+        if test(row):
+            gone.add(f"{row[0]}:{row[1]}")
+            why.setdefault((row[0], row[1]), reason)
+        else:
+            keep.append(row)
+    return keep, sorted(gone)
+
+
 def plan_forms(rows: Iterable[tuple[str, str, int | None, str, bool]], cfg: "LexicalConfig",
                facts: WordNetFacts | None = None) -> FormPlan:
     """Apply ``cfg``'s form-level rules to the bank's ``(form, concept_id, sense_rank, lemma, imagenet1k)`` rows."""
@@ -281,32 +294,22 @@ def plan_forms(rows: Iterable[tuple[str, str, int | None, str, bool]], cfg: "Lex
                          None)
             return first is not None and first != cid and wn.synset(first).lexfile != wn.synset(cid).lexfile
 
-        keep, gone = [], []
-        for row in rows:
+        def uncounted(row) -> bool:
             form, cid, rank, lemma, _ = row
-            if (rank is not None and 0 < rank < 99 and not facts.sense_counts.get((lemma or form).lower())
-                    and other_kind((lemma or form).lower(), cid)):
-                gone.append(f"{form}:{cid}")
-                why.setdefault((form, cid), R["uncounted_sense"])
-            else:
-                keep.append(row)
-        rows = keep
-        summary["dropped_uncounted_senses"] = sorted(set(gone))
+            return (rank is not None and 0 < rank < 99 and not facts.sense_counts.get((lemma or form).lower())
+                    and other_kind((lemma or form).lower(), cid))
+
+        rows, summary["dropped_uncounted_senses"] = _drop_rows(rows, uncounted, R["uncounted_sense"], why)
     if cfg.own_word_first:
         def tags(lemma: str) -> int:
             return sum(facts.sense_counts.get(lemma.lower(), {}).values())
 
         own = {r[0] for r in rows if (r[3] or r[0]) == r[0]}
-        keep, gone = [], []
-        for row in rows:
-            form, cid, _, lemma = row[:4]
-            if form in own and lemma and lemma != form and tags(lemma) <= tags(form):
-                gone.append(f"{form}:{cid}")
-                why.setdefault((form, cid), R["plural_reading"])
-            else:
-                keep.append(row)
-        rows = keep
-        summary["dropped_plural_readings"] = sorted(set(gone))
+        def plural_reading(row) -> bool:
+            form, _, _, lemma = row[:4]
+            return form in own and bool(lemma) and lemma != form and tags(lemma) <= tags(form)
+
+        rows, summary["dropped_plural_readings"] = _drop_rows(rows, plural_reading, R["plural_reading"], why)
     forms = choose_senses(rows, cfg.senses)
     skipped: list[str] = []
     if cfg.skip_adjectives:

@@ -24,6 +24,7 @@ from align.data import DataConfig
 from align.features import FeatureConfig
 from align.loss import LossConfig
 from align.projectors import ProjectorConfig
+from tether.distribute import DistributorConfig
 from tether.recipe import RecipeError, Strict, load_recipe, resolve_input, resolve_path
 
 
@@ -99,6 +100,8 @@ class TrainRecipe(Strict):
     projector: ProjectorsConfig = ProjectorsConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig
+    # where `align extract` encodes its shards: this process (local) or Ray actors (tether/distribute.py)
+    distributor: DistributorConfig = DistributorConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainRecipe":

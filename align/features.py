@@ -512,14 +512,35 @@ def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: 
     return out, meta, copied
 
 
+def load_encoder_pair(vision: dict, text: dict) -> tuple:
+    """``(VisionEncoder.load(**vision), TextEncoder.load(**text))``: what a Ray actor of ``align extract`` holds."""
+    from tether.encoders import TextEncoder, VisionEncoder
+
+    return VisionEncoder.load(**vision), TextEncoder.load(**text)
+
+
+def encode_job(encoders: tuple, job: tuple | None):
+    """One shard's ``_encode_shard`` (``job`` = its arguments after the encoders; None: the shard is on disk)."""
+    if job is None:
+        return None
+    chunk, cfg, store, img_d, txt_d = job
+    return _encode_shard(chunk, *encoders, cfg, SkipLog(), store, img_d, txt_d)
+
+
 def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Path, cfg: FeatureConfig | None = None,
                      data_id: dict | None = None, skips: SkipLog | None = None, overwrite: bool = False,
-                     progress: bool = True, total: int | None = None) -> FeatureCache:
+                     progress: bool = True, total: int | None = None, distributor=None,
+                     load_kwargs: tuple[dict, dict] | None = None) -> FeatureCache:
     """Encode ``samples`` with the frozen ``vision``/``text`` encoders into a cache at ``out_dir``.
 
     Resumable: shards already on disk are skipped. A folder holding a cache with a different key is refused
     (:class:`StaleCacheError`) unless ``overwrite``. ``skips`` receives the reader's skips (pass the same
     SkipLog that the reader writes to) and the decode skips; the manifest records them all.
+
+    ``distributor`` ``kind: ray`` (:class:`tether.distribute.DistributorConfig`) with ``load_kwargs`` (the
+    ``VisionEncoder.load`` / ``TextEncoder.load`` arguments of ``vision`` / ``text``): shards are encoded by Ray
+    actors that load the pair once each (images are read by path there: every node must see the data), and
+    written here in shard order — the same files as a local run.
     """
     from tqdm.auto import tqdm
 
@@ -571,27 +592,45 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     repaired: list[str] = []
     lang_counts: Counter = Counter()  # captions per language (data.captions)
     bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress, dynamic_ncols=True)
-    for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
-        name = f"shard-{idx:05d}.safetensors"
-        path = out / name
-        prev = old_entries.get(name, {})
-        stats = source_stats(chunk)
-        existed = path.exists()
-        if existed and "sha256" in prev:
-            try:
-                verify_file(path, prev)
-            except CorruptCacheError as e:  # damaged since it was written: encode it again
-                bar.write(f"warning: {str(e).split('; re-run')[0]}; encoding it again", file=sys.stderr)
-                repaired.append(name)
-                path.unlink()
-                existed = False
-        digest = None
-        if not existed:
+    def planned():  # ((shard, its facts), (encode job or None)) in shard order
+        for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
+            name = f"shard-{idx:05d}.safetensors"
+            path = out / name
+            prev = old_entries.get(name, {})
+            existed = path.exists()
+            if existed and "sha256" in prev:
+                try:
+                    verify_file(path, prev)
+                except CorruptCacheError as e:  # damaged since it was written: encode it again
+                    bar.write(f"warning: {str(e).split('; re-run')[0]}; encoding it again", file=sys.stderr)
+                    repaired.append(name)
+                    path.unlink()
+                    existed = False
+            stats = source_stats(chunk)
+            if existed:
+                yield (chunk, name, path, prev, stats, None, None), (None,)
+                continue
             digest, image_sha = chunk_digests(chunk)
-            shard_skips = SkipLog()
             img_d = donors.shard("image", name, len(chunk), digest, image_sha, stats) if donors else None
             txt_d = donors.shard("text", name, len(chunk), digest) if donors else None
-            tensors, meta, copied = _encode_shard(chunk, vision, text, cfg, shard_skips, store, img_d, txt_d)
+            yield (chunk, name, path, prev, stats, digest, image_sha), ((chunk, cfg, store, img_d, txt_d),)
+
+    from tether.distribute import Loaded, remote_embedding, run_units
+
+    if remote_embedding(distributor):
+        if load_kwargs is None:
+            raise RecipeError("distributor.kind: ray: align extract needs the encoders' load arguments")
+        vk, tk = load_kwargs
+        if distributor.gpus:
+            vk, tk = {**vk, "device": "cuda"}, {**tk, "device": "cuda"}
+        jobs = run_units(distributor, Loaded, (load_encoder_pair, {"vision": vk, "text": tk}, encode_job),
+                         planned(), gpus=distributor.gpus)
+    else:
+        jobs = ((facts, encode_job((vision, text), *job)) for facts, job in planned())
+    for (chunk, name, path, prev, stats, digest, image_sha), encoded in jobs:
+        existed = encoded is None
+        if not existed:
+            tensors, meta, copied = encoded
             meta["data_sha"], meta["image_sha"] = digest, image_sha
             for side in copied:
                 reused[side] = reused.get(side, 0) + 1

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from curate.balance import BalanceConfig
 from curate.concepts import ConceptsConfig
 from curate.dedup import DedupConfig
-from curate.distribute import DistributorConfig
+from tether.distribute import DistributorConfig
 from curate.filters import FilterConfig
 from curate.match import MatchConfig
 from curate.media import MediaRecipe
@@ -45,7 +45,7 @@ class BuildRecipe(Strict):
     output: OutputConfig = OutputConfig()
     media: MediaRecipe | None = None
     # where per-unit work runs (lexical matching): local processes (default: `threads`, else every core) or Ray;
-    # how to run, not what comes out (curate/distribute.py)
+    # how to run, not what comes out (tether/distribute.py)
     distributor: DistributorConfig = DistributorConfig()
 
     @field_validator("memory_limit")

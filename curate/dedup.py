@@ -109,21 +109,35 @@ def _embedding_cache_dir(cat: Catalog, encoder, cfg: NearDupConfig) -> Path | No
     return Path(str(cat.path) + ".cache") / "neardup" / f"{fp}-{cfg.max_length}"
 
 
-def _chunk_embeddings(cache: Path | None, ci: int, uids: list[str], captions, encoder, batch_size: int
-                      ) -> np.ndarray:
-    """Embeddings of one chunk, from the on-disk cache when it holds this exact uid list (resume after a kill)."""
+def _chunk_file(cache: Path | None, ci: int, uids: list[str]) -> Path | None:
+    """Where chunk ``ci`` with exactly this uid list is cached (None: no cache)."""
     import hashlib
 
     key = hashlib.sha1("\x1f".join(uids).encode()).hexdigest()[:16]
-    f = cache / f"{ci:06d}-{key}.npy" if cache is not None else None
+    return cache / f"{ci:06d}-{key}.npy" if cache is not None else None
+
+
+def encode_chunk(encoder, captions: list[str], batch_size: int) -> np.ndarray:
+    """One chunk's caption embeddings (float32), here or in a Ray actor (:func:`tether.distribute.embed_units`)."""
+    return encoder.encode(captions, batch_size=batch_size).astype(np.float32)
+
+
+def _save_chunk(f: Path, emb: np.ndarray) -> None:
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f.name + ".tmp.npy")
+    np.save(tmp, emb)
+    tmp.replace(f)  # atomic: a killed run never leaves a truncated chunk
+
+
+def _chunk_embeddings(cache: Path | None, ci: int, uids: list[str], captions, encoder, batch_size: int
+                      ) -> np.ndarray:
+    """Embeddings of one chunk, from the on-disk cache when it holds this exact uid list (resume after a kill)."""
+    f = _chunk_file(cache, ci, uids)
     if f is not None and f.exists():
         return np.load(f)
-    emb = encoder.encode(captions(), batch_size=batch_size).astype(np.float32)
+    emb = encode_chunk(encoder, captions(), batch_size)
     if f is not None:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f.name + ".tmp.npy")
-        np.save(tmp, emb)
-        tmp.replace(f)  # atomic: a killed run never leaves a truncated chunk
+        _save_chunk(f, emb)
     return emb
 
 
@@ -157,8 +171,11 @@ def greedy_near_dups(emb: np.ndarray, threshold: float, index=None) -> tuple[np.
 
 
 def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encoder=None,
-                 progress: bool = True) -> int:
-    """Drop captions whose embedding is within ``threshold`` cosine of an earlier kept caption."""
+                 progress: bool = True, distributor=None) -> int:
+    """Drop captions whose embedding is within ``threshold`` cosine of an earlier kept caption.
+
+    ``distributor`` ``kind: ray`` (:class:`tether.distribute.DistributorConfig`): the chunks not cached yet are
+    embedded by Ray actors first; the greedy pass then runs here over the cache, as a resumed local run would."""
     import faiss
     from tqdm.auto import tqdm
 
@@ -175,6 +192,23 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encod
         check_model("dedup.near.model", cfg.model)
         encoder = TextEncoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
     cache = _embedding_cache_dir(cat, encoder, cfg)
+    from tether.distribute import embed_units, remote_embedding
+
+    if remote_embedding(distributor) and cache is not None:
+        from tether.encoders import TextEncoder
+
+        def missing():
+            with cat.con.cursor() as c:
+                for ci, b in enumerate(c.sql("SELECT uid, caption FROM alive ORDER BY source, row_index")
+                                        .to_arrow_reader(cfg.chunk)):
+                    f = _chunk_file(cache, ci, b.column(0).to_pylist())
+                    if not f.exists():
+                        yield f, (b.column(1).to_pylist(), cfg.batch_size)
+
+        with tqdm(total=total, desc="embed captions (ray)", unit="caption", disable=not progress) as eb:
+            embed_units(distributor, TextEncoder.load,
+                        {"name_or_path": cfg.model, "device": cfg.device, "max_length": cfg.max_length},
+                        encode_chunk, missing(), _save_chunk, eb)
     cur = cat.con.cursor()
     reader = cur.sql("SELECT uid, caption FROM alive ORDER BY source, row_index").to_arrow_reader(cfg.chunk)
     index = faiss.IndexFlatIP(encoder.dim)

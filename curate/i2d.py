@@ -35,7 +35,7 @@ import img2dataset.main  # noqa: E402,F401 - the package's ``main`` attribute is
 from img2dataset.distributor import retrier  # noqa: E402
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
-from curate.distribute import die_with_parent  # noqa: E402
+from tether.distribute import die_with_parent  # noqa: E402
 from curate.fetch import USER_AGENT, FetchPolicy, Refused, clean_error, fetch, fetch_error  # noqa: E402
 
 i2d_main = sys.modules["img2dataset.main"]

@@ -268,11 +268,26 @@ def compute_phashes(cat: Catalog, rows: list[tuple], cfg: ImageDedupConfig, enco
         np.zeros((0, hs * hs // 8), np.uint8)
 
 
-def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb_dir: Path, encoder=None,
-                       encode_format: str = "jpg", chunk: int = 2000, progress: bool = True) -> np.ndarray:
-    """L2-normalised embeddings ``[len(rows), d]`` from a frozen vision encoder (cached as .npy chunks)."""
+def embed_image_bytes(encoder, blobs: list[bytes], pooling: str, batch_size: int, layer: int | None) -> np.ndarray:
+    """L2-normalised float32 embeddings of encoded images: one chunk, here or in a Ray actor."""
     from PIL import Image
+
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    return encoder.encode(images, pooling=pooling, batch_size=batch_size, normalize=True,
+                          layer=layer).astype(np.float32)
+
+
+def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb_dir: Path, encoder=None,
+                       encode_format: str = "jpg", chunk: int = 2000, progress: bool = True,
+                       distributor=None) -> np.ndarray:
+    """L2-normalised embeddings ``[len(rows), d]`` from a frozen vision encoder (cached as .npy chunks).
+
+    ``distributor`` ``kind: ray`` (:class:`tether.distribute.DistributorConfig`): the chunks are embedded by Ray
+    actors that load ``cfg.encoder`` once each (the driver sends the stored image bytes), committed here in order.
+    """
     from tqdm.auto import tqdm
+
+    from tether.distribute import Loaded, remote_embedding, run_units
 
     if encoder is None:
         from tether.encoders import VisionEncoder
@@ -285,11 +300,21 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb
     emb_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc="embed images", unit="img", disable=not progress)
     with ImageStore(encode_format) as store:
-        for s in range(0, len(todo), chunk):
-            part = todo[s:s + chunk]
-            images = [Image.open(io.BytesIO(store.read(*r[2:6]))).convert("RGB") for r in part]
-            vecs = encoder.encode(images, pooling=cfg.pooling, batch_size=cfg.batch_size, normalize=True,
-                                  layer=cfg.layer)
+        def chunks():
+            for s in range(0, len(todo), chunk):
+                part = todo[s:s + chunk]
+                yield part, ([store.read(*r[2:6]) for r in part], cfg.pooling, cfg.batch_size, cfg.layer)
+
+        if remote_embedding(distributor):
+            from tether.encoders import VisionEncoder
+
+            kwargs = {"name_or_path": cfg.encoder, "device": "cuda" if distributor.gpus else cfg.device,
+                      "dtype": cfg.dtype, "layer": cfg.layer}
+            done = run_units(distributor, Loaded, (VisionEncoder.load, kwargs, embed_image_bytes), chunks(),
+                             gpus=distributor.gpus)
+        else:
+            done = ((part, embed_image_bytes(encoder, *payload)) for part, payload in chunks())
+        for part, vecs in done:
             n_files = int(cat.scalar("SELECT count(DISTINCT file) FROM image_embeddings") or 0)
             name = f"{model.replace(':', '_').replace('+', '-')}-{n_files:06d}.npy"
             tmp = emb_dir / (name + ".tmp")
@@ -324,7 +349,7 @@ def candidates_digest(cat: Catalog) -> str:
 
 
 def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, encode_format: str = "jpg",
-                    encoder=None, progress: bool = True) -> DedupResult:
+                    encoder=None, progress: bool = True, distributor=None) -> DedupResult:
     """Judge every stored, alive image once (see module doc); replaces earlier ``image_dedup`` decisions."""
     rows = _candidates(cat)
     res = DedupResult(candidates=len(rows))
@@ -378,7 +403,8 @@ def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, 
     elif cfg.semantic.enabled:
         sub = np.flatnonzero(alive)
         emb = compute_embeddings(cat, [base[i] for i in sub], cfg.semantic, Path(build_dir) / "media" / "embeddings",
-                                 encoder=encoder, encode_format=encode_format, chunk=cfg.chunk, progress=progress)
+                                 encoder=encoder, encode_format=encode_format, chunk=cfg.chunk, progress=progress,
+                                 distributor=distributor)
         keep, r, s = semantic_duplicates(emb, cfg.semantic.epsilon, cfg.semantic.clusters, cfg.semantic.kmeans_iters,
                                          cfg.semantic.seed)
         apply("semantic", sub, keep, r, s,

@@ -124,13 +124,14 @@ def run_rebalance(cat: Catalog, cfg: RebalanceConfig, progress: bool = True):
 
 
 def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path, progress: bool = True,
-                       encoder=None) -> dict:
+                       encoder=None, distributor=None) -> dict:
     """Image dedup → re-balance → shards on the current downloads; returns the media report."""
     build_dir = claim_build_dir(build_dir, cat)
     fmt = recipe.download.encode_format
     dedup_params = {**recipe.image_dedup.model_dump(), "input": candidates_digest(cat)}
     res = _stage(cat, DEDUP, dedup_params,
-                 lambda: run_image_dedup(cat, recipe.image_dedup, build_dir, fmt, encoder=encoder, progress=progress),
+                 lambda: run_image_dedup(cat, recipe.image_dedup, build_dir, fmt, encoder=encoder, progress=progress,
+                                         distributor=distributor),
                  [REBALANCE])
     if res is not None:
         how = ", ".join(f"{k} {v:,}" for k, v in res.dropped.items())
@@ -169,8 +170,9 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
 
 
 def run_media(cat: Catalog, recipe: MediaRecipe, selection_path: str | Path, build_dir: str | Path,
-              progress: bool = True, encoder=None) -> dict:
-    """All media stages over the selection parquet (resumable; see the module doc). Returns the report."""
+              progress: bool = True, encoder=None, distributor=None) -> dict:
+    """All media stages over the selection parquet (resumable; see the module doc). Returns the report.
+    ``distributor`` (:class:`tether.distribute.DistributorConfig`): where SemDeDup's image embedding runs."""
     if selection_path is None or not Path(selection_path).exists():
         raise RecipeError(f"media: selection parquet not found: {selection_path}")
     claim_build_dir(build_dir, cat)  # the download stage deletes only inside a marked build folder
@@ -178,7 +180,7 @@ def run_media(cat: Catalog, recipe: MediaRecipe, selection_path: str | Path, bui
     if recipe.download.enabled:
         counts = run_download(cat, recipe.download, build_dir, progress=progress)
         log(f"  download: done \N{EM DASH} {download_summary(counts)}")
-    return run_after_download(cat, recipe, build_dir, progress=progress, encoder=encoder)
+    return run_after_download(cat, recipe, build_dir, progress=progress, encoder=encoder, distributor=distributor)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -230,7 +232,10 @@ def _cmd(args) -> int:
             else:
                 if not cat.stage_done(Stage.DOWNLOAD):
                     raise RecipeError(f"{build}: run `curate download {build}` first")
-                rep = run_after_download(cat, recipe, build, progress=progress)
+                from tether.distribute import DistributorConfig
+
+                dist = parse(DistributorConfig, data.get("distributor") or {}, f"{build}: distributor")
+                rep = run_after_download(cat, recipe, build, progress=progress, distributor=dist)
                 print(json.dumps({k: v for k, v in rep.items() if k != "concepts"}))
     except (RecipeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -100,7 +100,8 @@ def make_stages(cat: Catalog, recipe: BuildRecipe, build_dir: Path, result: Buil
         StageStep(Stage.DEDUP, {"exact": recipe.dedup.exact}, lambda: dedup.run_exact_dedup(cat, recipe.dedup),
                   counts="duplicate rows rejected"),
         StageStep(Stage.NEARDUP, recipe.dedup.near.model_dump(),
-                  lambda: dedup.run_near_dup(cat, recipe.dedup.near, progress=progress),
+                  lambda: dedup.run_near_dup(cat, recipe.dedup.near, progress=progress,
+                                            distributor=recipe.distributor),
                   counts="near-duplicate captions rejected"),
         StageStep(Stage.CONCEPTS, recipe.concepts.model_dump(), run_concepts, counts="concepts in the bank"),
         StageStep(Stage.MATCH, recipe.match.model_dump(), run_match, resumable=True,
@@ -225,7 +226,8 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
                 from curate.media import run_media
 
                 log("media stages: start")
-                run_media(cat, recipe.media, result.selection, build_dir, progress=progress)
+                run_media(cat, recipe.media, result.selection, build_dir, progress=progress,
+                          distributor=recipe.distributor)
     return result
 
 

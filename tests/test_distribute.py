@@ -13,7 +13,7 @@ import yaml
 
 from curate.catalog import Catalog
 from curate.cli import main
-from curate.distribute import DistributorConfig, local_workers, run_units
+from tether.distribute import DistributorConfig, local_workers, run_units
 from test_build import _make_csv, _recipe, _run_cli
 
 IN_ORDER = ("matches", "lexical_removed")  # committed unit by unit in unit order: the same rows in the same order

@@ -9,15 +9,20 @@ from align.features import CachedFeatures, FeatureCache, FeatureConfig, cache_ke
 from tether.recipe import RecipeError
 
 
+def encoder_load_kwargs(recipe: TrainRecipe, device: str = "cpu") -> tuple[dict, dict]:
+    """The ``VisionEncoder.load`` / ``TextEncoder.load`` arguments of the recipe's frozen encoders."""
+    return ({"name_or_path": recipe.encoder_name("vision"), "device": device, "dtype": recipe.vision.dtype,
+             "layer": recipe.vision.layer},
+            {"name_or_path": recipe.encoder_name("text"), "device": device, "dtype": recipe.text.dtype,
+             "max_length": recipe.text.max_length})
+
+
 def load_encoders(recipe: TrainRecipe, device: str = "cpu"):
     """The frozen vision and text encoders named by the recipe."""
-    from tether.encoders import TextEncoder, VisionEncoder
+    from align.features import load_encoder_pair
 
-    vision = VisionEncoder.load(recipe.encoder_name("vision"), device=device, dtype=recipe.vision.dtype,
-                                layer=recipe.vision.layer)
-    text = TextEncoder.load(recipe.encoder_name("text"), device=device, dtype=recipe.text.dtype,
-                            max_length=recipe.text.max_length)
-    return vision, text
+    vk, tk = encoder_load_kwargs(recipe, device)
+    return load_encoder_pair(vk, tk)
 
 
 def split_features_config(recipe: TrainRecipe, split: str) -> FeatureConfig:
@@ -48,7 +53,8 @@ def extract_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool
         total = len(samples)
     cache = extract_features(samples, vision, text, recipe.cache_dir(split), split_features_config(recipe, split),
                              data_id=data_id(data), skips=skips, overwrite=overwrite, progress=progress,
-                             total=total)
+                             total=total, distributor=recipe.distributor,
+                             load_kwargs=encoder_load_kwargs(recipe, str(getattr(vision, "device", "cpu"))))
     return cache
 
 

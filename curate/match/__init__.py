@@ -26,7 +26,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.distribute import DistributorConfig, run_units
+from tether.distribute import DistributorConfig, embed_units, remote_embedding, run_units
 from curate.stages import Begin, Stage
 from curate.match.lexical import (REASONS, FormPlan, LexicalConfig, LexicalMatcher, RuleMatcher, choose_senses,
                                   drop_rare_senses, naive_match, plan_forms)
@@ -135,12 +135,9 @@ def lexical_forms(cat: Catalog, cfg: LexicalConfig) -> tuple[dict[str, tuple[str
     return plan.forms, plan.summary
 
 
-
-
-
 # ------------------------------------------------------------------------------------------ stages
 class LexicalWorker:
-    """``match.lexical`` over one unit of captions, built once per process (:mod:`curate.distribute`): the
+    """``match.lexical`` over one unit of captions, built once per process (:mod:`tether.distribute`): the
     automaton, compounds, taggers of :class:`RuleMatcher`. ``(uids, captions)`` → the unit's ``matches`` rows,
     its ``lexical_removed`` rows (Arrow tables) and its caption count."""
 
@@ -165,7 +162,7 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True,
                 distributor: DistributorConfig | None = None, threads: int | None = None) -> int:
     """Lexical matching, resumable unit by unit; returns the number of ``lexical`` rows in ``matches``.
 
-    ``distributor`` says where the units are matched (:mod:`curate.distribute`; default: this process); the
+    ``distributor`` says where the units are matched (:mod:`tether.distribute`; default: this process); the
     result is the same rows in the same order either way."""
     from tqdm.auto import tqdm
 
@@ -199,7 +196,7 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True,
             else:
                 yield str(unit), (uids, caps)
 
-    # matched in this process or in workers (curate.distribute); committed here, in unit order, one unit a time
+    # matched in this process or in workers (tether.distribute); committed here, in unit order, one unit a time
     pending = -(-_input_size(cat) // cfg.unit_rows) - len(done)
     for unit, (tbl, gone, n_captions) in run_units(distributor or DistributorConfig(workers=1), LexicalWorker,
                                                    (plan, cfg), todo(), threads, n_items=pending):
@@ -220,10 +217,13 @@ def _cache_root(cat: Catalog, cfg: SemanticConfig) -> Path:
     return cat.path.with_name(cat.path.name + ".cache") / "match_semantic"
 
 
-def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encoder=None) -> int:
+def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encoder=None,
+                 distributor: DistributorConfig | None = None) -> int:
     """Semantic top-K matching; returns the number of ``semantic`` rows in ``matches``.
 
     ``encoder``: an already loaded :class:`tether.encoders.TextEncoder` (else ``cfg.model`` is loaded).
+    ``distributor`` ``kind: ray``: the caption units not cached yet are embedded by Ray actors first
+    (:func:`tether.distribute.embed_units`, same function per unit), then the search runs here over the cache.
     """
     from tqdm.auto import tqdm
 
@@ -238,8 +238,9 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
     if _input_size(cat) == 0:  # no caption to match: no encoder to load, no prompt to embed
         cat.mark_done(stage, 0)
         return 0
+    from tether.encoders import TextEncoder
+
     if encoder is None:
-        from tether.encoders import TextEncoder
         from curate.pipeline import check_model
 
         check_model("match.semantic.model", cfg.model)
@@ -259,6 +260,17 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
         print(f"match semantic: {len(prompts):,} concept-prompt embeddings reused from {pcache.root} "
               "(TETHER_PROMPT_CACHE=off recomputes them)")
     cache = EmbeddingCache(_cache_root(cat, cfg), f"{encoder.fingerprint}-{cfg.max_length}")
+    if remote_embedding(distributor):
+        def missing():
+            for unit, uids, caps in iter_units(cat, cfg.unit_rows):
+                if cache.get(unit, uids) is None:
+                    yield (unit, uids), (caps, cfg.batch_size)
+
+        with tqdm(total=_input_size(cat), desc="embed captions (ray)", unit="caption", disable=not progress) as eb:
+            embed_units(distributor, TextEncoder.load,
+                        {"name_or_path": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
+                         "max_length": cfg.max_length}, encode_sorted, missing(),
+                        lambda key, emb: cache.put(key[0], key[1], emb), eb)
     top = TopK(queries, cfg.top_k)
     bar = tqdm(total=_input_size(cat), desc="match semantic", unit="caption", disable=not progress)
     all_uids: list[pa.Array] = []  # compact Arrow strings: position → uid at the end
@@ -295,5 +307,5 @@ def run_match(cat: Catalog, cfg: MatchConfig, progress: bool = True, distributor
     if cfg.mode in ("lexical", "both"):
         n += run_lexical(cat, cfg.lexical, progress, distributor, threads)
     if cfg.mode in ("semantic", "both"):
-        n += run_semantic(cat, cfg.semantic, progress)
+        n += run_semantic(cat, cfg.semantic, progress, distributor=distributor)
     return n

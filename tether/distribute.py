@@ -1,6 +1,7 @@
 """Where a stage's per-unit work runs: in this process, in N local worker processes, or on a Ray cluster.
 
-A unit-resumable stage (lexical matching today) streams its units through :func:`run_units`: a *worker* is built
+Shared by both halves (curate's matching and embedding stages, align's feature extraction). A unit-resumable
+stage (lexical matching) streams its units through :func:`run_units`: a *worker* is built
 once per process from ``(factory, args)`` (e.g. the lexical matcher: its automaton and taggers are built in every
 worker, never sent per unit), each unit's payload goes to a worker, and the results come back **in unit order**
 with at most ``window`` units in flight, so memory is bounded by the window, not by the pool, and the driver
@@ -15,6 +16,14 @@ Recipe section ``distributor`` (how to run, not what comes out: it is never part
 * ``kind: ray`` — one Ray actor per worker (default: the cluster's CPUs) on the cluster at ``address``
   (``auto`` = the running cluster this machine joined, ``ray://host:10001`` = a remote head), or on a Ray
   instance started here with ``workers`` CPUs when ``address`` is null. Every node needs tether installed.
+
+The embedding stages (caption embedding for semantic matching and near-duplicate captions, image embedding for
+SemDeDup, ``align extract``) run their frozen encoder in this process with ``kind: local`` — torch already uses
+every core there — and, with ``kind: ray``, in a pool of Ray actors that each load the encoder once
+(:class:`Loaded`; ``gpus`` per actor where the cluster has GPUs, the encoder then on ``cuda``). Each unit's
+embeddings come back in unit order into the stage's own content-keyed cache on the driver, which then runs the
+stage exactly as a local run that finds every unit cached (:func:`embed_units`); the global steps (top-k,
+greedy dedup, k-means, the catalog) stay on the driver.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ class DistributorConfig(Strict):
     workers: int | None = Field(None, ge=1)  # local: processes; ray: actors (None: threads / cores / cluster CPUs)
     address: str | None = None  # ray: cluster address; None: start a Ray instance in this process
     window: int | None = Field(None, ge=1)  # units in flight (None: 2 × workers)
+    gpus: float = Field(0, ge=0)  # ray: GPUs per actor of the embedding stages (0: CPU actors); encoders on cuda
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -135,7 +145,8 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorConfig, window: int | None) -> Iterator:
+def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorConfig, window: int | None,
+             gpus: float = 0) -> Iterator:
     if not ray_available():
         raise RecipeError("distributor.kind: ray needs Ray: pip install 'ray>=2.9' (on every node of the cluster)")
     import ray
@@ -161,7 +172,13 @@ def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorCo
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         started = True
     try:
-        n = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resources = ray.cluster_resources()
+        if gpus:
+            if resources.get("GPU", 0) < gpus:
+                raise RecipeError(f"distributor.gpus={gpus}: the Ray cluster has {resources.get('GPU', 0):g} GPUs")
+            n = cfg.workers or max(1, int(resources["GPU"] // gpus))
+        else:
+            n = cfg.workers or max(1, int(resources.get("CPU", 1)))
 
         @ray.remote(num_cpus=1)
         class _Actor:
@@ -171,7 +188,7 @@ def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorCo
             def run(self, payload):
                 return self.worker(*payload)
 
-        actors = [_Actor.remote(factory, args) for _ in range(n)]
+        actors = [_Actor.options(num_gpus=gpus).remote(factory, args) for _ in range(n)]
         turn = iter(range(1 << 62))
 
         def submit(payload):
@@ -188,13 +205,53 @@ def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorCo
 
 
 def run_units(cfg: DistributorConfig, factory: Callable, args: tuple, items: Iterable[tuple[Any, tuple]],
-              threads: int | None = None, n_items: int | None = None) -> Iterator[tuple[Any, Any]]:
+              threads: int | None = None, n_items: int | None = None, gpus: float = 0) -> Iterator[tuple[Any, Any]]:
     """``(key, factory(*args)(*payload))`` for every ``(key, payload)`` of ``items``, in item order, run where
     ``cfg`` says (see the module doc). ``factory`` and the payloads must be picklable (module-level names).
-    ``n_items`` (when known): no more local workers than items — one unit runs in this process."""
+    ``n_items`` (when known): no more local workers than items — one unit runs in this process. ``gpus``: per
+    Ray actor."""
     if cfg.kind == "ray":
-        return _run_ray(factory, args, items, cfg, cfg.window)
+        return _run_ray(factory, args, items, cfg, cfg.window, gpus)
     n = local_workers(cfg, threads)
     if n_items is not None:
         n = max(1, min(n, n_items))
     return _run_local(factory, args, items, n, cfg.window or 2 * n)
+
+
+# --------------------------------------------------------------------------------------------------------
+# embedding stages
+# --------------------------------------------------------------------------------------------------------
+class Loaded:
+    """A worker holding one frozen encoder, loaded once per process/actor: ``load(**kwargs)``; each unit is
+    ``fn(encoder, *payload)``. ``load`` and ``fn`` are module-level callables (picklable by reference), e.g.
+    ``tether.encoders.TextEncoder.load`` and the stage's own per-unit encode function — the very function its
+    local path calls, so a unit's embeddings are computed the same way wherever they run."""
+
+    def __init__(self, load: Callable, kwargs: dict, fn: Callable):
+        self.encoder = load(**kwargs)
+        self.fn = fn
+
+    def __call__(self, *payload):
+        return self.fn(self.encoder, *payload)
+
+
+def remote_embedding(cfg: DistributorConfig | None) -> bool:
+    """Whether an embedding stage sends its units to Ray actors (``kind: ray``) rather than encoding in-process."""
+    return cfg is not None and cfg.kind == "ray"
+
+
+def embed_units(cfg: DistributorConfig, load: Callable, kwargs: dict, fn: Callable,
+                items: Iterable[tuple[Any, tuple]], put: Callable[[Any, Any], None], bar=None) -> int:
+    """Encode every ``(key, payload)`` of ``items`` on Ray actors (:class:`Loaded` over ``load(**kwargs)``, ``cfg.gpus``
+    GPUs each: ``device`` becomes ``cuda`` when > 0) and hand each result to ``put(key, result)`` on the driver, in
+    item order, at most ``window`` units in flight. ``bar`` (tqdm) advances by each result's length.
+    Returns the number of units encoded."""
+    if cfg.gpus:
+        kwargs = {**kwargs, "device": "cuda"}
+    n = 0
+    for key, result in run_units(cfg, Loaded, (load, kwargs, fn), items, gpus=cfg.gpus):
+        put(key, result)
+        if bar is not None:
+            bar.update(len(result))
+        n += 1
+    return n

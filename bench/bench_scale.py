@@ -187,7 +187,8 @@ def write_pool(out: str | os.PathLike, rows: int, seed: int = 0, shard_rows: int
 
 
 def make_recipe(pool: Path, dest: Path, t: int = 2000, threads: int | None = None, memory_limit: str | None = None,
-                temp_dir: str | None = None, workers: int | None = None, overrides: list[str] | None = None) -> Path:
+                temp_dir: str | None = None, workers: int | None = None, overrides: list[str] | None = None,
+                kind: str | None = None) -> Path:
     """The full-scale recipe with the media section removed, the pool as its source, lexical matching, t."""
     from curate.config import BuildRecipe
 
@@ -213,6 +214,8 @@ def make_recipe(pool: Path, dest: Path, t: int = 2000, threads: int | None = Non
             r.setdefault("distributor", {})["workers"] = int(workers)
         else:
             raise SystemExit("error: --workers: this tether has no `distributor.workers` recipe key yet")
+    if kind is not None:
+        r.setdefault("distributor", {})["kind"] = kind
     if overrides:
         from tether.recipe import apply_overrides
 
@@ -290,6 +293,7 @@ def run_build(recipe: Path, build: Path, log: Path) -> dict:
         n = int(cat.scalar("SELECT count(*) FROM samples"))
         dups = int(cat.scalar("SELECT count(*) FROM decisions WHERE stage = 'dedup' AND NOT kept"))
         matched = int(cat.scalar("SELECT count(DISTINCT uid) FROM matches"))
+        digest = catalog_digest(cat)
     per = []
     for stage, s, f, rows in stages:
         secs = (f or s) - s
@@ -298,7 +302,22 @@ def run_build(recipe: Path, build: Path, log: Path) -> dict:
                     "peak_rss": mon.peak(s, f)})
     peak_stage = max(per, key=lambda d: d["peak_rss"])["stage"] if per else None
     return {"wall_s": round(wall, 1), "peak_rss": mon.peak(), "max_process_rss": max_proc, "peak_stage": peak_stage,
-            "rows": n, "exact_duplicates": dups, "matched": matched, "stages": per, "log": str(log)}
+            "rows": n, "exact_duplicates": dups, "matched": matched, "digest": digest, "stages": per,
+            "log": str(log)}
+
+
+def catalog_digest(cat) -> str:
+    """A digest of what the build decided: ``matches`` and ``lexical_removed`` row by row in their stored order
+    (committed unit by unit: the same rows in the same order from 1 process, N processes or Ray), ``decisions``
+    and ``balance_report`` as sets of rows (written by DuckDB's parallel SQL, whose row order may vary between
+    any two runs). DuckDB ``hash`` per row (with its ``rowid`` for the ordered tables), summed."""
+    parts = []
+    for table, ordered in (("matches", True), ("lexical_removed", True), ("decisions", False),
+                           ("balance_report", False)):
+        cols = ", ".join(r[0] for r in cat.execute(f"DESCRIBE {table}").fetchall())
+        h = cat.scalar(f"SELECT coalesce(sum(hash({'rowid, ' if ordered else ''}{cols})::HUGEINT), 0) FROM {table}")
+        parts.append(f"{table}:{int(h) & ((1 << 64) - 1):016x}")
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
 
 
 def gb(b: int) -> str:
@@ -319,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temp-dir", default=None, help="recipe `temp_dir` (default: BUILD/.tmp)")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
                     help="lexical matching processes (`distributor.workers`); several values run side by side")
+    ap.add_argument("--kinds", nargs="+", choices=("local", "ray"), default=None,
+                    help="distributor kinds side by side (ray: a Ray instance started by the build with "
+                         "`--workers` CPUs)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other recipe override, as `curate build --set` (recorded in the JSON)")
     ap.add_argument("--keep-builds", action="store_true", help="keep each build folder (default: deleted)")
@@ -339,14 +361,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pool {n:,} rows: {pool} ({gen_s:.0f}s)", file=sys.stderr, flush=True)
         if args.pool_only:
             continue
-        for w in (args.workers or [None]):
-            tag = f"{n}" + (f"-w{w}" if w else "") + (f"-m{args.memory_limit}" if args.memory_limit else "")
+        for kind, w in [(k, w) for k in (args.kinds or [None]) for w in (args.workers or [None])]:
+            tag = (f"{n}" + (f"-{kind}" if kind else "") + (f"-w{w}" if w else "")
+                   + (f"-m{args.memory_limit}" if args.memory_limit else ""))
             recipe = make_recipe(pool, work / f"recipe-{tag}.yaml", args.t, args.threads, args.memory_limit,
-                                 args.temp_dir, w, args.set)
+                                 args.temp_dir, w, args.set, kind)
             build = work / f"build-{tag}"
             print(f"build {tag}: start", file=sys.stderr, flush=True)
             res = run_build(recipe, build, work / f"build-{tag}.log")
-            res.update({"pool_rows": n, "workers": w, "memory_limit": args.memory_limit, "recipe": str(recipe),
+            res.update({"pool_rows": n, "workers": w, "kind": kind or "local", "memory_limit": args.memory_limit, "recipe": str(recipe),
                         "pool_seconds": round(gen_s, 1), "overrides": args.set,
                         "load_avg_after": os.getloadavg()})
             results.append(res)
@@ -356,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(build)
     if not results:
         return 0
-    head = ["stage"] + [f"N={r['pool_rows']:,}" + (f" w={r['workers']}" if r["workers"] else "") for r in results]
+    head = ["stage"] + [f"N={r['pool_rows']:,}" + (f" {r['kind']}" if args.kinds else "")
+                        + (f" w={r['workers']}" if r["workers"] else "") for r in results]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     stages = list(dict.fromkeys(s["stage"] for r in results for s in r["stages"]))
@@ -372,6 +396,23 @@ def main(argv: list[str] | None = None) -> int:
     print("| **peak RSS (tree)** | " + " | ".join(f"{gb(r['peak_rss'])} ({r['peak_stage']})" for r in results) + " |")
     print("| duplicates / matched | " + " | ".join(f"{r['exact_duplicates']:,} / {r['matched']:,}"
                                                    for r in results) + " |")
+    # ratios against the first run of the same pool size (the baseline: list it first, e.g. --workers 1 2)
+    base = {}
+    for r in results:
+        base.setdefault(r["pool_rows"], r)
+
+    def stage_s(r, st):
+        return next((s["seconds"] for s in r["stages"] if s["stage"] == st), None)
+
+    for label, get in (("match: × first run's speed", lambda r: stage_s(r, "match")),
+                       ("wall: × first run's speed", lambda r: r["wall_s"])):
+        cells = []
+        for r in results:
+            a, b = get(base[r["pool_rows"]]), get(r)
+            cells.append(f"{a / b:.2f}×" if a and b else "—")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("| catalog digest | " + " | ".join(
+        r["digest"] + ("" if r["digest"] == base[r["pool_rows"]]["digest"] else " (DIFFERS)") for r in results) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -94,12 +94,18 @@ def local_workers(cfg: DistributorConfig, threads: int | None = None) -> int:
 # local processes
 # --------------------------------------------------------------------------------------------------------
 _WORKER: Callable | None = None
+_LIMITS: Any = None  # the worker's threadpoolctl limit, held for the process's life
 
 
-def _init_worker(parent_pid: int, factory: Callable, args: tuple) -> None:
-    global _WORKER
+def _init_worker(parent_pid: int, factory: Callable, args: tuple, threads: int) -> None:
+    global _WORKER, _LIMITS
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which stops the pool
+    # N workers on the machine's cores: each BLAS / OpenMP pool (spaCy's tagger → numpy → OpenBLAS) gets its share,
+    # not every core each (oversubscribed spinning threads), as Ray does for its actors (OMP_NUM_THREADS)
+    from threadpoolctl import threadpool_limits
+
+    _LIMITS = threadpool_limits(limits=threads)
     _WORKER = factory(*args)
 
 
@@ -128,8 +134,9 @@ def _run_local(factory: Callable, args: tuple, items: Iterable, workers: int, wi
         for key, payload in items:
             yield key, worker(*payload)
         return
+    share = max(1, local_workers(DistributorConfig()) // workers)  # this machine's cores per worker
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                               initargs=(os.getpid(), factory, args))
+                               initargs=(os.getpid(), factory, args, share))
     try:
         yield from _ordered(lambda p: pool.submit(_call, p), lambda f: f.result(), items, window)
     finally:

@@ -113,7 +113,9 @@ class LexicalConfig(Strict):
         """YAML reads an unquoted ``off`` as false: take it as "off"."""
         return "off" if v is False else v
     spacy_model: str = "en_core_web_sm"
-    unit_rows: int = Field(200_000, ge=1, description="captions per resumable unit (one commit each)")
+    # small enough that N workers get balanced shares (a 1M pool's ~590k captions: 12 units, not 3 — two workers
+    # on 3 units wait for the third), large enough that one commit per unit costs little
+    unit_rows: int = Field(50_000, ge=1, description="captions per resumable unit (one commit each)")
 
 
 def drop_adjective_forms(form_concepts: dict[str, tuple[str, ...]],

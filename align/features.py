@@ -615,14 +615,12 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
             txt_d = donors.shard("text", name, len(chunk), digest) if donors else None
             yield (chunk, name, path, prev, stats, digest, image_sha), ((chunk, cfg, store, img_d, txt_d),)
 
-    from tether.distribute import Loaded, remote_embedding, run_units
+    from tether.distribute import Loaded, actor_load_kwargs, remote_embedding, run_units
 
     if remote_embedding(distributor):
         if load_kwargs is None:
             raise RecipeError("distributor.kind: ray: align extract needs the encoders' load arguments")
-        vk, tk = load_kwargs
-        if distributor.gpus:
-            vk, tk = {**vk, "device": "cuda"}, {**tk, "device": "cuda"}
+        vk, tk = (actor_load_kwargs(distributor, kw) for kw in load_kwargs)
         jobs = run_units(distributor, Loaded, (load_encoder_pair, {"vision": vk, "text": tk}, encode_job),
                          planned(), gpus=distributor.gpus)
     else:

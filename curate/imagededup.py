@@ -287,7 +287,7 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb
     """
     from tqdm.auto import tqdm
 
-    from tether.distribute import Loaded, remote_embedding, run_units
+    from tether.distribute import Loaded, actor_load_kwargs, remote_embedding, run_units
 
     if encoder is None:
         from tether.encoders import VisionEncoder
@@ -308,8 +308,8 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb
         if remote_embedding(distributor):
             from tether.encoders import VisionEncoder
 
-            kwargs = {"name_or_path": cfg.encoder, "device": "cuda" if distributor.gpus else cfg.device,
-                      "dtype": cfg.dtype, "layer": cfg.layer}
+            kwargs = actor_load_kwargs(distributor, {"name_or_path": cfg.encoder, "device": cfg.device,
+                                                     "dtype": cfg.dtype, "layer": cfg.layer})
             done = run_units(distributor, Loaded, (VisionEncoder.load, kwargs, embed_image_bytes), chunks(),
                              gpus=distributor.gpus)
         else:

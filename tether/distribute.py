@@ -247,16 +247,19 @@ def remote_embedding(cfg: DistributorConfig | None) -> bool:
     return cfg is not None and cfg.kind == "ray"
 
 
+def actor_load_kwargs(cfg: DistributorConfig, kwargs: dict) -> dict:
+    """An encoder's load arguments as a Ray actor of ``cfg`` uses them: on ``cuda`` when it holds GPUs."""
+    return {**kwargs, "device": "cuda"} if cfg.gpus else kwargs
+
+
 def embed_units(cfg: DistributorConfig, load: Callable, kwargs: dict, fn: Callable,
                 items: Iterable[tuple[Any, tuple]], put: Callable[[Any, Any], None], bar=None) -> int:
     """Encode every ``(key, payload)`` of ``items`` on Ray actors (:class:`Loaded` over ``load(**kwargs)``, ``cfg.gpus``
     GPUs each: ``device`` becomes ``cuda`` when > 0) and hand each result to ``put(key, result)`` on the driver, in
     item order, at most ``window`` units in flight. ``bar`` (tqdm) advances by each result's length.
     Returns the number of units encoded."""
-    if cfg.gpus:
-        kwargs = {**kwargs, "device": "cuda"}
     n = 0
-    for key, result in run_units(cfg, Loaded, (load, kwargs, fn), items, gpus=cfg.gpus):
+    for key, result in run_units(cfg, Loaded, (load, actor_load_kwargs(cfg, kwargs), fn), items, gpus=cfg.gpus):
         put(key, result)
         if bar is not None:
             bar.update(len(result))

@@ -30,7 +30,6 @@ from curate.catalog import Catalog
 from tether.recipe import Strict
 
 NORM_CAPTION_SQL = "trim(regexp_replace(lower({c}), '[\\pP\\pS\\s]+', ' ', 'g'))"
-WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))"
 
 
 def norm_caption_sql(col: str = "caption") -> str:

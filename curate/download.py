@@ -26,6 +26,7 @@ Rows sharing a URL (several captions of one image) download it once and all rece
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -258,17 +259,28 @@ def fetch_policy(cfg: DownloadConfig):
                        max_pixels=cfg.max_pixels, allow_private_hosts=cfg.allow_private_hosts)
 
 
-def run_img2dataset(url_list: Path, out_dir: Path, cfg: DownloadConfig) -> None:
+def run_img2dataset(url_list: Path, out_dir: Path, cfg: DownloadConfig, cluster=None) -> None:
     """Call ``img2dataset.download`` (resumes by itself: shards with a ``_stats.json`` are skipped) with tether's
-    download rules in every worker (:func:`curate.i2d.guarded`)."""
+    download rules in every worker (:func:`curate.i2d.guarded`).
+
+    ``distributor: ray``: img2dataset's own Ray distributor (one Ray task per shard) on the Ray cluster of
+    ``cluster`` (the build's :class:`tether.distribute.DistributorConfig`: the same cluster as the matching and
+    embedding stages; default: one already initialised in this process, else a local instance with every CPU),
+    joined before and left after the download."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset  # imported late: it pulls albumentations/cv2
 
     from curate.i2d import guarded
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with guarded(fetch_policy(cfg)):
-        img2dataset.download(url_list=str(url_list), output_folder=str(out_dir), **img2dataset_kwargs(cfg))
+    with contextlib.ExitStack() as stack:
+        if cfg.distributor == "ray":
+            from tether.distribute import DistributorConfig, ray_cluster
+
+            stack.enter_context(ray_cluster(cluster if cluster is not None and cluster.kind == "ray"
+                                            else DistributorConfig(kind="ray")))
+        with guarded(fetch_policy(cfg)):
+            img2dataset.download(url_list=str(url_list), output_folder=str(out_dir), **img2dataset_kwargs(cfg))
 
 
 def _attempt_dir(build_dir: Path, attempt: int) -> Path:
@@ -324,7 +336,7 @@ def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, members: 
 
 
 def _download_urls(cat: Catalog, cfg: DownloadConfig, rows: list[tuple], build_dir: Path, attempt: int,
-                   progress: bool) -> None:
+                   progress: bool, cluster=None) -> None:
     """Download the distinct URLs of ``rows`` (uid, url, caption) with img2dataset and record every row."""
     if not rows:
         return
@@ -337,7 +349,7 @@ def _download_urls(cat: Catalog, cfg: DownloadConfig, rows: list[tuple], build_d
     out = adir / "out"
     expected = -(-len(members) // cfg.number_sample_per_shard)
     if len(list(out.glob("*_stats.json"))) < expected:
-        run_img2dataset(adir / "input.parquet", out, cfg)
+        run_img2dataset(adir / "input.parquet", out, cfg, cluster)
     load_outcomes(cat, out, attempt, cfg.output_format, members, progress)
     loaded = cat.scalar("SELECT count(*) FROM downloads WHERE attempt = ? AND format IN ('webdataset', 'files')",
                         [attempt])
@@ -359,8 +371,11 @@ def _params(cfg: DownloadConfig, cat: Catalog) -> dict:
     return d
 
 
-def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True) -> dict:
-    """Download / check every ``media_rows`` row once; returns counts per status. Resumable (see module doc)."""
+def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True,
+                 cluster=None) -> dict:
+    """Download / check every ``media_rows`` row once; returns counts per status. Resumable (see module doc).
+    ``cluster``: the build's distributor, whose Ray cluster a ``distributor: ray`` download uses
+    (:func:`run_img2dataset`)."""
     build_dir = Path(build_dir)
     params = _params(cfg, cat)
     # new or changed settings start over (their folder too); a rerun with the same settings resumes
@@ -375,12 +390,13 @@ def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
         _local_rows(cat, cfg, progress)
         urls = cat.execute("SELECT uid, url, caption FROM media_rows WHERE path IS NULL AND url IS NOT NULL "
                            "ORDER BY pos").fetchall()
-        _download_urls(cat, cfg, urls, build_dir, 0, progress)
+        _download_urls(cat, cfg, urls, build_dir, 0, progress, cluster)
         cat.mark_done(STAGE, int(cat.scalar("SELECT count(*) FROM downloads")))
     return download_counts(cat)
 
 
-def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True) -> int:
+def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True,
+                 cluster=None) -> int:
     """Re-download only the failed URL rows (a new attempt folder); returns how many were retried.
 
     Resumable: a killed retry keeps its attempt number (``stages('download_retry')``) and its input list.
@@ -398,7 +414,7 @@ def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
         rows = cat.execute(
             """SELECT m.uid, m.url, m.caption FROM media_rows m JOIN downloads d USING (uid)
                WHERE d.status <> ? AND m.url IS NOT NULL AND m.path IS NULL ORDER BY m.pos""", [SUCCESS]).fetchall()
-    _download_urls(cat, cfg, rows, Path(build_dir), attempt, progress)
+    _download_urls(cat, cfg, rows, Path(build_dir), attempt, progress, cluster)
     cat.mark_done(RETRY_STAGE, len(rows))
     return len(rows)
 

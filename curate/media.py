@@ -172,13 +172,14 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
 def run_media(cat: Catalog, recipe: MediaRecipe, selection_path: str | Path, build_dir: str | Path,
               progress: bool = True, encoder=None, distributor=None) -> dict:
     """All media stages over the selection parquet (resumable; see the module doc). Returns the report.
-    ``distributor`` (:class:`tether.distribute.DistributorConfig`): where SemDeDup's image embedding runs."""
+    ``distributor`` (:class:`tether.distribute.DistributorConfig`): where SemDeDup's image embedding runs, and the
+    Ray cluster of a ``download.distributor: ray`` download."""
     if selection_path is None or not Path(selection_path).exists():
         raise RecipeError(f"media: selection parquet not found: {selection_path}")
     claim_build_dir(build_dir, cat)  # the download stage deletes only inside a marked build folder
     load_selection(cat, selection_path)
     if recipe.download.enabled:
-        counts = run_download(cat, recipe.download, build_dir, progress=progress)
+        counts = run_download(cat, recipe.download, build_dir, progress=progress, cluster=distributor)
         log(f"  download: done \N{EM DASH} {download_summary(counts)}")
     return run_after_download(cat, recipe, build_dir, progress=progress, encoder=encoder, distributor=distributor)
 
@@ -219,22 +220,23 @@ def _cmd(args) -> int:
         if recipe.shards.enabled and args.media_cmd == "shard":
             claim_output_dir(build, out_dir_of(recipe.shards, build), "media.shards.out", check_only=True)
         # a folder tether did not make is refused untouched; the build lock is held before the first write
+        from tether.distribute import DistributorConfig
+
+        # the build's distributor: SemDeDup's actors and the Ray cluster of a `download.distributor: ray` download
+        dist = parse(DistributorConfig, data.get("distributor") or {}, f"{build}: distributor")
         with open_build_dir(build, create=False), Catalog(build / "catalog.duckdb") as cat:
             if args.media_cmd == "download":
                 load_selection(cat, _selection_of(build, data, args.selection))
-                print(json.dumps(run_download(cat, recipe.download, build, progress=progress)))
+                print(json.dumps(run_download(cat, recipe.download, build, progress=progress, cluster=dist)))
             elif args.media_cmd == "retry-failed":
                 if not cat.stage_done(Stage.DOWNLOAD):
                     raise RecipeError(f"{build}: run `curate download {build}` first")
-                n = retry_failed(cat, recipe.download, build, progress=progress)
+                n = retry_failed(cat, recipe.download, build, progress=progress, cluster=dist)
                 print(json.dumps({"retried": n, **download_counts(cat)}))
                 print(f"now run `curate shard {build}` to dedup, re-balance and re-shard", file=sys.stderr)
             else:
                 if not cat.stage_done(Stage.DOWNLOAD):
                     raise RecipeError(f"{build}: run `curate download {build}` first")
-                from tether.distribute import DistributorConfig
-
-                dist = parse(DistributorConfig, data.get("distributor") or {}, f"{build}: distributor")
                 rep = run_after_download(cat, recipe, build, progress=progress, distributor=dist)
                 print(json.dumps({k: v for k, v in rep.items() if k != "concepts"}))
     except (RecipeError, FileNotFoundError) as e:

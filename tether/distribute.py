@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -152,8 +153,12 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorConfig, window: int | None,
-             gpus: float = 0) -> Iterator:
+@contextmanager
+def ray_cluster(cfg: DistributorConfig) -> Iterator:
+    """The Ray cluster of ``cfg`` for the ``with`` block: joined at ``cfg.address`` (checked first, so a wrong
+    address fails in seconds with one line), or a Ray instance started here with ``cfg.workers`` CPUs when there is
+    no address. An instance this call started or joined is shut down at the end; one that was already initialised
+    in this process (``ray.init`` by the caller) is used as it is and left running. Yields the ``ray`` module."""
     if not ray_available():
         raise RecipeError("distributor.kind: ray needs Ray: pip install 'ray>=2.9' (on every node of the cluster)")
     import ray
@@ -167,18 +172,26 @@ def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorCo
         except (OSError, ValueError) as e:
             raise RecipeError(f"distributor.address={cfg.address!r}: cannot join the Ray cluster: "
                               f"{type(e).__name__}: {e}") from None
-    started = False
-    if not ray.is_initialized():
-        try:
-            if cfg.address:
-                ray.init(address=cfg.address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=cfg.workers or None, include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RecipeError(f"distributor.address={cfg.address!r}: cannot join the Ray cluster: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        started = True
+    if ray.is_initialized():
+        yield ray
+        return
     try:
+        if cfg.address:
+            ray.init(address=cfg.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=cfg.workers or None, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RecipeError(f"distributor.address={cfg.address!r}: cannot join the Ray cluster: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorConfig, window: int | None,
+             gpus: float = 0) -> Iterator:
+    with ray_cluster(cfg) as ray:
         resources = ray.cluster_resources()
         if gpus:
             if resources.get("GPU", 0) < gpus:
@@ -206,9 +219,6 @@ def _run_ray(factory: Callable, args: tuple, items: Iterable, cfg: DistributorCo
         finally:
             for a in actors:
                 ray.kill(a)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_units(cfg: DistributorConfig, factory: Callable, args: tuple, items: Iterable[tuple[Any, tuple]],

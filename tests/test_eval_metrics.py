@@ -306,7 +306,7 @@ def test_align_select_cli_ranks_and_resumes(tmp_path, tiny_vision_dir, tiny_text
 
 
 def test_align_eval_from_feature_cache_matches_encoding(tmp_path, tiny_model_dir, tiny_vision, tiny_text,
-                                                         tiny_vision_dir, tiny_text_dir):
+                                                         tiny_vision_dir, tiny_text_dir, capsys):
     """`align eval --features <align extract cache>`: projectors only, same numbers as full re-encoding."""
     from align.cli import main
     from align.data import Sample
@@ -321,6 +321,9 @@ def test_align_eval_from_feature_cache_matches_encoding(tmp_path, tiny_model_dir
     extra = ["--vision-path", str(tiny_vision_dir), "--text-path", str(tiny_text_dir)]
     assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--features", str(tmp_path / "feats"),
                  "--out", str(tmp_path / "a")] + extra) == 0
+    # what was evaluated, from the cache (was "language: unknown (? images, ? captions)")
+    printed = capsys.readouterr().out
+    assert "?" not in printed and "queries: 4 images, 12 captions" in printed, printed
     assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--data", str(root),
                  "--out", str(tmp_path / "b")] + extra) == 0
     ra = json.loads((tmp_path / "a" / "retrieval.json").read_text())

@@ -205,7 +205,11 @@ def run_eval(model: Any, task: str, data: str | None = None, split: str = "test"
         if features and data is None:
             from align.features import FeatureCache
 
-            c = FeatureCache.open(features).load()
+            fc = FeatureCache.open(features)
+            c = fc.load()
+            langs = fc.manifest.get("caption_langs") or {}  # {code: captions}, when extraction recorded them
+            meta["language"] = language or (", ".join(langs) if langs else None)
+            meta["n_images"], meta["n_captions"] = int(c.image.shape[0]), int(c.text.shape[0])
             img_raw = c.image.numpy()
             img_raw = img_raw[:, 0] if img_raw.ndim == 3 else img_raw
             img = model.project_image_features(img_raw)
@@ -317,8 +321,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    language=args.language)
     if args.task == "retrieval":
         m = res["meta"]
-        print(f"{'language':>24}: {m.get('language') or 'unknown'} ({m.get('n_images', '?')} images, "
-              f"{m.get('n_captions', '?')} captions)")
+        counts = f"{m['n_images']} images, {m['n_captions']} captions"
+        print(f"{'language':>24}: {m['language']} ({counts})" if m.get("language") else f"{'queries':>24}: {counts}")
     for k, v in res["metrics"].items():
         print(f"{k:>24}: {v:.2f}" if isinstance(v, float) else f"{k:>24}: {v}")
     if res["metrics"].get("n_skipped"):

@@ -157,8 +157,9 @@ def ray_available() -> bool:
 def ray_cluster(cfg: DistributorConfig) -> Iterator:
     """The Ray cluster of ``cfg`` for the ``with`` block: joined at ``cfg.address`` (checked first, so a wrong
     address fails in seconds with one line), or a Ray instance started here with ``cfg.workers`` CPUs when there is
-    no address. An instance this call started or joined is shut down at the end; one that was already initialised
-    in this process (``ray.init`` by the caller) is used as it is and left running. Yields the ``ray`` module."""
+    no address. At the end this process leaves what this call connected to (``ray.shutdown``: an instance started
+    here stops, a joined cluster keeps running); a Ray already initialised in this process (``ray.init`` by the
+    caller) is used as it is and left connected. Yields the ``ray`` module."""
     if not ray_available():
         raise RecipeError("distributor.kind: ray needs Ray: pip install 'ray>=2.9' (on every node of the cluster)")
     import ray

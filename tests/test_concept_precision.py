@@ -170,3 +170,49 @@ def test_new_kept_labels_are_what_the_precise_matcher_finds(tmp_path):
     found = B.match_pairs({r["uid"]: r["caption"] for r in rows}, str(REPO / "recipes" / "quickstart_curate.yaml"),
                           ov, tmp_path)
     assert [(r["uid"], r["concept_id"]) for r in rows if (r["uid"], r["concept_id"]) not in found] == []
+
+
+def _context_bench():
+    spec = importlib.util.spec_from_file_location("concept_context", REPO / "bench" / "concept_context.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_context_veto_table_counts():
+    C = _context_bench()
+    rows = [_row("1", "a", "kept", 1), _row("2", "b", "kept", 0), _row("3", "c", "kept", 0), _row("4", "d", "kept", 1)]
+    # (row, margin, senses, rank): a correct first sense, a wrong non-first sense, a wrong sense of a one-sense word
+    # (never vetoed), a correct non-first sense with a small negative margin
+    m = [(rows[0], -0.3, 3, 0), (rows[1], -0.2, 2, 1), (rows[2], -0.9, 1, 0), (rows[3], -0.05, 4, 2)]
+    t = {(v["veto"], v["threshold"]): v for v in C.veto_table(m, {"kept": 2}, thresholds=(-0.1, 0.0))}
+    v = t[("any sense", -0.1)]
+    assert (v["wrong_removed"], v["correct_removed"]) == (1, 1) and v["precision"] == 0.5 and v["recall"] == 0.5
+    v = t[("not first sense", -0.1)]
+    assert (v["wrong_removed"], v["correct_removed"]) == (1, 0) and v["precision"] == pytest.approx(2 / 3)
+    assert v["recall"] == 1.0
+    v = t[("not first sense", 0.0)]
+    assert (v["wrong_removed"], v["correct_removed"]) == (1, 1) and v["recall"] == 0.5
+
+
+def test_context_margins_with_a_fake_encoder():
+    from curate.wordnet import WordNet
+
+    try:
+        wn = WordNet.load()
+    except RecipeError as e:
+        pytest.skip(f"WordNet not installed: {e}")
+    C = _context_bench()
+    bird_wing = wn.senses["wing"][0]
+    assert C.word_lemma(wn, "wings", bird_wing) == "wing" and C.word_lemma(wn, "Wing", bird_wing) == "wing"
+
+    class Fake:  # a caption or signature mentioning "flying" points one way, everything else the other
+        def encode(self, texts):
+            import numpy as np
+
+            return np.array([[1.0, 0.0] if "flying" in t else [0.0, 1.0] for t in texts])
+
+    row = _row("1", bird_wing, "kept", 1) | {"caption": "a bird flying with its wings up", "matched_form": "wings"}
+    (r, margin, n, rank), = C.margins([row], Fake(), wn)
+    assert n == len(wn.senses["wing"]) and rank == 0
+    assert "flying" in C.signature(wn, "wing", bird_wing) and margin == 1.0  # the other senses score 0

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import concept_precision as cp  # noqa: E402
-from tether.recipe import RecipeError  # noqa: E402
+from tether.clikit import run_command  # noqa: E402
 
 THRESHOLDS = (-0.15, -0.1, -0.05, 0.0)
 
@@ -87,36 +87,33 @@ def veto_table(m: list[tuple[dict, float, int, int]], n_correct: dict[str, int],
     return out
 
 
+def report(args: argparse.Namespace) -> None:
+    rows = cp.read_labels()
+    n_correct = {s: sum(int(r["correct"]) for r in rows if r["set"] == s) for s in cp.SETS}
+    with tempfile.TemporaryDirectory() as tmp:
+        found = cp.match_pairs({r["uid"]: r["caption"] for r in rows}, args.recipe, [], Path(tmp))
+    rows = [r for r in rows if (r["uid"], r["concept_id"]) in found]
+    judged = [dict(r, set="new") for r in cp.read_labels(cp.ROOT / "bench" / "data" / "concept_precision_new_kept.csv")]
+    n_correct["new"] = sum(int(r["correct"]) for r in judged)
+    rows += judged
+    from curate.wordnet import WordNet
+    from tether.encoders import load_text_encoder
+
+    wn = WordNet.load()
+    print("| encoder | veto | threshold | set | wrong removed | correct removed | precision | recall of correct |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.encoder or ["all-MiniLM-L6-v2"]:
+        m = margins(rows, load_text_encoder(name), wn)
+        for v in veto_table(m, n_correct):
+            print(f"| {name} | {v['veto']} | {v['threshold']:+.2f} | {v['set']} | {v['wrong_removed']} | "
+                  f"{v['correct_removed']} | {v['precision']:.3f} | {v['recall']:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default=str(cp.ROOT / "recipes" / "quickstart_curate.yaml"))
     ap.add_argument("--encoder", action="append", default=[], help="text encoder (zoo name, hub id or folder)")
-    args = ap.parse_args(argv)
-    try:
-        rows = cp.read_labels()
-        n_correct = {s: sum(int(r["correct"]) for r in rows if r["set"] == s) for s in cp.SETS}
-        with tempfile.TemporaryDirectory() as tmp:
-            found = cp.match_pairs({r["uid"]: r["caption"] for r in rows}, args.recipe, [], Path(tmp))
-        rows = [r for r in rows if (r["uid"], r["concept_id"]) in found]
-        judged = [dict(r, set="new") for r in cp.read_labels(cp.ROOT / "bench" / "data" / "concept_precision_new_kept.csv")]
-        n_correct["new"] = sum(int(r["correct"]) for r in judged)
-        rows += judged
-        from curate.wordnet import WordNet
-        from tether.encoders import load_text_encoder
-
-        wn = WordNet.load()
-        print("| encoder | veto | threshold | set | wrong removed | correct removed | precision | recall of correct |")
-        print("|---|---|---|---|---|---|---|---|")
-        for name in args.encoder or ["all-MiniLM-L6-v2"]:
-            m = margins(rows, load_text_encoder(name), wn)
-            for v in veto_table(m, n_correct):
-                print(f"| {name} | {v['veto']} | {v['threshold']:+.2f} | {v['set']} | {v['wrong_removed']} | "
-                      f"{v['correct_removed']} | {v['precision']:.3f} | {v['recall']:.3f} |")
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command(report, ap.parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tether.clikit import run_command  # noqa: E402
 from tether.recipe import RecipeError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,26 +258,25 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n", type=int, default=300)
     d.add_argument("--seed", type=int, default=13)
     d.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "draw":
-            draw(args.build, args.n, args.seed, args.out)
-            return 0
-        rows = read_labels(args.labels)
-        comparison = None
-        if args.variant:
-            variants = [parse_variant(v) for v in args.variant]
-            captions = {r["uid"]: r["caption"] for r in rows}
-            with tempfile.TemporaryDirectory() as tmp:
-                found = {name: match_pairs(captions, args.recipe, ov, Path(tmp), args.build) for name, ov in variants}
-            comparison = compare(rows, found)
-        text = report_md(rows, comparison)
-        print(text, end="")
-        if args.out:
-            Path(args.out).write_text(text, encoding="utf-8")
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_run, ap.parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "draw":
+        draw(args.build, args.n, args.seed, args.out)
+        return 0
+    rows = read_labels(args.labels)
+    comparison = None
+    if args.variant:
+        variants = [parse_variant(v) for v in args.variant]
+        captions = {r["uid"]: r["caption"] for r in rows}
+        with tempfile.TemporaryDirectory() as tmp:
+            found = {name: match_pairs(captions, args.recipe, ov, Path(tmp), args.build) for name, ov in variants}
+        comparison = compare(rows, found)
+    text = report_md(rows, comparison)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
     return 0
 
 

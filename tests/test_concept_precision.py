@@ -14,8 +14,8 @@ from tether.recipe import RecipeError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("concept_precision", REPO / "bench" / "concept_precision.py")
+def _bench(name: str = "concept_precision"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -172,15 +172,8 @@ def test_new_kept_labels_are_what_the_precise_matcher_finds(tmp_path):
     assert [(r["uid"], r["concept_id"]) for r in rows if (r["uid"], r["concept_id"]) not in found] == []
 
 
-def _context_bench():
-    spec = importlib.util.spec_from_file_location("concept_context", REPO / "bench" / "concept_context.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_context_veto_table_counts():
-    C = _context_bench()
+    C = _bench("concept_context")
     rows = [_row("1", "a", "kept", 1), _row("2", "b", "kept", 0), _row("3", "c", "kept", 0), _row("4", "d", "kept", 1)]
     # (row, margin, senses, rank): a correct first sense, a wrong non-first sense, a wrong sense of a one-sense word
     # (never vetoed), a correct non-first sense with a small negative margin
@@ -202,7 +195,7 @@ def test_context_margins_with_a_fake_encoder():
         wn = WordNet.load()
     except RecipeError as e:
         pytest.skip(f"WordNet not installed: {e}")
-    C = _context_bench()
+    C = _bench("concept_context")
     bird_wing = wn.senses["wing"][0]
     assert C.word_lemma(wn, "wings", bird_wing) == "wing" and C.word_lemma(wn, "Wing", bird_wing) == "wing"
 

@@ -79,6 +79,10 @@ class TrainConfig(Strict):
     image_pooling: Literal["cache", "cls", "mean"] = "cache"
     crop_scale: tuple[float, float] = (0.5, 1.0)  # encoders path only
     num_workers: int = Field(0, ge=0)  # encoders path: image decoding workers
+    # cache path: the most memory the training features may take (MiB, stored dtype). A cache that fits is held
+    # whole on the device; a larger one is streamed in shuffled windows of shards, two at a time (the one in use and
+    # the next, read ahead): memory is set here, not by the cache's size (align/training/stream.py)
+    cache_memory_mb: float = Field(4096, gt=0)
     checkpoint_every: int = Field(500, ge=1)  # optimiser steps
     keep_checkpoints: int = Field(2, ge=1)
     val_every: int | None = Field(None, ge=1)  # optimiser steps; None = end of every epoch

@@ -279,8 +279,10 @@ class FeatureCache:
                                   f"(re-run `align extract --overwrite` or choose another features.cache_dir)")
 
     # -- reading ------------------------------------------------------------------------------------------------
-    def iter_shards(self, tokens: bool = False, dtype: torch.dtype = torch.float32) -> Iterator[dict[str, Any]]:
-        """One dict per shard: the tensors (``*_tokens`` only when asked) plus ``keys`` and ``captions``."""
+    def iter_shards(self, tokens: bool = False, dtype: torch.dtype | None = torch.float32
+                    ) -> Iterator[dict[str, Any]]:
+        """One dict per shard: the tensors (``*_tokens`` only when asked) plus ``keys`` and ``captions``;
+        floating tensors made ``dtype`` (None: kept as stored)."""
         if tokens and not self.key.get("tokens"):
             raise RecipeError(f"{self.root}: cache has no token grids; extract with features.tokens=true")
         for s in self.manifest["shards"]:
@@ -292,12 +294,13 @@ class FeatureCache:
                     if not tokens and (name.endswith("tokens") or name == "text_mask"):
                         continue
                     t = f.get_tensor(name)
-                    out[name] = t.to(dtype) if t.is_floating_point() else t
+                    out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
             out["keys"] = json.loads(meta.get("keys", "[]"))
             out["captions"] = json.loads(meta.get("captions", "[]"))
             yield out
 
-    def load(self, tokens: bool = False, dtype: torch.dtype = torch.float32) -> CachedFeatures:
+    def load(self, tokens: bool = False, dtype: torch.dtype | None = torch.float32) -> CachedFeatures:
+        """Every shard concatenated in memory (``dtype``; None: the stored dtype, half the memory of float32)."""
         imgs, txts, tix, keys, caps, itok, ttok, tmask = [], [], [], [], [], [], [], []
         offset = 0
         for sh in self.iter_shards(tokens=tokens, dtype=dtype):
@@ -324,6 +327,27 @@ class FeatureCache:
             feats.text_tokens = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in ttok])
             feats.text_mask = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])
         return feats
+
+
+def write_cache(out: str | Path, key: dict[str, Any], dims: dict[str, int],
+                shards: Iterable[tuple[dict[str, torch.Tensor], dict[str, str]]]) -> FeatureCache:
+    """A finished cache in this format from ready tensors: one ``(tensors, metadata)`` per shard (the tensors of
+    the module docstring; metadata ``keys`` and ``captions`` as JSON strings). For features computed elsewhere and
+    for synthetic caches (bench/bench_align_scale.py, tests). Each shard is written atomically, the manifest last."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (tensors, meta) in enumerate(shards):
+        name = f"shard-{i:05d}.safetensors"
+        tmp = out / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, out / name)
+        n_img, n_txt = int(tensors["image"].shape[0]), int(tensors["text"].shape[0])
+        entries.append({"file": name, "images": n_img, "texts": n_txt, "source_images": n_img,
+                        **file_checksum(out / name)})
+    manifest = {"format": FORMAT, "key": key, "dims": dims, "shards": entries, "complete": True, "skips": {}}
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return FeatureCache(out, manifest)
 
 
 # -- extraction -------------------------------------------------------------------------------------------------

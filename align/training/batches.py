@@ -39,7 +39,8 @@ class EpochPlan:
 
 
 class CacheBatches:
-    """Batches from cached features held in memory (on the training device)."""
+    """Batches from cached features held in memory (on the training device, in the dtype they were loaded in: the
+    cache's stored fp16 is made float32 per batch, which gives the same values as loading it as float32)."""
 
     def __init__(self, feats: CachedFeatures, tokens_image: bool, tokens_text: bool, augment: bool, seed: int,
                  device: torch.device):
@@ -63,8 +64,10 @@ class CacheBatches:
             self._epoch = epoch
         return self._crop
 
-    def epoch(self, epoch: int, rows: torch.Tensor) -> Iterator[dict[str, Any]]:
-        for idx in rows:
+    def epoch(self, epoch: int, plan: EpochPlan, start: int = 0, cols: slice = slice(None)
+              ) -> Iterator[dict[str, Any]]:
+        """Global batches ``start..`` of ``plan`` for epoch ``epoch``, columns ``cols`` (this process's slice)."""
+        for idx in plan.batches(epoch)[start:, cols]:
             idx = idx.to(self.device)
             img_idx = self.text_image[idx]
             crop = self.crop_choice(epoch)[idx] if self.augment else torch.zeros_like(idx)
@@ -126,8 +129,9 @@ class EncoderBatches:
     def num_pairs(self) -> int:
         return len(self.ds)
 
-    def epoch(self, epoch: int, rows: torch.Tensor) -> Iterator[dict[str, Any]]:
-        batches = [[(epoch, int(j)) for j in r] for r in rows]
+    def epoch(self, epoch: int, plan: EpochPlan, start: int = 0, cols: slice = slice(None)
+              ) -> Iterator[dict[str, Any]]:
+        batches = [[(epoch, int(j)) for j in r] for r in plan.batches(epoch)[start:, cols]]
         loader = torch.utils.data.DataLoader(self.ds, batch_sampler=batches, collate_fn=_collate,
                                              num_workers=self.num_workers, generator=torch.Generator())
         for b in loader:

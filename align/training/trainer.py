@@ -31,6 +31,7 @@ from align.loss import ContrastiveLoss
 from align.model import AlignedModel, DualProjector
 from align.training.batches import CacheBatches, EncoderBatches, EpochPlan
 from align.training.caches import extract_split, load_encoders, open_checked, pooled_part
+from align.training.stream import Part, StreamedCacheBatches, cache_bytes
 from align.training.checkpoints import TrainState, resume_checkpoint, save_checkpoint, verify_checkpoint
 from align.training.lock import load_locked_image_head, lock_image_head
 from align.training.trackers import flat_config, make_trackers
@@ -175,15 +176,26 @@ class Trainer:
             accelerator.wait_for_everyone()
         if recipe.val is None:
             return None
-        feats = open_checked(recipe, "val", self.vision, self.text).load(tokens=self.tok_img or self.tok_txt)
+        # kept in the cache's stored dtype: validate() makes each chunk float32
+        feats = open_checked(recipe, "val", self.vision, self.text).load(tokens=self.tok_img or self.tok_txt,
+                                                                         dtype=None)
         return pooled_part(feats, tc.image_pooling, self.vision.dim)
 
-    def _make_batches(self) -> CacheBatches | EncoderBatches:
+    def _make_batches(self) -> CacheBatches | StreamedCacheBatches | EncoderBatches:
         recipe, tc = self.recipe, self.tc
         if tc.source == "cache":
             cache = open_checked(recipe, "train", self.vision, self.text)
             self.skips.merge(cache.skips)
-            feats = pooled_part(cache.load(tokens=self.tok_img or self.tok_txt), tc.image_pooling, self.vision.dim)
+            dim = self.vision.dim
+            part = Part(self.tok_img, self.tok_txt, {"cache": None, "cls": (0, dim), "mean": (dim, 2 * dim)}[
+                tc.image_pooling])
+            need, budget = cache_bytes(cache, part), int(tc.cache_memory_mb * 2**20)
+            if need > budget:  # larger than the budget: windows of shards, read ahead (align/training/stream.py)
+                self.accelerator.print(f"training cache {need / 2**30:.2f} GiB > train.cache_memory_mb="
+                                       f"{tc.cache_memory_mb}: streamed in shuffled windows of up to "
+                                       f"{budget / 2**31:.2f} GiB")
+                return StreamedCacheBatches(cache, part, tc.augment, tc.seed, self.device, budget)
+            feats = pooled_part(cache.load(tokens=self.tok_img or self.tok_txt, dtype=None), tc.image_pooling, dim)
             return CacheBatches(feats, self.tok_img, self.tok_txt, tc.augment, tc.seed, self.device)
         samples = list(iter_samples(recipe.data, skips=self.skips))
         return EncoderBatches(samples, self.vision, self.text, self.tok_img, self.tok_txt, recipe.features.pooling,
@@ -271,9 +283,9 @@ class Trainer:
         """This process's slice of the rest of the current epoch's global batches; the time spent waiting for
         each batch is added to ``data_wait``."""
         tc, state = self.tc, self.state
-        rows = self.plan.batches(state.epoch)
         rank = self.accelerator.process_index
-        it = self.provider.epoch(state.epoch, rows[state.batch:, rank * tc.batch_size:(rank + 1) * tc.batch_size])
+        it = self.provider.epoch(state.epoch, self.plan, state.batch,
+                                 slice(rank * tc.batch_size, (rank + 1) * tc.batch_size))
         while True:
             t0 = time.perf_counter()
             b = next(it, None)

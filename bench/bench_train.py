@@ -67,9 +67,8 @@ def bench_cache(kind: str, batch: int, n_steps: int, out_dim: int, bf16: bool = 
         feats.text_tokens = torch.randn(n, L, d_txt, generator=g, dtype=torch.float16)
         feats.text_mask = (torch.arange(L)[None] < torch.randint(8, L, (n, 1), generator=g)).to(torch.int8)
     prov = CacheBatches(feats, tokens, tokens, augment=False, seed=0, device=torch.device("cpu"))
-    rows = EpochPlan(n, batch, 1, 0).batches(0)
     task, opt = _task(kind, {"image": d_img, "image_token": d_tok, "text": d_txt}, out_dim)
-    secs, seen = _steps(task, opt, prov.epoch(0, rows), n_steps, bf16=bf16)
+    secs, seen = _steps(task, opt, prov.epoch(0, EpochPlan(n, batch, 1, 0)), n_steps, bf16=bf16)
     return seen / secs
 
 
@@ -86,9 +85,8 @@ def bench_encoders(batch: int, n_steps: int, out_dim: int, tiny: bool) -> tuple[
     samples = list(read_flickr8k(sh / "data" / "flickr8k", "train", limit=batch * (n_steps + 2)))
     prov = EncoderBatches(samples, vision, text, False, False, "cls+mean", augment=True, crop_scale=(0.5, 1.0),
                           seed=0, num_workers=0, device=torch.device("cpu"))
-    rows = EpochPlan(prov.num_pairs, batch, 1, 0).batches(0)
     task, opt = _task("mlp", {"image": 2 * vision.dim, "text": text.dim}, out_dim)
-    secs, seen = _steps(task, opt, prov.epoch(0, rows), n_steps, warm=1)
+    secs, seen = _steps(task, opt, prov.epoch(0, EpochPlan(prov.num_pairs, batch, 1, 0)), n_steps, warm=1)
     return seen / secs, "DINOv2-S (shared, layer 11) + all-MiniLM-L6-v2, Flickr8k photos"
 
 

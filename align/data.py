@@ -143,8 +143,10 @@ class Sample:
     langs: list[str] | None = None  # language tag of each caption, when the source says (data.captions)
 
 
-def decode_image(src: ImageSource, key: str = "") -> Image.Image:
-    """Any :data:`ImageSource` → loaded RGB image; :class:`BadSample` (missing_image / corrupt_image) if not."""
+def decode_image(src: ImageSource, key: str = "", draft: tuple[int, int] | None = None) -> Image.Image:
+    """Any :data:`ImageSource` → loaded RGB image; :class:`BadSample` (missing_image / corrupt_image) if not.
+    ``draft`` (width, height): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, several times
+    faster) as long as both edges stay at least this size (:meth:`tether.imageprep.FastImagePrep.draft_size`)."""
     try:
         if isinstance(src, Image.Image):
             im = src
@@ -161,6 +163,8 @@ def decode_image(src: ImageSource, key: str = "") -> Image.Image:
                 if not src:
                     raise BadSample("missing_image", f"{key}: no image bytes")
                 im = Image.open(io.BytesIO(src))
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
         im.load()
         return im.convert("RGB")
     except BadSample:

@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -41,7 +41,7 @@ from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from align.data import BadSample, Sample, SkipLog, crop_rng, decode_image, random_resized_crop
+from align.data import Sample, SkipLog
 from tether.fileio import atomic_write
 from tether.recipe import RecipeError, Strict, resolve_path
 
@@ -167,6 +167,13 @@ class FeatureConfig(Strict):
     # views are copied as a prefix: the plain view always, the donor's crops too when crop_scale and seed match,
     # so adding crops to a cache encodes only the new views.
     reuse: list[str] = []
+    # data workers: processes that decode, crop and preprocess images ahead of the encoder (0: in the main
+    # process, between encoder calls). Memory: about 2 x workers x batch_size x crops images in flight.
+    workers: int = Field(0, ge=0, le=256)
+    # processor: the encoder's own image processor (float32 pixels); fast: tether.imageprep.FastImagePrep — a
+    # draft-mode JPEG decode, the same PIL resize + crop kept uint8, normalised on the encoder's device (equal
+    # to the processor's pixels within 1e-6 on images up to ~2x the target size; the cache key records it)
+    preprocess: Literal["processor", "fast"] = "processor"
 
 
 def _sha(obj: Any) -> str:
@@ -176,9 +183,14 @@ def _sha(obj: Any) -> str:
 def cache_key(vision, text, cfg: FeatureConfig, data: dict | None = None) -> dict[str, Any]:
     """Everything that determines the cached features (compared field by field by :meth:`FeatureCache.check`)."""
     proc = vision.preprocessing  # the processor's config (+ backbone specifics), without class names
+    side = {"name": vision.name, "fingerprint": vision.fingerprint, "layer": vision.layer,
+            "dtype": str(vision.dtype).replace("torch.", ""), "preprocess": _sha(proc)}
+    if getattr(cfg, "preprocess", "processor") == "fast":  # absent for the processor path: older caches stay valid
+        from tether.imageprep import FastImagePrep
+
+        side["preprocess_path"] = _sha(FastImagePrep.from_processor(vision.processor).to_dict())
     return {
-        "vision": {"name": vision.name, "fingerprint": vision.fingerprint, "layer": vision.layer,
-                   "dtype": str(vision.dtype).replace("torch.", ""), "preprocess": _sha(proc)},
+        "vision": side,
         "text": {"name": text.name, "fingerprint": text.fingerprint, "max_length": text.max_length,
                  "dtype": str(text.dtype).replace("torch.", ""), "pooling": getattr(text, "pooling", "mean")},
         "pooling": cfg.pooling, "tokens": cfg.tokens, "crops": cfg.crops,
@@ -474,66 +486,126 @@ def _shard_matches(chunk: list[Sample], meta: dict[str, str]) -> bool:
             and json.loads(meta["captions"]) == [c for k in keys for c in by_key[k].captions])
 
 
+def full_image_donor(chunk: list[Sample], image_donor: dict | None, cfg: FeatureConfig) -> bool:
+    """Whether a donor shard supplies this shard's whole image side (all views, images among the chunk's)."""
+    if image_donor is None or image_donor["views"] != cfg.crops:
+        return False
+    keys = {s.key for s in chunk}
+    return all(k in keys for k in image_donor["keys"])
+
+
+def piece_args(chunk: list[Sample], cfg: FeatureConfig, image_donor: dict | None) -> list[tuple]:
+    """The :func:`align.prepare.prepare_piece` arguments of a shard's pieces (``batch_size`` samples each)."""
+    dk, dv = (image_donor["keys"], image_donor["views"]) if image_donor is not None else (None, 0)
+    bs = cfg.batch_size
+    return [(chunk[i:i + bs], dk, dv) for i in range(0, len(chunk), bs)]
+
+
 @torch.no_grad()
 def _encode_shard(chunk: list[Sample], vision, text, cfg: FeatureConfig, skips: SkipLog, store: torch.dtype,
-                  image_donor: dict | None = None, text_donor: dict | None = None
+                  image_donor: dict | None = None, text_donor: dict | None = None,
+                  pieces: Iterable | None = None, spec=None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
     """Encode one shard; a donor shard (see :class:`Donors`) supplies its side instead of the encoder when it
     holds exactly this shard's images (and captions), or the leading image views when it holds fewer views
-    than ``cfg.crops``. Also returns what was copied (``image``, ``image-views``, ``text``)."""
-    bs = cfg.batch_size
+    than ``cfg.crops``. Also returns what was copied (``image``, ``image-views``, ``text``).
+
+    ``pieces``: the shard's prepared pieces (:class:`align.prepare.PrepPool`, in order; one item, ignored, when
+    the donor holds the whole image side); None: prepared here (``spec``: :class:`align.prepare.PrepSpec`)."""
+    from align.prepare import PrepSpec, prepare_piece
+
+    spec = spec or PrepSpec.for_encoder(vision, cfg)
     out: dict[str, torch.Tensor] = {}
     copied: set[str] = set()
-    by_key = {s.key: s for s in chunk}
-    if (image_donor is not None and image_donor["views"] == cfg.crops
-            and all(k in by_key for k in image_donor["keys"])):
+    if full_image_donor(chunk, image_donor, cfg):
         # the donor decoded the same images: its kept keys and decode skips are ours
-        kept = [by_key[k] for k in image_donor["keys"]]
+        for _ in pieces or ():
+            pass
+        order = {s.key: s for s in chunk}
+        kept = [order[k] for k in image_donor["keys"]]
         skips.merge(image_donor["skips"])
         out.update(image_donor["tensors"])
         copied.add("image")
     else:
-        images, kept = [], []
-        for s in chunk:
-            try:
-                images.append(decode_image(s.image, s.key))
-                kept.append(s)
-            except BadSample as e:
-                skips.add(e.reason, s.key)
-        first = 0  # views [0, first) come from a donor that holds fewer views than we want
-        if image_donor is not None and image_donor["keys"] == [s.key for s in kept]:
-            first = image_donor["views"]
-            copied.add("image-views")
-        pooled_crops = [image_donor["tensors"]["image"]] if first else []
-        token_crops = [image_donor["tensors"]["image_tokens"]] if first and cfg.tokens else []
-        for k in range(first, cfg.crops):
-            views = images if k == 0 else [random_resized_crop(im, crop_rng(cfg.seed, s.key, k), scale=cfg.crop_scale)
-                                           for im, s in zip(images, kept)]
-            pooled, toks = [], []
-            for i in range(0, len(views), bs):
-                t = vision.tokens(vision.preprocess(views[i:i + bs]))
-                pooled.append(vision.pool(t, cfg.pooling).to(store))
+        args = piece_args(chunk, cfg, image_donor)
+        if pieces is None:
+            pieces = (prepare_piece(spec, *a) for a in args)
+        first = image_donor["views"] if image_donor is not None else 0
+        kept, mine, mismatch = [], SkipLog(), False
+        pooled, toks = [[] for _ in range(cfg.crops)], [[] for _ in range(cfg.crops)]
+        for (samples, _, _), piece in zip(args, pieces):
+            mismatch = mismatch or piece.first != first
+            if mismatch:  # the donor's kept images differ from ours after all: drain, then encode every view
+                continue
+            mine.merge(piece.skips)
+            kept += [samples[i] for i in piece.kept]
+            if not piece.kept:
+                continue
+            for k in range(first, cfg.crops):
+                t = vision.tokens(spec.to_device(piece.views[k - first], vision))
+                pooled[k].append(vision.pool(t, cfg.pooling).to(store))
                 if cfg.tokens:
-                    toks.append(t.to(store))
-            pooled_crops.append((torch.cat(pooled) if pooled else
-                                 torch.zeros(0, vision.pooled_dim(cfg.pooling), dtype=store)).unsqueeze(1))
-            if cfg.tokens and toks:
-                token_crops.append(torch.cat(toks).unsqueeze(1))
-        out["image"] = torch.cat(pooled_crops, 1).contiguous()
-        if cfg.tokens and token_crops:
-            out["image_tokens"] = torch.cat(token_crops, 1).contiguous()
+                    toks[k].append(t.to(store))
+        if first and (mismatch or image_donor["keys"] != [s.key for s in kept]):
+            return _encode_shard(chunk, vision, text, cfg, skips, store, None, text_donor, spec=spec)
+        skips.merge(mine)
+        pd = vision.pooled_dim(cfg.pooling)
+        cols = [image_donor["tensors"]["image"]] if first else []
+        cols += [torch.cat(pooled[k]).unsqueeze(1) if pooled[k] else torch.zeros(0, 1, pd, dtype=store)
+                 for k in range(first, cfg.crops)]
+        out["image"] = torch.cat(cols, 1).contiguous()
+        if cfg.tokens and kept:
+            tcols = [image_donor["tensors"]["image_tokens"]] if first else []
+            tcols += [torch.cat(toks[k]).unsqueeze(1) for k in range(first, cfg.crops)]
+            out["image_tokens"] = torch.cat(tcols, 1).contiguous()
+        if first:
+            copied.add("image-views")
     captions = [c for s in kept for c in s.captions]
     if text_donor is not None and text_donor["captions"] == captions and text_donor["keys"] == [s.key for s in kept]:
         out.update(text_donor["tensors"])
         copied.add("text")
     else:
         out["text_image"] = torch.tensor([i for i, s in enumerate(kept) for _ in s.captions], dtype=torch.long)
-        out.update(_encode_texts(text, captions, max(bs, 128), cfg.tokens, store))
+        out.update(_encode_texts(text, captions, max(cfg.batch_size, 128), cfg.tokens, store))
     meta = {"keys": json.dumps([s.key for s in kept]), "captions": json.dumps(captions),
             "skips": json.dumps(skips.as_dict())}
     if any(s.langs for s in kept):  # data.captions: the language of each caption
         meta["langs"] = json.dumps([lang for s in kept for lang in (s.langs or [None] * len(s.captions))])
     return out, meta, copied
+
+
+def _local_jobs(planned: Iterable, vision, text, cfg: FeatureConfig, spec, pool) -> Iterator[tuple]:
+    """``(facts, encoded | None)`` per planned shard, in order, with the shards' pieces prepared by ``pool``
+    (:class:`align.prepare.PrepPool`) ahead of the encoder — across shard boundaries, so the workers stay busy
+    while the main process encodes."""
+    shards: deque = deque()
+
+    def tasks():  # (last piece of its shard?, prepare_piece args or None = nothing to prepare)
+        for facts, (job,) in planned:
+            shards.append((facts, job))
+            chunk, _, _, img_d, _ = job if job is not None else (None,) * 5
+            args = [] if job is None or full_image_donor(chunk, img_d, cfg) else piece_args(chunk, cfg, img_d)
+            if not args:
+                yield True, None
+            for i, a in enumerate(args):
+                yield i == len(args) - 1, a
+
+    results = pool.map(tasks())
+    for last, piece in results:
+        facts, job = shards.popleft()
+        if job is None:
+            yield facts, None
+            continue
+
+        def shard_pieces(last=last, piece=piece):
+            yield piece
+            while not last:
+                last, piece = next(results)
+                yield piece
+
+        chunk, cfg_, store, img_d, txt_d = job
+        yield facts, _encode_shard(chunk, vision, text, cfg_, SkipLog(), store, img_d, txt_d,
+                                   pieces=shard_pieces(), spec=spec)
 
 
 def load_encoder_pair(vision: dict, text: dict) -> tuple:
@@ -641,6 +713,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
 
     from tether.distribute import Loaded, actor_load_kwargs, remote_embedding, run_units
 
+    pool = None
     if remote_embedding(distributor):
         if load_kwargs is None:
             raise RecipeError("distributor.kind: ray: align extract needs the encoders' load arguments")
@@ -648,41 +721,49 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
         jobs = run_units(distributor, Loaded, (load_encoder_pair, {"vision": vk, "text": tk}, encode_job),
                          planned(), gpus=distributor.gpus)
     else:
-        jobs = ((facts, encode_job((vision, text), *job)) for facts, job in planned())
-    for (chunk, name, path, prev, stats, digest, image_sha), encoded in jobs:
-        existed = encoded is None
-        if not existed:
-            tensors, meta, copied = encoded
-            meta["data_sha"], meta["image_sha"] = digest, image_sha
-            for side in copied:
-                reused[side] = reused.get(side, 0) + 1
-            tmp = out / (name + ".tmp")
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            n_img = f.get_slice("image").get_shape()[0]
-            n_txt = f.get_slice("text").get_shape()[0]
-        if existed:
-            stale = not _shard_matches(chunk, meta) or prev.get("source_images", len(chunk)) != len(chunk)
-            if not stale and prev.get("sources") != stats:  # a source file changed: compare the image bytes
-                digest = data_digest(chunk)
-                stale = meta.get("data_sha") != digest
-            if stale:
-                raise StaleCacheError(f"{path}: holds other images or captions than the data now (the source "
-                                      f"changed since it was extracted); re-run `align extract --overwrite` or "
-                                      f"choose another features.cache_dir")
-        decode_skips.merge(json.loads(meta.get("skips", "{}")))
-        for lang in json.loads(meta.get("langs", "[]")):
-            lang_counts[str(lang)] += 1
-        entry = {"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk), **file_checksum(path),
-                 "sources": stats}
-        manifest["shards"].append(entry)
-        dirty = dirty or entry != prev
-        if dirty:
-            save_manifest()
-        bar.update(len(chunk))
-        bar.set_postfix(skipped=reader_skips.total + decode_skips.total)
+        from align.prepare import PrepPool, PrepSpec
+
+        spec = PrepSpec.for_encoder(vision, cfg)
+        pool = PrepPool(spec, cfg.workers)
+        jobs = _local_jobs(planned(), vision, text, cfg, spec, pool)
+    try:
+        for (chunk, name, path, prev, stats, digest, image_sha), encoded in jobs:
+            existed = encoded is None
+            if not existed:
+                tensors, meta, copied = encoded
+                meta["data_sha"], meta["image_sha"] = digest, image_sha
+                for side in copied:
+                    reused[side] = reused.get(side, 0) + 1
+                tmp = out / (name + ".tmp")
+                save_file(tensors, str(tmp), metadata=meta)
+                os.replace(tmp, path)
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                n_img = f.get_slice("image").get_shape()[0]
+                n_txt = f.get_slice("text").get_shape()[0]
+            if existed:
+                stale = not _shard_matches(chunk, meta) or prev.get("source_images", len(chunk)) != len(chunk)
+                if not stale and prev.get("sources") != stats:  # a source file changed: compare the image bytes
+                    digest = data_digest(chunk)
+                    stale = meta.get("data_sha") != digest
+                if stale:
+                    raise StaleCacheError(f"{path}: holds other images or captions than the data now (the source "
+                                          f"changed since it was extracted); re-run `align extract --overwrite` or "
+                                          f"choose another features.cache_dir")
+            decode_skips.merge(json.loads(meta.get("skips", "{}")))
+            for lang in json.loads(meta.get("langs", "[]")):
+                lang_counts[str(lang)] += 1
+            entry = {"file": name, "images": n_img, "texts": n_txt, "source_images": len(chunk), **file_checksum(path),
+                     "sources": stats}
+            manifest["shards"].append(entry)
+            dirty = dirty or entry != prev
+            if dirty:
+                save_manifest()
+            bar.update(len(chunk))
+            bar.set_postfix(skipped=reader_skips.total + decode_skips.total)
+    finally:
+        if pool is not None:
+            pool.close()
     bar.close()
     if old_complete is not None and len(old_complete["shards"]) > len(manifest["shards"]):
         raise StaleCacheError(f"{out}: holds {len(old_complete['shards'])} shards but the data now fills "

@@ -28,6 +28,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_train import train_step  # noqa: E402
 
 DIMS = {"image": 1280, "text": 384, "image_token": 1280, "num_prefix_tokens": 1}  # Lite0 + MiniLM
 
@@ -109,12 +112,9 @@ def worker(args) -> dict:
             wait += time.perf_counter() - t
         if i == warm:
             t_start = t
-        loss, _ = task(b["image"], b["text"], b["text_mask"], b["image_ids"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        n, loss = train_step(task, opt, b)
         if i >= warm:
-            seen += int(b["image"].shape[0])
+            seen += n
     secs = time.perf_counter() - t_start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"pairs": prov.num_pairs, "samples_per_s": seen / secs, "peak_rss_gb": rss / 2**30,

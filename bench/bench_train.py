@@ -34,6 +34,17 @@ def _task(kind: str, dims: dict, out_dim: int) -> tuple[AlignTask, torch.optim.O
     return task, torch.optim.AdamW(param_groups(task, 0.02), lr=1e-3)
 
 
+def train_step(task, opt, b: dict, bf16: bool = False) -> tuple[int, torch.Tensor]:
+    """One optimiser step of ``task`` on batch ``b`` (forward under CPU bf16 autocast when ``bf16``): the batch's
+    size and its loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = task(b["image"], b["text"], b["text_mask"], b["image_ids"])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return int(b["image"].shape[0]), loss.detach()
+
+
 def _steps(task, opt, batches, n_steps: int, warm: int = 2, bf16: bool = False) -> tuple[float, int]:
     """Run ``warm`` + ``n_steps`` steps; return (seconds for the timed steps, pairs in them).
 
@@ -43,13 +54,9 @@ def _steps(task, opt, batches, n_steps: int, warm: int = 2, bf16: bool = False) 
     for i, b in enumerate(batches):
         if i == warm:
             t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = task(b["image"], b["text"], b["text_mask"], b["image_ids"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        n, _ = train_step(task, opt, b, bf16)
         if i >= warm:
-            seen += int(b["image"].shape[0])
+            seen += n
         if i + 1 == warm + n_steps:
             break
     return time.perf_counter() - t0, seen

@@ -47,15 +47,27 @@ def extract_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool
     data = split_data(recipe, split)
     skips = SkipLog()
     samples = iter_samples(data, skips=skips)
-    total = data.limit
-    if data.format != "hf":  # file readers yield references, not image bytes: listing them first gives the bar a total
-        samples = list(samples)
-        total = len(samples)
+    # streamed, never listed (memory set by the shard size, not the split). The bar's total: for file readers one
+    # counting pass over references (tar headers / caption lines: no image bytes, O(1) memory); for a Hugging Face
+    # dataset its limit, else what a finished cache there was made from, else unknown
+    if data.format != "hf":
+        total = sum(1 for _ in iter_samples(data, skips=SkipLog()))
+    else:
+        total = data.limit if data.limit is not None else previous_total(recipe.cache_dir(split))
     cache = extract_features(samples, vision, text, recipe.cache_dir(split), split_features_config(recipe, split),
                              data_id=data_id(data), skips=skips, overwrite=overwrite, progress=progress,
                              total=total, distributor=recipe.distributor,
                              load_kwargs=encoder_load_kwargs(recipe, str(getattr(vision, "device", "cpu"))))
     return cache
+
+
+def previous_total(root) -> int | None:
+    """Source samples behind a finished cache at ``root`` (None: no finished cache there)."""
+    try:
+        cache = FeatureCache.open(root)
+    except RecipeError:
+        return None
+    return sum(int(s.get("source_images", s["images"])) for s in cache.manifest["shards"]) or None
 
 
 def pooled_part(feats: CachedFeatures, part: str, dim: int) -> CachedFeatures:

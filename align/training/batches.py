@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from align.data import BadSample, Sample, crop_rng, decode_image, random_resized_crop
@@ -82,15 +83,20 @@ class _PairImages(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample], processor, augment: bool, crop_scale, seed: int):
         self.samples, self.processor = samples, processor
         self.augment, self.crop_scale, self.seed = augment, tuple(crop_scale), seed
-        self.pairs = [(i, c) for i, s in enumerate(samples) for c in s.captions]
+        # pair j = (image pair_image[j], its caption pair_caption[j]): two int arrays, not a tuple per pair
+        counts = np.fromiter((len(s.captions) for s in samples), np.int64, len(samples))
+        self.pair_image = np.repeat(np.arange(len(samples), dtype=np.int64), counts)
+        starts = np.cumsum(counts) - counts
+        self.pair_caption = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)).astype(np.int32)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return int(self.pair_image.shape[0])
 
     def __getitem__(self, item):
         epoch, j = item
-        i, caption = self.pairs[j]
+        i = int(self.pair_image[j])
         s = self.samples[i]
+        caption = s.captions[int(self.pair_caption[j])]
         try:
             im = decode_image(s.image, s.key)
         except BadSample as e:

@@ -687,7 +687,9 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     reused = {"image": 0, "text": 0}  # whole sides copied; "image-views": shards whose leading views were copied
     repaired: list[str] = []
     lang_counts: Counter = Counter()  # captions per language (data.captions)
-    bar = tqdm(total=total, desc="extract features", unit="img", disable=not progress, dynamic_ncols=True)
+    # a finished cache is only checked (checksums, source stats): say so, so nobody thinks it re-extracts
+    desc = "check cached features" if old_complete is not None else "extract features"
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     def planned():  # ((shard, its facts), (encode job or None)) in shard order
         for idx, chunk in enumerate(_chunks(samples, cfg.shard_size)):
             name = f"shard-{idx:05d}.safetensors"
@@ -765,6 +767,11 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
         if pool is not None:
             pool.close()
     bar.close()
+    if progress and old_complete is not None and not dirty and not repaired:
+        n_img = sum(e["images"] for e in manifest["shards"])
+        print(f"features cached, checked: {n_img:,} images in {len(manifest['shards'])} "
+              f"shard{'' if len(manifest['shards']) == 1 else 's'} at {out} "
+              f"(nothing re-encoded)", file=sys.stderr)
     if old_complete is not None and len(old_complete["shards"]) > len(manifest["shards"]):
         raise StaleCacheError(f"{out}: holds {len(old_complete['shards'])} shards but the data now fills "
                               f"{len(manifest['shards'])} (the source changed since it was extracted); re-run "

@@ -156,6 +156,11 @@ def test_extraction_bar_has_a_total_and_summary_is_rounded(small, capsys):
     assert cli_main(["extract", "--config", str(rp), "--split", "train"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"extract features: 100%\|.*\| 96/96 \[", err), err[-800:]
+    # a second run is a cache hit: the bar says it checks, and one line says nothing was re-encoded
+    assert cli_main(["extract", "--config", str(rp), "--split", "train"]) == 0
+    err = capsys.readouterr().err
+    assert "check cached features" in err and "extract features" not in err, err[-800:]
+    assert re.search(r"features cached, checked: 96 images in \d+ shards? at .*\(nothing re-encoded\)", err)
     manifest = rp.parent / "cache" / "train" / "manifest.json"
     before = (manifest.stat().st_mtime_ns, manifest.read_text())
     assert cli_main(["train", "--config", str(rp), "--set", "train.checkpoint_every=3"]) == 0

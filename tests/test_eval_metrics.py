@@ -413,3 +413,21 @@ def test_align_eval_cli_coco_json_and_a_broken_image(tmp_path, tiny_model_dir, t
     assert main(["eval", str(tiny_model_dir), "--task", "retrieval", "--data", str(jl), "--image-column",
                  "file_name", "--caption-column", "text", "--out", str(tmp_path / "rep3")] + extra) == 0
     assert json.loads((tmp_path / "rep3" / "retrieval.json").read_text())["metrics"]["n_skipped"] == 1
+
+
+def _per_class(n_classes: int, n: int) -> list[dict]:
+    return [{"class": f"c{i:02d}", "n": n, "top1": 100.0 if i % 3 == 0 else 0.0, "top5": 100.0 if i % 2 == 0 else 0.0,
+             "confused_with": "c00 (1)"} for i in range(n_classes)]
+
+
+@pytest.mark.parametrize("n, collapsed", [(1, True), (8, False)])
+def test_zero_shot_report_collapses_best_worst_tables_with_few_images_per_class(tmp_path, n, collapsed):
+    from align.eval.report import write_eval
+
+    result = {"metrics": {"top1": 34.0}, "meta": {"data": "x"}, "per_class": _per_class(30, n)}
+    write_eval(result, tmp_path, "zeroshot")
+    md = (tmp_path / "zeroshot.md").read_text()
+    assert ("Best 10 classes" not in md) == collapsed and ("Worst 10 classes" not in md) == collapsed
+    if collapsed:
+        assert "30 classes with a median of 1 image(s) each" in md
+        assert "10 classes all right at top-1, 20 all wrong, 0 mixed; 15 all right at top-5" in md

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,6 +86,9 @@ def write_select_report(result: dict[str, Any], out_dir: str | Path) -> list[Pat
     return files
 
 
+FEW_PER_CLASS = 5  # median images per class below which per-class best/worst tables are collapsed
+
+
 def write_eval(result: dict[str, Any], out_dir: str | Path, task: str) -> list[Path]:
     """Write an evaluation result as ``<task>.json`` (everything), ``<task>.md`` and ``<task>.png`` (retrieval:
     recall@K curves of both directions against chance; zero-shot: per-class top-1 histogram + best/worst
@@ -116,9 +120,20 @@ def write_eval(result: dict[str, Any], out_dir: str | Path, task: str) -> list[P
     if per_class:
         srt = sorted(per_class, key=lambda r: (-r["top1"], -r["top5"], r["class"]))
         cols = ["class", "n", "top1", "top5", "confused_with"]
+        median_n = float(statistics.median(r["n"] for r in srt))
         if len(srt) <= 20:
             lines.append("\nPer class (top-1 / top-5 in %; `confused_with`: most frequent wrong first guess):\n\n")
             lines.append(markdown_table(srt, cols, digits=1))
+        elif median_n < FEW_PER_CLASS:
+            # best/worst tables of classes with one or two images are only 100.0 / 0.0 rows: a summary instead
+            right = sum(1 for r in srt if r["top1"] >= 100.0)
+            wrong = sum(1 for r in srt if r["top1"] <= 0.0)
+            top5 = sum(1 for r in srt if r["top5"] >= 100.0)
+            lines.append(f"\nPer class: {len(srt):,} classes with a median of {median_n:g} image(s) each, so a "
+                         f"class's top-1 is nearly always 0 or 100 % and best/worst tables would say nothing "
+                         f"(they are shown from {FEW_PER_CLASS} images per class). {right:,} classes all right at "
+                         f"top-1, {wrong:,} all wrong, {len(srt) - right - wrong:,} mixed; {top5:,} all right "
+                         f"at top-5. Every class is in {task}.json (`per_class`).\n")
         else:
             lines.append("\nBest 10 classes (top-1 / top-5 in %):\n\n" + markdown_table(srt[:10], cols, digits=1))
             lines.append("\nWorst 10 classes (`confused_with`: most frequent wrong first guess):\n\n"

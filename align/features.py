@@ -638,7 +638,7 @@ def extract_features(samples: Iterable[Sample], vision, text, out_dir: str | Pat
     actors that load the pair once each (images are read by path there: every node must see the data), and
     written here in shard order — the same files as a local run.
     """
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     cfg = cfg or FeatureConfig()
     if cfg.tokens and not getattr(text, "supports_tokens", True):

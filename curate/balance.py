@@ -165,7 +165,7 @@ def _t_balance(cat: Catalog, cfg: BalanceConfig) -> None:
 
 
 def _coverage(cat: Catalog, cfg: BalanceConfig, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     N = int(cfg.per_concept)
     cat.execute("CREATE OR REPLACE TEMP TABLE _bu AS SELECT uid, (row_number() OVER (ORDER BY uid)) - 1 AS code "

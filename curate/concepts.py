@@ -246,7 +246,7 @@ def select_concepts(cfg: ConceptsConfig,
 def surface_forms(bank: Iterable[Concept], cfg: ConceptsConfig, wn: WordNet | None = None,
                   progress: bool = False) -> dict[tuple[str, str], tuple[int, str, str]]:
     """(form, concept_id) → (sense_rank, kind, lemma) for every concept in ``bank``."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     stop = _stopwords() if cfg.drop_stopword_forms else frozenset()
     irregular = wn.plurals if wn is not None else (irregular_plurals(cfg.wordnet_dir) if cfg.inflections else {})

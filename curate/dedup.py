@@ -176,7 +176,7 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encod
     ``distributor`` ``kind: ray`` (:class:`tether.distribute.DistributorConfig`): the chunks not cached yet are
     embedded by Ray actors first; the greedy pass then runs here over the cache, as a resumed local run would."""
     import faiss
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     cat.clear_decisions(stage)
     if not cfg.enabled:

@@ -202,7 +202,7 @@ def _record(con, rows: list[Outcome]) -> None:
 
 def _local_rows(cat: Catalog, cfg: DownloadConfig, progress: bool) -> None:
     """Check every local row in chunks of ``cfg.local_chunk`` (one transaction + progress unit per chunk)."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     rows = cat.execute("SELECT uid, path FROM media_rows WHERE path IS NOT NULL ORDER BY pos").fetchall()
     done = cat.done_units(STAGE)
@@ -313,7 +313,7 @@ def load_outcomes(cat: Catalog, out_dir: Path, attempt: int, fmt: str, members: 
 
     ``members`` maps a URL to every uid that asked for it: each gets the outcome of the one download.
     """
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     done = cat.done_units(STAGE)
     stats = sorted(out_dir.glob("*_stats.json"))

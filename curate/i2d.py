@@ -59,7 +59,7 @@ class GuardedLoggerProcess(LoggerProcess):
 def guarded_multiprocessing_distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry):
     """img2dataset's multiprocessing distributor (spawn pool, 5 tasks per child, shard retries) whose workers
     die with this process."""
-    from tqdm import tqdm
+    from tether.progress import progress as tqdm
 
     with get_context("spawn").Pool(processes_count, initializer=die_with_parent, initargs=(os.getpid(),),
                   maxtasksperchild=5) as pool:

@@ -248,7 +248,7 @@ def _insert(cat: Catalog, table: str, cols: dict) -> None:
 def compute_phashes(cat: Catalog, rows: list[tuple], cfg: ImageDedupConfig, encode_format: str = "jpg",
                     progress: bool = True) -> np.ndarray:
     """pHash codes ``[len(rows), bytes]`` (cached in ``image_hashes``; computed chunk by chunk)."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     hs = cfg.phash.hash_size
     todo = _missing(cat, rows, "image_hashes", "AND t.hash_size = ?", [hs])
@@ -285,7 +285,7 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb
     ``distributor`` ``kind: ray`` (:class:`tether.distribute.DistributorConfig`): the chunks are embedded by Ray
     actors that load ``cfg.encoder`` once each (the driver sends the stored image bytes), committed here in order.
     """
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     from tether.distribute import Loaded, actor_load_kwargs, remote_embedding, run_units
 

@@ -217,7 +217,7 @@ def _clear_outputs(out: Path, root: Path) -> None:
 def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_format: str = "jpg",
                progress: bool = True, dataset_name: str | None = None) -> ShardResult:
     """Write (or resume, or reshard) the shards of the current survivors; see the module doc."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     from curate.hfdataset import write_dataset_card, write_index, write_sizes
 

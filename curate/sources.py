@@ -641,7 +641,7 @@ _INSERT_ROWS_SQL = _INSERT_SQL.replace("{dup_ref}", "CAST(NULL AS VARCHAR)")
 def ingest_source(cat: Catalog, cfg: SourceConfig, icfg: IngestConfig, progress: bool = True,
                   on_unit: Callable[[str], None] | None = None) -> int:
     """Stream one source into ``samples`` (+ ingest decisions), skipping batches committed earlier."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     done = cat.done_units(STAGE)
     include = cfg.included_images()

@@ -51,6 +51,9 @@ def one_line(e: BaseException) -> str:
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace,
                 interrupted: str = "interrupted (rerun the same command to resume)") -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from tether.progress import quiet_library_bars
+
+    quiet_library_bars()  # off a terminal: no "Loading weights" carriage-return storms in a log file
     try:
         rc = func(args)
     except KeyboardInterrupt:

@@ -240,7 +240,7 @@ def _encode_texts_batched(self, texts: Iterable[str], batch_size: int = 256, nor
     outs = []
     rng = range(0, len(texts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from tether.progress import progress as tqdm
         rng = tqdm(rng, desc=f"embed text ({self.name})", unit="batch")
     for i in rng:
         e = self.pooled(texts[i:i + batch_size])

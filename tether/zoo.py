@@ -257,7 +257,7 @@ def _unzip_parts(parts: Sequence[Path], out_dir: Path, zip_root: str, label: str
             raise MissingModelError(f"{label}: no files under {zip_root!r} in the joined zip parts")
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from tether.progress import progress as tqdm
             bar = tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True, desc=f"unzip {label}")
         for m in members:
             rel = m.filename[len(prefix):]
@@ -655,7 +655,7 @@ def imagenet_sample(images_dir: str | os.PathLike, limit: int | None = None) -> 
 
 def _load_images(args) -> tuple[list, list[int]]:
     from PIL import Image
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     torch.set_num_threads(args.threads)
     files, labels = imagenet_sample(args.images, args.limit)
@@ -664,7 +664,7 @@ def _load_images(args) -> tuple[list, list[int]]:
 
 def _verify(args) -> None:
     """ImageNet top-1 of each backbone's own classifier head, mean=std=0.5 vs ImageNet mean/std."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     from tether.encoders import load_vision_encoder
 

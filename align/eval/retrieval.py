@@ -481,7 +481,7 @@ def embed_images(encode_image: Callable[[list], np.ndarray], paths: Sequence[Any
     when a ``skipped`` list is given — is left out: ``(index, item, reason)`` is appended to ``skipped`` (and
     passed to ``on_skip``), and the returned array has one row per image that was NOT skipped.
     """
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     opener = opener or _open_rgb
     cdir = Path(cache_dir) if cache_dir is not None else None

@@ -27,7 +27,7 @@ TextFn = Callable[[list[str]], np.ndarray]
 def class_embeddings(encode_text: TextFn, prompts: Sequence[Sequence[str]], batch_size: int = 1024,
                      progress: bool = True) -> np.ndarray:
     """[C, D] class vectors from per-class prompt lists (any number of prompts per class, at least one)."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every class needs at least one prompt")

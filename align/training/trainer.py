@@ -250,7 +250,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to the end of the schedule (from where a resumed run stopped); returns :meth:`finish`'s summary."""
-        from tqdm.auto import tqdm
+        from tether.progress import progress as tqdm
 
         tc, state = self.tc, self.state
         self.bar = tqdm(total=self.total_steps * tc.grad_accum, initial=state.step * tc.grad_accum, desc="train",

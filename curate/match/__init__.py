@@ -162,7 +162,7 @@ def run_lexical(cat: Catalog, cfg: LexicalConfig, progress: bool = True,
 
     ``distributor`` says where the units are matched (:mod:`tether.distribute`; default: this process); the
     result is the same rows in the same order either way."""
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     stage = Stage.MATCH_LEXICAL
     plan = lexical_plan(cat, cfg)
@@ -224,7 +224,7 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
     ``distributor`` ``kind: ray``: the caption units not cached yet are embedded by Ray actors first
     (:func:`tether.distribute.embed_units`, same function per unit), then the search runs here over the cache.
     """
-    from tqdm.auto import tqdm
+    from tether.progress import progress as tqdm
 
     stage = Stage.MATCH_SEMANTIC
     fingerprint, n_input = _input(cat)

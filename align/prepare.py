@@ -13,7 +13,6 @@ one piece per batch, so a piece prepared by any worker gives the same features a
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -185,7 +184,3 @@ class PrepPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def default_workers() -> int:
-    """One data worker per core but one (the main process feeds the encoder)."""
-    return max(1, (os.cpu_count() or 2) - 1)

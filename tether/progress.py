@@ -63,9 +63,8 @@ class LineProgress(tqdm):
     def close(self):
         if self.disable:
             return
-        if self._said_n != self.n and not getattr(self, "_closed_once", False):
+        if self._said_n != self.n:
             self._line()
-        self._closed_once = True
         self.disable = True  # tqdm's own close would write "\r"/"\n" fragments
         self._decr_instances(self)
 

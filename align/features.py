@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -94,6 +95,75 @@ def verify_file(path: str | Path, entry: dict[str, Any], what: str = "feature ca
         raise CorruptCacheError(f"{what} {path.parent}: {path.name} is corrupt (size {got['bytes']} / sha256 "
                                 f"{got['sha256'][:12]}… differ from {entry.get('bytes')} / {entry['sha256'][:12]}… "
                                 f"recorded when it was written); re-run `align extract` to rebuild it")
+
+
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _pooled(name: str) -> bool:
+    """Not a token grid (what training and evaluation on pooled features read)."""
+    return not (name.endswith("tokens") or name == "text_mask")
+
+
+def read_tensors(path: str | Path, entry: dict[str, Any], keep: Callable[[str], bool] | None = None,
+                 what: str = "feature cache") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors (those whose name ``keep`` accepts; None: all) and its metadata.
+
+    The file is read once into memory this process owns, checked against ``entry``'s size and sha256 (when
+    recorded) and parsed from those bytes. Never a memory map of the file: a file truncated or rewritten while it is
+    read is a :class:`CorruptCacheError` (one line), not a SIGBUS. Peak memory: the file plus the tensors kept."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is missing; re-run `align extract` to rebuild it")
+    checked = "sha256" in entry
+
+    def corrupt(detail: str) -> CorruptCacheError:
+        return CorruptCacheError(f"{what} {path.parent}: {path.name} is corrupt ({detail} differ from "
+                                 f"{entry.get('bytes')} / {str(entry.get('sha256'))[:12]}… recorded when it was "
+                                 f"written); re-run `align extract` to rebuild it")
+
+    before = os.stat(path)
+    if checked and before.st_size != entry.get("bytes"):
+        raise corrupt(f"size {before.st_size}")
+    buf = bytearray(before.st_size)
+    with open(path, "rb") as f:
+        got = f.readinto(buf)
+        grown = bool(f.read(1))
+        after = os.fstat(f.fileno())
+    if got != len(buf) or grown:
+        raise corrupt(f"size {after.st_size}, changed while it was read,")
+    if checked:
+        memo = _VERIFIED.get(str(path))  # hashed before at this size and mtime: the size check above is enough
+        same = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+        known = bool(same and memo and memo == (after.st_size, after.st_mtime_ns, entry["sha256"]))
+        sha = entry["sha256"] if known else hashlib.sha256(buf).hexdigest()
+        if sha != entry["sha256"]:
+            raise corrupt(f"size {got} / sha256 {sha[:12]}…")
+        if same:
+            _VERIFIED[str(path)] = (after.st_size, after.st_mtime_ns, sha)
+    try:
+        n = int.from_bytes(buf[:8], "little")
+        if not 0 < n <= len(buf) - 8:
+            raise ValueError(f"header length {n}")
+        header = json.loads(bytes(buf[8:8 + n]))
+        meta = header.pop("__metadata__", None) or {}
+        base, out = 8 + n, {}
+        for name in [x for x in header if keep is None or keep(x)]:
+            h = header[name]
+            dtype, shape = _ST_DTYPES[h["dtype"]], [int(x) for x in h["shape"]]
+            start, stop = (int(x) for x in h["data_offsets"])
+            numel = math.prod(shape)
+            outside = min(shape, default=0) < 0 or start < 0 or base + stop > len(buf)
+            if outside or stop - start != numel * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} lies outside the file")
+            out[name] = (torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).reshape(shape).clone()
+                         if numel else torch.empty(shape, dtype=dtype))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is not a readable safetensors file ({e}); "
+                                f"re-run `align extract` to rebuild it") from None
+    return out, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def image_bytes_digest(src: Any) -> str:
@@ -298,15 +368,9 @@ class FeatureCache:
         if tokens and not self.key.get("tokens"):
             raise RecipeError(f"{self.root}: cache has no token grids; extract with features.tokens=true")
         for s in self.manifest["shards"]:
-            out: dict[str, Any] = {}
-            verify_file(self.root / s["file"], s)
-            with safe_open(str(self.root / s["file"]), framework="pt") as f:
-                meta = f.metadata() or {}
-                for name in f.keys():
-                    if not tokens and (name.endswith("tokens") or name == "text_mask"):
-                        continue
-                    t = f.get_tensor(name)
-                    out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            tensors, meta = read_tensors(self.root / s["file"], s, keep=None if tokens else _pooled)
+            out: dict[str, Any] = {name: t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                                   for name, t in tensors.items()}
             out["keys"] = json.loads(meta.get("keys", "[]"))
             out["captions"] = json.loads(meta.get("captions", "[]"))
             yield out
@@ -414,15 +478,12 @@ class Donors:
             if s is None or s.get("source_images") != source_images or not s["path"].is_file():
                 continue
             try:
-                verify_file(s["path"], s)
+                tensors, meta = read_tensors(s["path"], s, keep=_SIDE_TENSORS[side].__contains__)
             except CorruptCacheError:
                 continue  # a damaged donor shard is not copied: this shard is encoded instead
-            with safe_open(str(s["path"]), framework="pt") as f:
-                meta = f.metadata() or {}
-                if data_sha and meta.get("data_sha", data_sha) != data_sha and not (
-                        side == "image" and _same_images(meta, s, image_sha, sources)):
-                    continue
-                tensors = {n: f.get_tensor(n) for n in f.keys() if n in _SIDE_TENSORS[side]}
+            if data_sha and meta.get("data_sha", data_sha) != data_sha and not (
+                    side == "image" and _same_images(meta, s, image_sha, sources)):
+                continue
             if side == "image":  # image tensors are [n, K, ...]: keep the views we share
                 tensors = {n: t[:, :donor["views"]].contiguous() for n, t in tensors.items()}
             return {"tensors": tensors, "views": donor["views"], "keys": json.loads(meta.get("keys", "[]")),

@@ -144,3 +144,45 @@ def test_window_budget_follows_the_stored_dtype(tmp_path):
     a = cache_bytes(synthetic_cache(tmp_path / "a", dv=256, dt=128), Part())
     b = cache_bytes(synthetic_cache(tmp_path / "b", dv=256, dt=128, dtype=torch.float16), Part())
     assert a == pytest.approx(2 * b, rel=0.2) and np.isfinite(a)
+
+
+def test_read_tensors_own_their_memory_and_reject_a_changed_file(tmp_path):
+    """Cache reads never map the file: a shard replaced in place after it was read (or while a read-ahead thread
+    reads it) must not crash the process with SIGBUS; a truncated or garbage file is a one-line CorruptCacheError."""
+    from align.features import CorruptCacheError, _VERIFIED, read_tensors
+
+    cache = synthetic_cache(tmp_path / "c", images=(30,), dtype=torch.float16)
+    entry = cache.manifest["shards"][0]
+    f = tmp_path / "c" / entry["file"]
+    kept = [sh["image"] for sh in cache.iter_shards(dtype=None)] + [cache.load(dtype=None).image]
+    t, meta = read_tensors(f, entry, keep=lambda n: n != "text")
+    assert set(t) == {"image", "text_image"} and json.loads(meta["keys"])[0] == "k0"
+    assert t["image"].dtype == torch.float16 and t["image"].shape == (30, 2, 6)
+    original = f.read_bytes()
+    f.write_bytes(b"")  # truncated in place: a mapped tensor would now be a SIGBUS when touched
+    assert all(torch.isfinite(x.float()).all() for x in kept + [t["image"]])
+    _VERIFIED.clear()
+    with pytest.raises(CorruptCacheError, match="is corrupt"):
+        read_tensors(f, entry)
+    f.write_bytes(original[: len(original) // 2])
+    with pytest.raises(CorruptCacheError, match="is corrupt"):
+        read_tensors(f, entry)
+    with pytest.raises(CorruptCacheError, match="not a readable safetensors file"):
+        read_tensors(f, {})  # no checksum recorded: the header and offsets are still checked
+    f.write_bytes(b"\xff" * 64)
+    with pytest.raises(CorruptCacheError, match="not a readable safetensors file"):
+        read_tensors(f, {})
+
+
+def test_closing_an_epoch_stops_its_read_ahead(tmp_path):
+    import threading
+
+    cache = synthetic_cache(tmp_path / "c", images=(20,) * 12)
+    st = StreamedCacheBatches(cache, Part(), augment=False, seed=0, device=torch.device("cpu"),
+                              memory_bytes=2 * (cache_bytes(cache, Part()) // 12))  # one shard per window
+    plan = EpochPlan(st.num_pairs, 25, 1, seed=0)
+    before = threading.active_count()
+    it = st.epoch(0, plan)
+    next(it)
+    it.close()  # what the trainer does on max_steps, an error or a kill
+    assert threading.active_count() == before

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from align.features import FeatureCache, verify_file
+from align.features import CorruptCacheError, FeatureCache, read_tensors
 
 # the seeds of the in-memory path (EpochPlan / CacheBatches.crop_choice); window 0 of a one-window epoch uses them
 _ORDER_SEED, _CROP_SEED, _CROP_BASE = 100_003, 7_919, 1_000_003
@@ -84,17 +84,24 @@ def cache_bytes(cache: FeatureCache, part: Part) -> int:
 
 
 def read_shard(cache: FeatureCache, entry: dict[str, Any], part: Part) -> dict[str, torch.Tensor]:
-    """One shard's training tensors in their stored dtype (its file checked against the manifest first)."""
-    path = cache.root / entry["file"]
-    verify_file(path, entry)
-    with safe_open(str(path), framework="pt") as f:
-        image = f.get_tensor(part.image)
-        if part.image_dims is not None:
-            image = image[..., part.image_dims[0]:part.image_dims[1]].contiguous()
-        out = {"image": image, "text": f.get_tensor(part.text), "text_image": f.get_tensor("text_image").long()}
-        if part.tokens_text:
-            out["text_mask"] = f.get_tensor("text_mask")
+    """One shard's training tensors in their stored dtype (its file checked against the manifest as it is read)."""
+    names = {part.image, part.text, "text_image"} | ({"text_mask"} if part.tokens_text else set())
+    t, _ = read_tensors(cache.root / entry["file"], entry, keep=names.__contains__)
+    missing = sorted(names - set(t))
+    if missing:
+        raise CorruptCacheError(f"feature cache {cache.root}: {entry['file']} has no {', '.join(missing)}; "
+                                f"re-run `align extract --overwrite` to rebuild it")
+    image = t[part.image]
+    if part.image_dims is not None:
+        image = image[..., part.image_dims[0]:part.image_dims[1]].contiguous()
+    out = {"image": image, "text": t[part.text], "text_image": t["text_image"].long()}
+    if part.tokens_text:
+        out["text_mask"] = t["text_mask"]
     return out
+
+
+class _Abandoned(Exception):
+    """A read-ahead window whose epoch was closed before it was needed."""
 
 
 class Window:
@@ -102,7 +109,8 @@ class Window:
     Filled shard by shard into preallocated tensors (peak: the window plus one shard)."""
 
     def __init__(self, cache: FeatureCache, shards: list[int], part: Part, image_offsets: np.ndarray,
-                 order_gen: int, crop_gen: int | None, views: int, text_len: int | None = None):
+                 order_gen: int, crop_gen: int | None, views: int, text_len: int | None = None,
+                 stop: threading.Event | None = None):
         entries = [cache.manifest["shards"][i] for i in shards]
         n_img = sum(e["images"] for e in entries)
         n_txt = sum(e["texts"] for e in entries)
@@ -112,6 +120,8 @@ class Window:
         self.image_ids = torch.empty(n_txt, dtype=torch.long)  # global image index (positives across windows)
         io = it = 0
         for i, e in zip(shards, entries):
+            if stop is not None and stop.is_set():
+                raise _Abandoned()
             t = read_shard(cache, e, part)
             ni, nt = int(t["image"].shape[0]), int(t["text"].shape[0])
             if image is None:
@@ -199,9 +209,9 @@ class StreamedCacheBatches:
             used += int(self.bytes[i])
         return out
 
-    def _load(self, epoch: int, w: int, shards: list[int]) -> Window:
+    def _load(self, epoch: int, w: int, shards: list[int], stop: threading.Event | None = None) -> Window:
         return Window(self.cache, shards, self.part, self.image_offsets, order_seed(self.seed, epoch, w),
-                      crop_seed(self.seed, epoch, w) if self.augment else None, self.views, self.token_len)
+                      crop_seed(self.seed, epoch, w) if self.augment else None, self.views, self.token_len, stop)
 
     def epoch(self, epoch: int, plan, start: int = 0, cols: slice = slice(None)) -> Iterator[dict[str, Any]]:
         """Global batches ``start..`` of ``plan`` for epoch ``epoch``, columns ``cols`` (this process's slice)."""
@@ -211,6 +221,7 @@ class StreamedCacheBatches:
         G = plan.global_batch
         loaded: dict[int, Window] = {}
         ahead: dict[int, tuple[threading.Thread, list]] = {}
+        stop = threading.Event()  # set when the epoch is closed (max_steps, an error, a kill): read-ahead stops
 
         def prefetch(w: int) -> None:
             if w >= len(wins) or w in loaded or w in ahead:
@@ -219,7 +230,7 @@ class StreamedCacheBatches:
 
             def read() -> None:
                 try:
-                    box.append(self._load(epoch, w, wins[w]))
+                    box.append(self._load(epoch, w, wins[w], stop))
                 except BaseException as e:  # raised in the training thread when the window is needed
                     box.append(e)
 
@@ -240,19 +251,24 @@ class StreamedCacheBatches:
             return loaded[w]
 
         c0, c1 = cols.start or 0, cols.stop if cols.stop is not None else G
-        for b in range(start, plan.batches_per_epoch):
-            lo, hi = b * G + c0, b * G + c1
-            first = int(np.searchsorted(ends, lo, side="right"))
-            last = int(np.searchsorted(ends, hi - 1, side="right"))
-            for w in [w for w in loaded if w < first]:  # windows behind us are released
-                del loaded[w]
-            parts = []
-            for w in range(first, last + 1):
-                win = get(w)
-                prefetch(w + 1)
-                base = int(ends[w] - sizes[w])
-                parts.append(win.take(max(lo, base) - base, min(hi, int(ends[w])) - base))
-            yield self._to_device(parts)
+        try:
+            for b in range(start, plan.batches_per_epoch):
+                lo, hi = b * G + c0, b * G + c1
+                first = int(np.searchsorted(ends, lo, side="right"))
+                last = int(np.searchsorted(ends, hi - 1, side="right"))
+                for w in [w for w in loaded if w < first]:  # windows behind us are released
+                    del loaded[w]
+                parts = []
+                for w in range(first, last + 1):
+                    win = get(w)
+                    prefetch(w + 1)
+                    base = int(ends[w] - sizes[w])
+                    parts.append(win.take(max(lo, base) - base, min(hi, int(ends[w])) - base))
+                yield self._to_device(parts)
+        finally:  # no reader outlives its epoch (it would read files a later step may replace)
+            stop.set()
+            for th, _ in ahead.values():
+                th.join()
 
     def _to_device(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         cat = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}

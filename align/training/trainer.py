@@ -262,20 +262,21 @@ class Trainer:
         done = state.step >= self.total_steps
         while not done and state.epoch < tc.epochs:
             self.task.train()
-            for b in self._epoch_batches():
-                for reason, n in b.get("skipped", {}).items():
-                    self.skips.add(reason, n=n)
-                sync = (state.batch + 1) % tc.grad_accum == 0
-                if b["image"] is not None:
-                    self._forward_backward(b, sync)
-                state.batch += 1
-                self.bar.update(1)
-                if not sync:
-                    continue
-                self._optimizer_step()
-                done, end_of_epoch = self.after_step()
-                if done or end_of_epoch:
-                    break
+            with contextlib.closing(self._epoch_batches()) as batches:  # closed on a break or an error too
+                for b in batches:
+                    for reason, n in b.get("skipped", {}).items():
+                        self.skips.add(reason, n=n)
+                    sync = (state.batch + 1) % tc.grad_accum == 0
+                    if b["image"] is not None:
+                        self._forward_backward(b, sync)
+                    state.batch += 1
+                    self.bar.update(1)
+                    if not sync:
+                        continue
+                    self._optimizer_step()
+                    done, end_of_epoch = self.after_step()
+                    if done or end_of_epoch:
+                        break
         self.bar.close()
         return self.finish()
 
@@ -286,13 +287,18 @@ class Trainer:
         rank = self.accelerator.process_index
         it = self.provider.epoch(state.epoch, self.plan, state.batch,
                                  slice(rank * tc.batch_size, (rank + 1) * tc.batch_size))
-        while True:
-            t0 = time.perf_counter()
-            b = next(it, None)
-            self.data_wait += time.perf_counter() - t0
-            if b is None:
-                return
-            yield b
+        try:
+            while True:
+                t0 = time.perf_counter()
+                b = next(it, None)
+                self.data_wait += time.perf_counter() - t0
+                if b is None:
+                    return
+                yield b
+        finally:  # the provider's readers stop with the epoch, not whenever the garbage collector gets to them
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def _forward_backward(self, b: dict[str, Any], sync: bool) -> None:
         """Loss and gradients of one micro-batch (no DDP gradient sync unless it ends an accumulation)."""

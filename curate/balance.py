@@ -73,11 +73,30 @@ class BalanceReport:
         return self.candidates - self.kept
 
     def summary(self) -> str:
-        s = (f"{self.stage}: {self.method} kept {self.kept:,} of {self.candidates:,} candidates "
-             f"({self.matched:,} matched, {self.concepts:,} concepts)")
-        if self.shortfall:
-            s += f"; {len(self.shortfall):,} concepts below the floor of {self.shortfall[0][2]:,} samples"
-        return s
+        """The stage line (the concepts below the floor are said once, at the end: :func:`floor_note`)."""
+        return (f"{self.stage}: {self.method} kept {self.kept:,} of {self.candidates:,} candidates "
+                f"({self.matched:,} matched, {self.concepts:,} concepts)")
+
+
+def floor_note(short: dict[str, int], concepts: int, floor: int, when: str, where: str) -> str:
+    """The one line a build prints about concepts whose final count stays below ``floor``, and whether it matters.
+    ``short``: concept → its final count (the short ones); ``concepts``: all concepts with a sample; ``when``:
+    after which stage; ``where``: where the full list is."""
+    thinnest = ", ".join(f"{c} ({n:,})" for c, n in sorted(short.items(), key=lambda x: (x[1], x[0]))[:3])
+    return (f"{len(short):,} of {concepts:,} concepts end with fewer than {floor:,} samples {when} (thinnest: "
+            f"{thinnest}; all in {where}). Not an error: the pool has no more captions of them. It matters only "
+            f"if each concept needs {floor:,} examples (e.g. zero-shot on those classes): add caption sources, "
+            f"or lower balance.floor to stop this note")
+
+
+def balance_floor_note(cat: Catalog, where: str, stage: str = Stage.BALANCE) -> str | None:
+    """:func:`floor_note` from ``balance_report`` (None when no concept is short)."""
+    rows = cat.execute("SELECT concept_id, after, floor, shortfall FROM balance_report WHERE stage = ?",
+                       [stage]).fetchall()
+    short = {c: int(a) for c, a, _, s in rows if s and s > 0}
+    if not short:
+        return None
+    return floor_note(short, len(rows), max(int(f) for _, _, f, _ in rows), f"after {stage}", where)
 
 
 def _prepare(cat: Catalog, cfg: BalanceConfig, candidates_sql: str | None) -> None:

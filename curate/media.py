@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from curate.balance import BalanceConfig
+from curate.balance import BalanceConfig, floor_note
 from curate.catalog import Catalog
 from curate.download import DownloadConfig, download_counts, load_selection, retry_failed, run_download
 from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
@@ -154,7 +154,7 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
                         "GROUP BY 1 ORDER BY 1", [DEDUP]).fetchall()),
                     "rebalance_dropped": int(cat.scalar(
                         "SELECT count(*) FROM decisions WHERE stage = ? AND NOT kept", [REBALANCE]) or 0),
-                    "concepts": concept_losses(cat, bal.floor if recipe.rebalance.enabled else 0)}
+                    "concepts": concept_losses(cat, bal.floor)}
     report["concepts_short"] = sum(1 for c in report["concepts"] if c["shortfall"] > 0)
     if recipe.shards.enabled:
         sr = run_shards(cat, recipe.shards, build_dir, fmt, progress=progress)
@@ -164,8 +164,10 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     out = build_dir / "media" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    if report["concepts_short"]:
-        log(f"  {report['concepts_short']:,} concepts below the floor after losses (see {out})")
+    if report["concepts_short"]:  # the build's one word on it: the final counts, after every loss
+        when = "after download, dedup" + (" and rebalancing" if recipe.rebalance.enabled else "")
+        log("  " + floor_note({c["concept_id"]: c["final"] for c in report["concepts"] if c["shortfall"] > 0},
+                              sum(1 for c in report["concepts"] if c["selected"]), bal.floor, when, str(out)))
     return report
 
 

@@ -225,9 +225,15 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
             if until is None and recipe.media is not None:
                 from curate.media import run_media
 
-                log("media stages: start")
+                log("media stages: start")  # they say the concepts below the floor once, after their losses
                 run_media(cat, recipe.media, result.selection, build_dir, progress=progress,
                           distributor=recipe.distributor)
+            elif cat.stage_done(Stage.BALANCE):
+                from curate.balance import balance_floor_note
+
+                note = balance_floor_note(cat, str(result.card or "the catalog's balance_report"))
+                if note:
+                    log(f"  {note}")
     return result
 
 

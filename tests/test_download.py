@@ -77,7 +77,7 @@ def _path(rows: list[dict], uid: str) -> str:
     return "/" + url.split("/", 3)[3]
 
 
-def test_download_kill_resume_end_to_end(flickr8k, tmp_path):
+def test_download_kill_resume_end_to_end(flickr8k, tmp_path, capsys):
     """img2dataset downloads from 127.0.0.1; the run is killed after its first shard and resumed; then every
     row's outcome, image dedup, re-balance report, shards, sizes.json, HF loading and retry-failed are checked."""
     photos = sorted((flickr8k / "images").glob("*.jpg"))[500:507]
@@ -107,7 +107,11 @@ def test_download_kill_resume_end_to_end(flickr8k, tmp_path):
         assert 1 <= len(done_before) < 4  # 13 URL rows in img2dataset shards of 4
         hits_before = dict(srv.hits)
         with Catalog(build / "catalog.duckdb") as cat:
+            capsys.readouterr()
             rep = run_media(cat, recipe, sel, build, progress=False)
+            err = capsys.readouterr().err  # the short concepts: one line, the final counts, with what to do
+            assert err.count("concepts end with fewer than") == 1 and "below the floor" not in err, err
+            assert "1 of 3 concepts end with fewer than 3 samples after download, dedup and rebalancing" in err, err
             # the img2dataset shards finished before the kill were not downloaded again
             first = [(u, k) for u, s, k in cat.execute("SELECT uid, shard, key FROM downloads").fetchall()
                      if s in {n[:5] for n in done_before}]

@@ -78,7 +78,11 @@ class TrainConfig(Strict):
     # mean-patch half only — a pooling comparison without extracting the features again
     image_pooling: Literal["cache", "cls", "mean"] = "cache"
     crop_scale: tuple[float, float] = (0.5, 1.0)  # encoders path only
-    num_workers: int = Field(0, ge=0)  # encoders path: image decoding workers
+    num_workers: int = Field(0, ge=0, le=256)  # encoders path: image decoding + preprocessing processes
+    # encoders path: pairs per shuffle window. Webdataset shards are read a window at a time (the next one read
+    # ahead), pairs shuffled within it: memory is set here, not by the data. Data of at most this many pairs is one
+    # window: the exact order of the whole list (align/training/batches.py EncoderBatches)
+    window_pairs: int = Field(500_000, ge=1)
     # cache path: the most memory the training features may take (MiB, stored dtype). A cache that fits is held
     # whole on the device; a larger one is streamed in shuffled windows of shards, two at a time (the one in use and
     # the next, read ahead): memory is set here, not by the cache's size (align/training/stream.py)

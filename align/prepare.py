@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -110,27 +110,31 @@ def prepare_piece(spec: PrepSpec, samples: list[Sample], donor_keys: list[str] |
 
 # -- worker processes ---------------------------------------------------------------------------------------------
 
-_SPEC: PrepSpec | None = None
+_SPEC: Any = None
+_FN: Callable[..., Piece] | None = None
 
 
-def _init_worker(spec: PrepSpec) -> None:
-    global _SPEC
-    _SPEC = spec
+def _init_worker(spec: Any, fn: Callable[..., Piece]) -> None:
+    global _SPEC, _FN
+    _SPEC, _FN = spec, fn
     torch.set_num_threads(1)  # one core per worker: N workers use N cores
 
 
 def _run_piece(args: tuple) -> Piece:
-    return prepare_piece(_SPEC, *args)
+    return _FN(_SPEC, *args)
 
 
 class PrepPool:
-    """Ordered, bounded map of :func:`prepare_piece` over ``workers`` processes (0: inline, lazily).
+    """Ordered, bounded map of ``fn(spec, *args)`` (:func:`prepare_piece`; training's encoders path passes its own)
+    over ``workers`` processes (0: inline, lazily).
 
     :meth:`map` takes ``(tag, args)`` items — ``args`` None passes the item through without work — and yields
-    ``(tag, Piece | None)`` in input order, with at most ``inflight`` pieces submitted ahead."""
+    ``(tag, Piece | None)`` in input order, with at most ``inflight`` pieces submitted ahead. The processes start
+    here, before the caller starts any thread of its own (forking a process with running threads is unsafe)."""
 
-    def __init__(self, spec: PrepSpec, workers: int = 0, inflight: int | None = None):
-        self.spec, self.workers = spec, int(workers)
+    def __init__(self, spec: Any, workers: int = 0, inflight: int | None = None,
+                 fn: Callable[..., Piece] = prepare_piece):
+        self.spec, self.workers, self.fn = spec, int(workers), fn
         self.inflight = max(1, inflight or 2 * self.workers)
         self._ex = None
         if self.workers:
@@ -141,12 +145,13 @@ class PrepPool:
             # never touch the parent's accelerator), spawn elsewhere
             method = "fork" if sys.platform.startswith("linux") else "spawn"
             self._ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context(method),
-                                           initializer=_init_worker, initargs=(spec,))
+                                           initializer=_init_worker, initargs=(spec, fn))
+            self._ex.submit(int).result()  # forked processes all start on the first task: now
 
     def map(self, items: Iterable[tuple[Any, tuple | None]]) -> Iterator[tuple[Any, Piece | None]]:
         if self._ex is None:
             for tag, args in items:
-                yield tag, None if args is None else prepare_piece(self.spec, *args)
+                yield tag, None if args is None else self.fn(self.spec, *args)
             return
         from concurrent.futures.process import BrokenProcessPool
 
@@ -162,8 +167,8 @@ class PrepPool:
             try:
                 return tag, fut.result()
             except BrokenProcessPool as e:
-                raise RecipeError(f"align extract: a data worker died ({e}); lower features.workers or "
-                                  f"features.batch_size if memory is short") from None
+                raise RecipeError(f"a data worker died ({e}); lower the workers (features.workers, "
+                                  f"train.num_workers) or the batch size if memory is short") from None
 
         for tag, args in items:
             q.append((tag, None if args is None else self._ex.submit(_run_piece, args)))

@@ -21,6 +21,7 @@ one image are positives even when a batch spans two windows.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -100,7 +101,7 @@ def read_shard(cache: FeatureCache, entry: dict[str, Any], part: Part) -> dict[s
     return out
 
 
-class _Abandoned(Exception):
+class Abandoned(Exception):
     """A read-ahead window whose epoch was closed before it was needed."""
 
 
@@ -121,7 +122,7 @@ class Window:
         io = it = 0
         for i, e in zip(shards, entries):
             if stop is not None and stop.is_set():
-                raise _Abandoned()
+                raise Abandoned()
             t = read_shard(cache, e, part)
             ni, nt = int(t["image"].shape[0]), int(t["text"].shape[0])
             if image is None:
@@ -192,22 +193,11 @@ class StreamedCacheBatches:
         return int(self.sizes.sum())
 
     def windows(self, epoch: int) -> list[list[int]]:
-        """This epoch's windows: a seeded shard permutation cut greedily at ``window_budget`` bytes (a shard larger
-        than the budget is a window of its own). A cache that fits the whole budget is one window in shard order:
-        the in-memory order exactly."""
+        """This epoch's windows (:func:`shard_windows`); a cache that fits the whole budget is one window in shard
+        order: the in-memory order exactly."""
         if int(self.bytes.sum()) <= self.memory_bytes:
             return [list(range(len(self.sizes)))]
-        g = torch.Generator().manual_seed(order_seed(self.seed, epoch) + _SHARD_SALT)
-        perm = torch.randperm(len(self.sizes), generator=g).tolist()
-        out: list[list[int]] = [[]]
-        used = 0
-        for i in perm:
-            if out[-1] and used + int(self.bytes[i]) > self.window_budget:
-                out.append([])
-                used = 0
-            out[-1].append(i)
-            used += int(self.bytes[i])
-        return out
+        return shard_windows(self.bytes, self.window_budget, self.seed, epoch)
 
     def _load(self, epoch: int, w: int, shards: list[int], stop: threading.Event | None = None) -> Window:
         return Window(self.cache, shards, self.part, self.image_offsets, order_seed(self.seed, epoch, w),
@@ -215,60 +205,9 @@ class StreamedCacheBatches:
 
     def epoch(self, epoch: int, plan, start: int = 0, cols: slice = slice(None)) -> Iterator[dict[str, Any]]:
         """Global batches ``start..`` of ``plan`` for epoch ``epoch``, columns ``cols`` (this process's slice)."""
-        wins = self.windows(epoch)
-        sizes = np.array([int(self.sizes[s].sum()) for s in wins], dtype=np.int64)
-        ends = np.cumsum(sizes)
-        G = plan.global_batch
-        loaded: dict[int, Window] = {}
-        ahead: dict[int, tuple[threading.Thread, list]] = {}
-        stop = threading.Event()  # set when the epoch is closed (max_steps, an error, a kill): read-ahead stops
-
-        def prefetch(w: int) -> None:
-            if w >= len(wins) or w in loaded or w in ahead:
-                return
-            box: list = []
-
-            def read() -> None:
-                try:
-                    box.append(self._load(epoch, w, wins[w], stop))
-                except BaseException as e:  # raised in the training thread when the window is needed
-                    box.append(e)
-
-            th = threading.Thread(target=read, daemon=True)
-            th.start()
-            ahead[w] = (th, box)
-
-        def get(w: int) -> Window:
-            if w not in loaded:
-                if w in ahead:
-                    th, box = ahead.pop(w)
-                    th.join()
-                    if isinstance(box[0], BaseException):
-                        raise box[0]
-                    loaded[w] = box[0]
-                else:
-                    loaded[w] = self._load(epoch, w, wins[w])
-            return loaded[w]
-
-        c0, c1 = cols.start or 0, cols.stop if cols.stop is not None else G
-        try:
-            for b in range(start, plan.batches_per_epoch):
-                lo, hi = b * G + c0, b * G + c1
-                first = int(np.searchsorted(ends, lo, side="right"))
-                last = int(np.searchsorted(ends, hi - 1, side="right"))
-                for w in [w for w in loaded if w < first]:  # windows behind us are released
-                    del loaded[w]
-                parts = []
-                for w in range(first, last + 1):
-                    win = get(w)
-                    prefetch(w + 1)
-                    base = int(ends[w] - sizes[w])
-                    parts.append(win.take(max(lo, base) - base, min(hi, int(ends[w])) - base))
+        with contextlib.closing(windowed_parts(self, epoch, plan, start, cols)) as batches:
+            for parts in batches:
                 yield self._to_device(parts)
-        finally:  # no reader outlives its epoch (it would read files a later step may replace)
-            stop.set()
-            for th, _ in ahead.values():
-                th.join()
 
     def _to_device(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         cat = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
@@ -280,3 +219,81 @@ class StreamedCacheBatches:
         return {"image": move(cat["image"]).float(), "text": move(cat["text"]).float(),
                 "text_mask": move(cat["text_mask"]) if "text_mask" in cat else None,
                 "image_ids": move(cat["image_ids"]), "skipped": {}}
+
+
+def shard_windows(costs: np.ndarray, budget: int, seed: int, epoch: int) -> list[list[int]]:
+    """A seeded permutation of the shards cut greedily into windows of at most ``budget`` (``costs`` per shard, any
+    unit); a shard costing more than the budget is a window of its own."""
+    g = torch.Generator().manual_seed(order_seed(seed, epoch) + _SHARD_SALT)
+    perm = torch.randperm(len(costs), generator=g).tolist()
+    out: list[list[int]] = [[]]
+    used = 0
+    for i in perm:
+        if out[-1] and used + int(costs[i]) > budget:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += int(costs[i])
+    return out
+
+
+def windowed_parts(provider, epoch: int, plan, start: int = 0, cols: slice = slice(None)) -> Iterator[list]:
+    """The window walk both streamed providers share. ``provider`` has ``windows(epoch)`` (lists of shards),
+    ``sizes`` (pairs per shard) and ``_load(epoch, w, shards, stop)`` → a window with ``take(lo, hi)``. Yields, per
+    global batch ``start..`` of ``plan``, the ``take`` parts of columns ``cols`` (a batch may span two windows).
+    The next window is read by a background thread while this one is used; closing the generator stops and joins
+    it (no reader outlives its epoch)."""
+    wins = provider.windows(epoch)
+    sizes = np.array([int(provider.sizes[s].sum()) for s in wins], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    G = plan.global_batch
+    loaded: dict[int, Any] = {}
+    ahead: dict[int, tuple[threading.Thread, list]] = {}
+    stop = threading.Event()  # set when the epoch is closed (max_steps, an error, a kill): read-ahead stops
+
+    def prefetch(w: int) -> None:
+        if w >= len(wins) or w in loaded or w in ahead:
+            return
+        box: list = []
+
+        def read() -> None:
+            try:
+                box.append(provider._load(epoch, w, wins[w], stop))
+            except BaseException as e:  # raised in the training thread when the window is needed
+                box.append(e)
+
+        th = threading.Thread(target=read, daemon=True)
+        th.start()
+        ahead[w] = (th, box)
+
+    def get(w: int):
+        if w not in loaded:
+            if w in ahead:
+                th, box = ahead.pop(w)
+                th.join()
+                if isinstance(box[0], BaseException):
+                    raise box[0]
+                loaded[w] = box[0]
+            else:
+                loaded[w] = provider._load(epoch, w, wins[w], stop)
+        return loaded[w]
+
+    c0, c1 = cols.start or 0, cols.stop if cols.stop is not None else G
+    try:
+        for b in range(start, plan.batches_per_epoch):
+            lo, hi = b * G + c0, b * G + c1
+            first = int(np.searchsorted(ends, lo, side="right"))
+            last = int(np.searchsorted(ends, hi - 1, side="right"))
+            for w in [w for w in loaded if w < first]:  # windows behind us are released
+                del loaded[w]
+            parts = []
+            for w in range(first, last + 1):
+                win = get(w)
+                prefetch(w + 1)
+                base = int(ends[w] - sizes[w])
+                parts.append(win.take(max(lo, base) - base, min(hi, int(ends[w])) - base))
+            yield parts
+    finally:
+        stop.set()
+        for th, _ in ahead.values():
+            th.join()

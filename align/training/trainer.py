@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from align.config import TrainRecipe
-from align.data import SkipLog, iter_samples
+from align.data import SkipLog
 from align.eval.retrieval import retrieval_metrics
 from align.features import CachedFeatures
 from align.loss import ContrastiveLoss
 from align.model import AlignedModel, DualProjector
-from align.training.batches import CacheBatches, EncoderBatches, EpochPlan
+from align.prepare import PrepSpec
+from align.training.batches import CacheBatches, EncoderBatches, EpochPlan, TrainPrep, TrainUnits
 from align.training.caches import extract_split, load_encoders, open_checked, pooled_part
 from align.training.stream import Part, StreamedCacheBatches, cache_bytes
 from align.training.checkpoints import TrainState, resume_checkpoint, save_checkpoint, verify_checkpoint
@@ -197,9 +198,15 @@ class Trainer:
                 return StreamedCacheBatches(cache, part, tc.augment, tc.seed, self.device, budget)
             feats = pooled_part(cache.load(tokens=self.tok_img or self.tok_txt, dtype=None), tc.image_pooling, dim)
             return CacheBatches(feats, self.tok_img, self.tok_txt, tc.augment, tc.seed, self.device)
-        samples = list(iter_samples(recipe.data, skips=self.skips))
-        return EncoderBatches(samples, self.vision, self.text, self.tok_img, self.tok_txt, recipe.features.pooling,
-                              tc.augment, tc.crop_scale, tc.seed, tc.num_workers, self.device)
+        from tether.imageprep import FastImagePrep
+
+        fast = FastImagePrep.from_processor(self.vision.processor) if recipe.features.preprocess == "fast" else None
+        spec = PrepSpec(crops=1, crop_scale=tuple(tc.crop_scale), seed=tc.seed,
+                        processor=None if fast else self.vision.processor, fast=fast)
+        units = TrainUnits(recipe.data, self.skips, progress=tc.progress and self.accelerator.is_local_main_process)
+        return EncoderBatches(units, self.vision, self.text, self.tok_img, self.tok_txt, recipe.features.pooling,
+                              TrainPrep(spec, tc.augment, tuple(tc.crop_scale), tc.seed), tc.window_pairs,
+                              tc.num_workers, self.device)
 
     def _make_schedule(self) -> tuple[EpochPlan, int, int]:
         """The epoch plan, the number of optimiser steps and of warm-up steps."""
@@ -264,8 +271,8 @@ class Trainer:
             self.task.train()
             with contextlib.closing(self._epoch_batches()) as batches:  # closed on a break or an error too
                 for b in batches:
-                    for reason, n in b.get("skipped", {}).items():
-                        self.skips.add(reason, n=n)
+                    if b.get("skipped"):
+                        self.skips.merge(b["skipped"])  # decode skips of this batch's rows (a SkipLog dict)
                     sync = (state.batch + 1) % tc.grad_accum == 0
                     if b["image"] is not None:
                         self._forward_backward(b, sync)

@@ -3,8 +3,9 @@
 Logged to a file (``cmd > log 2>&1``), a tqdm bar writes a carriage-return update several times a second: one
 endless line per bar. :func:`progress` takes tqdm's arguments and returns a tqdm bar when the output is a
 terminal, else :class:`LineProgress`: the same object (``update``, ``set_postfix``, ``write``, iteration,
-context manager) that prints one ordinary line per tenth of the total (or per minute when the total is unknown)
-and a last line at the end — no ``\\r``. ``TETHER_PROGRESS=tty`` / ``lines`` forces either.
+context manager) that prints a first line, one ordinary line per tenth of the total (or per minute when the total is
+unknown) but none sooner than 2 s after the previous one — a step of a second is two lines, not eleven — and a
+last line at the end — no ``\\r``. ``TETHER_PROGRESS=tty`` / ``lines`` forces either.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def _is_tty(fp) -> bool:
 
 
 class LineProgress(tqdm):
-    """tqdm that prints plain lines (see the module docstring); ``every_s``: the interval without a total."""
+    """tqdm that prints plain lines (see the module docstring); ``every_s``: the interval without a total;
+    ``min_gap_s``: the least time between two lines before the last."""
 
-    def __init__(self, *args, every_s: float = 60.0, **kw):
-        self._every_s, self._last_tenth, self._last_t, self._said_n = every_s, -1, 0.0, None
+    def __init__(self, *args, every_s: float = 60.0, min_gap_s: float = 2.0, **kw):
+        self._every_s, self._min_gap_s, self._last_tenth, self._said_n = every_s, min_gap_s, -1, None
+        self._last_t = -float("inf")
         kw.setdefault("dynamic_ncols", False)
         kw["ncols"] = kw.get("ncols") or 100
         kw["mininterval"] = 0
@@ -47,7 +50,7 @@ class LineProgress(tqdm):
         now = time.monotonic()
         if self.total:
             tenth = int(10 * min(self.n, self.total) / self.total)
-            due = tenth > self._last_tenth
+            due = tenth > self._last_tenth and now - self._last_t >= self._min_gap_s
             if due:
                 self._last_tenth = tenth
         else:
@@ -74,7 +77,7 @@ def progress(*args, **kw) -> tqdm:
     mode = os.environ.get("TETHER_PROGRESS", "")
     fp = kw.get("file") or sys.stderr
     if mode == "tty" or (mode != "lines" and _is_tty(fp)):
-        return tqdm(*args, **kw)
+        return tqdm(*args, **{k: v for k, v in kw.items() if k not in ("every_s", "min_gap_s")})
     return LineProgress(*args, **kw)
 
 

@@ -39,6 +39,10 @@ from align.training.trackers import flat_config, make_trackers
 from tether.recipe import RecipeError
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class AlignTask(nn.Module):
     """Projectors + contrastive loss: what the optimiser trains (the loss holds the learnable temperature).
     ``lock_image``: the image head is frozen and stays in eval mode (no dropout) — the text-encoder swap."""
@@ -192,9 +196,8 @@ class Trainer:
                 tc.image_pooling])
             need, budget = cache_bytes(cache, part), int(tc.cache_memory_mb * 2**20)
             if need > budget:  # larger than the budget: windows of shards, read ahead (align/training/stream.py)
-                self.accelerator.print(f"training cache {need / 2**30:.2f} GiB > train.cache_memory_mb="
-                                       f"{tc.cache_memory_mb}: streamed in shuffled windows of up to "
-                                       f"{budget / 2**31:.2f} GiB")
+                self.accelerator.print(f"training cache {_size(need)} > train.cache_memory_mb={tc.cache_memory_mb}: "
+                                       f"streamed in shuffled windows of up to {_size(budget // 2)}")
                 return StreamedCacheBatches(cache, part, tc.augment, tc.seed, self.device, budget)
             feats = pooled_part(cache.load(tokens=self.tok_img or self.tok_txt, dtype=None), tc.image_pooling, dim)
             return CacheBatches(feats, self.tok_img, self.tok_txt, tc.augment, tc.seed, self.device)

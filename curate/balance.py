@@ -78,11 +78,14 @@ class BalanceReport:
                 f"({self.matched:,} matched, {self.concepts:,} concepts)")
 
 
-def floor_note(short: dict[str, int], concepts: int, floor: int, when: str, where: str) -> str:
+def floor_note(short: dict[str, int], concepts: int, floor: int, when: str, where: str,
+               names: dict[str, str] | None = None) -> str:
     """The one line a build prints about concepts whose final count stays below ``floor``, and whether it matters.
     ``short``: concept → its final count (the short ones); ``concepts``: all concepts with a sample; ``when``:
-    after which stage; ``where``: where the full list is."""
-    thinnest = ", ".join(f"{c} ({n:,})" for c, n in sorted(short.items(), key=lambda x: (x[1], x[0]))[:3])
+    after which stage; ``where``: where the full list is; ``names``: concept → name, for the three thinnest."""
+    names = names or {}
+    thinnest = ", ".join(f"{names[c]} ({c}): {n:,}" if names.get(c) else f"{c}: {n:,}"
+                         for c, n in sorted(short.items(), key=lambda x: (x[1], x[0]))[:3])
     return (f"{len(short):,} of {concepts:,} concepts end with fewer than {floor:,} samples {when} (thinnest: "
             f"{thinnest}; all in {where}). Not an error: the pool has no more captions of them. It matters only "
             f"if each concept needs {floor:,} examples (e.g. zero-shot on those classes): add caption sources, "
@@ -96,7 +99,17 @@ def balance_floor_note(cat: Catalog, where: str, stage: str = Stage.BALANCE) -> 
     short = {c: int(a) for c, a, _, s in rows if s and s > 0}
     if not short:
         return None
-    return floor_note(short, len(rows), max(int(f) for _, _, f, _ in rows), f"after {stage}", where)
+    return floor_note(short, len(rows), max(int(f) for _, _, f, _ in rows), f"after {stage}", where,
+                      concept_names(cat, short))
+
+
+def concept_names(cat: Catalog, ids) -> dict[str, str]:
+    """concept id → name from the concept bank (ids without a name are left out)."""
+    ids = sorted(ids)
+    if not ids:
+        return {}
+    return {c: str(n) for c, n in cat.execute(
+        "SELECT concept_id, name FROM concepts WHERE concept_id IN (SELECT unnest(?))", [ids]).fetchall() if n}
 
 
 def _prepare(cat: Catalog, cfg: BalanceConfig, candidates_sql: str | None) -> None:

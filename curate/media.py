@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from curate.balance import BalanceConfig, floor_note
+from curate.balance import BalanceConfig, concept_names, floor_note
 from curate.catalog import Catalog
 from curate.download import DownloadConfig, download_counts, load_selection, retry_failed, run_download
 from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
@@ -166,8 +166,9 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     out.write_text(json.dumps(report, indent=1) + "\n")
     if report["concepts_short"]:  # the build's one word on it: the final counts, after every loss
         when = "after download, dedup" + (" and rebalancing" if recipe.rebalance.enabled else "")
-        log("  " + floor_note({c["concept_id"]: c["final"] for c in report["concepts"] if c["shortfall"] > 0},
-                              sum(1 for c in report["concepts"] if c["selected"]), bal.floor, when, str(out)))
+        short = {c["concept_id"]: c["final"] for c in report["concepts"] if c["shortfall"] > 0}
+        log("  " + floor_note(short, sum(1 for c in report["concepts"] if c["selected"]), bal.floor, when, str(out),
+                              concept_names(cat, short)))
     return report
 
 

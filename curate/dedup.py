@@ -186,7 +186,7 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encod
         return 0
     if encoder is None:
         from tether.encoders import TextEncoder
-        from curate.pipeline import check_model
+        from tether.zoo import check_model
 
         check_model("dedup.near.model", cfg.model)
         encoder = TextEncoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)

@@ -291,7 +291,7 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb
 
     if encoder is None:
         from tether.encoders import VisionEncoder
-        from curate.pipeline import check_model
+        from tether.zoo import check_model
 
         check_model("media.image_dedup.semantic.encoder", cfg.encoder, ("config.json", "preprocessor_config.json"))
         encoder = VisionEncoder.load(cfg.encoder, device=cfg.device, dtype=cfg.dtype, layer=cfg.layer)

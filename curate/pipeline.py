@@ -164,37 +164,13 @@ def recipe_models(recipe: BuildRecipe, until: str | None = None) -> list[tuple[s
     return out
 
 
-def _local_copy_hint(name: str) -> str:
-    """Where a local copy of hub model ``name`` is (``$TETHER_SHARED/models/<name>``), or how to make one."""
-    import os
-
-    from tether.recipe import shared_dir
-
-    base = name.rstrip("/").split("/")[-1]
-    local = shared_dir() / "models" / base
-    if (local / "config.json").is_file():
-        rel = os.path.relpath(local)
-        return rel if len(rel) < len(str(local)) else str(local)
-    return f"models/{base} (on a machine with internet: huggingface-cli download {name} --local-dir models/{base})"
-
-
 def check_models(recipe: BuildRecipe, until: str | None = None) -> None:
     """Fail fast, before any stage runs, when an encoder the recipe names cannot be loaded (cheap file checks,
     no weights loaded): one-line RecipeError naming the recipe key and the local path to use instead."""
+    from tether.zoo import check_model
+
     for key, name, files in recipe_models(recipe, until):
         check_model(key, name, files)
-
-
-def check_model(key: str, name: str, files: tuple[str, ...] = ("config.json",)) -> None:
-    """One encoder (recipe key ``key`` names ``name``): a one-line RecipeError when it cannot be loaded now."""
-    from tether.zoo import model_unavailable
-
-    why = model_unavailable(name, files)
-    if why and (Path(name).expanduser().exists() or name.startswith((".", "/", "~"))):
-        raise RecipeError(f"{key}: cannot load {name!r}: {why}")  # a local path: nothing else to suggest
-    if why:
-        raise RecipeError(f"{key}: cannot load {name!r}: {why}; point it at a local copy: "
-                          f"--set {key}={_local_copy_hint(name)}")
 
 
 def _q(p: Path) -> str:

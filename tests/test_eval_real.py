@@ -67,7 +67,7 @@ def test_real_cka_separates_matched_from_shuffled_pairs(real_model):
 
 
 def test_real_flickr8k_test_retrieval(real_model, flickr8k, tmp_path):
-    from align.eval.cli import run_eval
+    from align.eval.run import run_eval
 
     t0 = time.time()
     res = run_eval(real_model["model"], "retrieval", data=str(flickr8k), split="test", out=tmp_path,
@@ -85,7 +85,7 @@ def test_real_flickr8k_test_retrieval(real_model, flickr8k, tmp_path):
 
 
 def test_real_imagenet_zeroshot(real_model, imagenet_sample, tmp_path):
-    from align.eval.cli import run_eval
+    from align.eval.run import run_eval
 
     t0 = time.time()
     model = real_model["model"]

@@ -108,7 +108,7 @@ def load_clip_benchmark(model_name: str, pretrained: str | None = None, cache_di
     """
     from pathlib import Path
 
-    from align.eval.cli import load_model
+    from align.eval.run import load_model
 
     path = pretrained if pretrained and Path(pretrained).is_dir() else model_name
     m = ClipBenchmarkModel(load_model(path, device=device))

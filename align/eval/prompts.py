@@ -13,7 +13,7 @@ weights are invalidated when a template list changes.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Sequence, Union
 
 CLIP80: tuple[str, ...] = (
     "a bad photo of a {c}.", "a photo of many {c}.", "a sculpture of a {c}.", "a photo of the hard to see {c}.",
@@ -44,21 +44,48 @@ GLOSS_TEMPLATE = "{c}, {gloss}"
 PROMPT_SETS = ("clip80", "photo", "wordnet", "clip80+wordnet")
 
 
-def templates_for(prompt_set: str) -> tuple[str, ...]:
-    """The templates of a named prompt set (``{c}`` = class name, ``{gloss}`` = WordNet definition)."""
+PromptSet = Union[str, Sequence[str]]  # a set's name, or the templates themselves
+
+
+def templates_for(prompt_set: PromptSet) -> tuple[str, ...]:
+    """The templates of a named prompt set (``{c}`` = class name, ``{gloss}`` = WordNet definition), or the given
+    templates themselves (a list; ``{}`` is read as ``{c}``, CLIP_benchmark's and open_clip's style)."""
+    if not isinstance(prompt_set, str):
+        temps = tuple(str(t).replace("{}", "{c}") for t in prompt_set)
+        bad = [t for t in temps if "{c}" not in t]
+        if not temps or bad:
+            raise ValueError(f"every prompt template needs {{c}} (or {{}}) for the class name: {bad[:1] or 'none given'}")
+        for t in temps:
+            try:
+                t.format(c="x", gloss="x")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"prompt template {t!r}: only {{c}} and {{gloss}} may be in braces ({e!r})") from None
+        return temps
     if prompt_set not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(PROMPT_SETS)}")
     return {"clip80": CLIP80, "photo": PHOTO, "wordnet": (GLOSS_TEMPLATE,),
             "clip80+wordnet": CLIP80 + (GLOSS_TEMPLATE,)}[prompt_set]
 
 
-def prompt_set_id(prompt_set: str) -> str:
-    """``name:hash`` of the templates: part of the classifier cache key."""
+def prompt_set_id(prompt_set: PromptSet) -> str:
+    """``name:hash`` of the templates (``custom:hash`` for a list): part of the classifier cache key."""
     h = hashlib.sha1("\n".join(templates_for(prompt_set)).encode()).hexdigest()[:10]
-    return f"{prompt_set}:{h}"
+    return f"{prompt_set if isinstance(prompt_set, str) else 'custom'}:{h}"
 
 
-def build_prompts(classnames: Sequence[str], prompt_set: str = "clip80",
+def prompt_label(prompt_set: PromptSet) -> str:
+    """How a report names the prompts: the set's name, or ``N templates`` for a list."""
+    if isinstance(prompt_set, str):
+        return prompt_set
+    n = len(templates_for(prompt_set))
+    return f"{n} template{'s' if n != 1 else ''}"
+
+
+def uses_glosses(prompt_set: PromptSet) -> bool:
+    return any("{gloss}" in t for t in templates_for(prompt_set))
+
+
+def build_prompts(classnames: Sequence[str], prompt_set: PromptSet = "clip80",
                   glosses: Sequence[str | None] | None = None) -> list[list[str]]:
     """One list of prompts per class. Gloss templates need ``glosses``; a class without a gloss falls back to
     "a photo of a {c}." for that template (so every class gets the same number of prompts)."""

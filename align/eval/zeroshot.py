@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from align.eval.prompts import build_prompts, prompt_set_id
+from align.eval.prompts import PromptSet, build_prompts, prompt_set_id, uses_glosses
 from align.eval.retrieval import normalize, ranks
 
 TextFn = Callable[[list[str]], np.ndarray]
@@ -42,7 +42,7 @@ def class_embeddings(encode_text: TextFn, prompts: Sequence[Sequence[str]], batc
     return normalize(sums / np.bincount(owner, minlength=len(prompts))[:, None])
 
 
-def classifier_key(model_fingerprint: str, classnames: Sequence[str], prompt_set: str,
+def classifier_key(model_fingerprint: str, classnames: Sequence[str], prompt_set: PromptSet,
                    glosses: Sequence[str | None] | None = None) -> str:
     """Cache key of a zero-shot classifier: model × class list (names + glosses) × prompt set."""
     h = hashlib.sha1()
@@ -52,7 +52,7 @@ def classifier_key(model_fingerprint: str, classnames: Sequence[str], prompt_set
     return h.hexdigest()[:20]
 
 
-def zeroshot_classifier(encode_text: TextFn, classnames: Sequence[str], prompt_set: str = "clip80",
+def zeroshot_classifier(encode_text: TextFn, classnames: Sequence[str], prompt_set: PromptSet = "clip80",
                         glosses: Sequence[str | None] | None = None, cache_dir: str | Path | None = None,
                         model_fingerprint: str | None = None, batch_size: int = 1024,
                         progress: bool = True) -> np.ndarray:
@@ -66,7 +66,7 @@ def zeroshot_classifier(encode_text: TextFn, classnames: Sequence[str], prompt_s
             w = np.load(path)
             if w.shape[0] == len(classnames):
                 return w
-    use_glosses = glosses if "wordnet" in prompt_set else None
+    use_glosses = glosses if uses_glosses(prompt_set) else None
     w = class_embeddings(encode_text, build_prompts(classnames, prompt_set, use_glosses), batch_size, progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,23 @@ from pathlib import Path
 from align.eval.prompts import PROMPT_SETS
 from align.eval.run import load_model, run_eval
 from tether.clikit import run_command
-from tether.recipe import load_recipe, parse, resolve_input
+from tether.recipe import RecipeError, load_recipe, parse, resolve_input
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if (args.suite is None) == (args.task is None):
+        raise RecipeError("align eval needs --task zeroshot|retrieval (one dataset) or --suite SUITE.yaml "
+                          "(many), not both")
+    if args.suite is not None:
+        from align.eval.suite import load_suite, print_table, run_suite
+
+        suite = load_suite(args.suite)   # a bad suite file is refused before the model loads
+        model = load_model(args.model, args.device, args.vision_path, args.text_path)
+        out = args.out or str(Path("runs") / "eval" / Path(args.model).name / suite.name)
+        res = run_suite(model, suite, out, args.cache_dir, fresh=args.fresh)
+        print_table(res)
+        print(f"report: {', '.join(res['files'])}")
+        return 0 if any(r.get("status") == "ok" for r in res["rows"]) else 1
     model = load_model(args.model, args.device, args.vision_path, args.text_path)
     out = args.out or str(Path("runs") / "eval" / Path(args.model).name)
     res = run_eval(model, args.task, args.data, args.split, args.prompts, args.limit, args.seed, args.features,
@@ -78,7 +91,10 @@ def register(subparsers) -> None:
     """Add ``eval`` and ``select`` to an argparse subparsers object (the ``align`` CLI calls this)."""
     e = subparsers.add_parser("eval", help="zero-shot classification or retrieval of an aligned model")
     e.add_argument("model", help="AlignedModel folder")
-    e.add_argument("--task", choices=["zeroshot", "retrieval"], required=True)
+    e.add_argument("--task", choices=["zeroshot", "retrieval"], help="evaluate one dataset (--data)")
+    e.add_argument("--suite", help="a suite file (YAML: classification + retrieval datasets, docs/eval.md): one "
+                                   "paper-style table, each dataset resumable")
+    e.add_argument("--fresh", action="store_true", help="--suite: evaluate finished datasets again")
     e.add_argument("--data", help="retrieval: Flickr8k-style folder, COCO captions .json, or an image,caption "
                                   ".csv/.tsv/.jsonl/.json/.parquet table; zeroshot: ImageFolder, wnid-prefixed folder "
                                   "or saved HF dataset")

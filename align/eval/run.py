@@ -9,7 +9,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -179,7 +179,8 @@ def run_retrieval(model: Any, data: str | None = None, split: str = "test", limi
                   seed: int = 0, features: str | None = None, out: str | Path | None = None,
                   cache_dir: str | Path | None = None, batch_size: int = 64, image_column: str = "image",
                   caption_column: str = "caption", image_root: str | None = None, captions: str | None = None,
-                  language: str | None = None, curve_max_k: int = 50, progress: bool = True) -> dict[str, Any]:
+                  language: str | None = None, curve_max_k: int = 50, progress: bool = True,
+                  opener: Callable[[Any], Any] | None = None, identity: str = "") -> dict[str, Any]:
     """Image↔text retrieval of ``model`` (``encode_image``/``encode_text``; ``project_*_features`` for cached
     features) on ``data`` (a Flickr8k-style folder, a COCO captions json or an image,caption table) or on a feature
     cache (``features``). Returns ``{"metrics", "meta", "curves"}`` (recall@K, K = 1..``curve_max_k``) and writes the
@@ -188,13 +189,16 @@ def run_retrieval(model: Any, data: str | None = None, split: str = "test", limi
     ``captions`` = a Flickr8k-format captions file (any language) used instead of ``<data>/captions.txt`` (only the
     split's images that have captions there are evaluated); ``language`` (default: guessed from a ``*.xx.txt`` /
     ``*.xx.jsonl`` file name, else ``en`` for Flickr8k's own captions, else unknown) goes into the report.
+    ``data`` may also be a :class:`align.eval.retrieval.PairedSet` already loaded, whose ``image_paths`` are opened
+    with ``opener`` (e.g. row numbers of a Hugging Face dataset) and cached under ``identity`` (the dataset's).
     Images that cannot be opened are skipped (one stderr line each), listed in ``meta["skipped"]`` and counted in
     ``metrics["n_skipped"]``."""
     from align.eval.retrieval import PairedSet, embed_images, retrieval_eval
 
     fp, cache = _embed_cache(model, out, cache_dir)
-    meta: dict[str, Any] = {"task": "retrieval", "data": data if data is not None else features,
-                            "model_fingerprint": fp, "features": features}
+    loaded = isinstance(data, PairedSet)
+    meta: dict[str, Any] = {"task": "retrieval", "model_fingerprint": fp, "features": features,
+                            "data": data.name if loaded else data if data is not None else features}
     skips: _Skips | None = None
     if features and data is None:
         from align.features import FeatureCache
@@ -214,22 +218,23 @@ def run_retrieval(model: Any, data: str | None = None, split: str = "test", limi
         if data is None:
             raise RecipeError("retrieval needs --data (a Flickr8k-style folder, a COCO captions json or an "
                               "image,caption table) or --features (a feature cache)")
-        pairs = PairedSet.load(data, split, image_column, caption_column, image_root,
-                               captions_file=captions).subset(limit, seed)
+        pairs = (data if loaded else PairedSet.load(data, split, image_column, caption_column, image_root,
+                                                    captions_file=captions)).subset(limit, seed)
         meta["name"] = pairs.name
-        meta["language"] = language or caption_language(captions or data, flickr_default=captions is None
-                                                        and Path(data).is_dir())
+        meta["language"] = language or (None if loaded else caption_language(
+            captions or data, flickr_default=captions is None and Path(data).is_dir()))
         if captions:
             meta["captions"] = str(captions)
         meta["n_images"], meta["n_captions"] = len(pairs), len(pairs.captions)
-        if Path(data).is_dir():
+        if loaded or Path(data).is_dir():
             meta["split"] = split
         if features:
             img = model.project_image_features(load_cached_image_features(features, list(pairs.keys)))
         else:
-            sub = cache / f"img-{fp}-{_data_key([str(p) for p in pairs.image_paths])}" if cache and fp else None
-            skips = _Skips(lambda i, item: item)
-            img = embed_images(model.encode_image, pairs.image_paths, batch_size, progress, sub,
+            sub = (cache / f"img-{fp}-{_data_key([str(p) for p in pairs.image_paths] + ([identity] if identity else []))}"
+                   if cache and fp else None)
+            skips = _Skips(lambda i, item: item if opener is None else f"row {item}")
+            img = embed_images(model.encode_image, pairs.image_paths, batch_size, progress, sub, opener=opener,
                                skipped=skips.items, on_skip=skips)
             if skips.items:
                 bad = skips.indexes()

@@ -45,7 +45,21 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Turn a training checkpoint (e.g. of a run that was stopped) into an AlignedModel folder."""
+    """Turn a training checkpoint (e.g. of a run that was stopped) into an AlignedModel folder plus, when its
+    encoders are transformers models, a transformers folder (``<out>/hf``); or (``--model``) convert an AlignedModel
+    folder into a transformers folder."""
+    from align.hf import export_hf
+
+    if (args.config is None) == (args.model is None):
+        raise RecipeError("align export needs --config RECIPE (a training checkpoint) or --model FOLDER (an aligned "
+                          "model to convert to a transformers folder), not both")
+    if args.model is not None:
+        from align.model import AlignedModel
+
+        out = export_hf(AlignedModel.from_pretrained(args.model), args.out, args.vision_ref, args.text_ref)
+        print(f"exported {args.model} -> {out} (a transformers folder: AutoModel.from_pretrained(..., "
+              "trust_remote_code=True))")
+        return 0
     from safetensors.torch import load_file
 
     from align.config import load_train_recipe
@@ -68,6 +82,20 @@ def _export(args: argparse.Namespace) -> int:
                                     temperature=None if lt is None else float(lt.exp()))
     out = model.save_pretrained(args.out)
     print(f"exported {ckpt} -> {out}")
+    if not args.no_hf:
+        try:
+            hf = export_hf(model, out / "hf", args.vision_ref, args.text_ref)
+            print(f"transformers folder (loads without tether, trust_remote_code=True): {hf}")
+        except RecipeError as e:
+            print(f"no transformers folder: {e}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from align.hf import push
+
+    url = push(args.model, args.repo, private=args.private, token=args.token)
+    print(f"pushed {args.model} -> {url}")
     return 0
 
 
@@ -92,12 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=_extract)
 
-    x = sub.add_parser("export", help="export a training checkpoint as an AlignedModel folder")
-    x.add_argument("--config", required=True)
+    x = sub.add_parser("export", help="export a training checkpoint as an AlignedModel folder (+ a transformers "
+                                      "folder in <out>/hf), or convert an AlignedModel folder (--model)")
+    x.add_argument("--config", help="the training recipe whose checkpoint is exported")
+    x.add_argument("--model", help="an AlignedModel folder to write as a transformers folder at --out")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     x.add_argument("--checkpoint", help="checkpoint folder (default: latest in train.output_dir)")
     x.add_argument("--out", required=True)
+    x.add_argument("--no-hf", action="store_true", help="--config: no transformers folder")
+    x.add_argument("--vision-ref", help="hub id / path the transformers folder names for the vision encoder "
+                                        "(default: the one trained with; a zoo name becomes its hub id)")
+    x.add_argument("--text-ref", help="the same for the text encoder")
     x.set_defaults(func=_export)
+
+    p = sub.add_parser("push", help="upload a model to the Hugging Face hub (as a transformers folder)")
+    p.add_argument("model", help="an AlignedModel folder (its hf/ subfolder, or exported on the fly) or a "
+                                 "transformers folder from align export")
+    p.add_argument("repo", help="hub repository id, owner/name (created if needed)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", help="hub token (default: the huggingface_hub login / HF_TOKEN)")
+    p.set_defaults(func=_push)
 
     add_plugins(sub, PLUGINS)
     return parser

@@ -221,21 +221,26 @@ class AlignedModel(nn.Module):
         return self.heads.image_tokens and getattr(self.heads.image, "patch_block", None) is not None
 
     @torch.no_grad()
-    def patch_similarity(self, image, text: str) -> np.ndarray:
-        """``[h, w]``: the cosine of ``text``'s embedding with each patch embedding of ``image`` (a PIL image) — the
-        token image head's patch block on the encoder's patch tokens, normalised — on the patch grid of the
-        encoder's input (its preprocessing's center crop). Token image heads with a patch term only."""
+    def patch_embeddings(self, image) -> np.ndarray:
+        """``[h, w, embed_dim]``: the normalised embedding of each patch of ``image`` (a PIL image) — the token image
+        head's patch block on the encoder's patch tokens — on the patch grid of the encoder's input (its
+        preprocessing's center crop). Token image heads with a patch term only."""
         if not self.has_patch_embeddings:
             raise RecipeError("this model has pooled heads only: no per-patch embeddings")
         head, enc = self.heads.image, self.vision
         px = enc.preprocess([image.convert("RGB")])
         patches = _np(head.patch_block(enc.tokens(px)[:, head.num_prefix_tokens:].float()))[0]  # [P, E]
-        sims = patches @ self.encode_text([text])[0]
-        n, (height, width) = len(sims), px.shape[-2:]
+        n, (height, width) = len(patches), px.shape[-2:]
         h = max(1, round((n * height / width) ** 0.5))
         if n % h:  # not a grid of the input's aspect ratio: one row
             h = 1
-        return sims.reshape(h, n // h).astype(np.float32)
+        return patches.reshape(h, n // h, -1)
+
+    @torch.no_grad()
+    def patch_similarity(self, image, text: str) -> np.ndarray:
+        """``[h, w]``: the cosine of ``text``'s embedding with each patch embedding of ``image``
+        (:meth:`patch_embeddings`)."""
+        return (self.patch_embeddings(image) @ self.encode_text([text])[0]).astype(np.float32)
 
     def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                              batch_size: int = 256) -> np.ndarray:

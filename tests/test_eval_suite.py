@@ -191,4 +191,4 @@ def test_the_cli_runs_a_suite_on_an_aligned_model(tmp_path, tiny_vision, tiny_te
     assert main(["eval", str(tmp_path / "m")]) == 2
     assert main(["eval", str(tmp_path / "m"), "--suite", str(suite), "--task", "zeroshot"]) == 2
     err = capsys.readouterr().err
-    assert "needs --task zeroshot|retrieval (one dataset) or --suite" in err and "Traceback" not in err
+    assert "needs --task zeroshot|retrieval|localize (one dataset) or --suite" in err and "Traceback" not in err

@@ -27,7 +27,7 @@ from tether.recipe import RecipeError, load_recipe, parse, resolve_input
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if (args.suite is None) == (args.task is None):
-        raise RecipeError("align eval needs --task zeroshot|retrieval (one dataset) or --suite SUITE.yaml "
+        raise RecipeError("align eval needs --task zeroshot|retrieval|localize (one dataset) or --suite SUITE.yaml "
                           "(many), not both")
     if args.suite is not None:
         from align.eval.suite import load_suite, print_table, run_suite
@@ -91,7 +91,9 @@ def register(subparsers) -> None:
     """Add ``eval`` and ``select`` to an argparse subparsers object (the ``align`` CLI calls this)."""
     e = subparsers.add_parser("eval", help="zero-shot classification or retrieval of an aligned model")
     e.add_argument("model", help="AlignedModel folder")
-    e.add_argument("--task", choices=["zeroshot", "retrieval"], help="evaluate one dataset (--data)")
+    e.add_argument("--task", choices=["zeroshot", "retrieval", "localize"],
+                   help="evaluate one dataset (--data); localize = the pointing game on patch maps (token heads; "
+                        "--data: a folder with localization.jsonl, e.g. from python -m align.eval.localize composites)")
     e.add_argument("--suite", help="a suite file (YAML: classification + retrieval datasets, docs/eval.md): one "
                                    "paper-style table, each dataset resumable")
     e.add_argument("--fresh", action="store_true", help="--suite: evaluate finished datasets again")

@@ -351,4 +351,11 @@ def run_eval(model: Any, task: str, data: str | None = None, split: str = "test"
                              captions=captions, language=language, curve_max_k=curve_max_k, **common)
     if task == "zeroshot":
         return run_zeroshot(model, data, prompts=prompts, label_column=label_column, **common)
-    raise RecipeError(f"unknown task {task!r} (zeroshot or retrieval)")
+    if task == "localize":
+        from align.eval.localize import run_localize
+        from align.eval.prompts import templates_for
+
+        if data is None:
+            raise RecipeError("localize needs --data (a folder with localization.jsonl, or the file)")
+        return run_localize(model, data, templates_for(prompts), limit=limit, seed=seed, out=out, progress=progress)
+    raise RecipeError(f"unknown task {task!r} (zeroshot, retrieval or localize)")

@@ -64,6 +64,19 @@ class NotFound(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- the build
+def _find_key(obj: object, key: str, depth: int = 0) -> object:
+    if depth > 6:
+        return None
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            r = _find_key(v, key, depth + 1)
+            if r is not None:
+                return r
+    return None
+
+
 class Explorer:
     """Read-only access to one build: catalog queries (per-request cursors) and stored image bytes."""
 
@@ -89,6 +102,34 @@ class Explorer:
             "AND column_name = 'lang'").fetchall())
         self.build_key = hashlib.sha256(f"{self.catalog.resolve()}:{self.etag_seed}".encode()).hexdigest()[:16]
         self.summary: Summary | None = None  # precomputed tables outside the build (use_summary)
+
+    def wordnet_names(self, wnids: list[str]) -> dict[str, str]:
+        """Names of WordNet synsets that are not concepts of the build (the upper part of a hypernym chain), from
+        the WordNet the bank was made with (or the default one), read once; {} when there is none."""
+        if not wnids:
+            return {}
+        with self._lock:
+            if "wordnet" not in self._cache:
+                from curate.wordnet import WordNet
+
+                try:
+                    self._cache["wordnet"] = WordNet.load(self._wordnet_dir())
+                except Exception:  # noqa: BLE001 - no WordNet here: the chain keeps its ids
+                    self._cache["wordnet"] = None
+            wn = self._cache["wordnet"]
+        if wn is None:
+            return {}
+        return {w: wn.synset(w).lemmas[0].replace("_", " ") for w in wnids if w in wn and wn.synset(w).lemmas}
+
+    def _wordnet_dir(self) -> str | None:
+        """``concepts.wordnet_dir`` of the recipe that made the build, when the catalog recorded it."""
+        try:
+            row = self.con.execute("SELECT params FROM stages WHERE stage = 'concepts' LIMIT 1").fetchone()
+            params = json.loads(row[0]) if row and row[0] else {}
+        except (duckdb.Error, ValueError, TypeError):
+            return None
+        found = _find_key(params, "wordnet_dir")
+        return found if isinstance(found, str) and found else None
 
     def use_summary(self, background: bool = False) -> "Summary":
         """Load (or build, then cache) the summary tables; ``background``: in a thread, the pages answering from
@@ -247,6 +288,7 @@ class Explorer:
             hyper = list(info["hypernyms"] or [])
             names = dict(cur.execute("SELECT concept_id, any_value(name) FROM concepts WHERE concept_id IN "
                                      "(SELECT unnest(?)) GROUP BY 1", [hyper]).fetchall()) if hyper else {}
+            names.update(self.wordnet_names([h for h in hyper if not names.get(h)]))
             info["hypernyms"] = [(h, names.get(h) or h) for h in hyper]
             if self.summary_ready and counts:
                 kept, dropped = self._concept_members(counts["cix"], page, dpage)
@@ -1262,6 +1304,7 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
         return templates.TemplateResponse(request, "search.html", {
             "build": build_name, "title": "Search", "q": q, "concept": concept, "status": status, "source": source,
             "statuses": STATUSES, "sources": ex.sources(), "res": res,
+            "concept_name": (ex.concept_index().get(concept.strip()) or {}).get("name") if concept.strip() else None,
             "pager": pager(request, page, min(res["n"], COUNT_CAP), PAGE_SIZE)})
 
     @app.get("/thumb/{uid:path}")

@@ -805,3 +805,24 @@ def test_real_browser_on_flickr8k(flickr_build, flickr_server, tmp_path):
             assert im.size[0] == 1280 and im.size[1] > 300
             assert len(im.convert("L").resize((64, 64)).getcolors(4096) or range(4097)) > 8  # not a blank page
     assert _tree_hash(build) == before
+
+
+def test_hypernym_chains_show_names_and_a_concept_search_links_back(flickr_build):
+    """The upper part of a hypernym chain is not in the bank (only the matched concepts are): its names come from
+    WordNet, not bare wnids; a caption search filtered to a concept links to that concept's page."""
+    build, _ = flickr_build
+    with _catalog(build) as con:
+        cid, hyper, name = con.execute("""SELECT concept_id, hypernyms, name FROM concepts
+                                          WHERE concept_id IN (SELECT concept_id FROM matches) AND len(hypernyms) > 3
+                                          ORDER BY concept_id LIMIT 1""").fetchone()
+        in_bank = {r[0] for r in con.execute("SELECT concept_id FROM concepts").fetchall()}
+    assert any(h not in in_bank for h in hyper)
+    client = TestClient(create_app(build))
+    r = client.get("/concept/" + _q(cid))
+    assert r.status_code == 200
+    chain = re.search(r"<dt>hypernyms</dt><dd>(.*?)</dd>", r.text, re.S).group(1)
+    shown = re.findall(r'title="(n\d{8})">([^<]+)</a>', chain)
+    assert [w for w, _ in shown] == list(hyper)
+    assert shown[0][1] == "entity" and not any(re.fullmatch(r"n\d{8}", label) for _, label in shown), shown
+    r = client.get("/search", params={"concept": cid})
+    assert r.status_code == 200 and f'href="/concept/{_q(cid)}"' in r.text and f"({name})" in r.text

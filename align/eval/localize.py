@@ -234,9 +234,7 @@ def write_localize(result: dict[str, Any], out: str | Path, shown: list) -> list
 
 
 def _examples_png(path: Path, shown: list) -> Path:
-    import os
-
-    from align.eval.report import _plt
+    from align.eval.report import _plt, _save
 
     plt = _plt()
     n = len(shown)
@@ -253,12 +251,7 @@ def _examples_png(path: Path, shown: list) -> Path:
             a.set_yticks([])
     fig.suptitle("patch maps (cyan: the object; x: the peak, green = hit)", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from align.data import Sample, SkipLog
-from tether.fileio import atomic_write
+from tether.digest import file_sha256, json_digest
+from tether.fileio import CorruptFileError, atomic_write, file_checksum, known_checksum, remember_checksum
+from tether.fileio import verify_file as _verify_file
 from tether.recipe import RecipeError, Strict, resolve_path
 
 FORMAT = "tether-features/2"  # /2: exact-bytes fingerprints, file checksums, data_sha
@@ -54,47 +56,18 @@ class StaleCacheError(RecipeError):
     """The cache on disk was made with other encoders/settings/data than the recipe asks for."""
 
 
-class CorruptCacheError(RecipeError):
+class CorruptCacheError(CorruptFileError):
     """A cache file is not what was written: its size or sha256 differs from the manifest's record."""
 
 
-# -- checksums ------------------------------------------------------------------------------------------------
+# -- checksums (tether.fileio: file_checksum, verify_file; tether.digest: the digests) -------------------------
 
-_BLOCK = 1 << 20
-_VERIFIED: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256): hash each file once per process
-
-
-def _sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_checksum(path: str | Path) -> dict[str, Any]:
-    """``{"bytes": size, "sha256": hex}`` of a file (memoised on path, size and mtime)."""
-    st = os.stat(path)
-    memo = _VERIFIED.get(str(path))
-    if memo and memo[:2] == (st.st_size, st.st_mtime_ns):
-        return {"bytes": st.st_size, "sha256": memo[2]}
-    sha = _sha256_file(path)
-    _VERIFIED[str(path)] = (st.st_size, st.st_mtime_ns, sha)
-    return {"bytes": st.st_size, "sha256": sha}
+REBUILD = "re-run `align extract` to rebuild it"
 
 
 def verify_file(path: str | Path, entry: dict[str, Any], what: str = "feature cache") -> None:
     """Raise :class:`CorruptCacheError` (one line) unless ``path`` has the size and sha256 that ``entry`` records."""
-    if "sha256" not in entry:
-        return
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is missing; re-run `align extract` to rebuild it")
-    got = file_checksum(path)
-    if got["bytes"] != entry.get("bytes") or got["sha256"] != entry["sha256"]:
-        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is corrupt (size {got['bytes']} / sha256 "
-                                f"{got['sha256'][:12]}… differ from {entry.get('bytes')} / {entry['sha256'][:12]}… "
-                                f"recorded when it was written); re-run `align extract` to rebuild it")
+    _verify_file(path, entry, what, REBUILD, error=CorruptCacheError)
 
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -116,13 +89,13 @@ def read_tensors(path: str | Path, entry: dict[str, Any], keep: Callable[[str], 
     read is a :class:`CorruptCacheError` (one line), not a SIGBUS. Peak memory: the file plus the tensors kept."""
     path = Path(path)
     if not path.is_file():
-        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is missing; re-run `align extract` to rebuild it")
+        raise CorruptCacheError(f"{what} {path.parent}: {path.name} is missing; {REBUILD}")
     checked = "sha256" in entry
 
     def corrupt(detail: str) -> CorruptCacheError:
         return CorruptCacheError(f"{what} {path.parent}: {path.name} is corrupt ({detail} differ from "
                                  f"{entry.get('bytes')} / {str(entry.get('sha256'))[:12]}… recorded when it was "
-                                 f"written); re-run `align extract` to rebuild it")
+                                 f"written); {REBUILD}")
 
     before = os.stat(path)
     if checked and before.st_size != entry.get("bytes"):
@@ -135,14 +108,14 @@ def read_tensors(path: str | Path, entry: dict[str, Any], keep: Callable[[str], 
     if got != len(buf) or grown:
         raise corrupt(f"size {after.st_size}, changed while it was read,")
     if checked:
-        memo = _VERIFIED.get(str(path))  # hashed before at this size and mtime: the size check above is enough
+        memo = known_checksum(path)  # hashed before at this size and mtime: the size check above is enough
         same = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
         known = bool(same and memo and memo == (after.st_size, after.st_mtime_ns, entry["sha256"]))
         sha = entry["sha256"] if known else hashlib.sha256(buf).hexdigest()
         if sha != entry["sha256"]:
             raise corrupt(f"size {got} / sha256 {sha[:12]}…")
         if same:
-            _VERIFIED[str(path)] = (after.st_size, after.st_mtime_ns, sha)
+            remember_checksum(path, after.st_size, after.st_mtime_ns, sha)
     try:
         n = int.from_bytes(buf[:8], "little")
         if not 0 < n <= len(buf) - 8:
@@ -162,7 +135,7 @@ def read_tensors(path: str | Path, entry: dict[str, Any], keep: Callable[[str], 
                          if numel else torch.empty(shape, dtype=dtype))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptCacheError(f"{what} {path.parent}: {path.name} is not a readable safetensors file ({e}); "
-                                f"re-run `align extract` to rebuild it") from None
+                                f"{REBUILD}") from None
     return out, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
@@ -177,7 +150,7 @@ def image_bytes_digest(src: Any) -> str:
     if isinstance(src, TarRef):
         src = src.read()
     if isinstance(src, str):
-        return _sha256_file(src) if os.path.isfile(src) else "-"
+        return file_sha256(src) if os.path.isfile(src) else "-"
     if isinstance(src, Image.Image):
         h = hashlib.sha256(f"{src.mode}:{src.size}".encode())
         h.update(src.tobytes())
@@ -247,7 +220,7 @@ class FeatureConfig(Strict):
 
 
 def _sha(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(obj)
 
 
 def cache_key(vision, text, cfg: FeatureConfig, data: dict | None = None) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from urllib.parse import quote, urlencode
 import duckdb
 from markupsafe import Markup, escape
 
+from tether.digest import update_from_file
+
 PAGE_SIZE = 50  # table rows per page
 GRID_SIZE = 24  # thumbnails per page
 MAX_PAGE = 1_000_000
@@ -843,9 +845,7 @@ class ModelIndex:
         self._maps: OrderedDict[tuple[str, str], tuple[object, object]] = OrderedDict()
         h = hashlib.sha256()
         for name in loaded.files:
-            with open(name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            update_from_file(h, name)
         self.fingerprint = h.hexdigest()[:16]
         self.cache = cache_root() / f"{explorer.build_key}-{self.fingerprint}"
         self.eval_dir = Path(eval_dir) if eval_dir else None

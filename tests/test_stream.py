@@ -130,7 +130,8 @@ def test_image_pooling_slice_and_a_corrupt_shard(tmp_path):
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    from align.features import CorruptCacheError, _VERIFIED
+    from align.features import CorruptCacheError
+    from tether.fileio import _VERIFIED
 
     _VERIFIED.clear()
     fresh = StreamedCacheBatches(FeatureCache.open(tmp_path / "c"), Part(), augment=False, seed=0,
@@ -149,7 +150,8 @@ def test_window_budget_follows_the_stored_dtype(tmp_path):
 def test_read_tensors_own_their_memory_and_reject_a_changed_file(tmp_path):
     """Cache reads never map the file: a shard replaced in place after it was read (or while a read-ahead thread
     reads it) must not crash the process with SIGBUS; a truncated or garbage file is a one-line CorruptCacheError."""
-    from align.features import CorruptCacheError, _VERIFIED, read_tensors
+    from align.features import CorruptCacheError, read_tensors
+    from tether.fileio import _VERIFIED
 
     cache = synthetic_cache(tmp_path / "c", images=(30,), dtype=torch.float16)
     entry = cache.manifest["shards"][0]

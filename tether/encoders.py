@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from tether.digest import update_from_file
 from tether.recipe import RecipeError
 from tether.zoo import (  # noqa: F401  (re-exported: the public names of the offline zoo)
     BACKBONES,
@@ -262,9 +263,7 @@ def file_fingerprint(paths: Sequence[str | os.PathLike], extra: dict | None = No
     for p in paths:
         p = Path(p)
         h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        update_from_file(h, p)
     return h.hexdigest()[:16]
 
 

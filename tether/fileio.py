@@ -13,6 +13,62 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 
+# ------------------------------------------------------------------------------------------------------------
+# File integrity: a file is what was written when its size and sha256 equal the record made then
+# ------------------------------------------------------------------------------------------------------------
+_VERIFIED: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256): hash each file once per process
+
+
+def _corrupt_base():
+    from tether.recipe import RecipeError
+
+    return RecipeError
+
+
+class CorruptFileError(_corrupt_base()):  # type: ignore[misc]
+    """A file is not what was written: missing, or its size or sha256 differs from the record (one line, with the
+    caller's hint on what to do)."""
+
+
+def file_checksum(path: str | os.PathLike) -> dict:
+    """``{"bytes": size, "sha256": hex}`` of a file (memoised on path, size and mtime)."""
+    from tether.digest import file_sha256
+
+    st = os.stat(path)
+    memo = _VERIFIED.get(str(path))
+    if memo and memo[:2] == (st.st_size, st.st_mtime_ns):
+        return {"bytes": st.st_size, "sha256": memo[2]}
+    sha = file_sha256(path)
+    _VERIFIED[str(path)] = (st.st_size, st.st_mtime_ns, sha)
+    return {"bytes": st.st_size, "sha256": sha}
+
+
+def remember_checksum(path: str | os.PathLike, size: int, mtime_ns: int, sha256: str) -> None:
+    """Record a sha256 computed elsewhere (e.g. over bytes already read) for :func:`file_checksum`'s memo."""
+    _VERIFIED[str(path)] = (size, mtime_ns, sha256)
+
+
+def known_checksum(path: str | os.PathLike) -> tuple[int, int, str] | None:
+    """``(size, mtime_ns, sha256)`` hashed before in this process, if any."""
+    return _VERIFIED.get(str(path))
+
+
+def verify_file(path: str | os.PathLike, entry: dict, what: str, hint: str,
+                error: type = CorruptFileError) -> None:
+    """Raise ``error`` (one line: ``<what> <folder>: <file> is missing|corrupt (…); <hint>``) unless ``path`` has
+    the size and sha256 that ``entry`` (``{"bytes", "sha256"}``) records; an entry without a sha256 is not checked."""
+    if "sha256" not in entry:
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path.parent}: {path.name} is missing; {hint}")
+    got = file_checksum(path)
+    if got["bytes"] != entry.get("bytes") or got["sha256"] != entry["sha256"]:
+        raise error(f"{what} {path.parent}: {path.name} is corrupt (size {got['bytes']} / sha256 "
+                    f"{got['sha256'][:12]}… differ from {entry.get('bytes')} / {entry['sha256'][:12]}… "
+                    f"recorded when it was written); {hint}")
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` through a hidden temp file + rename: a kill never leaves a
     half-written file, and folder loaders globbing the visible names never see the temp file."""

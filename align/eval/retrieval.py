@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from tether.digest import update_from_file
 from tether.fileio import atomic_write
 from tether.recipe import RecipeError
 
@@ -454,9 +455,7 @@ def content_digest(item: Any) -> str:
     h = hashlib.blake2b(digest_size=16)
     if isinstance(item, (str, Path)):
         try:
-            with open(item, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            update_from_file(h, item)
         except OSError as e:
             h.update(f"unreadable:{type(e).__name__}".encode())
     elif isinstance(item, (bytes, bytearray)):

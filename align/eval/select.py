@@ -27,6 +27,7 @@ from pydantic import Field
 
 from align.eval.cka import similarity_scores
 from align.eval.retrieval import PairedSet, embed_images, normalize, ranks
+from tether.digest import json_digest
 from tether.recipe import RecipeError, Strict
 
 METRICS = ("linear_cka", "unbiased_cka", "mutual_knn")
@@ -97,7 +98,7 @@ def data_hash(pairs: PairedSet) -> str:
 
 
 def _key(*parts: Any) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(parts)
 
 
 def vision_features(cand: Candidate, pairs: PairedSet, cache_dir: Path | None, batch_size: int = 32,

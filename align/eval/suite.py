@@ -17,7 +17,6 @@ stderr), never an abort.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -29,6 +28,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from align.eval.prompts import PROMPT_SETS, templates_for
+from tether.digest import json_digest
 from tether.fileio import atomic_write
 from tether.recipe import RecipeError, Strict, load_recipe, looks_local, resolve_input
 
@@ -343,10 +343,6 @@ def _line(e: BaseException) -> str:
     return (s[0] if s else type(e).__name__)[:300]
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 CLS_COLS = ("top1", "top5", "mean_per_class_recall", "n_images", "n_classes")
 RET_COLS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "n_images", "n_texts")
 
@@ -364,7 +360,7 @@ def run_suite(model: Any, suite: Suite, out: str | Path, cache_dir: str | Path |
     todo = [("classification", d) for d in suite.classification] + [("retrieval", d) for d in suite.retrieval]
     for n, (kind, d) in enumerate(todo, 1):
         spec = {"kind": kind, "dataset": d.model_dump(), "defaults": suite.defaults.model_dump()}
-        key = _digest({"model": fp, "spec": spec})
+        key = json_digest({"model": fp, "spec": spec})
         d_out = out / "datasets" / d.name
         entry = d_out / "suite_entry.json"
         row: dict[str, Any] = {"dataset": d.name, "kind": kind, "path": d.path}

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.features import file_checksum, verify_file
+from tether.fileio import file_checksum, verify_file
 from tether.fileio import atomic_write
 from tether.recipe import RecipeError
 
@@ -66,18 +66,21 @@ def verify_checkpoint(ckpt: Path, process_index: int, ignore_rng_state: bool = F
         except (ValueError, KeyError, TypeError) as e:
             raise RecipeError(f"checkpoint {ckpt}: unreadable {CHECKSUMS} ({e})") from None
         for name, entry in sorted(files.items()):
+            rng_file = name.startswith("random_states_")
             try:
-                verify_file(ckpt / name, entry, what="checkpoint")
+                if rng_file and ignore_rng_state:
+                    verify_file(ckpt / name, entry, "checkpoint", "resuming without it (--ignore-rng-state)")
+                elif rng_file:
+                    verify_file(ckpt / name, entry, "checkpoint",
+                                f"the resumed run would not continue the same random stream; {hint}")
+                else:
+                    verify_file(ckpt / name, entry, "checkpoint",
+                                "resume from another checkpoint (--resume PATH) or start over (--resume never)")
             except RecipeError as e:
-                if name.startswith("random_states_") and ignore_rng_state:
-                    print(f"warning: {str(e).split(';')[0]}; resuming without it (--ignore-rng-state)",
-                          file=sys.stderr)
+                if rng_file and ignore_rng_state:
+                    print(f"warning: {e}", file=sys.stderr)
                     continue
-                if name.startswith("random_states_"):
-                    raise RecipeError(f"{str(e).split(';')[0]}: the resumed run would not continue the same random "
-                                      f"stream; {hint}") from None
-                raise RecipeError(f"{str(e).split(';')[0]}; resume from another checkpoint (--resume PATH) or "
-                                  f"start over (--resume never)") from None
+                raise
     if ignore_rng_state:
         return
     path = ckpt / rng

@@ -16,8 +16,6 @@ clear that method's rows and start over.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -26,6 +24,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog
+from tether.digest import json_digest
 from tether.distribute import DistributorConfig, embed_units, remote_embedding, run_units
 from curate.stages import Begin, Stage
 from curate.match.lexical import (REASONS, FormPlan, LexicalConfig, LexicalMatcher, RuleMatcher, choose_senses,
@@ -86,14 +85,14 @@ def _bank_fingerprint(cat: Catalog) -> str:
         "(SELECT coalesce(sum(hash(form || '|' || concept_id || '|' || coalesce(sense_rank, -1) || '|' "
         "|| coalesce(lemma, ''))), 0) "
         "FROM surface_forms)").fetchone()
-    return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16]
+    return json_digest([str(v) for v in row])
 
 
 def _input(cat: Catalog) -> tuple[str, int]:
     """(identity, size) of the captions to match, from ONE scan of ``alive`` (at 10^8 rows each scan costs
     minutes: the stage reads its input once for this and once to match it)."""
     row = cat.execute(f"SELECT count(*), coalesce(sum(hash(uid || caption)), 0) FROM ({INPUT_SQL})").fetchone()
-    return hashlib.sha1(json.dumps([str(v) for v in row]).encode()).hexdigest()[:16], int(row[0])
+    return json_digest([str(v) for v in row]), int(row[0])
 
 
 def _begin(cat: Catalog, stage: Stage, params: dict) -> bool:

@@ -262,16 +262,14 @@ class PairedSet:
         for f in (split_file, root / "images") + (() if captions_file is not None else (cap_file,)):
             if not f.exists():
                 raise RecipeError(f"{root}: not a Flickr8k folder ({f.name} missing)")
-        names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
+        from align.data import flickr8k_captions, flickr8k_split   # the one Flickr8k parser
+
+        names = flickr8k_split(root, split)
         index = {n: i for i, n in enumerate(names)}
         caps: list[str] = []
         owner: list[int] = []
-        for ln in cap_file.read_text(encoding="utf-8").splitlines():
-            ln = ln.strip()
-            if not ln or "\t" not in ln:
-                continue
-            key, cap = ln.split("\t", 1)
-            i = index.get(key.split("#", 1)[0])
+        for name, _, cap in flickr8k_captions(root, captions_file):
+            i = index.get(name)
             if i is not None and cap.strip():
                 caps.append(cap.strip())
                 owner.append(i)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from tether.recipe import RecipeError, Strict
+from tether.recipe import RecipeError, Strict, parse
 
 LOSS_KINDS = ("infonce", "siglip")
 DEFAULT_INIT_TEMPERATURE = {"infonce": 0.07, "siglip": 0.1}  # SigLIP: logit scale 10
@@ -127,39 +127,48 @@ def _hits(sim: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
 
 
 class ContrastiveLoss(nn.Module):
-    """Symmetric InfoNCE (``kind="infonce"``) or SigLIP sigmoid loss (``kind="siglip"``) over the global batch.
+    """Base of the contrastive losses over the global batch; ``ContrastiveLoss(kind="siglip", ...)`` builds the class
+    registered for ``kind`` (:data:`LOSSES`: :class:`InfoNCELoss`, :class:`SigLIPLoss`). Settings are
+    :class:`LossConfig`'s fields (one source: keyword arguments are parsed into it, ``config=`` passes one).
 
     ``forward(img [B, D], txt [B, D], image_ids=None) -> (loss, logs)``; embeddings are NOT expected to be
     normalised. ``logs`` (python floats, same on every rank): ``loss``, ``temperature``, ``acc`` (in-batch
     top-1, both directions averaged; a hit is any positive column), ``acc_i2t``, ``acc_t2i``, ``batch``
-    (global), plus ``loss_i2t``/``loss_t2i`` (InfoNCE) or ``bias`` (SigLIP).
+    (global), plus the kind's own (:meth:`objective`). A subclass supplies :meth:`objective` only.
     """
 
-    def __init__(self, kind: str = "infonce", init_temperature: float | None = None,
-                 min_temperature: float = 0.001, max_temperature: float = 0.5, learnable: bool = True,
-                 gather: bool = True, label_smoothing: float = 0.0, init_bias: float = -10.0):
+    kind: str = ""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is ContrastiveLoss:   # the base names a kind: build that kind's class (unknown: __init__ refuses)
+            cfg = kwargs.get("config")
+            kind = cfg.kind if cfg is not None else kwargs.get("kind", args[0] if args else "infonce")
+            cls = LOSSES.get(kind, cls)
+        return super().__new__(cls)
+
+    def __init__(self, kind: str | None = None, *, config: LossConfig | None = None, **settings):
         super().__init__()
-        t = _validate(kind, init_temperature, min_temperature, max_temperature, label_smoothing)
-        self.kind, self.gather, self.learnable = kind, bool(gather), bool(learnable)
-        self.min_temperature, self.max_temperature = float(min_temperature), float(max_temperature)
-        self.label_smoothing = float(label_smoothing)
-        log_t = torch.tensor(math.log(t), dtype=torch.float32)
-        bias = torch.tensor(float(init_bias), dtype=torch.float32)
-        if learnable:
-            self.log_temperature = nn.Parameter(log_t)
+        if config is None:
+            config = parse(LossConfig, {"kind": kind or self.kind or "infonce", **settings}, "loss")
+        if self.kind and config.kind != self.kind:
+            raise RecipeError(f"a {type(self).__name__} cannot be built from loss kind {config.kind!r}")
+        self.config = config
+        self.gather, self.learnable = bool(config.gather), bool(config.learnable)
+        self.min_temperature, self.max_temperature = float(config.min_temperature), float(config.max_temperature)
+        t = DEFAULT_INIT_TEMPERATURE[config.kind] if config.init_temperature is None else config.init_temperature
+        self._init_parameter("log_temperature", math.log(t))
+
+    def _init_parameter(self, name: str, value: float) -> None:
+        """A learnable parameter, or a buffer (saved, no gradient) when the loss is not learnable."""
+        v = torch.tensor(float(value), dtype=torch.float32)
+        if self.learnable:
+            setattr(self, name, nn.Parameter(v))
         else:
-            self.register_buffer("log_temperature", log_t)
-        if kind == "siglip":
-            if learnable:
-                self.logit_bias = nn.Parameter(bias)
-            else:
-                self.register_buffer("logit_bias", bias)
+            self.register_buffer(name, v)
 
     @classmethod
     def from_config(cls, cfg: LossConfig) -> "ContrastiveLoss":
-        return cls(kind=cfg.kind, init_temperature=cfg.init_temperature, min_temperature=cfg.min_temperature,
-                   max_temperature=cfg.max_temperature, learnable=cfg.learnable, gather=cfg.gather,
-                   label_smoothing=cfg.label_smoothing, init_bias=cfg.init_bias)
+        return LOSSES[cfg.kind](config=cfg)
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -178,6 +187,10 @@ class ContrastiveLoss(nn.Module):
         sizes = gather_sizes(img.shape[0], img.device)
         ids = None if image_ids is None else gather_rows(image_ids, sizes)
         return gather_rows(img, sizes), gather_rows(txt, sizes), ids
+
+    def objective(self, sim: torch.Tensor, temperature: torch.Tensor, ids: torch.Tensor | None):
+        """``(loss, extra logs)`` from the global cosine matrix ``sim`` (images × texts)."""
+        raise NotImplementedError
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor,
                 image_ids: torch.Tensor | Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -198,11 +211,7 @@ class ContrastiveLoss(nn.Module):
             img, txt, ids = self._global(img, txt, image_ids)
             temperature = self.temperature.to(dtype)
             sim = img @ txt.t()
-            if self.kind == "infonce":
-                loss, logs = self._infonce(sim / temperature, ids)
-            else:
-                pos = positives(img.shape[0], ids, img.device)
-                loss, logs = self._siglip(sim / temperature + self.logit_bias.to(dtype), pos)
+            loss, logs = self.objective(sim, temperature, ids)
         with torch.no_grad():
             hit_i2t = _hits(sim, ids).to(dtype).mean()
             hit_t2i = _hits(sim.t(), ids).to(dtype).mean()
@@ -213,8 +222,19 @@ class ContrastiveLoss(nn.Module):
         out["batch"] = float(img.shape[0])
         return loss, out
 
-    def _infonce(self, logits: torch.Tensor, ids: torch.Tensor | None):
-        """Mean of image→text and text→image cross-entropy; soft targets uniform over positive columns."""
+
+class InfoNCELoss(ContrastiveLoss):
+    """Symmetric InfoNCE: mean of image→text and text→image cross-entropy over ``sim / temperature``; soft targets
+    uniform over the positive columns (label smoothing from the config). Logs ``loss_i2t`` / ``loss_t2i``."""
+
+    kind = "infonce"
+
+    def __init__(self, kind: str | None = None, *, config: LossConfig | None = None, **settings):
+        super().__init__(kind, config=config, **settings)
+        self.label_smoothing = float(self.config.label_smoothing)
+
+    def objective(self, sim: torch.Tensor, temperature: torch.Tensor, ids: torch.Tensor | None):
+        logits = sim / temperature
         if ids is None:  # class-index targets: no [N, N] target matrix
             target_i2t = target_t2i = torch.arange(logits.shape[0], device=logits.device)
         else:
@@ -225,13 +245,27 @@ class ContrastiveLoss(nn.Module):
         loss = (loss_i2t + loss_t2i) / 2
         return loss, {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
 
-    def _siglip(self, logits: torch.Tensor, pos: torch.Tensor):
-        """``-sum(log sigmoid(label * logit)) / N`` with label +1 for positives and -1 otherwise."""
-        labels = pos.float() * 2 - 1
+
+class SigLIPLoss(ContrastiveLoss):
+    """SigLIP's sigmoid loss: ``-sum(log sigmoid(label * (sim / temperature + bias))) / N``, label +1 for positives
+    and -1 otherwise; a learnable ``logit_bias`` (init from the config). Logs ``bias``."""
+
+    kind = "siglip"
+
+    def __init__(self, kind: str | None = None, *, config: LossConfig | None = None, **settings):
+        super().__init__(kind, config=config, **settings)
+        self._init_parameter("logit_bias", self.config.init_bias)
+
+    def objective(self, sim: torch.Tensor, temperature: torch.Tensor, ids: torch.Tensor | None):
+        logits = sim / temperature + self.logit_bias.to(sim.dtype)
+        labels = positives(sim.shape[0], ids, sim.device).to(sim.dtype) * 2 - 1
         loss = -F.logsigmoid(labels * logits).sum() / logits.shape[0]
         return loss, {"bias": self.logit_bias.detach()}
 
 
+LOSSES: dict[str, type[ContrastiveLoss]] = {"infonce": InfoNCELoss, "siglip": SigLIPLoss}
+
+
 def build_loss(cfg: LossConfig) -> ContrastiveLoss:
-    """The loss module described by ``cfg``."""
+    """The loss module described by ``cfg`` (one class per kind, :data:`LOSSES`)."""
     return ContrastiveLoss.from_config(cfg)

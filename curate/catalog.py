@@ -148,6 +148,11 @@ class Catalog:
     def execute(self, sql: str, params=None):
         return self.con.execute(sql, params) if params is not None else self.con.execute(sql)
 
+    def inserted(self, sql: str, params=None) -> int:
+        """Run an INSERT and return how many rows it inserted (DuckDB returns the count as the result)."""
+        rows = self.execute(sql, params).fetchall()
+        return int(rows[0][0]) if rows else 0
+
     def one(self, sql: str, params=None) -> tuple | None:
         """First row of a query (the result is fully consumed: DuckDB 2 refuses new work on an open result)."""
         rows = self.execute(sql, params).fetchall()

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
+from curate.stages import Stage
 from tether.recipe import Strict
 
 NORM_CAPTION_SQL = "trim(regexp_replace(lower({c}), '[\\pP\\pS\\s]+', ' ', 'g'))"
@@ -67,7 +68,7 @@ def exact_key_sql(key: str) -> tuple[str, str]:
     }[key]
 
 
-def run_exact_dedup(cat: Catalog, cfg: DedupConfig, stage: str = "dedup") -> int:
+def run_exact_dedup(cat: Catalog, cfg: DedupConfig, stage: str = Stage.DEDUP) -> int:
     """Exact duplicates by each configured key in turn (first in (source, row_index) order is kept).
 
     Hash aggregation, no sort: alive rows are grouped by the 64-bit hash of their key (DuckDB ``hash``; the
@@ -84,7 +85,7 @@ def run_exact_dedup(cat: Catalog, cfg: DedupConfig, stage: str = "dedup") -> int
         cat.execute(f"""CREATE OR REPLACE TEMP TABLE _dk AS
             SELECT a.uid, r.base + a.row_index AS ord, hash({expr}) AS k
             FROM alive a JOIN _dsrc r USING (source) WHERE {cond}""")
-        total += _inserted(cat, f"""INSERT INTO decisions
+        total += cat.inserted(f"""INSERT INTO decisions
             SELECT d.uid, '{stage}', false, 'duplicate {key}', f.first_uid, NULL
             FROM _dk d JOIN (
               SELECT k, arg_min(uid, ord) AS first_uid FROM _dk GROUP BY k HAVING count(*) > 1) f USING (k)
@@ -92,12 +93,6 @@ def run_exact_dedup(cat: Catalog, cfg: DedupConfig, stage: str = "dedup") -> int
         cat.execute("DROP TABLE _dk")
     cat.execute("DROP TABLE _dsrc")
     return total
-
-
-def _inserted(cat: Catalog, sql: str) -> int:
-    """Run an INSERT and return how many rows it inserted (DuckDB returns the count as the result)."""
-    rows = cat.execute(sql).fetchall()
-    return int(rows[0][0]) if rows else 0
 
 
 def _embedding_cache_dir(cat: Catalog, encoder, cfg: NearDupConfig) -> Path | None:
@@ -169,7 +164,7 @@ def greedy_near_dups(emb: np.ndarray, threshold: float, index=None) -> tuple[np.
     return ref, kept
 
 
-def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = "neardup", encoder=None,
+def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = Stage.NEARDUP, encoder=None,
                  progress: bool = True, distributor=None) -> int:
     """Drop captions whose embedding is within ``threshold`` cosine of an earlier kept caption.
 

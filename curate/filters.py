@@ -15,7 +15,6 @@ from typing import Annotated
 from pydantic import Field
 
 from curate.catalog import Catalog
-from curate.dedup import _inserted
 from curate.stages import Stage
 from tether.recipe import RecipeError, Strict
 
@@ -118,7 +117,7 @@ def run_filters(cat: Catalog, cfg: FilterConfig, stage: Stage = Stage.FILTER) ->
     if not rules:
         return 0
     case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"
-    return _inserted(cat, f"""INSERT INTO decisions
+    return cat.inserted(f"""INSERT INTO decisions
         SELECT uid, '{stage}', false, reason, NULL, NULL FROM (
           SELECT uid, {case} AS reason FROM (
             SELECT uid, caption, lang, {words_sql('caption')} AS _nw, strlen(caption) = length(caption) AS _ascii

@@ -42,10 +42,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog, arrow_views
+from curate.stages import Stage
 from tether.recipe import RecipeError, Strict, resolve_path
 from curate.urlpolicy import MAX_URL_CHARS, url_reason
 
-STAGE = "ingest"
+STAGE = Stage.INGEST
 TEXT_FORMATS = ("csv", "tsv", "flickr", "jsonl")
 CSV_BLOCK_BYTES = 1 << 22  # pyarrow CSV block; quoted fields may hold newlines and straddle blocks
 JSONL_BLOCK_BYTES = 1 << 22
@@ -688,9 +689,9 @@ def _commit_batch(cat: Catalog, source: str, std: pa.Table, uids: pa.Table, icfg
         con.execute("""INSERT INTO samples SELECT uid, $src, row_index, url, path, caption,
                          TRY_CAST(width AS INTEGER), TRY_CAST(height AS INTEGER), extra, lang
                        FROM _ingest ORDER BY row_index""", {"src": source})
-        con.execute("""INSERT INTO decisions SELECT uid, 'ingest', false, reason,
+        con.execute("""INSERT INTO decisions SELECT uid, $stage, false, reason,
                          CASE WHEN reason = 'duplicate uid' THEN dup_ref END, NULL
-                       FROM _ingest WHERE reason IS NOT NULL ORDER BY row_index""")
+                       FROM _ingest WHERE reason IS NOT NULL ORDER BY row_index""", {"stage": STAGE.value})
         con.execute("DROP TABLE _ingest")
         cat.add_unit(STAGE, unit)
 

@@ -51,6 +51,11 @@ class LossConfig(Strict):
     gather: bool = True
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     init_bias: float = -10.0
+    # STRUCTURE-style regulariser (neighbourhood preservation): weight of the divergence between each batch's
+    # neighbourhood distributions in the frozen encoder space and in the shared space, per modality (0 = off)
+    structure: float = Field(0.0, ge=0.0, le=1000.0)
+    structure_temperature: float = Field(0.1, gt=0.0, le=10.0)
+    structure_levels: int = Field(1, ge=1, le=4)   # random-walk steps compared (1 = direct neighbours only)
 
     @model_validator(mode="after")
     def _check_range(self) -> "LossConfig":
@@ -116,6 +121,37 @@ def positives(n: int, image_ids: torch.Tensor | None, device: torch.device) -> t
     if image_ids is None:
         return torch.eye(n, dtype=torch.bool, device=device)
     return image_ids[:, None] == image_ids[None, :]
+
+
+def _js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the Jensen–Shannon divergence of two row-stochastic matrices."""
+    m = (p + q) / 2
+    kl = lambda a: (a * (a.clamp_min(1e-12).log() - m.clamp_min(1e-12).log())).sum(1)  # noqa: E731
+    return ((kl(p) + kl(q)) / 2).mean()
+
+
+def structure_divergence(frozen: torch.Tensor, shared: torch.Tensor, temperature: float = 0.1,
+                         levels: int = 1) -> torch.Tensor:
+    """How much a batch's neighbourhood structure changed from the frozen space to the shared one (STRUCTURE,
+    Gröger et al. 2025): row-wise softmax of cosine similarities / ``temperature`` (self excluded) in each space,
+    the Jensen–Shannon divergence of the two, averaged over ``levels`` random-walk steps (P, P², …). ``frozen`` is
+    a constant (no gradient); ``shared`` is the projector output."""
+    n = frozen.shape[0]
+    if n < 3:
+        return shared.new_zeros(())
+    eye = torch.eye(n, dtype=torch.bool, device=shared.device)
+
+    def walk(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        return torch.softmax((x @ x.t() / temperature).masked_fill(eye, float("-inf")), dim=1)
+
+    p, q = walk(frozen.detach()), walk(shared)
+    total, pl, ql = shared.new_zeros(()), p, q
+    for level in range(levels):
+        total = total + _js_rows(pl, ql)
+        if level + 1 < levels:
+            pl, ql = pl @ p, ql @ q
+    return total / levels
 
 
 def _hits(sim: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
@@ -192,8 +228,23 @@ class ContrastiveLoss(nn.Module):
         """``(loss, extra logs)`` from the global cosine matrix ``sim`` (images × texts)."""
         raise NotImplementedError
 
+    @property
+    def wants_frozen(self) -> bool:
+        """Whether :meth:`forward` needs the frozen features (``frozen=``): the structure regulariser is on."""
+        return self.config.structure > 0
+
     def forward(self, img: torch.Tensor, txt: torch.Tensor,
-                image_ids: torch.Tensor | Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                image_ids: torch.Tensor | Sequence[int] | None = None,
+                frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """``frozen``: the pooled frozen ``(image, text)`` features of this process's batch, for the structure
+        regulariser (``config.structure`` > 0; computed on the local batch, not gathered)."""
+        reg = None
+        if self.wants_frozen:
+            if frozen is None:
+                raise ValueError("loss.structure > 0 needs the frozen features (frozen=(image, text))")
+            c = self.config
+            reg = (structure_divergence(frozen[0], img, c.structure_temperature, c.structure_levels)
+                   + structure_divergence(frozen[1], txt, c.structure_temperature, c.structure_levels)) / 2
         if img.ndim != 2 or txt.shape != img.shape:
             raise ValueError(f"contrastive loss expects two [B, D] tensors of the same shape, "
                              f"got {tuple(img.shape)} and {tuple(txt.shape)}")
@@ -212,6 +263,9 @@ class ContrastiveLoss(nn.Module):
             temperature = self.temperature.to(dtype)
             sim = img @ txt.t()
             loss, logs = self.objective(sim, temperature, ids)
+            if reg is not None:
+                logs = dict(logs, structure=reg.detach())
+                loss = loss + self.config.structure * reg
         with torch.no_grad():
             hit_i2t = _hits(sim, ids).to(dtype).mean()
             hit_t2i = _hits(sim.t(), ids).to(dtype).mean()

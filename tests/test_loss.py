@@ -272,3 +272,41 @@ def test_real_minilm_multi_positive(flickr8k, minilm_path):
     assert logs["acc_i2t"] > 0.5 and logs["acc_t2i"] > 0.5  # chance: 4/48
     loss_single, _ = loss_fn(q, keys)
     assert loss_multi.item() < loss_single.item()
+
+
+def test_structure_regulariser_measures_changed_neighbourhoods():
+    from align.loss import structure_divergence
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    # a rotation and a scale keep every cosine: the same neighbourhoods, no divergence
+    assert structure_divergence(x, 3.0 * x @ q).item() == pytest.approx(0.0, abs=1e-6)
+    assert structure_divergence(x, x, levels=3).item() == pytest.approx(0.0, abs=1e-6)
+    shuffled = x[torch.randperm(16)]
+    assert structure_divergence(x, shuffled).item() > 0.05
+    # the gradient reaches the shared side only
+    emb = torch.randn(16, 8, requires_grad=True)
+    frozen = x.clone().requires_grad_(True)
+    structure_divergence(frozen, emb, levels=2).backward()
+    assert emb.grad.abs().sum() > 0 and frozen.grad is None
+    assert structure_divergence(x[:2], emb[:2]).item() == 0.0   # too small a batch: nothing to compare
+
+
+def test_structure_weight_adds_to_the_contrastive_loss():
+    from align.loss import structure_divergence
+
+    torch.manual_seed(1)
+    img, txt = torch.randn(12, 6), torch.randn(12, 6)
+    fi, ft = torch.randn(12, 10), torch.randn(12, 7)
+    base, logs0 = ContrastiveLoss(init_temperature=0.1)(img, txt)
+    assert "structure" not in logs0
+    reg_fn = ContrastiveLoss(init_temperature=0.1, structure=2.0, structure_temperature=0.2)
+    with pytest.raises(ValueError, match="frozen features"):
+        reg_fn(img, txt)
+    loss, logs = reg_fn(img, txt, frozen=(fi, ft))
+    want = (structure_divergence(fi, img, 0.2) + structure_divergence(ft, txt, 0.2)) / 2
+    assert logs["structure"] == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(base.item() + 2.0 * want.item(), rel=1e-5)
+    with pytest.raises(RecipeError, match="structure"):
+        parse(LossConfig, {"structure": -1})

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from align.config import TrainRecipe
+from align.eval.suite import Suite
 from curate.config import BuildRecipe
 from tether.recipe import parse, read_yaml
 
@@ -15,6 +16,7 @@ KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_di
         "align_flickr8k_multilingual": TrainRecipe}
 KIND["align_flickr8k_swap_use"] = TrainRecipe  # text-encoder swap (train.lock_image_from), tests/test_swap.py
 KIND["align_flickr8k_multilingual_mixed"] = TrainRecipe  # English + German + Chinese train captions (data.captions)
+KIND["eval_paper"] = KIND["eval_local"] = Suite  # align eval --suite files (tests/test_eval_suite.py)
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 

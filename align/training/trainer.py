@@ -28,6 +28,7 @@ from align.data import SkipLog
 from align.eval.retrieval import retrieval_metrics
 from align.features import CachedFeatures
 from align.loss import ContrastiveLoss
+from tether.encoders import masked_mean
 from align.model import AlignedModel, DualProjector
 from align.prepare import PrepSpec
 from align.training.batches import CacheBatches, EncoderBatches, EpochPlan, TrainPrep, TrainUnits
@@ -63,7 +64,12 @@ class AlignTask(nn.Module):
 
     def forward(self, image, text, text_mask=None, image_ids=None):
         img, txt = self.heads(image, text, text_mask)
-        return self.loss(img, txt, image_ids)
+        frozen = None
+        if self.loss.wants_frozen:   # pooled frozen features: a token grid by its first (CLS) / masked-mean token
+            fi = image[:, 0] if image.ndim == 3 else image
+            ft = text if text.ndim == 2 else masked_mean(text, text_mask)
+            frozen = (fi, ft)
+        return self.loss(img, txt, image_ids, frozen=frozen)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -304,3 +304,18 @@ def test_real_dinov2s_minilm_flickr8k(tmp_path, dinov2_small, minilm_path, flick
     assert s["last_loss"] < s["first_loss"] - 1.0
     chance = s["val"]["chance_R@1"]  # 1% for 100 images
     assert s["val"]["t2i_R@1"] > 5 * chance and s["val"]["i2t_R@1"] > 5 * chance, s["val"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "token"])
+def test_structure_regulariser_trains_and_is_logged(tmp_path, tiny_vision_dir, text_dir, data_dir, kind):
+    """loss.structure > 0: the trainer hands the frozen features of each batch to the loss (token grids by CLS /
+    masked mean) and logs the regulariser next to the contrastive loss."""
+    feats = {"cache_dir": str(tmp_path / "cache"), "shard_size": 64, "crops": 2, "tokens": kind == "token"}
+    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, features=feats,
+                     projector__image={"kind": kind, "out_dim": 32}, projector__text={"kind": kind, "out_dim": 32},
+                     loss={"kind": "infonce", "structure": 1.0, "structure_levels": 2})
+    s = train(load_train_recipe(rp, ["train.epochs=3"]))
+    assert s["last_loss"] < s["first_loss"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "logs" / "align" / "log.jsonl").read_text().splitlines()]
+    reg = [r["train/structure"] for r in rows if "train/structure" in r]
+    assert reg and all(0.0 <= v < 1.0 for v in reg)

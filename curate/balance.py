@@ -112,10 +112,14 @@ def concept_names(cat: Catalog, ids) -> dict[str, str]:
         "SELECT concept_id, name FROM concepts WHERE concept_id IN (SELECT unnest(?))", [ids]).fetchall() if n}
 
 
-def _prepare(cat: Catalog, cfg: BalanceConfig, candidates_sql: str | None) -> None:
+def _prepare(cat: Catalog, cfg: BalanceConfig, candidates_sql: str | None, exclude_pairs_sql: str | None = None
+             ) -> None:
     """Temp tables ``_bc(uid)`` (candidates) and ``_bm(uid, concept_id, score)`` (their usable matches)."""
     methods = ", ".join(f"'{m}'" for m in cfg.methods)
     score_rule = f"AND coalesce(score, 1.0) >= {float(cfg.min_score)}" if cfg.min_score is not None else ""
+    if exclude_pairs_sql:
+        score_rule += (f" AND NOT EXISTS (SELECT 1 FROM ({exclude_pairs_sql}) _x"
+                       " WHERE _x.uid = m.uid AND _x.concept_id = m.concept_id)")
     if candidates_sql:
         cat.execute(f"CREATE OR REPLACE TEMP TABLE _bc AS SELECT DISTINCT uid FROM ({candidates_sql})")
     else:  # uids are unique in samples: no DISTINCT needed
@@ -142,8 +146,9 @@ def _cleanup(cat: Catalog) -> None:
 
 
 def run_balance(cat: Catalog, cfg: BalanceConfig, stage: Stage = Stage.BALANCE, candidates_sql: str | None = None,
-                progress: bool = True) -> BalanceReport:
-    """Balance the candidates (``candidates_sql`` → a ``uid`` column; default the ``alive`` view)."""
+                progress: bool = True, exclude_pairs_sql: str | None = None) -> BalanceReport:
+    """Balance the candidates (``candidates_sql`` → a ``uid`` column; default the ``alive`` view), leaving out
+    the (uid, concept_id) matches of ``exclude_pairs_sql`` (e.g. the ones the image sense check refuted)."""
     cat.clear_decisions(stage)
     cat.execute("DELETE FROM balance_report WHERE stage = ?", [stage])
     rep = BalanceReport(stage=stage, method=cfg.method)
@@ -151,7 +156,7 @@ def run_balance(cat: Catalog, cfg: BalanceConfig, stage: Stage = Stage.BALANCE, 
         cand = candidates_sql or "SELECT uid FROM alive"
         rep.candidates = rep.kept = int(cat.scalar(f"SELECT count(*) FROM ({cand})"))
         return rep
-    _prepare(cat, cfg, candidates_sql)
+    _prepare(cat, cfg, candidates_sql, exclude_pairs_sql)
     # _bres(uid, concept_id, kept, reason): the verdict of every MATCHED candidate
     if cfg.method == "t":
         _t_balance(cat, cfg)
@@ -267,7 +272,7 @@ def preview_t(cat: Catalog, ts: list[int], cfg: BalanceConfig | None = None,
     (concepts with more than t matches) and ``concepts``.
     """
     cfg = cfg or BalanceConfig()
-    _prepare(cat, cfg, candidates_sql)
+    _prepare(cat, cfg, candidates_sql, exclude_pairs_sql)
     try:
         cat.execute("CREATE OR REPLACE TEMP TABLE _bt AS SELECT unnest(?::BIGINT[]) AS t", [list(map(int, ts))])
         rows = cat.execute("""

@@ -62,6 +62,13 @@ TABLES: dict[str, str] = {
         uid VARCHAR NOT NULL, sha256 VARCHAR, hash_size INTEGER, phash BLOB)""",
     "image_embeddings": """CREATE TABLE IF NOT EXISTS image_embeddings(
         uid VARCHAR NOT NULL, sha256 VARCHAR, model VARCHAR, file VARCHAR, row INTEGER)""",
+    # content-keyed cache of the agreement stage: the scorer's image–caption cosine per (uid, image bytes, model)
+    "agreement_scores": """CREATE TABLE IF NOT EXISTS agreement_scores(
+        uid VARCHAR NOT NULL, sha256 VARCHAR, model VARCHAR, score DOUBLE)""",
+    # image-verified senses (agreement): one verdict per (uid, matched concept) checked against the word's other senses
+    "sense_checks": """CREATE TABLE IF NOT EXISTS sense_checks(
+        uid VARCHAR NOT NULL, concept_id VARCHAR NOT NULL, word VARCHAR, own DOUBLE, best_other DOUBLE,
+        other_id VARCHAR, prototype DOUBLE, kept BOOLEAN NOT NULL, reason VARCHAR)""",
     # where each sample went in the webdataset shards (shards)
     "shard_index": """CREATE TABLE IF NOT EXISTS shard_index(
         uid VARCHAR NOT NULL, shard VARCHAR, key VARCHAR, pos BIGINT)""",
@@ -334,3 +341,31 @@ class Catalog:
 def params_json(params: dict) -> str:
     """The canonical JSON text of a stage's parameters (what ``stages.params`` stores and compares)."""
     return json.dumps(params, sort_keys=True, default=str)
+
+
+def find_key(obj: object, key: str, depth: int = 0) -> object:
+    """The first value of ``key`` in a nested dict (breadth of a recipe section; at most 6 levels deep)."""
+    if depth > 6:
+        return None
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            r = find_key(v, key, depth + 1)
+            if r is not None:
+                return r
+    return None
+
+
+def recorded_wordnet_dir(con) -> str | None:
+    """``concepts.wordnet_dir`` of the recipe that made the build, when its catalog (a duckdb connection or a
+    :class:`Catalog`) recorded it; None otherwise (then WordNet is searched where tether always looks)."""
+    import json
+
+    try:
+        row = con.execute("SELECT params FROM stages WHERE stage = 'concepts' LIMIT 1").fetchone()
+        params = json.loads(row[0]) if row and row[0] else {}
+    except (duckdb.Error, ValueError, TypeError):
+        return None
+    found = find_key(params, "wordnet_dir")
+    return found if isinstance(found, str) and found else None

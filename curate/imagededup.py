@@ -210,7 +210,7 @@ def semantic_duplicates(emb: np.ndarray, epsilon: float, clusters: int | None = 
 # --------------------------------------------------------------------------------------------------------
 # catalog stage
 # --------------------------------------------------------------------------------------------------------
-LATER_STAGES = (STAGE, Stage.REBALANCE)  # decisions of these stages do not limit this stage's candidates
+LATER_STAGES = (STAGE, *STAGE.later())  # decisions of these stages do not limit this stage's candidates
 
 
 def _candidates(cat: Catalog) -> list[tuple]:
@@ -277,6 +277,81 @@ def embed_image_bytes(encoder, blobs: list[bytes], pooling: str, batch_size: int
                           layer=layer).astype(np.float32)
 
 
+def fill_embedding_cache(cat: Catalog, rows: list[tuple], model: str, emb_dir: Path, fn, args: tuple = (),
+                         encoder=None, remote: tuple | None = None, encode_format: str = "jpg", chunk: int = 2000,
+                         progress: bool = True, desc: str = "embed images") -> None:
+    """Embed the stored images of ``rows`` that ``image_embeddings`` lacks for ``model`` (a key naming the exact
+    model and its settings), chunk by chunk: ``fn(encoder, blobs, *args)`` → ``[n, d]`` float32, in this process
+    or — ``remote = (distributor, load, load_kwargs)`` of ``kind: ray`` — on Ray actors that each load the model
+    once (:class:`tether.distribute.Loaded`; the driver sends the stored image bytes). Each chunk is one ``.npy``
+    file under ``emb_dir`` plus its catalog rows, committed in order, so a killed run resumes."""
+    from tether.distribute import Loaded, actor_load_kwargs, run_units
+    from tether.progress import progress as tqdm
+
+    todo = _missing(cat, rows, "image_embeddings", "AND t.model = ?", [model])
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress)
+    with ImageStore(encode_format) as store:
+        def chunks():
+            for s in range(0, len(todo), chunk):
+                part = todo[s:s + chunk]
+                yield part, ([store.read(*r[2:6]) for r in part], *args)
+
+        if remote is not None:
+            dist, load, kwargs = remote
+            done = run_units(dist, Loaded, (load, actor_load_kwargs(dist, kwargs), fn), chunks(), gpus=dist.gpus)
+        else:
+            done = ((part, fn(encoder, *payload)) for part, payload in chunks())
+        for part, vecs in done:
+            n_files = int(cat.scalar("SELECT count(DISTINCT file) FROM image_embeddings") or 0)
+            name = f"{model.replace(':', '_').replace('+', '-').replace('/', '_')}-{n_files:06d}.npy"
+            tmp = emb_dir / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(vecs, np.float32))
+            os.replace(tmp, emb_dir / name)
+            _insert(cat, "image_embeddings", {"uid": [r[0] for r in part], "sha256": [r[1] for r in part],
+                                              "model": [model] * len(part), "file": [name] * len(part),
+                                              "row": list(range(len(part)))})
+            bar.update(len(part))
+    bar.close()
+
+
+def cached_embeddings(cat: Catalog, rows: list[tuple], model: str, emb_dir: Path, dim: int) -> np.ndarray:
+    """``[len(rows), dim]`` embeddings of ``rows`` from the ``image_embeddings`` cache of ``model`` (filled by
+    :func:`fill_embedding_cache`); a row missing there or a chunk file that does not match is a one-line error."""
+    from tether.recipe import RecipeError
+
+    if not rows:
+        return np.zeros((0, dim), np.float32)
+    import pyarrow as pa
+
+    cand = pa.table({"uid": [r[0] for r in rows], "sha256": [r[1] for r in rows], "i": list(range(len(rows)))})
+    with cat.registered("_want", cand):
+        loc = cat.execute("""SELECT w.i, e.file, e.row FROM _want w JOIN image_embeddings e
+                             ON e.uid = w.uid AND e.sha256 IS NOT DISTINCT FROM w.sha256 AND e.model = ?
+                             ORDER BY w.i""", [model]).fetchall()
+    out = np.zeros((len(rows), dim), np.float32)
+    seen = np.zeros(len(rows), bool)
+    files: dict[str, np.ndarray] = {}
+    for i, f, j in loc:
+        if seen[i]:
+            continue
+        if f not in files:
+            path = emb_dir / f
+            try:
+                files[f] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise RecipeError(f"{path}: unreadable embedding chunk ({e}); delete {emb_dir} to recompute") from None
+        a = files[f]
+        if a.ndim != 2 or a.shape[1] != dim or not 0 <= j < len(a):
+            raise RecipeError(f"{emb_dir / f}: embedding chunk does not match its catalog rows (shape {a.shape}, "
+                              f"row {j}, dim {dim}); delete {emb_dir} to recompute")
+        out[i], seen[i] = a[j], True
+    if not seen.all():
+        raise RecipeError(f"{int((~seen).sum()):,} images have no cached {model} embedding")
+    return out
+
+
 def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb_dir: Path, encoder=None,
                        encode_format: str = "jpg", chunk: int = 2000, progress: bool = True,
                        distributor=None) -> np.ndarray:
@@ -285,57 +360,22 @@ def compute_embeddings(cat: Catalog, rows: list[tuple], cfg: SemDedupConfig, emb
     ``distributor`` ``kind: ray`` (:class:`tether.distribute.DistributorConfig`): the chunks are embedded by Ray
     actors that load ``cfg.encoder`` once each (the driver sends the stored image bytes), committed here in order.
     """
-    from tether.progress import progress as tqdm
-
-    from tether.distribute import Loaded, actor_load_kwargs, remote_embedding, run_units
+    from tether.distribute import remote_embedding
+    from tether.encoders import VisionEncoder
 
     if encoder is None:
-        from tether.encoders import VisionEncoder
         from tether.zoo import check_model
 
         check_model("media.image_dedup.semantic.encoder", cfg.encoder, ("config.json", "preprocessor_config.json"))
         encoder = VisionEncoder.load(cfg.encoder, device=cfg.device, dtype=cfg.dtype, layer=cfg.layer)
     model = f"{encoder.fingerprint}:{cfg.pooling}:{cfg.layer if cfg.layer is not None else encoder.layer}"
-    todo = _missing(cat, rows, "image_embeddings", "AND t.model = ?", [model])
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc="embed images", unit="img", disable=not progress)
-    with ImageStore(encode_format) as store:
-        def chunks():
-            for s in range(0, len(todo), chunk):
-                part = todo[s:s + chunk]
-                yield part, ([store.read(*r[2:6]) for r in part], cfg.pooling, cfg.batch_size, cfg.layer)
-
-        if remote_embedding(distributor):
-            from tether.encoders import VisionEncoder
-
-            kwargs = actor_load_kwargs(distributor, {"name_or_path": cfg.encoder, "device": cfg.device,
-                                                     "dtype": cfg.dtype, "layer": cfg.layer})
-            done = run_units(distributor, Loaded, (VisionEncoder.load, kwargs, embed_image_bytes), chunks(),
-                             gpus=distributor.gpus)
-        else:
-            done = ((part, embed_image_bytes(encoder, *payload)) for part, payload in chunks())
-        for part, vecs in done:
-            n_files = int(cat.scalar("SELECT count(DISTINCT file) FROM image_embeddings") or 0)
-            name = f"{model.replace(':', '_').replace('+', '-')}-{n_files:06d}.npy"
-            tmp = emb_dir / (name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, vecs.astype(np.float32))
-            os.replace(tmp, emb_dir / name)
-            _insert(cat, "image_embeddings", {"uid": [r[0] for r in part], "sha256": [r[1] for r in part],
-                                              "model": [model] * len(part), "file": [name] * len(part),
-                                              "row": list(range(len(part)))})
-            bar.update(len(part))
-    bar.close()
-    loc = {(u, s): (f, j) for u, s, f, j in cat.execute(
-        "SELECT uid, sha256, file, row FROM image_embeddings WHERE model = ?", [model]).fetchall()}
-    files: dict[str, np.ndarray] = {}
-    out = []
-    for r in rows:
-        f, j = loc[(r[0], r[1])]
-        if f not in files:
-            files[f] = np.load(emb_dir / f)
-        out.append(files[f][j])
-    return np.stack(out) if out else np.zeros((0, encoder.dim), np.float32)
+    remote = None
+    if remote_embedding(distributor):
+        remote = (distributor, VisionEncoder.load, {"name_or_path": cfg.encoder, "device": cfg.device,
+                                                    "dtype": cfg.dtype, "layer": cfg.layer})
+    fill_embedding_cache(cat, rows, model, emb_dir, embed_image_bytes, (cfg.pooling, cfg.batch_size, cfg.layer),
+                         encoder=encoder, remote=remote, encode_format=encode_format, chunk=chunk, progress=progress)
+    return cached_embeddings(cat, rows, model, emb_dir, encoder.dim)
 
 
 def candidates_digest(cat: Catalog) -> str:

@@ -11,10 +11,12 @@ Stage order and inputs:
 
 1. ``download`` (:mod:`curate.download`): img2dataset for URL rows, decode check for local rows;
 2. ``image_dedup`` (:mod:`curate.imagededup`): exact sha256, pHash near-dups, optional SemDeDup;
-3. ``rebalance``: :func:`curate.balance.run_balance` on the survivors (stage name ``rebalance``), with the
+3. ``agreement`` (:mod:`curate.agreement`, off by default): image–text agreement scores and filters, and
+   image-verified concept senses, with any CLIP-style scorer or tether's own aligned model;
+4. ``rebalance``: :func:`curate.balance.run_balance` on the survivors (stage name ``rebalance``), with the
    build's own ``balance:`` settings unless ``media.rebalance.balance`` overrides them; per-concept losses and
-   the shortfall below ``floor`` go to ``media/report.json``;
-4. ``shards`` (:mod:`curate.shards`): webdataset tars + sizes.json + index.parquet + HF dataset card.
+   the shortfall below ``floor`` go to ``media/report.json``; matches the sense check refuted do not count;
+5. ``shards`` (:mod:`curate.shards`): webdataset tars + sizes.json + index.parquet + HF dataset card.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from curate.agreement import AgreementConfig, refuted_pairs_sql, run_agreement
+from curate.agreement import candidates_digest as agreement_input
 from curate.balance import BalanceConfig, concept_names, floor_note
 from curate.catalog import Catalog
 from curate.download import DownloadConfig, download_counts, load_selection, retry_failed, run_download
@@ -38,6 +42,7 @@ from curate.stages import Begin, Stage
 
 REBALANCE = Stage.REBALANCE
 DEDUP = Stage.IMAGE_DEDUP
+AGREEMENT = Stage.AGREEMENT
 
 
 class RebalanceConfig(Strict):
@@ -52,6 +57,7 @@ class MediaRecipe(Strict):
 
     download: DownloadConfig = DownloadConfig()
     image_dedup: ImageDedupConfig = ImageDedupConfig()
+    agreement: AgreementConfig = AgreementConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
     shards: ShardConfig = ShardConfig()
 
@@ -120,12 +126,26 @@ def run_rebalance(cat: Catalog, cfg: RebalanceConfig, progress: bool = True):
     from curate.balance import run_balance
 
     return run_balance(cat, balance_settings(cat, cfg), stage=REBALANCE, candidates_sql=_survivors_sql(),
-                       progress=progress)
+                       progress=progress, exclude_pairs_sql=refuted_pairs_sql())
+
+
+def scorer_digest(name: str | None) -> str | None:
+    """The exact bytes of a local scorer folder's config and weights (None for a hub id): a retrained model at the
+    same path reruns the agreement stage."""
+    from tether.encoders import file_fingerprint
+    from tether.scorers import WEIGHT_SUFFIXES
+
+    p = Path(name or "").expanduser()
+    if not name or not p.is_dir():
+        return None
+    files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"))
+    return file_fingerprint(files) if files else None
 
 
 def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path, progress: bool = True,
-                       encoder=None, distributor=None) -> dict:
-    """Image dedup → re-balance → shards on the current downloads; returns the media report."""
+                       encoder=None, distributor=None, scorer=None) -> dict:
+    """Image dedup → agreement → re-balance → shards on the current downloads; returns the media report.
+    ``encoder`` / ``scorer``: already loaded models for SemDeDup / the agreement stage (tests, notebooks)."""
     build_dir = claim_build_dir(build_dir, cat)
     fmt = recipe.download.encode_format
     dedup_params = {**recipe.image_dedup.model_dump(), "input": candidates_digest(cat)}
@@ -137,10 +157,21 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
         how = ", ".join(f"{k} {v:,}" for k, v in res.dropped.items())
         log(f"  image_dedup: done \N{EM DASH} {res.candidates:,} stored images checked, "
             f"{sum(res.dropped.values()):,} dropped as duplicates" + (f" ({how})" if how else ""))
+    ag = recipe.agreement
+    ag_params = {"enabled": False}  # off: nothing to redo when its input changes
+    if ag.enabled:
+        ag_params = {**ag.model_dump(), "input": agreement_input(cat), "scorer_files": scorer_digest(ag.scorer)}
+    res = _stage(cat, AGREEMENT, ag_params,
+                 lambda: run_agreement(cat, ag, build_dir, fmt, scorer=scorer, progress=progress,
+                                       distributor=distributor), [REBALANCE])
+    if res is not None and ag.enabled:
+        log(f"  {res.summary()}")
     bal = balance_settings(cat, recipe.rebalance)
     if recipe.rebalance.enabled:
         h = hashlib.sha1("\n".join(sorted(r[0] for r in cat.execute(
             _survivors_sql(before_rebalance=True)).fetchall())).encode())
+        for u, c in cat.execute(refuted_pairs_sql() + " ORDER BY 1, 2").fetchall():
+            h.update(f"\n-{u}\t{c}".encode())
         rb_params = {"balance": bal.model_dump(), "input": h.hexdigest()[:16]}
         rep = _stage(cat, REBALANCE, rb_params, lambda: run_rebalance(cat, recipe.rebalance, progress), [])
         if rep is not None:
@@ -152,6 +183,12 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
                     "image_dedup": dict(cat.execute(
                         "SELECT split_part(reason, ' (', 1), count(*) FROM decisions WHERE stage = ? "
                         "GROUP BY 1 ORDER BY 1", [DEDUP]).fetchall()),
+                    "agreement": dict(cat.execute(
+                        "SELECT CASE WHEN kept THEN 'kept' WHEN reason LIKE 'image sense check%' THEN 'senses' "
+                        "WHEN reason LIKE '%bottom%' THEN 'bottom_percentile' ELSE 'min_score' END, count(*) "
+                        "FROM decisions WHERE stage = ? GROUP BY 1 ORDER BY 1", [AGREEMENT]).fetchall()),
+                    "concept_matches_refuted": int(cat.scalar(
+                        "SELECT count(*) FROM sense_checks WHERE NOT kept") or 0),
                     "rebalance_dropped": int(cat.scalar(
                         "SELECT count(*) FROM decisions WHERE stage = ? AND NOT kept", [REBALANCE]) or 0),
                     "concepts": concept_losses(cat, bal.floor)}

@@ -161,6 +161,8 @@ def recipe_models(recipe: BuildRecipe, until: str | None = None) -> list[tuple[s
     if until is None and media is not None and media.image_dedup.enabled and media.image_dedup.semantic.enabled:
         out.append(("media.image_dedup.semantic.encoder", media.image_dedup.semantic.encoder,
                     ("config.json", "preprocessor_config.json")))
+    if until is None and media is not None and media.agreement.enabled:
+        out.append(("media.agreement.scorer", media.agreement.scorer, ("config.json",)))
     return out
 
 

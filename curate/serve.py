@@ -40,6 +40,7 @@ import duckdb
 from markupsafe import Markup, escape
 
 from tether.digest import update_from_file
+from curate.catalog import recorded_wordnet_dir
 
 PAGE_SIZE = 50  # table rows per page
 GRID_SIZE = 24  # thumbnails per page
@@ -66,19 +67,6 @@ class NotFound(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- the build
-def _find_key(obj: object, key: str, depth: int = 0) -> object:
-    if depth > 6:
-        return None
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for v in obj.values():
-            r = _find_key(v, key, depth + 1)
-            if r is not None:
-                return r
-    return None
-
-
 class Explorer:
     """Read-only access to one build: catalog queries (per-request cursors) and stored image bytes."""
 
@@ -125,13 +113,7 @@ class Explorer:
 
     def _wordnet_dir(self) -> str | None:
         """``concepts.wordnet_dir`` of the recipe that made the build, when the catalog recorded it."""
-        try:
-            row = self.con.execute("SELECT params FROM stages WHERE stage = 'concepts' LIMIT 1").fetchone()
-            params = json.loads(row[0]) if row and row[0] else {}
-        except (duckdb.Error, ValueError, TypeError):
-            return None
-        found = _find_key(params, "wordnet_dir")
-        return found if isinstance(found, str) and found else None
+        return recorded_wordnet_dir(self.con)
 
     def use_summary(self, background: bool = False) -> "Summary":
         """Load (or build, then cache) the summary tables; ``background``: in a thread, the pages answering from

@@ -194,14 +194,18 @@ class Survivor(NamedTuple):
 
 
 def _survivors(cat: Catalog) -> list[Survivor]:
-    """Every alive media row with a stored image."""
-    return [Survivor(*r) for r in cat.execute(
+    """Every alive media row with a stored image (its concepts less the ones the image sense check refuted)."""
+    rows = cat.execute(
         """SELECT m.uid, m.caption, m.concept_ids, m.source, m.url, d.sha256, d.width, d.height,
-                  d.format, d.store, d.shard, d.key
+                  d.format, d.store, d.shard, d.key, r.gone
            FROM media_rows m JOIN downloads d USING (uid)
+           LEFT JOIN (SELECT uid, list(concept_id) AS gone FROM sense_checks WHERE NOT kept GROUP BY uid) r
+             USING (uid)
            WHERE d.status = $ok AND NOT EXISTS
              (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept AND x.stage <> $stage)""",
-        {"ok": SUCCESS, "stage": STAGE}).fetchall()]
+        {"ok": SUCCESS, "stage": STAGE}).fetchall()
+    return [Survivor(r[0], r[1], [c for c in r[2] or [] if c not in r[12]] if r[12] else r[2], *r[3:12])
+            for r in rows]
 
 
 def _clear_outputs(out: Path, root: Path) -> None:
@@ -234,6 +238,9 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     digest = hashlib.sha1("\n".join(order).encode()).hexdigest()[:16]
     params = {"seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "out": str(out),
               "jpeg_quality": cfg.jpeg_quality, "samples": digest}
+    refuted = cat.execute("SELECT uid, concept_id FROM sense_checks WHERE NOT kept ORDER BY 1, 2").fetchall()
+    if refuted:  # the image sense check took concepts off some samples: their metadata changed
+        params["refuted_concepts"] = hashlib.sha1("\n".join(f"{u}\t{c}" for u, c in refuted).encode()).hexdigest()[:16]
     # same parameters: finish (or re-check) the shards written so far; otherwise start over
     if cat.begin_stage(STAGE, params, resumable=True) is Begin.FRESH:
         _clear_outputs(out, root)

@@ -33,6 +33,7 @@ class Stage(str, Enum):
     DOWNLOAD = "download"
     DOWNLOAD_RETRY = "download_retry"
     IMAGE_DEDUP = "image_dedup"
+    AGREEMENT = "agreement"
     REBALANCE = "rebalance"
     SHARDS = "shards"
 
@@ -75,7 +76,8 @@ PARENT = {Stage.MATCH_LEXICAL: Stage.MATCH, Stage.MATCH_SEMANTIC: Stage.MATCH,
 CAPTION_STAGES = (Stage.INGEST, Stage.FILTER, Stage.DEDUP, Stage.NEARDUP, Stage.CONCEPTS, Stage.MATCH,
                   Stage.BALANCE, Stage.SELECT)
 #: The media stages after the selection, in order.
-MEDIA_STAGES = (Stage.MEDIA_ROWS, Stage.DOWNLOAD, Stage.IMAGE_DEDUP, Stage.REBALANCE, Stage.SHARDS)
+MEDIA_STAGES = (Stage.MEDIA_ROWS, Stage.DOWNLOAD, Stage.IMAGE_DEDUP, Stage.AGREEMENT, Stage.REBALANCE,
+                Stage.SHARDS)
 #: Stages that record a per-concept balance report (``balance_report.stage``).
 BALANCING = (Stage.BALANCE, Stage.REBALANCE)
 
@@ -96,6 +98,7 @@ OWNS: dict[Stage, tuple[bool, tuple[tuple[str, str | None], ...]]] = {
     Stage.DOWNLOAD: (True, (("downloads", None),)),
     Stage.DOWNLOAD_RETRY: (False, ()),
     Stage.IMAGE_DEDUP: (True, ()),
+    Stage.AGREEMENT: (True, (("sense_checks", None),)),
     Stage.REBALANCE: (True, (("balance_report", "stage = 'rebalance'"),)),
     Stage.SHARDS: (False, (("shard_index", None),)),
 }

@@ -205,16 +205,12 @@ def embed_images_with(scorer, blobs: list[bytes], batch_size: int) -> np.ndarray
                                batch_size=batch_size).astype(np.float32)
 
 
-def _senses_to_check(cat: Catalog, rows: list[tuple], cfg: SenseConfig, wn) -> tuple[list, list, list]:
-    """The (row index, concept, word) pairs to check, the senses (id, prompts) to embed, and per pair the
-    indexes of its own sense and of its rivals in that list."""
-    lex = {}
-    for uid, cid, word in cat.execute(
-            """SELECT m.uid, m.concept_id, coalesce(f.lemma, m.span) FROM matches m
-               LEFT JOIN surface_forms f ON f.form = m.span AND f.concept_id = m.concept_id
-               WHERE m.method = 'lexical' AND m.uid IN (SELECT uid FROM media_rows)""").fetchall():
-        lex.setdefault((uid, cid), word)
-    bank = {c: (n, g) for c, n, g in cat.execute("SELECT concept_id, name, gloss FROM concepts").fetchall()}
+def plan_senses(items: list[tuple[str, str]], bank: dict[str, tuple[str, str]], wn, cfg: SenseConfig
+                ) -> tuple[list[int], list[tuple[str, list[str]]], list[tuple[int, list[int]]]]:
+    """For (word, concept_id) items: which are checkable (the word has other noun senses with a name and gloss —
+    from ``bank`` {concept_id: (name, gloss)} or WordNet), the distinct senses to embed (id, prompts), and per
+    checkable item its own sense's index and its rivals' indexes in that list. Returns (checkable item indexes,
+    senses, own/rivals)."""
     sense_index: dict[tuple[str, str], int] = {}
     senses: list[tuple[str, list[str]]] = []
 
@@ -232,23 +228,51 @@ def _senses_to_check(cat: Catalog, rows: list[tuple], cfg: SenseConfig, wn) -> t
             senses.append((wnid, sense_prompts(cfg.templates, word, name or word, gloss or "")))
         return sense_index[key]
 
-    pairs, own, rivals = [], [], []
-    for i, r in enumerate(rows):
-        for cid in r[8] or []:
-            word = lex.get((r[0], cid))
-            if not word or wn is None:
-                continue
-            others = [w for w in wn.senses.get(word.replace("_", " ").lower(), []) if w != cid][:cfg.max_senses]
-            if not others:
-                continue
-            mine = sense(cid, word)
-            theirs = [j for j in (sense(w, word) for w in others) if j is not None]
-            if mine is None or not theirs:
-                continue
-            pairs.append((i, cid, word))
-            own.append(mine)
-            rivals.append(theirs)
-    return pairs, senses, list(zip(own, rivals))
+    keep, own_rivals = [], []
+    for k, (word, cid) in enumerate(items):
+        if not word or wn is None:
+            continue
+        others = [w for w in wn.senses.get(word.replace("_", " ").lower(), []) if w != cid][:cfg.max_senses]
+        if not others:
+            continue
+        mine = sense(cid, word)
+        theirs = [j for j in (sense(w, word) for w in others) if j is not None]
+        if mine is None or not theirs:
+            continue
+        keep.append(k)
+        own_rivals.append((mine, theirs))
+    return keep, senses, own_rivals
+
+
+def score_senses(img: np.ndarray, senses: list[tuple[str, list[str]]], own_rivals: list[tuple[int, list[int]]],
+                 encode_text) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per checked item (``img[k]`` its normalised image embedding): the cosine with its own sense's prompt
+    ensemble, the best rival's cosine and that rival's id. ``encode_text``: the scorer's text side."""
+    prompts = [p for _, ps in senses for p in ps]
+    sense_emb = ensemble(np.asarray(encode_text(prompts), np.float32), [len(ps) for _, ps in senses]) \
+        if prompts else np.zeros((0, img.shape[1] if img.ndim == 2 else 1), np.float32)
+    own = np.empty(len(own_rivals))
+    best = np.empty(len(own_rivals))
+    best_id = np.empty(len(own_rivals), dtype=object)
+    for k, (mine, theirs) in enumerate(own_rivals):
+        v = img[k]
+        own[k] = float(v @ sense_emb[mine])
+        sims = sense_emb[theirs] @ v
+        j = int(np.argmax(sims))
+        best[k], best_id[k] = float(sims[j]), senses[theirs[j]][0]
+    return own, best, best_id
+
+
+def _lexical_words(cat: Catalog) -> dict[tuple[str, str], str]:
+    """(uid, concept_id) → the lemma its lexical match was made through (the matched form when unknown)."""
+    out: dict[tuple[str, str], str] = {}
+    for uid, cid, word in cat.execute(
+            """SELECT m.uid, m.concept_id, coalesce(f.lemma, m.span) FROM matches m
+               LEFT JOIN surface_forms f ON f.form = m.span AND f.concept_id = m.concept_id
+               WHERE m.method = 'lexical' AND m.uid IN (SELECT uid FROM media_rows)
+               ORDER BY m.uid, m.concept_id, f.sense_rank NULLS LAST""").fetchall():
+        out.setdefault((uid, cid), word)
+    return out
 
 
 def _clear(cat: Catalog) -> None:
@@ -373,29 +397,23 @@ def _check_senses(cat, cfg: SenseConfig, rows, rep_rows, g, scorer, model, emb_d
         wn = WordNet.load(cfg.wordnet_dir or recorded_wordnet_dir(cat))
     except RecipeError as e:
         raise RecipeError(f"media.agreement.senses needs WordNet: {e}") from None
-    pairs, senses, own_rivals = _senses_to_check(cat, rows, cfg, wn)
+    lex = _lexical_words(cat)
+    bank = {c: (n, g) for c, n, g in cat.execute("SELECT concept_id, name, gloss FROM concepts").fetchall()}
+    all_pairs = [(i, cid, lex.get((r[0], cid))) for i, r in enumerate(rows) for cid in (r[8] or [])]
+    keep, senses, own_rivals = plan_senses([(w, c) for _, c, w in all_pairs], bank, wn, cfg)
+    pairs = [all_pairs[k] for k in keep]
     cols = ("uid", "concept_id", "word", "own", "best_other", "other_id", "prototype", "kept", "reason", "uid_index")
     if not pairs:
         return {c: np.zeros(0, dtype=object if c in ("uid", "concept_id", "word", "other_id", "reason") else float)
                 for c in cols} | {"kept": np.zeros(0, bool), "uid_index": np.zeros(0, np.int64)}
-    prompts = [p for _, ps in senses for p in ps]
-    sense_emb = ensemble(np.asarray(scorer.encode_text(prompts, batch_size=256), np.float32),
-                         [len(ps) for _, ps in senses])
     row_idx = np.array([p[0] for p in pairs], np.int64)
     uniq_rows, inv = np.unique(row_idx, return_inverse=True)
     img = np.zeros((len(uniq_rows), dim), np.float32)
     step = 4096
     for s in range(0, len(uniq_rows), step):
         img[s:s + step] = cached_embeddings(cat, [rep_rows[g[i]] for i in uniq_rows[s:s + step]], model, emb_dir, dim)
-    own = np.empty(len(pairs))
-    best = np.empty(len(pairs))
-    best_id = np.empty(len(pairs), dtype=object)
-    for k, (mine, theirs) in enumerate(own_rivals):
-        v = img[inv[k]]
-        own[k] = float(v @ sense_emb[mine])
-        sims = sense_emb[theirs] @ v
-        j = int(np.argmax(sims))
-        best[k], best_id[k] = float(sims[j]), senses[theirs[j]][0]
+    own, best, best_id = score_senses(img[inv], senses, own_rivals,
+                                      lambda t: scorer.encode_text(t, batch_size=256))
     concept = np.array([p[1] for p in pairs], dtype=object)
     proto = leave_one_out(img, inv, concept.astype(str), cfg.prototype_min_samples)
     kept = np.ones(len(pairs), bool)

@@ -272,7 +272,7 @@ def preview_t(cat: Catalog, ts: list[int], cfg: BalanceConfig | None = None,
     (concepts with more than t matches) and ``concepts``.
     """
     cfg = cfg or BalanceConfig()
-    _prepare(cat, cfg, candidates_sql, exclude_pairs_sql)
+    _prepare(cat, cfg, candidates_sql)
     try:
         cat.execute("CREATE OR REPLACE TEMP TABLE _bt AS SELECT unnest(?::BIGINT[]) AS t", [list(map(int, ts))])
         rows = cat.execute("""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.agreement import (AgreementConfig, SenseConfig, ensemble, leave_one_out, percentile_bounds,
+from curate.agreement import (AgreementConfig, ensemble, leave_one_out, percentile_bounds,
                               run_agreement, sense_prompts)
 from curate.catalog import Catalog
 from curate.download import DownloadConfig, load_selection, run_download

@@ -4,7 +4,8 @@ Pages (server-rendered with Jinja2 on FastAPI/Starlette, served by uvicorn on 12
 
 * ``/``                 overview: stages with counts, rejection reasons, concept head/tail curve, sources
 * ``/concepts``         searchable, paginated concept table (matched / balance before-after / alive counts)
-* ``/concept/{id}``     gloss, kept samples (thumbnails, the matched span highlighted), dropped ones + reasons
+* ``/concept/{id}``     gloss, kept samples (thumbnails, the matched span highlighted), dropped ones + reasons,
+  and (builds with ``media.agreement``) the samples by image–text agreement, worst first, with the sense check
 * ``/sample/{uid}``     what ``curate inspect`` says: decisions per stage, matches, duplicate group, shard/key
 * ``/search``           caption search (every word must occur, case-insensitive), filters: concept, status, source
 * ``/thumb/{uid}``      a JPEG thumbnail of the stored image (``?size=`` 32..1024), with cache headers
@@ -288,6 +289,28 @@ class Explorer:
                 x["caption"] = caps.get(x["uid"]) or ""
         return {"info": info, "matched": matched, "n_kept": n_kept, "kept": kept, "n_dropped": n_dropped,
                 "dropped": dropped}
+
+    def concept_agreement(self, cid: str, page: int) -> tuple[int, list[dict]]:
+        """The concept's scored samples, the worst image–text agreement first (``media.agreement``): score, the
+        stage's verdict and the image sense check of this concept. (0, []) when the build has no scores."""
+        if not (self.has("agreement_scores") and self.has("media_rows")):
+            return 0, []
+        with self.cursor() as cur:
+            base = """FROM media_rows m JOIN (SELECT uid, any_value(score) AS score FROM agreement_scores GROUP BY uid) a
+                      USING (uid) WHERE list_contains(m.concept_ids, $c)"""
+            n = int(cur.execute(f"SELECT count(*) {base}", {"c": cid}).fetchone()[0])
+            if not n:
+                return 0, []
+            sense = ("LEFT JOIN sense_checks k ON k.uid = x.uid AND k.concept_id = $c" if self.has("sense_checks")
+                     else "LEFT JOIN (SELECT NULL AS uid, NULL AS kept, NULL AS reason) k ON false")
+            rows = cur.execute(f"""
+                SELECT x.uid, x.caption, x.score, d.kept, d.reason, k.kept, k.reason FROM
+                  (SELECT m.uid, m.caption, a.score {base} ORDER BY a.score, m.uid
+                   LIMIT {GRID_SIZE} OFFSET $o) x
+                LEFT JOIN decisions d ON d.uid = x.uid AND d.stage = 'agreement' {sense}
+                ORDER BY x.score, x.uid""", {"c": cid, "o": (page - 1) * GRID_SIZE}).fetchall()
+        return n, [{"uid": u, "caption": c or "", "score": sc, "kept": k, "reason": r, "sense_kept": sk,
+                    "sense": sr} for u, c, sc, k, r, sk, sr in rows]
 
     def _concept_members(self, cix: int, page: int, dpage: int) -> tuple[list[dict], list[dict]]:
         """A page of the concept's alive and dropped samples from the summary's ranked ``members`` (keyset on
@@ -1181,14 +1204,17 @@ def create_app(build: str | Path, model: str | Path | None = None, eval_dir: str
             "pager": pager(request, page, len(rows), PAGE_SIZE)})
 
     @app.get("/concept/{cid:path}", response_class=HTMLResponse)
-    def concept_page(request: Request, cid: str, page: int = 1, dpage: int = 1):
+    def concept_page(request: Request, cid: str, page: int = 1, dpage: int = 1, apage: int = 1):
         check_page(page)
         check_page(dpage, "dpage")
+        check_page(apage, "apage")
         c = ex.concept(cid, page, dpage)
+        c["n_scored"], c["scored"] = ex.concept_agreement(cid, apage)
         return templates.TemplateResponse(request, "concept.html", {
             "build": build_name, "title": f"Concept {cid}", "c": c,
             "pager": pager(request, page, c["n_kept"], GRID_SIZE),
-            "dpager": pager(request, dpage, c["n_dropped"], GRID_SIZE, "dpage")})
+            "dpager": pager(request, dpage, c["n_dropped"], GRID_SIZE, "dpage"),
+            "apager": pager(request, apage, c["n_scored"], GRID_SIZE, "apage")})
 
     @app.get("/sample/{uid:path}", response_class=HTMLResponse)
     def sample_page(request: Request, uid: str):

@@ -163,6 +163,21 @@ def test_media_stages_run_agreement_then_rebalance_without_refuted_pairs(tmp_pat
                     meta[j["uid"]] = j["concept_ids"]
     assert "b" not in meta and meta["f"] == ["n02084071"] and meta["a"] == [INSECT]
     assert (build / "media" / "report.json").is_file()
+    # the explorer: the concept's samples by agreement, worst first, with this concept's sense check
+    from fastapi.testclient import TestClient
+
+    from curate.serve import create_app
+
+    with Catalog(build / "catalog.duckdb") as cat:
+        worst_first = [u for (u,) in cat.execute(
+            "SELECT uid FROM agreement_scores WHERE uid IN ('a', 'b', 'c', 'f') ORDER BY score, uid").fetchall()]
+    page = TestClient(create_app(build)).get(f"/concept/{INSECT}").text
+    assert "By image–text agreement, worst first" in page
+    section = page[page.index('id="agreement"'):]
+    order = [section.index(f">{u}</a></div></div>") for u in worst_first]
+    assert order == sorted(order) and len(order) == 4
+    assert "refuted: &#39;cricket&#39; looks like cricket" in section and "confirmed" in section
+    assert TestClient(create_app(build)).get(f"/concept/{INSECT}?apage=0").status_code == 400
 
 
 def test_tiny_clip_folder_scores_like_its_model(tmp_path, tiny_text_dir):

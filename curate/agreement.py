@@ -441,3 +441,33 @@ def _check_senses(cat, cfg: SenseConfig, rows, rep_rows, g, scorer, model, emb_d
 def refuted_pairs_sql() -> str:
     """SQL of the (uid, concept_id) pairs the image sense check refuted: the re-balance and the shards leave them out."""
     return "SELECT uid, concept_id FROM sense_checks WHERE NOT kept"
+
+
+def rule_counts(cat: Catalog) -> dict[str, int]:
+    """Samples this stage's decisions kept and removed, per rule (``kept``, ``min_score``, ``bottom_percentile``,
+    ``senses``) — the one classification the media report and the data card share."""
+    return dict(cat.execute(
+        """SELECT CASE WHEN kept THEN 'kept' WHEN reason LIKE 'image sense check%' THEN 'senses'
+                       WHEN reason LIKE '%bottom%' THEN 'bottom_percentile' ELSE 'min_score' END, count(*)
+           FROM decisions WHERE stage = ? GROUP BY 1 ORDER BY 1""", [STAGE]).fetchall())
+
+
+def card_lines(cat: Catalog, top: int = 10) -> list[str]:
+    """The data card's section on the image checks: samples each rule removed, the concept matches the sense check
+    refuted and the words it refuted most (nothing when the stage did not score anything)."""
+    counts = rule_counts(cat)
+    if not counts:
+        return []
+    scored = sum(counts.values())
+    lines = ["", "## Image checks (media.agreement)", "",
+             f"{scored:,} samples scored against their images.", "", "| rule | samples removed |", "|---|---:|"]
+    lines += [f"| {rule} | {counts.get(rule, 0):,} |" for rule in ("min_score", "bottom_percentile", "senses")]
+    n_checked, n_refuted = cat.one("SELECT count(*), count(*) FILTER (WHERE NOT kept) FROM sense_checks")
+    if n_checked:
+        lines += ["", f"Image sense check: {n_refuted:,} of {n_checked:,} checked concept matches refuted "
+                      "(a refuted match no longer counts for its concept).", "",
+                  "| word | concept | refuted | checked |", "|---|---|---:|---:|"]
+        lines += [f"| {w} | {c} | {r:,} | {n:,} |" for w, c, r, n in cat.execute(
+            """SELECT word, concept_id, count(*) FILTER (WHERE NOT kept) AS r, count(*) FROM sense_checks
+               GROUP BY 1, 2 HAVING r > 0 ORDER BY 3 DESC, 1, 2 LIMIT ?""", [top]).fetchall()]
+    return lines

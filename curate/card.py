@@ -69,6 +69,9 @@ def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, se
     from curate.match.lexical import card_lines as lexical_card_lines  # rules and what each removed (issue 13)
 
     lines += lexical_card_lines(cat)
+    from curate.agreement import card_lines as agreement_card_lines  # image checks (issue 26)
+
+    lines += agreement_card_lines(cat)
     langs = language_mix(cat)
     if langs:
         lines += ["", "## Languages (samples.lang, ingest.language_id)", "",

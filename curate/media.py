@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from curate.agreement import AgreementConfig, refuted_pairs_sql, run_agreement
+from curate.agreement import AgreementConfig, refuted_pairs_sql, rule_counts, run_agreement
 from curate.agreement import candidates_digest as agreement_input
 from curate.balance import BalanceConfig, concept_names, floor_note
 from curate.catalog import Catalog
@@ -183,10 +183,7 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
                     "image_dedup": dict(cat.execute(
                         "SELECT split_part(reason, ' (', 1), count(*) FROM decisions WHERE stage = ? "
                         "GROUP BY 1 ORDER BY 1", [DEDUP]).fetchall()),
-                    "agreement": dict(cat.execute(
-                        "SELECT CASE WHEN kept THEN 'kept' WHEN reason LIKE 'image sense check%' THEN 'senses' "
-                        "WHEN reason LIKE '%bottom%' THEN 'bottom_percentile' ELSE 'min_score' END, count(*) "
-                        "FROM decisions WHERE stage = ? GROUP BY 1 ORDER BY 1", [AGREEMENT]).fetchall()),
+                    "agreement": rule_counts(cat),
                     "concept_matches_refuted": int(cat.scalar(
                         "SELECT count(*) FROM sense_checks WHERE NOT kept") or 0),
                     "rebalance_dropped": int(cat.scalar(

@@ -206,6 +206,11 @@ def build(recipe: BuildRecipe, out: str | None = None, progress: bool = True, un
                 log("media stages: start")  # they say the concepts below the floor once, after their losses
                 run_media(cat, recipe.media, result.selection, build_dir, progress=progress,
                           distributor=recipe.distributor)
+                if recipe.output.card and recipe.media.agreement.enabled:  # the card then tells what the images removed
+                    from curate.card import write_card
+
+                    result.card = write_card(cat, build_dir, recipe.name, recipe.output.card_top_concepts,
+                                                  result.selected)
             elif cat.stage_done(Stage.BALANCE):
                 from curate.balance import balance_floor_note
 

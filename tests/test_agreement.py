@@ -163,6 +163,12 @@ def test_media_stages_run_agreement_then_rebalance_without_refuted_pairs(tmp_pat
                     meta[j["uid"]] = j["concept_ids"]
     assert "b" not in meta and meta["f"] == ["n02084071"] and meta["a"] == [INSECT]
     assert (build / "media" / "report.json").is_file()
+    from curate.card import write_card
+
+    with Catalog(build / "catalog.duckdb") as cat:
+        text = write_card(cat, build, "t").read_text()
+    assert "## Image checks (media.agreement)" in text and "| senses | 1 |" in text and "| min_score | 0 |" in text
+    assert "2 of 4 checked concept matches refuted" in text and "| cricket | n02229544 | 2 | 4 |" in text
     # the explorer: the concept's samples by agreement, worst first, with this concept's sense check
     from fastapi.testclient import TestClient
 

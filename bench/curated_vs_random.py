@@ -6,7 +6,9 @@ Builds two arms from the same split of a Flickr8k-layout folder and trains/evalu
 * ``curated`` — the captions a ``curate build`` kept (its ``selection.parquet``; e.g. the quickstart's
   concept-balanced selection), matched back to the split by their Flickr8k caption id (``IMAGE.jpg#N``);
 * ``random`` — the same NUMBER of captions drawn uniformly from the split (``random.Random(seed).sample`` over
-  the split's caption ids in file order).
+  the split's caption ids in file order), or with ``--random-from SELECTION`` from that selection's captions
+  (e.g. the agreement-filtered build against an equal-size draw from the unfiltered one);
+* ``--also NAME=SELECTION``: more arms, each a selection trained as it is (e.g. the unfiltered build in full).
 
 Each arm is written as a Flickr8k folder (``captions.txt``, ``<split>_images.txt`` and an ``images`` link to
 the source images), so both are read the same way: an image's selected captions form one multi-positive
@@ -14,6 +16,9 @@ sample. A selection row that is not a caption of the split is an error (wrong fo
 
     python bench/curated_vs_random.py --selection runs/quickstart/curate/selection.parquet \\
         --config recipes/quickstart_align.yaml --seeds 0 1 2 --out runs/cvu
+    python bench/curated_vs_random.py --selection runs/loop/curate/shards/index.parquet \
+        --random-from runs/quickstart/curate/shards/index.parquet \
+        --also first=runs/quickstart/curate/shards/index.parquet --out runs/loop/compare   (recipes/loop_quickstart.sh)
 
 Rerunning resumes: the arm folders are rewritten identically, caches and finished runs are reused.
 """
@@ -95,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the random arm's draw")
     p.add_argument("--imagenet", default=None, help="passed to flickr8k_results.py ('none' skips zero-shot)")
+    p.add_argument("--random-from", help="draw the random arm from this selection's captions, not the whole split")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=SELECTION",
+                   help="one more arm: a selection trained as it is")
     p.add_argument("--out", default="runs/cvu")
     p.add_argument("--prepare-only", action="store_true", help="write the two arms and stop")
     args = p.parse_args(argv)
@@ -103,18 +111,29 @@ def main(argv: list[str] | None = None) -> int:
         pairs = split_captions(root, args.split)
         captions = dict(pairs)
         curated = selected_ids(Path(args.selection), set(captions))
-        rand = random.Random(args.sample_seed).sample([cid for cid, _ in pairs], len(curated))
+        pool = selected_ids(Path(args.random_from), set(captions)) if args.random_from else [cid for cid, _ in pairs]
+        pool_ids = set(pool)
+        pool = [cid for cid, _ in pairs if cid in pool_ids]  # split file order: the draw does not depend on the file
+        if len(pool) < len(curated):
+            raise RecipeError(f"--random-from {args.random_from}: {len(pool)} captions, fewer than the "
+                              f"{len(curated)} of --selection")
+        rand = random.Random(args.sample_seed).sample(pool, len(curated))
+        arms = [("curated", curated), ("random", rand)]
+        for spec in args.also:
+            name, eq, sel = spec.partition("=")
+            if not eq or not name or not sel or name in dict(arms) or not name.replace("-", "").isalnum():
+                raise RecipeError(f"--also {spec!r}: expected NAME=SELECTION with a new alphanumeric NAME")
+            arms.append((name, selected_ids(Path(sel), set(captions))))
         out = Path(args.out).resolve()  # (data.path overrides are recipe inputs: absolute, not recipe-relative)
-        sizes = {arm: write_arm(out / arm, ids, captions, args.split, root / "images")
-                 for arm, ids in (("curated", curated), ("random", rand))}
-        print(f"curated: {len(curated)} captions of {sizes['curated']} images; random: {len(rand)} captions of "
-              f"{sizes['random']} images (of {len(pairs)} {args.split} captions)", flush=True)
+        sizes = {arm: write_arm(out / arm, ids, captions, args.split, root / "images") for arm, ids in arms}
+        print("; ".join(f"{arm}: {len(ids)} captions of {sizes[arm]} images" for arm, ids in arms)
+              + f" (random drawn from {len(pool)} of {len(pairs)} {args.split} captions)", flush=True)
         if args.prepare_only:
             return 0
         import flickr8k_results
 
         bench = ["--config", args.config, "--seeds", *map(str, args.seeds), "--out", str(out / "results")]
-        for arm in ("curated", "random"):
+        for arm, _ in arms:
             bench += ["--variant", f"{arm}=data.format=flickr8k;data.path={out / arm};data.split={args.split};"
                                    f"features.cache_dir={out / ('cache-' + arm)}"]
         if args.imagenet:

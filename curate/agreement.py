@@ -45,6 +45,7 @@ STAGE = Stage.AGREEMENT
 IGNORED = (STAGE, *STAGE.later())  # their verdicts do not limit this stage's candidates
 DEFAULT_TEMPLATES = ("a photo of a {lemma}, {gloss}.", "a photo of a {name}.")
 PLACEHOLDERS = ("{lemma}", "{name}", "{gloss}")
+NULL_SENSE = "(none)"  # the id of the null rival (``senses.null_prompt``)
 
 
 class SenseConfig(Strict):
@@ -57,6 +58,9 @@ class SenseConfig(Strict):
     prototype_min: Optional[float] = Field(None, ge=-1, le=1)  # refute when cos(image, concept prototype) < this
     prototype_min_samples: int = Field(5, ge=2)  # a concept with fewer other samples has no prototype
     wordnet_dir: Optional[str] = None  # None: the build's concepts.wordnet_dir (or where tether always looks)
+    # a rival for every checked match, the word's senses aside (e.g. "a photo."): the matched sense must beat a
+    # picture of nothing in particular too — catches words that are not nouns here; also checks unambiguous words
+    null_prompt: Optional[str] = Field(None, min_length=1, max_length=500)
 
     @model_validator(mode="after")
     def _check_templates(self):
@@ -228,15 +232,19 @@ def plan_senses(items: list[tuple[str, str]], bank: dict[str, tuple[str, str]], 
             senses.append((wnid, sense_prompts(cfg.templates, word, name or word, gloss or "")))
         return sense_index[key]
 
+    null = None
+    if cfg.null_prompt:
+        null = len(senses)
+        senses.append((NULL_SENSE, [cfg.null_prompt]))
     keep, own_rivals = [], []
     for k, (word, cid) in enumerate(items):
         if not word or wn is None:
             continue
         others = [w for w in wn.senses.get(word.replace("_", " ").lower(), []) if w != cid][:cfg.max_senses]
-        if not others:
+        if not others and null is None:
             continue
         mine = sense(cid, word)
-        theirs = [j for j in (sense(w, word) for w in others) if j is not None]
+        theirs = [j for j in (sense(w, word) for w in others) if j is not None] + ([null] if null is not None else [])
         if mine is None or not theirs:
             continue
         keep.append(k)
@@ -422,10 +430,14 @@ def _check_senses(cat, cfg: SenseConfig, rows, rep_rows, g, scorer, model, emb_d
     for k, (i, cid, word) in enumerate(pairs):
         if best[k] - own[k] > cfg.margin:
             kept[k] = False
-            other = names.get(best_id[k]) or (wn.synset(best_id[k]).lemmas[0].replace("_", " ")
-                                             if best_id[k] in wn else best_id[k])
-            reason[k] = (f"'{word}' looks like {other} ({best_id[k]}) {best[k]:.3f}, not {names.get(cid, cid)} "
-                         f"({cid}) {own[k]:.3f}")
+            if best_id[k] == NULL_SENSE:
+                reason[k] = (f"'{word}': {names.get(cid, cid)} ({cid}) {own[k]:.3f} not seen, the null prompt "
+                             f"{cfg.null_prompt!r} scores {best[k]:.3f}")
+            else:
+                other = names.get(best_id[k]) or (wn.synset(best_id[k]).lemmas[0].replace("_", " ")
+                                                 if best_id[k] in wn else best_id[k])
+                reason[k] = (f"'{word}' looks like {other} ({best_id[k]}) {best[k]:.3f}, not {names.get(cid, cid)} "
+                             f"({cid}) {own[k]:.3f}")
         elif cfg.prototype_min is not None and not math.isnan(proto[k]) and proto[k] < cfg.prototype_min:
             kept[k] = False
             reason[k] = (f"'{word}': image far from the {names.get(cid, cid)} ({cid}) prototype "

@@ -87,7 +87,10 @@ class BuildRecipe(Strict):
         for k in ("user_list", "wordnet_dir"):
             if data["concepts"].get(k):
                 data["concepts"][k] = fix(data["concepts"][k])
-        return type(self).model_validate(data)
+        out = type(self).model_validate(data)
+        if out.media is not None:
+            out = out.model_copy(update={"media": out.media.with_absolute_paths(base)})
+        return out
 
     def check(self, source: str = "recipe", raw_paths: list | None = None) -> None:
         """Input files exist and options are consistent; one-line RecipeError otherwise.

@@ -61,6 +61,16 @@ class MediaRecipe(Strict):
     rebalance: RebalanceConfig = RebalanceConfig()
     shards: ShardConfig = ShardConfig()
 
+    def with_absolute_paths(self, base) -> "MediaRecipe":
+        """A copy whose local model paths (``agreement.scorer``) resolve against ``base``, the recipe's folder
+        (hub ids stay as they are): the path rule of every tether recipe."""
+        from tether.recipe import resolve_input
+
+        if not self.agreement.scorer:
+            return self
+        ag = self.agreement.model_copy(update={"scorer": resolve_input(self.agreement.scorer, base, may_be_id=True)})
+        return self.model_copy(update={"agreement": ag})
+
 
 # --------------------------------------------------------------------------------------------------------
 # stages
@@ -231,7 +241,7 @@ def load_media_recipe(build: Path, recipe: str | None = None) -> tuple[MediaReci
     section = data.get("media", None) if ("media" in data or "sources" in data) else data
     if section is None:
         raise RecipeError(f"{path}: no media section (add `media:` to the recipe or pass --recipe)")
-    return parse(MediaRecipe, section, f"{path}: media"), data
+    return parse(MediaRecipe, section, f"{path}: media").with_absolute_paths(path.resolve().parent), data
 
 
 def _selection_of(build: Path, data: dict, given: str | None) -> Path:

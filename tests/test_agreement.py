@@ -220,3 +220,15 @@ def test_tiny_clip_folder_scores_like_its_model(tmp_path, tiny_text_dir):
     want_t = (want_t / want_t.norm(dim=-1, keepdim=True)).numpy()
     assert got_i.shape == (3, 16) and np.abs(got_i - want_i).max() < 1e-5 and np.abs(got_t - want_t).max() < 1e-5
     assert load_scorer(str(d)).fingerprint == s.fingerprint
+
+
+def test_scorer_path_resolves_against_the_recipe_folder(tmp_path):
+    from curate.media import load_media_recipe
+
+    (tmp_path / "recipes").mkdir()
+    r = tmp_path / "recipes" / "m.yaml"
+    r.write_text("agreement: {enabled: true, scorer: ../runs/model}\n")
+    media, _ = load_media_recipe(tmp_path, str(r))
+    assert media.agreement.scorer == str(tmp_path / "runs" / "model")
+    r.write_text("agreement: {enabled: true, scorer: openai/clip-vit-base-patch32}\n")  # a hub id stays
+    assert load_media_recipe(tmp_path, str(r))[0].agreement.scorer == "openai/clip-vit-base-patch32"

@@ -53,3 +53,25 @@ def test_arms_have_equal_size_and_read_back(tmp_path, capsys):
     _selection(sel, ["im5.jpg#0"])
     assert bench.main(argv[:-3] + ["--out", str(tmp_path / "x"), "--prepare-only"]) == 2
     assert "not captions of this split" in capsys.readouterr().err
+
+
+def test_random_arm_from_another_selection_and_extra_arms(tmp_path, capsys):
+    bench = _bench()
+    _flickr(tmp_path / "f8k")
+    sel, pool = tmp_path / "filtered.parquet", tmp_path / "unfiltered.parquet"
+    _selection(sel, ["im0.jpg#1", "im2.jpg#0"])
+    pool_ids = ["im0.jpg#1", "im1.jpg#2", "im1.jpg#4", "im2.jpg#0"]
+    _selection(pool, pool_ids)
+    argv = ["--selection", str(sel), "--random-from", str(pool), "--also", f"first={pool}", "--flickr8k",
+            str(tmp_path / "f8k"), "--out", str(tmp_path / "cvu"), "--prepare-only"]
+    assert bench.main(argv) == 0
+    assert "first: 4 captions of 3 images" in capsys.readouterr().out
+    rnd = [line.split("\t")[0] for line in (tmp_path / "cvu" / "random" / "captions.txt").read_text().splitlines()]
+    assert len(rnd) == 2 and set(rnd) <= set(pool_ids)  # equal size, drawn from the other selection only
+    first = [line.split("\t")[0] for line in (tmp_path / "cvu" / "first" / "captions.txt").read_text().splitlines()]
+    assert first == pool_ids
+    assert bench.main(argv[:4] + ["--also", "random=" + str(pool), "--flickr8k", str(tmp_path / "f8k"), "--out",
+                                  str(tmp_path / "y"), "--prepare-only"]) == 2
+    assert "new alphanumeric NAME" in capsys.readouterr().err
+    _selection(pool, ["im0.jpg#1"])  # fewer captions than the selection: no equal-size draw
+    assert bench.main(argv[:-3] + ["--out", str(tmp_path / "z"), "--prepare-only"]) == 2

@@ -8,6 +8,7 @@ import pytest
 from align.config import TrainRecipe
 from align.eval.suite import Suite
 from curate.config import BuildRecipe
+from curate.media import MediaRecipe
 from tether.recipe import parse, read_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -17,6 +18,7 @@ KIND = {"concept_rich": BuildRecipe, "quickstart_curate": BuildRecipe, "align_di
 KIND["align_flickr8k_swap_use"] = TrainRecipe  # text-encoder swap (train.lock_image_from), tests/test_swap.py
 KIND["align_flickr8k_multilingual_mixed"] = TrainRecipe  # English + German + Chinese train captions (data.captions)
 KIND["eval_paper"] = KIND["eval_local"] = Suite  # align eval --suite files (tests/test_eval_suite.py)
+KIND["loop_agreement"] = MediaRecipe  # a bare media: section (curate shard --recipe; recipes/loop_quickstart.sh)
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 

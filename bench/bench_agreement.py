@@ -51,7 +51,7 @@ def run(args) -> int:
             res = run_agreement(cat, cfg, copy, scorer=scorer, progress=not args.no_progress)
             secs = time.perf_counter() - t1
     build_s = sum(s for _, s in base)
-    print(f"| step | seconds |\n|---|---:|")
+    print("| step | seconds |\n|---|---:|")
     for st, s in base:
         print(f"| {st} (recorded) | {s:.1f} |")
     print(f"| scorer load | {t_load:.1f} |\n| agreement (cold) | {secs:.1f} |")

@@ -6,28 +6,7 @@
 # `random` = as many captions drawn from round 1's set (unfiltered, equal size), `first` = round 1's set in full.
 # Run from anywhere after `bash .ci/install`; runs the quickstart first when its model is missing. Outputs go to
 # runs/loop/; every step resumes when interrupted. SEEDS="0" for a quicker single-seed run. Numbers: docs/media.md.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-# the project environment that .ci/install made (skip when one is already active)
-VENV="${TETHER_VENV:-.venv}"
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$VENV/bin/activate" ]; then
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-fi
-if ! command -v curate >/dev/null 2>&1; then
-  echo "error: curate not found: run \`bash .ci/install\` first (it installs tether into $VENV)" >&2
-  exit 2
-fi
-export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-S="${TETHER_SHARED:-$(cd .. && pwd)/shared}"
-F="$S/data/flickr8k"
-for need in "$F/captions.txt" "$F/train_images.txt" "$F/images" "$S/data/imagenet-sample"; do
-  if [ ! -e "$need" ]; then
-    echo "error: $need not found: set TETHER_SHARED to the folder holding data/flickr8k and data/imagenet-sample" >&2
-    exit 2
-  fi
-done
-export TETHER_SHARED="$S"
+source "$(dirname "$0")/_env.sh"  # strict mode, repo root, .venv, TETHER_SHARED checked
 [ -f runs/quickstart/align/model/config.json ] || bash recipes/quickstart.sh
 OUT=runs/loop
 mkdir -p "$OUT"
@@ -42,7 +21,7 @@ curate shard "$OUT/curate" --recipe recipes/loop_agreement.yaml
 T1=$SECONDS
 # 2. round 2 vs an equal-size random draw of round 1 vs round 1 in full: same recipe, same seeds
 read -r -a seeds <<< "${SEEDS:-0 1 2}"
-python bench/curated_vs_random.py --selection "$OUT/curate/shards/index.parquet" \
+python3 bench/curated_vs_random.py --selection "$OUT/curate/shards/index.parquet" \
   --random-from runs/quickstart/curate/shards/index.parquet --also first=runs/quickstart/curate/shards/index.parquet \
   --config recipes/quickstart_align.yaml --seeds "${seeds[@]}" --out "$OUT/compare"
 printf '\nloop: re-curation %d s, three arms trained and evaluated %d s\n' $((T1 - T0)) $((SECONDS - T1))

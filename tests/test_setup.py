@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = [REPO / ".ci" / "install", REPO / ".ci" / "run", REPO / "recipes" / "quickstart.sh"]
+SCRIPTS = [REPO / ".ci" / "install", REPO / ".ci" / "run", REPO / "recipes" / "quickstart.sh",
+           REPO / "recipes" / "loop_quickstart.sh", REPO / "recipes" / "_env.sh"]
 # `python` / `pip` as a command word, i.e. at the start of a command (not python3, not "$PY" -m pip, not a path)
 BARE = re.compile(r"(^|[;&|(`]|\b(?:then|do|else|exec|time|env|sudo))\s*(python|pip|pip3)(\s|$)")
 

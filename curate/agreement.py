@@ -318,9 +318,7 @@ def run_agreement(cat: Catalog, cfg: AgreementConfig, build_dir: str | Path, enc
     res.images = len(reps)
     remote = None
     if remote_embedding(distributor):
-        from tether.scorers import load_scorer as load
-
-        remote = (distributor, load, {"name": cfg.scorer, "kind": cfg.kind, "device": cfg.device,
+        remote = (distributor, load_scorer, {"name": cfg.scorer, "kind": cfg.kind, "device": cfg.device,
                                       "dtype": cfg.dtype})
     fill_embedding_cache(cat, rep_rows, model, emb_dir, embed_images_with, (cfg.batch_size,), encoder=scorer,
                          remote=remote, encode_format=encode_format, chunk=cfg.chunk, progress=progress,
@@ -376,13 +374,14 @@ def run_agreement(cat: Catalog, cfg: AgreementConfig, build_dir: str | Path, enc
                 n += 1
         res.dropped["senses"] = n
     kept = [x is None for x in reason]
+    # refuted matches per row, counted once (not a scan of every check per row)
+    n_refuted = np.bincount(checks["uid_index"][~checks["kept"]], minlength=len(rows)) if checks is not None \
+        else np.zeros(len(rows), np.int64)
     notes = []
     for i, r in enumerate(rows):
         note = reason[i] or f"image-text agreement {score[i]:.3f}"
-        if reason[i] is None and checks is not None:
-            m = sum(1 for k in np.flatnonzero(checks["uid_index"] == i) if not checks["kept"][k])
-            if m:
-                note += f"; image sense check refuted {m} of {len(r[8] or [])} concepts"
+        if reason[i] is None and n_refuted[i]:
+            note += f"; image sense check refuted {n_refuted[i]} of {len(r[8] or [])} concepts"
         notes.append(note)
     tbl = pa.table({"uid": [r[0] for r in rows], "stage": [STAGE.value] * len(rows), "kept": kept, "reason": notes})
     with cat.transaction():
@@ -426,7 +425,7 @@ def _check_senses(cat, cfg: SenseConfig, rows, rep_rows, g, scorer, model, emb_d
     proto = leave_one_out(img, inv, concept.astype(str), cfg.prototype_min_samples)
     kept = np.ones(len(pairs), bool)
     reason = np.empty(len(pairs), dtype=object)
-    names = dict(cat.execute("SELECT concept_id, name FROM concepts").fetchall())
+    names = {c: n for c, (n, _) in bank.items()}
     for k, (i, cid, word) in enumerate(pairs):
         if best[k] - own[k] > cfg.margin:
             kept[k] = False

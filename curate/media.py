@@ -143,12 +143,9 @@ def scorer_digest(name: str | None) -> str | None:
     """The exact bytes of a local scorer folder's config and weights (None for a hub id): a retrained model at the
     same path reruns the agreement stage."""
     from tether.encoders import file_fingerprint
-    from tether.scorers import WEIGHT_SUFFIXES
+    from tether.scorers import model_files
 
-    p = Path(name or "").expanduser()
-    if not name or not p.is_dir():
-        return None
-    files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"))
+    files = model_files(Path(name).expanduser()) if name else []
     return file_fingerprint(files) if files else None
 
 

@@ -34,6 +34,14 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
 
 
+def model_files(path: str | Path) -> list[Path]:
+    """The files whose exact bytes identify a local model folder: its ``config.json`` files and weights, in
+    sorted order (subfolders included: an ``align export`` holds its transformers folder in ``hf/``)."""
+    p = Path(path)
+    return sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")) \
+        if p.is_dir() else []
+
+
 def _is_aligned_folder(path: Path) -> bool:
     """A tether ``AlignedModel`` folder (its config names the frozen encoders and the heads)."""
     cfg = path / "config.json"
@@ -115,11 +123,9 @@ class ClipScorer(Scorer):
     def _fingerprint(self, name: str) -> str:
         from tether.encoders import file_fingerprint
 
-        p = Path(name)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"))
-            if files:
-                return file_fingerprint(files)
+        files = model_files(name)
+        if files:
+            return file_fingerprint(files)
         from tether.encoders import _fingerprint  # hub id: the tensor bytes
 
         return _fingerprint(name, self.model)
@@ -185,4 +191,4 @@ def load_scorer(name: str, kind: ScorerKind = "auto", device: str = "cpu", dtype
     return ClipScorer(str(p) if p.exists() else str(name), device=device, dtype=dtype)
 
 
-__all__ = ["Scorer", "AlignedScorer", "ClipScorer", "load_scorer", "ScorerKind"]
+__all__ = ["Scorer", "AlignedScorer", "ClipScorer", "load_scorer", "model_files", "ScorerKind"]

@@ -28,11 +28,31 @@ from tether.distribute import DistributorConfig
 from tether.recipe import RecipeError, Strict, load_recipe, resolve_input, resolve_path
 
 
+class VisionMember(Strict):
+    """One more frozen vision encoder of an ensemble (``vision.members``), with its own layer and pooling."""
+
+    name: str
+    layer: int = -1
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    pooling: Literal["cls", "mean", "cls+mean"] = "cls"
+
+
 class VisionConfig(Strict):
     """Frozen vision encoder: hub id or local folder (``${TETHER_SHARED:-../shared}/models/dinov2-small``)."""
 
     name: str
     layer: int = -1  # hidden layer to read (-1 = final output); e.g. 11 for the shared DINOv2-S weights
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # an encoder ensemble (tether/ensemble.py): more frozen backbones whose pooled features are concatenated
+    # with this one's (pooled as features.pooling); each member has its own cache under features.cache_dir/parts
+    members: list[VisionMember] = []
+
+
+class TextMember(Strict):
+    """One more frozen text encoder of an ensemble (``text.members``)."""
+
+    name: str
+    max_length: int = Field(77, ge=4)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
@@ -42,6 +62,7 @@ class TextConfig(Strict):
     name: str
     max_length: int = Field(77, ge=4)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    members: list[TextMember] = []  # an encoder ensemble: more text encoders, sentence embeddings concatenated
 
 
 class ProjectorsConfig(Strict):
@@ -114,6 +135,13 @@ class TrainRecipe(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainRecipe":
         token = [s for s in ("image", "text") if getattr(self.projector, s).kind == "token"]
+        if self.ensemble:
+            if token or self.features.tokens:
+                raise ValueError("an encoder ensemble (vision/text members) has pooled heads only: no token-level "
+                                 "projector, no features.tokens")
+            if self.train.source != "cache" or self.train.image_pooling != "cache":
+                raise ValueError("an encoder ensemble (vision/text members) trains from its feature cache: "
+                                 "train.source: cache, train.image_pooling: cache")
         if token and self.train.source == "cache" and not self.features.tokens:
             raise ValueError(f"token-level {token[0]} projector from the cache needs features.tokens: true")
         if self.train.image_pooling != "cache" and (self.features.pooling != "cls+mean"
@@ -121,6 +149,11 @@ class TrainRecipe(Strict):
             raise ValueError(f"train.image_pooling={self.train.image_pooling} picks half of a features.pooling="
                              f"cls+mean cache: it needs that pooling, train.source=cache and a pooled image head")
         return self
+
+    @property
+    def ensemble(self) -> bool:
+        """Several frozen encoders on a side (``vision.members`` / ``text.members``)."""
+        return bool(self.vision.members or self.text.members)
 
     @property
     def image_pooling(self) -> str:
@@ -164,9 +197,12 @@ def data_inputs_from(cfg: DataConfig, base: str | os.PathLike) -> DataConfig:
 def inputs_from(recipe: TrainRecipe, base: str | os.PathLike) -> TrainRecipe:
     """The recipe with every relative INPUT path resolved against ``base`` (the recipe's folder); encoder names
     that are hub ids or zoo names stay as they are (:func:`tether.recipe.resolve_input`)."""
+    def named(cfg):
+        return cfg.model_copy(update={"name": resolve_input(cfg.name, base, may_be_id=True)})
+
     return recipe.model_copy(update={
-        "vision": recipe.vision.model_copy(update={"name": resolve_input(recipe.vision.name, base, may_be_id=True)}),
-        "text": recipe.text.model_copy(update={"name": resolve_input(recipe.text.name, base, may_be_id=True)}),
+        "vision": named(recipe.vision).model_copy(update={"members": [named(m) for m in recipe.vision.members]}),
+        "text": named(recipe.text).model_copy(update={"members": [named(m) for m in recipe.text.members]}),
         "data": data_inputs_from(recipe.data, base),
         "val": data_inputs_from(recipe.val, base) if recipe.val is not None else None,
         "features": recipe.features.model_copy(update={"reuse": [resolve_input(r, base)
@@ -192,5 +228,5 @@ def data_id(cfg: DataConfig) -> dict:
     return d
 
 
-__all__ = ["VisionConfig", "TextConfig", "ProjectorsConfig", "TrainConfig", "TrainRecipe", "load_train_recipe",
+__all__ = ["VisionConfig", "VisionMember", "TextConfig", "TextMember", "ProjectorsConfig", "TrainConfig", "TrainRecipe", "load_train_recipe",
            "data_id", "RecipeError"]

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 from align.data import Sample, SkipLog
 from tether.digest import file_sha256, json_digest
+from tether.ensemble import COMBINE, is_ensemble
 from tether.fileio import CorruptFileError, atomic_write, file_checksum, known_checksum, remember_checksum
 from tether.fileio import verify_file as _verify_file
 from tether.recipe import RecipeError, Strict, resolve_path
@@ -225,17 +226,24 @@ def _sha(obj: Any) -> str:
 
 def cache_key(vision, text, cfg: FeatureConfig, data: dict | None = None) -> dict[str, Any]:
     """Everything that determines the cached features (compared field by field by :meth:`FeatureCache.check`)."""
-    proc = vision.preprocessing  # the processor's config (+ backbone specifics), without class names
-    side = {"name": vision.name, "fingerprint": vision.fingerprint, "layer": vision.layer,
-            "dtype": str(vision.dtype).replace("torch.", ""), "preprocess": _sha(proc)}
-    if getattr(cfg, "preprocess", "processor") == "fast":  # absent for the processor path: older caches stay valid
-        from tether.imageprep import FastImagePrep
+    if is_ensemble(vision):  # the members' own keys are in their part caches (align/ensemble.py)
+        side = {"name": vision.name, "fingerprint": vision.fingerprint, "members": vision.member_keys,
+                "combine": COMBINE, "preprocess": _sha([vision.preprocessing, getattr(cfg, "preprocess", "processor")])}
+    else:
+        proc = vision.preprocessing  # the processor's config (+ backbone specifics), without class names
+        side = {"name": vision.name, "fingerprint": vision.fingerprint, "layer": vision.layer,
+                "dtype": str(vision.dtype).replace("torch.", ""), "preprocess": _sha(proc)}
+        if getattr(cfg, "preprocess", "processor") == "fast":  # absent for the processor path: older caches valid
+            from tether.imageprep import FastImagePrep
 
-        side["preprocess_path"] = _sha(FastImagePrep.from_processor(vision.processor).to_dict())
+            side["preprocess_path"] = _sha(FastImagePrep.from_processor(vision.processor).to_dict())
+    text_side = {"name": text.name, "fingerprint": text.fingerprint, "max_length": text.max_length,
+                 "dtype": str(text.dtype).replace("torch.", ""), "pooling": getattr(text, "pooling", "mean")}
+    if is_ensemble(text):
+        text_side.update(members=text.member_keys, combine=COMBINE)
     return {
         "vision": side,
-        "text": {"name": text.name, "fingerprint": text.fingerprint, "max_length": text.max_length,
-                 "dtype": str(text.dtype).replace("torch.", ""), "pooling": getattr(text, "pooling", "mean")},
+        "text": text_side,
         "pooling": cfg.pooling, "tokens": cfg.tokens, "crops": cfg.crops,
         "crop_scale": list(cfg.crop_scale) if cfg.crops > 1 else None, "seed": cfg.seed if cfg.crops > 1 else None,
         "dtype": cfg.dtype, "data": data or {},
@@ -379,10 +387,12 @@ class FeatureCache:
 
 
 def write_cache(out: str | Path, key: dict[str, Any], dims: dict[str, int],
-                shards: Iterable[tuple[dict[str, torch.Tensor], dict[str, str]]]) -> FeatureCache:
+                shards: Iterable[tuple[dict[str, torch.Tensor], dict[str, str]]],
+                extra: dict[str, Any] | None = None) -> FeatureCache:
     """A finished cache in this format from ready tensors: one ``(tensors, metadata)`` per shard (the tensors of
     the module docstring; metadata ``keys`` and ``captions`` as JSON strings). For features computed elsewhere and
-    for synthetic caches (bench/bench_align_scale.py, tests). Each shard is written atomically, the manifest last."""
+    for synthetic caches (bench/bench_align_scale.py, tests). Each shard is written atomically, the manifest last
+    (``extra``: more manifest fields, e.g. the skips of the cache the features came from)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -394,7 +404,8 @@ def write_cache(out: str | Path, key: dict[str, Any], dims: dict[str, int],
         n_img, n_txt = int(tensors["image"].shape[0]), int(tensors["text"].shape[0])
         entries.append({"file": name, "images": n_img, "texts": n_txt, "source_images": n_img,
                         **file_checksum(out / name)})
-    manifest = {"format": FORMAT, "key": key, "dims": dims, "shards": entries, "complete": True, "skips": {}}
+    manifest = {"format": FORMAT, "key": key, "dims": dims, "shards": entries, "complete": True, "skips": {},
+                **(extra or {})}
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return FeatureCache(out, manifest)
 

@@ -107,6 +107,10 @@ class AlignedModel(nn.Module):
             "embed_dim": int(heads.image.out_dim),
             "temperature": temperature,
         }
+        from align.ensemble import model_members
+
+        for side, members in model_members(vision, text).items():  # an encoder ensemble: its members' ids
+            config[side]["members"] = members
         return cls(config, heads, vision=vision, text=text, device=device)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -144,15 +148,26 @@ class AlignedModel(nn.Module):
                    text_path=text_path, check_fingerprint=check_fingerprint)
 
     # -- encoders (lazy) ----------------------------------------------------------------------------------------
-    def _checked(self, side: str, enc):
-        want = self.config[side]["fingerprint"]
+    def _checked(self, side: str, enc, want: str | None = None):
+        want = self.config[side]["fingerprint"] if want is None else want
         if self.check_fingerprint and want and enc.fingerprint != want:
             raise RecipeError(f"{side} encoder {enc.name!r} has fingerprint {enc.fingerprint}, but this model was "
                               f"trained on {want}; pass the right weights (or check_fingerprint=False)")
         return enc
 
+    def _ensemble(self, side: str):
+        """The encoder ensemble of ``side`` (config ``members``), each member checked."""
+        from align.ensemble import load_model_side
+
+        if self._paths[side]:
+            raise RecipeError(f"this model's {side} side is an encoder ensemble: {side}_path cannot replace it; "
+                              f"pass the loaded ensemble as {side}=")
+        return self._checked(side, load_model_side(side, self.config[side], str(self.device), self._checked))
+
     @property
     def vision(self):
+        if self._vision is None and "members" in self.config["vision"]:
+            self._vision = self._ensemble("vision")
         if self._vision is None:
             from tether.encoders import VisionEncoder
 
@@ -164,6 +179,8 @@ class AlignedModel(nn.Module):
 
     @property
     def text(self):
+        if self._text is None and "members" in self.config["text"]:
+            self._text = self._ensemble("text")
         if self._text is None:
             from tether.encoders import TextEncoder
 

@@ -63,6 +63,13 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name, [s.strip() for s in rest.split(";") if s.strip()]
 
 
+def _members(recipe: TrainRecipe, *sides: str) -> list:
+    """An encoder ensemble's members (part of the frozen-feature file keys; nothing for single encoders, so the
+    files computed before ensembles existed keep their names)."""
+    got = [[m.model_dump() for m in getattr(recipe, side).members] for side in (sides or ("vision", "text"))]
+    return got if any(got) else []
+
+
 class FrozenZeroShot:
     """Frozen ImageNet-sample image features and prompt features of one (vision, pooling, text) setting, computed
     once and stored in an ``.npz``; :meth:`evaluate` applies a trained model's projectors only."""
@@ -70,7 +77,8 @@ class FrozenZeroShot:
     def __init__(self, recipe: TrainRecipe, data: Path, prompts: str, out: Path):
         self.recipe, self.data, self.prompts = recipe, data, prompts
         key = json.dumps([recipe.encoder_name("vision"), recipe.vision.layer, recipe.image_pooling,
-                          recipe.encoder_name("text"), recipe.text.max_length, str(data.resolve()), prompts])
+                          recipe.encoder_name("text"), recipe.text.max_length, str(data.resolve()), prompts]
+                         + _members(recipe))
         self.path = out / f"zeroshot-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
         self._feats: dict[str, Any] | None = None
 
@@ -146,18 +154,17 @@ class FrozenCaptions:
         st = self.file.stat()
         key = json.dumps([recipe.encoder_name("text"), recipe.text.max_length, recipe.text.dtype,
                           str(self.file.resolve()), st.st_size, st.st_mtime_ns, str(self.root.resolve()), self.split,
-                          str(self.cache.resolve())])
+                          str(self.cache.resolve())] + _members(recipe, "text"))
         self.path = out / f"captions-{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
         self._feats: dict[str, Any] | None = None
 
     def _compute(self) -> dict[str, Any]:
         from align.eval.run import load_cached_image_features
+        from align.ensemble import load_text_side
         from align.eval.retrieval import PairedSet
-        from tether.encoders import TextEncoder
 
         pairs = PairedSet.from_flickr8k(self.root, self.split, self.file)
-        text = TextEncoder.load(self.recipe.encoder_name("text"), dtype=self.recipe.text.dtype,
-                                max_length=self.recipe.text.max_length)
+        text = load_text_side(self.recipe)
         caps = list(pairs.captions)
         with torch.no_grad():  # what AlignedModel.encode_text feeds its text head: the pooled embedding, float32
             rows = [text.pooled(caps[i:i + 256]).float().numpy() for i in range(0, len(caps), 256)]

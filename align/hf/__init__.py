@@ -41,6 +41,10 @@ def encoder_reference(name: str) -> str:
 def _check_encoders(model: Any) -> None:
     from tether.encoders import ConvVisionEncoder, TextEncoder, VisionEncoder
 
+    for side in ("vision", "text"):
+        if "members" in model.config[side]:
+            raise RecipeError(f"this model's {side} side is an encoder ensemble ({model.config[side]['name']}): a "
+                              "transformers folder references one encoder per side; share the tether model folder")
     v, t = model.vision, model.text
     if isinstance(v, ConvVisionEncoder) or not isinstance(v, VisionEncoder):
         raise RecipeError(f"vision encoder {model.config['vision']['name']!r} is not a transformers model (a packaged "

@@ -18,8 +18,13 @@ def encoder_load_kwargs(recipe: TrainRecipe, device: str = "cpu") -> tuple[dict,
 
 
 def load_encoders(recipe: TrainRecipe, device: str = "cpu"):
-    """The frozen vision and text encoders named by the recipe."""
+    """The frozen vision and text encoders named by the recipe (an ensemble on a side with members)."""
     from align.features import load_encoder_pair
+
+    if recipe.ensemble:
+        from align.ensemble import load_ensemble_encoders
+
+        return load_ensemble_encoders(recipe, device)
 
     vk, tk = encoder_load_kwargs(recipe, device)
     return load_encoder_pair(vk, tk)
@@ -44,6 +49,10 @@ def expected_key(recipe: TrainRecipe, split: str, vision, text) -> dict:
 def extract_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool = False,
                   progress: bool = True) -> FeatureCache:
     """Extract (or resume extracting) the feature cache of ``split``; returns the finished cache."""
+    if recipe.ensemble:  # one cache per member encoder, then joined (align/ensemble.py)
+        from align.ensemble import extract_ensemble_split
+
+        return extract_ensemble_split(recipe, split, vision, text, overwrite=overwrite, progress=progress)
     data = split_data(recipe, split)
     skips = SkipLog()
     samples = iter_samples(data, skips=skips)

@@ -52,19 +52,32 @@ class ProjectorConfig(Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     text_head: bool = True
     image_pooling: Literal["cls+mean", "cls", "mean"] = "cls+mean"
+    # the blocks' hidden layer: GELU (the paper's) or a gated linear unit, SwiGLU (SAIL-style heads):
+    # silu(W_g h) * (W_u h) with hidden_dim units (twice the first Linear's outputs)
+    gated: bool = False
+
+
+class SwiGLU(nn.Module):
+    """``silu(g) * u`` of the two halves ``[u, g]`` of the last dim."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, g = x.chunk(2, dim=-1)
+        return nn.functional.silu(g) * u
 
 
 class TokenBlock(nn.Module):
-    """``LayerNorm → Dropout → Linear skip + (Linear → GELU → Linear)`` on the last dim of ``[..., in_dim]``."""
+    """``LayerNorm → Dropout → Linear skip + (Linear → GELU → Linear)`` on the last dim of ``[..., in_dim]``
+    (``gated``: ``Linear → SwiGLU → Linear``)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.1):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.1,
+                 gated: bool = False):
         super().__init__()
         hidden_dim = hidden_dim or out_dim
         self.norm = nn.LayerNorm(in_dim)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Linear(in_dim, out_dim)
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.act = nn.GELU()
+        self.fc1 = nn.Linear(in_dim, hidden_dim * (2 if gated else 1))
+        self.act = SwiGLU() if gated else nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,9 +157,10 @@ class IdentityProjector(Projector):
 class MLPProjector(Projector):
     kind = "mlp"
 
-    def __init__(self, side: str, in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.1):
+    def __init__(self, side: str, in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.1,
+                 gated: bool = False):
         super().__init__(side, in_dim, out_dim)
-        self.block = TokenBlock(in_dim, out_dim, hidden_dim, dropout)
+        self.block = TokenBlock(in_dim, out_dim, hidden_dim, dropout, gated)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, mask)
@@ -208,7 +222,7 @@ class TokenTextProjector(Projector):
 
 def build_projector(kind: str, side: str, in_dim: int, out_dim: int = 1024, hidden_dim: int | None = None,
                     dropout: float = 0.1, num_prefix_tokens: int = 1, text_head: bool = True,
-                    image_pooling: str = "cls+mean") -> Projector:
+                    image_pooling: str = "cls+mean", gated: bool = False) -> Projector:
     """Build a projector; ``forward(x, mask=None) -> [B, out_dim]`` (not normalised).
 
     ``token`` takes token grids ``[B, T, in_dim]``; ``mlp`` and ``linear`` take pooled ``[B, in_dim]``.
@@ -228,6 +242,8 @@ def build_projector(kind: str, side: str, in_dim: int, out_dim: int = 1024, hidd
         raise RecipeError(f"projector dropout must be in [0, 1), got {dropout!r}")
     in_dim, out_dim = int(in_dim), int(out_dim)
     hidden_dim = None if hidden_dim is None else int(hidden_dim)
+    if gated and kind != "mlp":
+        raise RecipeError(f"projector gated: true is for kind mlp (pooled features), not {kind!r}")
     if kind == "linear":
         return LinearProjector(side, in_dim, out_dim)
     if kind == "identity":
@@ -236,7 +252,7 @@ def build_projector(kind: str, side: str, in_dim: int, out_dim: int = 1024, hidd
                               f"{in_dim} on both sides (got {out_dim})")
         return IdentityProjector(side, in_dim, out_dim)
     if kind == "mlp":
-        return MLPProjector(side, in_dim, out_dim, hidden_dim, dropout)
+        return MLPProjector(side, in_dim, out_dim, hidden_dim, dropout, gated)
     if side == "image":
         return TokenImageProjector(in_dim, out_dim, hidden_dim, dropout, num_prefix_tokens, image_pooling)
     return TokenTextProjector(in_dim, out_dim, hidden_dim, dropout, head=text_head)
@@ -247,4 +263,4 @@ def build_projector_from_config(cfg: ProjectorConfig, side: str, in_dim: int,
     """:func:`build_projector` with the settings of a :class:`ProjectorConfig`."""
     return build_projector(cfg.kind, side, in_dim, out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim,
                            dropout=cfg.dropout, num_prefix_tokens=num_prefix_tokens, text_head=cfg.text_head,
-                           image_pooling=cfg.image_pooling)
+                           image_pooling=cfg.image_pooling, gated=cfg.gated)

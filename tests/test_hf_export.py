@@ -31,7 +31,8 @@ def _images(n=5):
 
 def _model(tiny_vision, tiny_text, kind: str, pooling: str, seed: int = 0) -> AlignedModel:
     torch.manual_seed(seed)
-    pc = ProjectorConfig(kind=kind, out_dim=16, hidden_dim=24, dropout=0.1)
+    kind, _, gated = kind.partition("-")  # "mlp-gated": the SwiGLU block
+    pc = ProjectorConfig(kind=kind, out_dim=16, hidden_dim=24, dropout=0.1, gated=bool(gated))
     img_dim = tiny_vision.dim * (2 if pooling == "cls+mean" and kind != "token" else 1)
     heads = DualProjector(pc, pc, img_dim, tiny_text.dim, tiny_vision.num_prefix_tokens)
     for p in heads.parameters():      # trained-looking weights (LayerNorm scales away from 1, biases non-zero)
@@ -76,7 +77,8 @@ print(type(model).__name__, sorted(m for m in sys.modules if m.split(".")[0] in 
 """
 
 
-@pytest.mark.parametrize("kind,pooling", [("mlp", "cls+mean"), ("token", "cls+mean"), ("linear", "mean")])
+@pytest.mark.parametrize("kind,pooling", [("mlp", "cls+mean"), ("token", "cls+mean"), ("linear", "mean"),
+                                          ("mlp-gated", "cls")])
 def test_a_fresh_venv_without_tether_reproduces_its_embeddings(tmp_path, tiny_vision, tiny_text, kind, pooling):
     m = _model(tiny_vision, tiny_text, kind, pooling)
     out = export_hf(m, tmp_path / "hf")

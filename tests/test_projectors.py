@@ -74,10 +74,12 @@ def test_dropout_only_in_train_mode():
     torch.testing.assert_close(m(x), m(x))
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_fused_pool_equals_per_token_then_mean(use_mask):
+def test_fused_pool_equals_per_token_then_mean(use_mask, gated):
     torch.manual_seed(1)
-    blk = TokenBlock(D_IN, D_OUT, hidden_dim=7).eval()
+    blk = TokenBlock(D_IN, D_OUT, hidden_dim=7, gated=gated).eval()
+    assert blk.fc1.out_features == (14 if gated else 7)
     x = torch.randn(5, 9, D_IN, dtype=torch.float64, requires_grad=True)
     blk.double()
     mask = (torch.rand(5, 9) > 0.4).long() if use_mask else None
@@ -220,3 +222,17 @@ def test_real_encoders_token_heads(flickr8k, dinov2_small, minilm_path):
     img_head.eval(), txt_head.eval()
     _, logs = loss_fn(img_head(v_tok), txt_head(t_tok, t_mask))
     assert logs["loss"] < 0.2 * first and logs["acc"] == 1.0
+
+
+def test_gated_mlp_head_is_a_swiglu_and_only_for_mlp():
+    from align.projectors import build_projector_from_config
+
+    torch.manual_seed(0)
+    cfg = ProjectorConfig(kind="mlp", out_dim=D_OUT, hidden_dim=5, gated=True)
+    m = build_projector_from_config(cfg, "image", D_IN).eval()
+    x = torch.randn(3, D_IN)
+    h = m.block.norm(x)
+    u, g = m.block.fc1(h).chunk(2, -1)
+    torch.testing.assert_close(m(x), m.block.skip(h) + m.block.fc2(nn.functional.silu(g) * u))
+    with pytest.raises(RecipeError, match="gated"):
+        build_projector_from_config(ProjectorConfig(kind="linear", out_dim=D_OUT, gated=True), "image", D_IN)

@@ -28,17 +28,23 @@ def _masked_mean(x, mask):
     return (x * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-class _Block(nn.Module):
-    """LayerNorm -> Dropout -> Linear skip + (Linear -> GELU -> Linear), per position."""
+class _SwiGLU(nn.Module):
+    def forward(self, x):
+        u, g = x.chunk(2, dim=-1)
+        return nn.functional.silu(g) * u
 
-    def __init__(self, in_dim, out_dim, hidden_dim=None, dropout=0.1):
+
+class _Block(nn.Module):
+    """LayerNorm -> Dropout -> Linear skip + (Linear -> GELU, or SwiGLU when gated -> Linear), per position."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=None, dropout=0.1, gated=False):
         super().__init__()
         hidden_dim = hidden_dim or out_dim
         self.norm = nn.LayerNorm(in_dim)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Linear(in_dim, out_dim)
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.act = nn.GELU()
+        self.fc1 = nn.Linear(in_dim, hidden_dim * (2 if gated else 1))
+        self.act = _SwiGLU() if gated else nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, x):
@@ -75,7 +81,7 @@ class _Head(nn.Module):
         if self.kind == "linear":
             self.proj = nn.Linear(in_dim, out)
         elif self.kind == "mlp":
-            self.block = _Block(in_dim, out, hid, drop)
+            self.block = _Block(in_dim, out, hid, drop, bool(cfg.get("gated", False)))
         elif self.kind == "token" and side == "image":
             pooling = cfg.get("image_pooling", "cls+mean")
             self.cls_block = _Block(in_dim, out, hid, drop) if "cls" in pooling else None

@@ -118,6 +118,30 @@ class TrainConfig(Strict):
     # text head (for this recipe's text encoder) and the temperature train. The model's vision encoder fingerprint,
     # layer, pooling and image head must match this recipe's (align/training/lock.py)
     lock_image_from: str | None = None
+    # an AlignedModel folder whose two heads (same encoders, same head configs) are the starting point
+    init_from: str | None = None
+    freeze: list[Literal["image", "text"]] = []  # heads that do not train (eval mode: no dropout)
+    # multi-stage training: one training run per stage, each starting from the previous stage's heads and
+    # temperature; a stage sets what differs (epochs, lr, its own data, frozen heads …). Each stage writes
+    # output_dir/stages/NN-name (resumable as any run); the last one's model is output_dir/model
+    stages: list["TrainStage"] = []
+
+
+class TrainStage(Strict):
+    """One stage of ``train.stages``: the recipe's ``train`` settings with these replaced."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    epochs: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    min_lr_ratio: float | None = Field(None, ge=0, le=1)
+    weight_decay: float | None = Field(None, ge=0)
+    freeze: list[Literal["image", "text"]] | None = None
+    data: DataConfig | None = None  # this stage's training pairs (default: the recipe's data); cached apart
+
+
+TrainConfig.model_rebuild()
 
 
 class TrainRecipe(Strict):
@@ -135,6 +159,14 @@ class TrainRecipe(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainRecipe":
         token = [s for s in ("image", "text") if getattr(self.projector, s).kind == "token"]
+        names = [st.name for st in self.train.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train.stages: stage names must differ, got {names}")
+        if self.train.stages and self.train.lock_image_from:
+            raise ValueError("train.stages with train.lock_image_from: freeze the image head in a stage instead")
+        if set(self.train.freeze) == {"image", "text"} or any(set(st.freeze or ()) == {"image", "text"}
+                                                             for st in self.train.stages):
+            raise ValueError("train.freeze: freezing both heads leaves nothing to train")
         if self.ensemble:
             if token or self.features.tokens:
                 raise ValueError("an encoder ensemble (vision/text members) has pooled heads only: no token-level "
@@ -207,8 +239,12 @@ def inputs_from(recipe: TrainRecipe, base: str | os.PathLike) -> TrainRecipe:
         "val": data_inputs_from(recipe.val, base) if recipe.val is not None else None,
         "features": recipe.features.model_copy(update={"reuse": [resolve_input(r, base)
                                                                  for r in recipe.features.reuse]}),
-        "train": recipe.train.model_copy(update={"lock_image_from": resolve_input(
-            recipe.train.lock_image_from, base) if recipe.train.lock_image_from else None}),
+        "train": recipe.train.model_copy(update={
+            "lock_image_from": resolve_input(recipe.train.lock_image_from, base) if recipe.train.lock_image_from
+            else None,
+            "init_from": resolve_input(recipe.train.init_from, base) if recipe.train.init_from else None,
+            "stages": [st.model_copy(update={"data": data_inputs_from(st.data, base) if st.data else None})
+                       for st in recipe.train.stages]}),
     })
 
 
@@ -228,5 +264,5 @@ def data_id(cfg: DataConfig) -> dict:
     return d
 
 
-__all__ = ["VisionConfig", "VisionMember", "TextConfig", "TextMember", "ProjectorsConfig", "TrainConfig", "TrainRecipe", "load_train_recipe",
-           "data_id", "RecipeError"]
+__all__ = ["VisionConfig", "VisionMember", "TextConfig", "TextMember", "ProjectorsConfig", "TrainConfig",
+           "TrainStage", "TrainRecipe", "load_train_recipe", "data_id", "RecipeError"]

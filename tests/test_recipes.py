@@ -19,6 +19,7 @@ KIND["align_flickr8k_swap_use"] = TrainRecipe  # text-encoder swap (train.lock_i
 KIND["align_flickr8k_multilingual_mixed"] = TrainRecipe  # English + German + Chinese train captions (data.captions)
 KIND["eval_paper"] = KIND["eval_local"] = Suite  # align eval --suite files (tests/test_eval_suite.py)
 KIND["loop_agreement"] = MediaRecipe  # a bare media: section (curate shard --recipe; recipes/loop_quickstart.sh)
+KIND["align_flickr8k_ensemble"] = TrainRecipe  # vision.members: an encoder ensemble (tests/test_ensemble.py)
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 

@@ -35,35 +35,57 @@ class LockedImageHead:
         return {"path": str(self.path), "text": {k: self.config["text"].get(k) for k in ("name", "fingerprint")}}
 
 
+def _read_model(path: Path, field: str) -> AlignedModel:
+    try:
+        return AlignedModel.from_pretrained(path)
+    except RecipeError as e:
+        raise RecipeError(f"{field}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - unreadable or malformed config.json / model.safetensors
+        raise RecipeError(f"{field} {path}: cannot read the model ({type(e).__name__}: {e})") from None
+
+
+def _check_side(model: AlignedModel, side: str, recipe: TrainRecipe, vision, text, what: str) -> None:
+    """Refuse (one line) a model whose ``side`` head was trained on other frozen features or is configured
+    otherwise than the recipe's head of that side."""
+    c = model.config[side]
+    enc = vision if side == "vision" else text
+    ours = ({"fingerprint": vision.fingerprint, "layer": vision.layer, "pooling": recipe.image_pooling}
+            if side == "vision" else {"fingerprint": text.fingerprint, "max_length": text.max_length})
+    diff = [f"{k} {c.get(k)} (model) vs {v} (recipe)" for k, v in ours.items() if c.get(k) != v]
+    if diff:
+        raise RecipeError(f"{what}: its {side} head was trained on other {side} features than this recipe's "
+                          f"({', '.join(diff)}; {side} {c.get('name')!r} vs {enc.name!r}); use a model trained "
+                          f"with the same {side} encoder weights and settings")
+    head = "image" if side == "vision" else "text"
+    got = ProjectorConfig(**model.config["projector"][head]).model_dump()
+    want = getattr(recipe.projector, head).model_dump()
+    if got != want:
+        keys = ", ".join(f"{k} {got[k]!r} (model) vs {want[k]!r} (recipe)" for k in want if got.get(k) != want[k])
+        raise RecipeError(f"{what}: its {head} head differs from projector.{head} ({keys}); set projector.{head} "
+                          f"to the model's")
+    dims = dict(zip(("vision", "text"), head_dims(recipe.projector.image, vision, text, recipe.image_pooling)))
+    if int(c.get("dim", -1)) != dims[side]:
+        raise RecipeError(f"{what}: its {head} head reads {c.get('dim')}-wide features, this recipe's {side} "
+                          f"features are {dims[side]}-wide")
+
+
 def load_locked_image_head(recipe: TrainRecipe, vision, text) -> LockedImageHead:
     """Read ``train.lock_image_from`` and check it fits ``recipe`` and its loaded frozen encoders."""
     path = resolve_path(recipe.train.lock_image_from)
-    what = f"train.lock_image_from {path}"
-    try:
-        model = AlignedModel.from_pretrained(path)
-    except RecipeError as e:
-        raise RecipeError(f"train.lock_image_from: {e}") from None
-    except Exception as e:  # noqa: BLE001 - unreadable or malformed config.json / model.safetensors
-        raise RecipeError(f"{what}: cannot read the model ({type(e).__name__}: {e})") from None
-    c = model.config["vision"]
-    ours = {"fingerprint": vision.fingerprint, "layer": vision.layer, "pooling": recipe.image_pooling}
-    diff = [f"{k} {c.get(k)} (model) vs {v} (recipe)" for k, v in ours.items() if c.get(k) != v]
-    if diff:
-        raise RecipeError(f"{what}: its image head was trained on other vision features than this recipe's "
-                          f"({', '.join(diff)}; vision {c.get('name')!r} vs {vision.name!r}); lock a model trained "
-                          f"with the same vision encoder weights, layer and pooling")
-    got = ProjectorConfig(**model.config["projector"]["image"]).model_dump()
-    want = recipe.projector.image.model_dump()
-    if got != want:
-        keys = ", ".join(f"{k} {got[k]!r} (model) vs {want[k]!r} (recipe)" for k in want if got.get(k) != want[k])
-        raise RecipeError(f"{what}: its image head differs from projector.image ({keys}); set projector.image to "
-                          f"the model's")
-    image_dim, _ = head_dims(recipe.projector.image, vision, text, recipe.image_pooling)
-    if int(c.get("dim", -1)) != image_dim:
-        raise RecipeError(f"{what}: its image head reads {c.get('dim')}-wide features, this recipe's vision "
-                          f"features are {image_dim}-wide")
+    model = _read_model(path, "train.lock_image_from")
+    _check_side(model, "vision", recipe, vision, text, f"train.lock_image_from {path}")
     state = {k: v.detach().clone() for k, v in model.heads.image.state_dict().items()}
     return LockedImageHead(path, model.config, state)
+
+
+def load_init_model(recipe: TrainRecipe, vision, text) -> AlignedModel:
+    """Read ``train.init_from`` (both heads start from that model's weights: a later stage of a multi-stage run)
+    and check both of its heads fit ``recipe`` and its loaded frozen encoders."""
+    path = resolve_path(recipe.train.init_from)
+    model = _read_model(path, "train.init_from")
+    for side in ("vision", "text"):
+        _check_side(model, side, recipe, vision, text, f"train.init_from {path}")
+    return model
 
 
 def lock_image_head(heads: DualProjector, locked: LockedImageHead) -> DualProjector:

@@ -35,7 +35,7 @@ from align.training.batches import CacheBatches, EncoderBatches, EpochPlan, Trai
 from align.training.caches import extract_split, load_encoders, open_checked, pooled_part
 from align.training.stream import Part, StreamedCacheBatches, cache_bytes
 from align.training.checkpoints import TrainState, resume_checkpoint, save_checkpoint, verify_checkpoint
-from align.training.lock import load_locked_image_head, lock_image_head
+from align.training.lock import load_init_model, load_locked_image_head, lock_image_head
 from align.training.trackers import flat_config, make_trackers
 from tether.recipe import RecipeError
 
@@ -46,20 +46,21 @@ def _size(n: int) -> str:
 
 class AlignTask(nn.Module):
     """Projectors + contrastive loss: what the optimiser trains (the loss holds the learnable temperature).
-    ``lock_image``: the image head is frozen and stays in eval mode (no dropout) — the text-encoder swap."""
+    ``frozen``: heads ("image", "text") that do not train and stay in eval mode (no dropout) — the text-encoder
+    swap's locked image head, ``train.freeze``."""
 
-    def __init__(self, heads: DualProjector, loss: ContrastiveLoss, lock_image: bool = False):
+    def __init__(self, heads: DualProjector, loss: ContrastiveLoss, frozen: Sequence[str] = ()):
         super().__init__()
         self.heads, self.loss = heads, loss
-        self.lock_image = lock_image
-        if lock_image:
-            heads.image.requires_grad_(False)
-            heads.image.eval()
+        self.frozen = tuple(dict.fromkeys(frozen))
+        for side in self.frozen:
+            getattr(heads, side).requires_grad_(False)
+            getattr(heads, side).eval()
 
     def train(self, mode: bool = True) -> "AlignTask":
         super().train(mode)
-        if self.lock_image:
-            self.heads.image.eval()
+        for side in self.frozen:
+            getattr(self.heads, side).eval()
         return self
 
     def forward(self, image, text, text_mask=None, image_ids=None):
@@ -234,13 +235,15 @@ class Trainer:
         recipe = self.recipe
         heads = DualProjector.for_encoders(recipe.projector.image, recipe.projector.text, self.vision, self.text,
                                            recipe.image_pooling)
+        if self.tc.init_from:  # both heads start from a trained model (checked against these encoders)
+            heads.load_state_dict(load_init_model(recipe, self.vision, self.text).heads.state_dict())
         return heads if self.locked is None else lock_image_head(heads, self.locked)
 
     def _make_optimizer(self):
         """Heads + loss (the learnable temperature) as one module, AdamW, warm-up + cosine; prepared."""
         tc = self.tc
-        task = AlignTask(self._make_heads(), ContrastiveLoss.from_config(self.recipe.loss),
-                         lock_image=self.locked is not None)
+        frozen = list(tc.freeze) + (["image"] if self.locked is not None else [])
+        task = AlignTask(self._make_heads(), ContrastiveLoss.from_config(self.recipe.loss), frozen=frozen)
         optimizer = torch.optim.AdamW(param_groups(task, tc.weight_decay), lr=tc.lr, betas=tc.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                       warmup_cosine(self.total_steps, self.warmup, tc.min_lr_ratio))
@@ -417,6 +420,8 @@ class Trainer:
                                         temperature=summary["temperature"])
         if self.locked is not None:
             model.config["image_head_locked_from"] = self.locked.provenance()
+        if self.tc.init_from:
+            model.config["initialised_from"] = str(self.tc.init_from)
         model.save_pretrained(out_dir / "model")
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         loss = ("no loss recorded" if summary["first_loss"] is None else
@@ -431,5 +436,10 @@ def train(recipe: TrainRecipe, resume: str = "auto", ignore_rng_state: bool = Fa
           callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
     """Run training as the recipe says; returns the summary also written to ``<output_dir>/metrics.json``.
     ``ignore_rng_state``: resume from a checkpoint whose RNG state is damaged or missing (else refused).
-    ``callbacks``: see :class:`Trainer`."""
+    ``callbacks``: see :class:`Trainer`. A recipe with ``train.stages`` trains them in order
+    (:mod:`align.training.stages`)."""
+    if recipe.train.stages:
+        from align.training.stages import run_stages
+
+        return run_stages(recipe, resume=resume, ignore_rng_state=ignore_rng_state, callbacks=callbacks)
     return Trainer(recipe, resume=resume, ignore_rng_state=ignore_rng_state, callbacks=callbacks).fit()

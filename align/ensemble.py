@@ -18,6 +18,7 @@ Every shard of every part must hold the same images and captions in the same ord
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -89,11 +90,11 @@ def _members(encoder) -> list:
     return list(getattr(encoder, "members", [encoder]))
 
 
-def extract_ensemble_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool = False,
-                           progress: bool = True) -> FeatureCache:
-    """Extract (or resume) every part of ``split``, then join them into the recipe's cache of ``split``."""
-    from align.training.caches import expected_key, extract_split
-
+def extract_ensemble_split(recipe: TrainRecipe, split: str, vision, text, extract_split: Callable, key: dict,
+                           overwrite: bool = False, progress: bool = True) -> FeatureCache:
+    """Extract (or resume) every part of ``split`` with ``extract_split`` (the single-encoder extraction,
+    :func:`align.training.caches.extract_split`), then join them into the recipe's cache of ``split``, whose
+    cache key is ``key``."""
     vis, txt = _members(vision), _members(text)
     parts: dict[str, FeatureCache] = {}
     for name, r in part_recipes(recipe).items():
@@ -102,7 +103,7 @@ def extract_ensemble_split(recipe: TrainRecipe, split: str, vision, text, overwr
         if progress:
             print(f"ensemble part {name}: {v.name} + {t.name}", flush=True)
         parts[name] = extract_split(r, split, v, t, overwrite=overwrite, progress=progress)
-    return join_parts(parts, recipe.cache_dir(split), expected_key(recipe, split, vision, text),
+    return join_parts(parts, recipe.cache_dir(split), key,
                       combine_image=len(vis) > 1, combine_text=len(txt) > 1,
                       dtype=torch.float16 if recipe.features.dtype == "float16" else torch.float32)
 

@@ -20,6 +20,7 @@ KIND["align_flickr8k_multilingual_mixed"] = TrainRecipe  # English + German + Ch
 KIND["eval_paper"] = KIND["eval_local"] = Suite  # align eval --suite files (tests/test_eval_suite.py)
 KIND["loop_agreement"] = MediaRecipe  # a bare media: section (curate shard --recipe; recipes/loop_quickstart.sh)
 KIND["align_flickr8k_ensemble"] = TrainRecipe  # vision.members: an encoder ensemble (tests/test_ensemble.py)
+KIND["align_dinov2_roberta_ensemble"] = TrainRecipe  # the full-scale pair + ensemble members (GPU users)
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 

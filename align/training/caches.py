@@ -52,7 +52,9 @@ def extract_split(recipe: TrainRecipe, split: str, vision, text, overwrite: bool
     if recipe.ensemble:  # one cache per member encoder, then joined (align/ensemble.py)
         from align.ensemble import extract_ensemble_split
 
-        return extract_ensemble_split(recipe, split, vision, text, overwrite=overwrite, progress=progress)
+        return extract_ensemble_split(recipe, split, vision, text, extract_split,
+                                      expected_key(recipe, split, vision, text), overwrite=overwrite,
+                                      progress=progress)
     data = split_data(recipe, split)
     skips = SkipLog()
     samples = iter_samples(data, skips=skips)

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
 from align.config import TrainRecipe
 from tether.recipe import RecipeError, resolve_path
@@ -61,18 +61,16 @@ def stage_recipe(recipe: TrainRecipe, index: int, previous: Path | None) -> Trai
     return r
 
 
-def run_stages(recipe: TrainRecipe, resume: str = "auto", ignore_rng_state: bool = False,
-               callbacks: Sequence = ()) -> dict[str, Any]:
-    """Train every stage in order (finished ones are only checked); returns the final summary."""
+def run_stages(recipe: TrainRecipe, fit: Callable[[TrainRecipe], dict[str, Any]]) -> dict[str, Any]:
+    """Train every stage in order with ``fit`` (one single-stage run: ``Trainer(r, …).fit()``; finished stages
+    are only checked); returns the final summary."""
     from accelerate import PartialState
-
-    from align.training.trainer import Trainer
 
     previous = resolve_path(recipe.train.init_from) if recipe.train.init_from else None
     summaries = []
     for i, st in enumerate(recipe.train.stages):
         r = stage_recipe(recipe, i, previous)
-        summary = Trainer(r, resume=resume, ignore_rng_state=ignore_rng_state, callbacks=callbacks).fit()
+        summary = fit(r)
         summaries.append({"stage": st.name, **summary})
         previous = r.output_dir / "model"
     out = recipe.output_dir

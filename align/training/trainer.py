@@ -441,5 +441,6 @@ def train(recipe: TrainRecipe, resume: str = "auto", ignore_rng_state: bool = Fa
     if recipe.train.stages:
         from align.training.stages import run_stages
 
-        return run_stages(recipe, resume=resume, ignore_rng_state=ignore_rng_state, callbacks=callbacks)
+        return run_stages(recipe, lambda r: Trainer(r, resume=resume, ignore_rng_state=ignore_rng_state,
+                                                    callbacks=callbacks).fit())
     return Trainer(recipe, resume=resume, ignore_rng_state=ignore_rng_state, callbacks=callbacks).fit()

@@ -1,61 +1,72 @@
-"""Multi-stage training (train.stages), train.init_from and train.freeze."""
+"""The one stage list (curate.stages) and the one stage runner (Catalog.begin_stage)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from align.config import load_train_recipe
-from align.train import train
-from tether.recipe import RecipeError
-from test_train import data_dir, make_recipe, text_dir  # noqa: F401 (fixtures)
+from curate.catalog import TABLES, Catalog
+from curate.stages import CAPTION_STAGES, MEDIA_STAGES, OWNS, Begin, Stage
 
 
-def test_two_stages_chain_heads_temperature_and_resume(tmp_path, tiny_vision_dir, text_dir, data_dir):  # noqa: F811
-    stages = [{"name": "broad", "epochs": 2},
-              {"name": "narrow", "epochs": 2, "lr": 1e-3, "freeze": ["text"],
-               "data": {"format": "webdataset", "path": str(data_dir / "train-000.tar")}}]
-    rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, train__stages=stages,
-                     features={"cache_dir": str(tmp_path / "cache"), "shard_size": 64, "crops": 1})
-    s = train(load_train_recipe(rp))
-    run = tmp_path / "run"
-    one, two = run / "stages" / "00-broad", run / "stages" / "01-narrow"
-    assert [x["stage"] for x in s["stages"]] == ["broad", "narrow"]
-    assert s["stages"][0]["num_pairs"] == 200 and s["stages"][1]["num_pairs"] == 100  # stage 2's own data
-    a, b = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
-    final = load_file(str(run / "model" / "model.safetensors"))
-    assert all(torch.equal(final[k], b[k]) for k in b)
-    # the frozen text head is stage 1's, the image head trained on
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("text."))
-    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("image."))
-    cfg1 = json.loads((one / "model" / "config.json").read_text())
-    cfg2 = json.loads((two / "model" / "config.json").read_text())
-    assert cfg2["initialised_from"] == str(one / "model")
-    # stage 2 started at stage 1's learnt temperature
-    log = [json.loads(x) for x in (two / "logs" / "align" / "log.jsonl").read_text().splitlines()]
-    first_t = next(x["train/temperature"] for x in log if "train/temperature" in x)
-    assert first_t == pytest.approx(cfg1["temperature"], rel=0.05) and cfg1["temperature"] != pytest.approx(0.07)
-    assert (tmp_path / "cache" / "stages" / "narrow" / "train" / "manifest.json").is_file()
-    assert json.loads((run / "metrics.json").read_text())["stages"][1]["stage"] == "narrow"
-    # a rerun trains nothing more
-    s2 = train(load_train_recipe(rp))
-    assert [x["steps"] for x in s2["stages"]] == [x["steps"] for x in s["stages"]]
+def test_every_stage_declares_what_it_owns_and_tables_exist():
+    assert set(OWNS) == set(Stage)
+    for decisions, tables in OWNS.values():
+        assert all(t in TABLES for t, _ in tables)
+    order = [s.order for s in (*CAPTION_STAGES, *MEDIA_STAGES)]
+    assert order == sorted(order)
+    assert Stage.MATCH.children == (Stage.MATCH_LEXICAL, Stage.MATCH_SEMANTIC)
+    assert Stage.MATCH_LEXICAL not in Stage.MATCH.later() and Stage.MATCH_LEXICAL in Stage.CONCEPTS.later()
+    assert f"{Stage.BALANCE}" == "balance" and Stage.of("nope") is None
 
 
-def test_stage_recipe_errors(tmp_path, tiny_vision_dir, text_dir, data_dir):  # noqa: F811
-    dup = [{"name": "a"}, {"name": "a"}]
-    with pytest.raises(RecipeError, match="stage names must differ"):
-        load_train_recipe(make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, train__stages=dup))
-    with pytest.raises(RecipeError, match="nothing to train"):
-        load_train_recipe(make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir,
-                                      train__freeze=["image", "text"]))
-    with pytest.raises(RecipeError, match="name"):
-        load_train_recipe(make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir,
-                                      train__stages=[{"name": "../x"}]))
-    bad = make_recipe(tmp_path / "r2.yaml", tiny_vision_dir, text_dir, data_dir,
-                      train__init_from=str(tmp_path / "nothing"))
-    with pytest.raises(RecipeError, match="train.init_from"):
-        train(load_train_recipe(bad))
+def _add(cat, stage):
+    cat.execute("INSERT INTO decisions VALUES ('u1', ?, false, 'x', NULL, NULL)", [stage])
+
+
+def test_begin_stage_skip_resume_fresh(tmp_path):
+    with Catalog(tmp_path / "c.duckdb") as cat:
+        assert cat.begin_stage(Stage.FILTER, {"a": 1}) is Begin.FRESH
+        _add(cat, Stage.FILTER)
+        # running, not resumable: a rerun starts over and clears its decisions
+        assert cat.begin_stage(Stage.FILTER, {"a": 1}) is Begin.FRESH
+        assert cat.scalar("SELECT count(*) FROM decisions") == 0
+        _add(cat, Stage.FILTER)
+        cat.mark_done(Stage.FILTER, 1)
+        assert cat.begin_stage(Stage.FILTER, {"a": 1}) is Begin.SKIP
+        assert cat.scalar("SELECT count(*) FROM decisions") == 1
+        assert cat.begin_stage(Stage.FILTER, {"a": 1}, rerun=True) is Begin.FRESH
+        assert cat.scalar("SELECT count(*) FROM decisions") == 0
+        # resumable and running with the same parameters: units and rows stay
+        assert cat.begin_stage(Stage.MATCH_LEXICAL, {"p": 1}, resumable=True) is Begin.FRESH
+        cat.execute("INSERT INTO matches VALUES ('u1', 'c', 'lexical', 1, 'dog'), ('u1', 'c', 'semantic', 1, NULL)")
+        cat.add_unit(Stage.MATCH_LEXICAL, "0")
+        assert cat.begin_stage(Stage.MATCH_LEXICAL, {"p": 1}, resumable=True) is Begin.RESUME
+        assert cat.done_units(Stage.MATCH_LEXICAL) == {"0"}
+        # changed parameters: only this stage's own rows go (the semantic match stays)
+        assert cat.begin_stage(Stage.MATCH_LEXICAL, {"p": 2}, resumable=True) is Begin.FRESH
+        assert cat.execute("SELECT method FROM matches").fetchall() == [("semantic",)]
+        assert cat.done_units(Stage.MATCH_LEXICAL) == set()
+        assert cat.stage_row(Stage.MATCH_LEXICAL).params_dict() == {"p": 2}
+
+
+def test_begin_stage_clears_sub_stages_and_also_clear(tmp_path):
+    with Catalog(tmp_path / "c.duckdb") as cat:
+        for s in (Stage.BALANCE, Stage.MATCH_SEMANTIC):
+            cat.begin_stage(s, {})
+            cat.mark_done(s)
+        _add(cat, Stage.BALANCE)
+        cat.execute("INSERT INTO balance_report VALUES ('balance', 'c', 2, 1, 0, 0), ('rebalance', 'c', 1, 1, 0, 0)")
+        cat.execute("INSERT INTO matches VALUES ('u1', 'c', 'semantic', 1, NULL)")
+        assert cat.begin_stage(Stage.MATCH, {"m": 1}, also_clear=[Stage.BALANCE]) is Begin.FRESH
+        assert cat.stage_row(Stage.MATCH_SEMANTIC) is None and cat.stage_row(Stage.BALANCE) is None
+        assert cat.scalar("SELECT count(*) FROM matches") == 0
+        assert cat.scalar("SELECT count(*) FROM decisions") == 0
+        assert cat.execute("SELECT stage FROM balance_report").fetchall() == [("rebalance",)]
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_clear_stage_runs_for_every_stage(tmp_path, stage):
+    with Catalog(tmp_path / "c.duckdb") as cat:
+        cat.begin_stage(stage, {"x": 1})
+        cat.clear_stage(stage)
+        assert cat.stage_row(stage) is None

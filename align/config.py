@@ -203,9 +203,13 @@ class TrainRecipe(Strict):
 
     def encoder_name(self, side: str) -> str:
         """The encoder id with env vars expanded; an existing local folder becomes an absolute path."""
-        name = self.vision.name if side == "vision" else self.text.name
-        p = resolve_path(name)
-        return str(p.resolve()) if p.exists() else name
+        return local_encoder_name(self.vision.name if side == "vision" else self.text.name)
+
+
+def local_encoder_name(name: str) -> str:
+    """An encoder id with env vars expanded; an existing local folder becomes an absolute path."""
+    p = resolve_path(name)
+    return str(p.resolve()) if p.exists() else name
 
 
 def load_train_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainRecipe:
@@ -265,4 +269,4 @@ def data_id(cfg: DataConfig) -> dict:
 
 
 __all__ = ["VisionConfig", "VisionMember", "TextConfig", "TextMember", "ProjectorsConfig", "TrainConfig",
-           "TrainStage", "TrainRecipe", "load_train_recipe", "data_id", "RecipeError"]
+           "TrainStage", "TrainRecipe", "load_train_recipe", "local_encoder_name", "data_id", "RecipeError"]

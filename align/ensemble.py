@@ -22,18 +22,12 @@ from typing import Callable
 
 import torch
 
-from align.config import TextConfig, TrainRecipe, VisionConfig
+from align.config import TextConfig, TrainRecipe, VisionConfig, local_encoder_name
 from align.features import MANIFEST, FeatureCache, StaleCacheError, read_tensors, write_cache
 from tether.ensemble import EnsembleTextEncoder, EnsembleVisionEncoder, combine
 from tether.recipe import RecipeError, resolve_path
 
 PARTS = "parts"
-
-
-def _local(name: str) -> str:
-    """An encoder id with env vars expanded; an existing local folder becomes an absolute path."""
-    p = resolve_path(name)
-    return str(p.resolve()) if p.exists() else name
 
 
 def vision_members(recipe: TrainRecipe) -> list[tuple[VisionConfig, str]]:
@@ -50,19 +44,20 @@ def text_members(recipe: TrainRecipe) -> list[TextConfig]:
                                                      for m in t.members]
 
 
-def part_recipes(recipe: TrainRecipe) -> dict[str, TrainRecipe]:
-    """The single-encoder recipe of each part (``v0``, ``v1``…, ``t1``…), each with its own cache folder."""
+def part_recipes(recipe: TrainRecipe) -> dict[str, tuple[TrainRecipe, int, int]]:
+    """Per part (``v0``, ``v1``…, ``t1``…): its single-encoder recipe, with its own cache folder, and the indices
+    of its vision and text encoders in :func:`vision_members` / :func:`text_members`."""
     root = resolve_path(recipe.features.cache_dir) / PARTS
     vis, txt = vision_members(recipe), text_members(recipe)
-    specs = {f"v{j}": (v, pooling, txt[0]) for j, (v, pooling) in enumerate(vis)}
-    specs.update({f"t{k}": (vis[0][0], vis[0][1], t) for k, t in enumerate(txt) if k})
-    siblings = [str(root / name) for name in specs]
+    specs = {f"v{j}": (j, 0) for j in range(len(vis))}
+    specs.update({f"t{k}": (0, k) for k in range(1, len(txt))})
     out = {}
-    for name, (v, pooling, t) in specs.items():
+    for name, (j, k) in specs.items():
+        (v, pooling), t = vis[j], txt[k]
         features = recipe.features.model_copy(update={
             "cache_dir": str(root / name), "pooling": pooling,
-            "reuse": list(recipe.features.reuse) + [s for s in siblings if not s.endswith(f"/{name}")]})
-        out[name] = recipe.model_copy(update={"vision": v, "text": t, "features": features})
+            "reuse": list(recipe.features.reuse) + [str(root / other) for other in specs if other != name]})
+        out[name] = (recipe.model_copy(update={"vision": v, "text": t, "features": features}), j, k)
     return out
 
 
@@ -70,7 +65,7 @@ def load_text_side(recipe: TrainRecipe, device: str = "cpu"):
     """The recipe's frozen text encoder: an :class:`EnsembleTextEncoder` when ``text.members`` is set."""
     from tether.encoders import TextEncoder
 
-    txt = [TextEncoder.load(_local(t.name), device=device, dtype=t.dtype, max_length=t.max_length)
+    txt = [TextEncoder.load(local_encoder_name(t.name), device=device, dtype=t.dtype, max_length=t.max_length)
            for t in text_members(recipe)]
     return EnsembleTextEncoder(txt) if len(txt) > 1 else txt[0]
 
@@ -80,7 +75,7 @@ def load_ensemble_encoders(recipe: TrainRecipe, device: str = "cpu"):
     with members, the single encoder on the other."""
     from tether.encoders import VisionEncoder
 
-    vis = [(VisionEncoder.load(_local(v.name), device=device, dtype=v.dtype, layer=v.layer), p)
+    vis = [(VisionEncoder.load(local_encoder_name(v.name), device=device, dtype=v.dtype, layer=v.layer), p)
            for v, p in vision_members(recipe)]
     vision = EnsembleVisionEncoder([e for e, _ in vis], [p for _, p in vis]) if len(vis) > 1 else vis[0][0]
     return vision, load_text_side(recipe, device)
@@ -97,9 +92,8 @@ def extract_ensemble_split(recipe: TrainRecipe, split: str, vision, text, extrac
     cache key is ``key``."""
     vis, txt = _members(vision), _members(text)
     parts: dict[str, FeatureCache] = {}
-    for name, r in part_recipes(recipe).items():
-        v = vis[int(name[1:])] if name.startswith("v") else vis[0]
-        t = txt[int(name[1:])] if name.startswith("t") else txt[0]
+    for name, (r, j, k) in part_recipes(recipe).items():
+        v, t = vis[j], txt[k]
         if progress:
             print(f"ensemble part {name}: {v.name} + {t.name}", flush=True)
         parts[name] = extract_split(r, split, v, t, overwrite=overwrite, progress=progress)
@@ -148,7 +142,7 @@ def join_parts(parts: dict[str, FeatureCache], out: Path, key: dict, combine_ima
                 "text": (combine(text) if combine_text else text[0]).to(dtype),
                 "text_image": t0["text_image"],
             }
-            yield tensors, dict(meta)
+            yield tensors, meta
 
     dims = {"image": sum(int(parts[n].dims["image"]) for n in (img_names if combine_image else ["v0"])),
             "text": sum(int(parts[n].dims["text"]) for n in (txt_names if combine_text else ["v0"])),
@@ -177,7 +171,7 @@ def model_members(vision, text) -> dict[str, list[dict]]:
 
 def load_model_side(side: str, config: dict, device: str, check) -> object:
     """The ensemble encoder a saved model's ``config[side]["members"]`` names, each member's fingerprint checked
-    with ``check(side, encoder)``."""
+    with ``check(side, encoder, recorded_fingerprint)`` (which returns the encoder)."""
     from tether.encoders import TextEncoder, VisionEncoder
 
     members = config["members"]

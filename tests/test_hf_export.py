@@ -31,8 +31,13 @@ def _images(n=5):
 
 def _model(tiny_vision, tiny_text, kind: str, pooling: str, seed: int = 0) -> AlignedModel:
     torch.manual_seed(seed)
-    kind, _, gated = kind.partition("-")  # "mlp-gated": the SwiGLU block
-    pc = ProjectorConfig(kind=kind, out_dim=16, hidden_dim=24, dropout=0.1, gated=bool(gated))
+    kind, _, variant = kind.partition("-")  # "mlp-gated": the SwiGLU block; "mlp-layers": two layers in one pass
+    gated = variant == "gated"
+    if variant == "layers":
+        from tether.encoders import VisionEncoder
+
+        tiny_vision = VisionEncoder.load(tiny_vision.name, layer=[1, -1])
+    pc = ProjectorConfig(kind=kind, out_dim=16, hidden_dim=24, dropout=0.1, gated=gated)
     img_dim = tiny_vision.dim * (2 if pooling == "cls+mean" and kind != "token" else 1)
     heads = DualProjector(pc, pc, img_dim, tiny_text.dim, tiny_vision.num_prefix_tokens)
     for p in heads.parameters():      # trained-looking weights (LayerNorm scales away from 1, biases non-zero)
@@ -78,7 +83,7 @@ print(type(model).__name__, sorted(m for m in sys.modules if m.split(".")[0] in 
 
 
 @pytest.mark.parametrize("kind,pooling", [("mlp", "cls+mean"), ("token", "cls+mean"), ("linear", "mean"),
-                                          ("mlp-gated", "cls")])
+                                          ("mlp-gated", "cls"), ("mlp-layers", "cls+mean")])
 def test_a_fresh_venv_without_tether_reproduces_its_embeddings(tmp_path, tiny_vision, tiny_text, kind, pooling):
     m = _model(tiny_vision, tiny_text, kind, pooling)
     out = export_hf(m, tmp_path / "hf")

@@ -52,6 +52,27 @@ TEXT_POOLINGS = ("mean", "cls", "max")
 CNN_CLS_POOLS = ("avg", "max")
 
 
+MAX_LAYERS = 8  # layers one multi-layer vision encoder may concatenate
+
+
+def check_layers(layer: int | Sequence[int]) -> int | list[int]:
+    """A vision ``layer``: one index (-1 = the final output), or a list of distinct indices read in one pass."""
+    if isinstance(layer, bool):
+        raise RecipeError(f"vision layer must be an integer or a list of integers, got {layer!r}")
+    if isinstance(layer, int):
+        return layer
+    layers = list(layer)
+    if not layers or len(layers) > MAX_LAYERS or len(set(layers)) != len(layers) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in layers):
+        raise RecipeError(f"vision layer list must hold 1..{MAX_LAYERS} distinct integers, got {layer!r}")
+    return layers
+
+
+def layer_list(layer: int | Sequence[int]) -> list[int]:
+    """The layers a vision ``layer`` setting reads, as a list."""
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
 def _dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -347,10 +368,15 @@ class VisionEncoder(_Frozen):
     """A frozen transformers ViT-style backbone; tokens ``[B, prefix + patches, D]`` from any layer."""
 
     def __init__(self, model, processor, name: str = "custom", device: str = "cpu", dtype="float32",
-                 layer: int = -1):
+                 layer: int | Sequence[int] = -1):
         self.model, self.processor, self.name = model, processor, name
-        self.device, self.dtype, self.layer = torch.device(device), _dtype(dtype), layer
+        self.device, self.dtype, self.layer = torch.device(device), _dtype(dtype), check_layers(layer)
         self._freeze()
+        depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        for k in layer_list(self.layer):
+            if isinstance(depth, int) and not -1 <= k <= depth:
+                raise RecipeError(f"{name}: layer {k} does not exist (the backbone has hidden layers 0..{depth}; "
+                                  f"-1 = the final output)")
 
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", layer: int = -1,
@@ -371,7 +397,8 @@ class VisionEncoder(_Frozen):
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        """Token width: the hidden size, times the number of layers read when ``layer`` is a list."""
+        return int(self.model.config.hidden_size) * len(layer_list(self.layer))
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -392,14 +419,18 @@ class VisionEncoder(_Frozen):
 
     @torch.no_grad()
     def tokens(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Token states ``[B, prefix + patches, D]`` from ``layer`` (-1 = final, layer-normed output)."""
-        layer = self.layer if layer is None else layer
-        if layer == -1:
-            return self.model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state.float()
-        out = self.model(pixel_values=pixel_values.to(self.device, self.dtype), output_hidden_states=True)
-        h = out.hidden_states[layer]
+        """Token states ``[B, prefix + patches, D]`` from ``layer`` (-1 = final, layer-normed output); a list of
+        layers is read in ONE forward pass and concatenated along the feature axis (``D`` = hidden size × layers),
+        each hidden layer layer-normed as the final output is."""
+        layers = layer_list(self.layer if layer is None else check_layers(layer))
+        px = pixel_values.to(self.device, self.dtype)
+        if layers == [-1]:
+            return self.model(pixel_values=px).last_hidden_state.float()
+        out = self.model(pixel_values=px, output_hidden_states=True)
         ln = getattr(self.model, "layernorm", None)
-        return (ln(h) if ln is not None else h).float()
+        hs = [out.last_hidden_state if k == -1 else (ln(out.hidden_states[k]) if ln is not None
+                                                     else out.hidden_states[k]) for k in layers]
+        return (hs[0] if len(hs) == 1 else torch.cat(hs, -1)).float()
 
     def pooled_dim(self, pooling: str) -> int:
         """Width of :meth:`pool`'s output: ``cls+mean`` concatenates two ``dim``-wide vectors."""

@@ -186,14 +186,18 @@ class TetherAlignedModel(PreTrainedModel):
     # -- features ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def vision_tokens(self, pixel_values):
-        """Token states ``[B, prefix + patches, D]`` of the configured layer (layer-normed as tether reads it)."""
-        m, layer = self.vision_model, int(self.config.vision.get("layer", -1))
+        """Token states ``[B, prefix + patches, D]`` of the configured layer (layer-normed as tether reads it); a
+        list of layers is read in one pass and concatenated along the feature axis."""
+        m, layer = self.vision_model, self.config.vision.get("layer", -1)
+        layers = [int(layer)] if isinstance(layer, int) else [int(k) for k in layer]
         px = pixel_values.to(self.device, self._dtype("vision"))
-        if layer == -1:
+        if layers == [-1]:
             return m(pixel_values=px).last_hidden_state.float()
-        h = m(pixel_values=px, output_hidden_states=True).hidden_states[layer]
+        out = m(pixel_values=px, output_hidden_states=True)
         ln = getattr(m, "layernorm", None)
-        return (ln(h) if ln is not None else h).float()
+        hs = [out.last_hidden_state if k == -1 else (ln(out.hidden_states[k]) if ln is not None
+                                                     else out.hidden_states[k]) for k in layers]
+        return (hs[0] if len(hs) == 1 else torch.cat(hs, -1)).float()
 
     def get_image_features(self, pixel_values=None, **kwargs):
         """``[B, embed_dim]`` projected image embeddings (not normalised, as CLIPModel's)."""

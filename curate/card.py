@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from curate import report
 from curate.catalog import Catalog
 from curate.stages import Stage
 
@@ -60,10 +61,9 @@ def write_card(cat: Catalog, build_dir: str | Path, name: str, top: int = 40, se
     lines += [f"Rows ingested: **{total:,}**; selected: **{alive:,}**"
               + (f" (selection parquet rows: {selection_rows:,})" if selection_rows is not None else "") + ".", ""]
     lines += ["## Stages", "", "| stage | status | judged | rejected | alive after |", "|---|---|---:|---:|---:|"]
-    for st, status, judged, rej, after in [r for r in cat.stage_counts() if r[0] != "select"]:
+    for st, status, judged, rej, after in [r for r in report.stage_counts(cat.con) if r[0] != "select"]:
         lines.append(f"| {st} | {status} | {judged:,} | {rej:,} | {after:,} |")
-    reasons = cat.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept GROUP BY ALL
-                             ORDER BY 3 DESC LIMIT 15""").fetchall()
+    reasons = report.top_reasons(cat.con, 15)
     lines += ["", "## Top rejection reasons", "", "| stage | reason | rows |", "|---|---|---:|"]
     lines += [f"| {s} | {r} | {n:,} |" for s, r, n in reasons]
     from curate.match.lexical import card_lines as lexical_card_lines  # rules and what each removed (issue 13)

@@ -63,8 +63,10 @@ def cmd_build(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from curate import report
+
     with _open(args.build) as cat:
-        row = cat.sample(args.uid)
+        row = report.sample_row(cat.con, args.uid)
         if row is None:
             raise UserError(f"uid {args.uid!r} is not in {args.build}")
         print(f"uid: {row['uid']}\nsource: {row['source']} row {row['row_index']}")
@@ -72,47 +74,40 @@ def cmd_inspect(args) -> int:
             if row.get(k) is not None:
                 v = str(row[k])
                 print(f"{k}: {v if len(v) <= 200 else v[:200] + f'... ({len(v)} chars)'}")
-        ms = cat.execute("""SELECT m.concept_id, coalesce(c.name, ''), m.method, m.score, m.span FROM matches m
-                            LEFT JOIN concepts c USING (concept_id) WHERE m.uid = ? ORDER BY m.method,
-                            m.score DESC NULLS LAST, m.concept_id""", [args.uid]).fetchall()
+        ms = report.sample_matches(cat.con, args.uid)
         print(f"matches: {len(ms)}")
         for cid, name, method, score, span in ms:
             print(f"  {cid} {name} [{method}] score={score if score is None else round(score, 4)}"
                   + (f" span={span}" if span else ""))
-        decisions: dict[str, list] = {}
-        for st, kept, reason, ref, cid in cat.why(args.uid):
-            decisions.setdefault(st, []).append((kept, reason, ref, cid))
-        ran = [(st, status) for st, status, *_ in cat.stage_status()]
-        ran += [(st, "unrecorded") for st in decisions if st not in {r[0] for r in ran}]
+        why = report.explain(report.ran_stages(cat.con), report.sample_decisions(cat.con, args.uid))
         print("decisions:")
-        verdict = "selected"
-        for st, status in ran:
-            ds = decisions.get(st, [])
-            if not ds:
-                print(f"  {st}: passed (no objection)" + ("" if status == "done" else f" [stage {status}]"))
-            for kept, reason, ref, cid in ds:
-                print(f"  {st}: {'KEPT' if kept else 'DROPPED'} - {reason}"
-                      + (f" (duplicate of {ref})" if ref else "") + (f" [concept {cid}]" if cid else ""))
-                if not kept and verdict == "selected":
-                    verdict = f"dropped at {st}: {reason}"
+        for st in why.stages:
+            if not st["decisions"]:
+                print(f"  {st['stage']}: passed (no objection)"
+                      + ("" if st["status"] == "done" else f" [stage {st['status']}]"))
+            for d in st["decisions"]:
+                print(f"  {st['stage']}: {'KEPT' if d['kept'] else 'DROPPED'} - {d['reason']}"
+                      + (f" (duplicate of {d['ref']})" if d["ref"] else "")
+                      + (f" [concept {d['concept']}]" if d["concept"] else ""))
         alive = cat.scalar("SELECT count(*) FROM alive WHERE uid = ?", [args.uid])
-        print(f"verdict: {verdict if not alive else 'alive (no stage rejected it)'}")
+        print(f"verdict: {why.verdict or 'selected' if not alive else 'alive (no stage rejected it)'}")
     return 0
 
 
 def cmd_stats(args) -> int:
+    from curate import report
+
     with _open(args.build) as cat:
         total = cat.scalar("SELECT count(*) FROM samples")
         print(f"samples: {total:,}  alive: {cat.scalar('SELECT count(*) FROM alive'):,}")
         print("\nper stage:")
-        print(_table(["stage", "status", "judged", "rejected", "alive after"], cat.stage_counts()))
-        reasons = cat.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept GROUP BY ALL
-                                 ORDER BY 3 DESC LIMIT ?""", [args.reasons]).fetchall()
+        print(_table(["stage", "status", "judged", "rejected", "alive after"], report.stage_counts(cat.con)))
+        reasons = report.top_reasons(cat.con, args.reasons)
         if reasons:
             print("\nrejection reasons:")
             print(_table(["stage", "reason", "rows"], reasons))
-        cols, rows = cat.concept_counts_by_stage(limit=None if args.concept else args.concepts,
-                                                 concept=args.concept)
+        cols, rows = report.concept_counts_by_stage(cat.con, limit=None if args.concept else args.concepts,
+                                                    concept=args.concept)
         if rows:
             n = cat.scalar("SELECT count(DISTINCT concept_id) FROM matches")
             print(f"\nper concept (samples alive after each stage; {len(rows)} of {n:,} matched concepts):")

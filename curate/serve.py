@@ -41,6 +41,7 @@ import duckdb
 from markupsafe import Markup, escape
 
 from tether.digest import update_from_file
+from curate import report
 from curate.catalog import recorded_wordnet_dir
 
 PAGE_SIZE = 50  # table rows per page
@@ -178,15 +179,10 @@ class Explorer:
     # -- overview --------------------------------------------------------------------------------------
     def _overview_counts(self, cur) -> dict:
         """The overview's counts, straight from the catalog (``cur``: a cursor whose default database is it)."""
-        from curate.catalog import Catalog
-
-        cat = Catalog.__new__(Catalog)  # its query helpers, over our read-only connection
-        cat.con = cur
         total = cur.execute("SELECT count(*) FROM samples").fetchone()[0]
         alive = cur.execute("SELECT count(*) FROM alive").fetchone()[0]
-        stages = [list(r) for r in cat.stage_counts()] if self.has("stages") else []
-        reasons = [list(r) for r in cur.execute("""SELECT stage, reason, count(*) FROM decisions WHERE NOT kept
-                                                  GROUP BY ALL ORDER BY 3 DESC, 1, 2 LIMIT 30""").fetchall()]
+        stages = [list(r) for r in report.stage_counts(cur)] if self.has("stages") else []
+        reasons = [list(r) for r in report.top_reasons(cur, 30)]
         dead = "SELECT DISTINCT uid FROM decisions WHERE NOT kept"
         sources = [list(r) for r in cur.execute(f"""
             SELECT source, count(*), count(*) FILTER (WHERE d.uid IS NULL) FROM samples s
@@ -362,26 +358,10 @@ class Explorer:
                                  key=lambda x: (x[2] is None, x[2] or "", x[3] is None, -(x[3] or 0), x[0]))
                 decisions = S.by_uid("sdec", "stage, kept, reason, ref_uid, concept_id", uid, "r")
             else:
-                cur.execute("""SELECT m.concept_id, coalesce(c.name, ''), m.method, m.score, m.span FROM matches m
-                               LEFT JOIN (SELECT concept_id, any_value(name) AS name FROM concepts GROUP BY 1) c
-                               USING (concept_id) WHERE m.uid = ?
-                               ORDER BY m.method, m.score DESC NULLS LAST, m.concept_id""", [uid])
-                matches = cur.fetchall()
-                decisions = cur.execute("SELECT stage, kept, reason, ref_uid, concept_id FROM decisions WHERE uid = ? "
-                                        "ORDER BY rowid", [uid]).fetchall()
-            decided: dict[str, list] = {}
-            for st, kept, reason, ref, cid in decisions:
-                decided.setdefault(st, []).append({"kept": kept, "reason": reason, "ref": ref, "concept": cid})
-            ran = cur.execute("SELECT stage, status FROM stages ORDER BY started").fetchall() \
-                if self.has("stages") else []
-            ran += [(st, "unrecorded") for st in decided if st not in {r[0] for r in ran}]
-            stages, verdict = [], None
-            for st, status in ran:
-                ds = decided.get(st, [])
-                stages.append({"stage": st, "status": status, "decisions": ds, "after_drop": verdict is not None})
-                for d in ds:
-                    if not d["kept"] and verdict is None:
-                        verdict = f"dropped at {st}: {d['reason']}"
+                matches = report.sample_matches(cur, uid)
+                decisions = report.sample_decisions(cur, uid)
+            why = report.explain(report.ran_stages(cur) if self.has("stages") else [], decisions)
+            stages, verdict = why.stages, why.verdict
             # the duplicate group: the sample this one duplicates, and every sample that duplicates it
             dup_of = sorted({(st, ref) for st, _, _, ref, _ in decisions if ref is not None})
             if fast:

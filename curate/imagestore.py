@@ -1,55 +1,113 @@
 """Random access to the image bytes the download stage stored (:mod:`curate.download` records where each image
-is: ``downloads(format, store, shard, key)``). Used by image dedup, the shard writer and the explorer."""
+is: ``downloads(format, store, shard, key)``), and to the members of the build's own shards. The ONE stored-image
+reader: image dedup, the agreement stage, the shard writer and the explorer all read through it."""
 
 from __future__ import annotations
 
 import os
 import tarfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
+
+from curate.sources import MAX_IMAGE_BYTES, read_local_file
+
+
+class StoredImageError(OSError):
+    """A stored image that is missing, unreadable or larger than the reader's bound (one line)."""
 
 
 class ImageStore:
-    """Random access to stored image bytes by a ``downloads`` row (format, store, shard, key).
+    """Bounded random access to stored image bytes by a ``downloads`` row (format, store, shard, key).
 
     webdataset: the tar ``store/shard.tar`` is indexed once (member → offset, size) and read with ``pread``;
-    files: ``store/shard/key.<ext>``; local: the file at ``key``.
+    files: ``store/shard/key.<ext>``; local: the file at ``key``. Every read is bounded by ``max_bytes`` (a file
+    or tar member larger than that is refused, never read whole), and at most ``max_tars`` tar indexes and open
+    descriptors are kept (least recently used evicted), so memory and descriptors are set here, not by the build.
+    Thread-safe: the explorer serves pages from several threads.
     """
 
-    def __init__(self, encode_format: str = "jpg"):
+    def __init__(self, encode_format: str = "jpg", max_bytes: int = MAX_IMAGE_BYTES, max_tars: int = 256):
         self.ext = encode_format
-        self._index: dict[str, dict[str, tuple[int, int]]] = {}
-        self._fds: dict[str, int] = {}
+        self.max_bytes, self.max_tars = int(max_bytes), max(1, int(max_tars))
+        self._tars: OrderedDict[str, tuple[int, dict[str, tuple[int, int]]]] = OrderedDict()  # path → (fd, index)
+        self._lock = threading.Lock()
 
-    def _tar_index(self, tar_path: str) -> dict[str, tuple[int, int]]:
-        idx = self._index.get(tar_path)
-        if idx is None:
-            idx = {}
+    def _tar(self, tar_path: str) -> tuple[int, dict[str, tuple[int, int]]]:
+        with self._lock:
+            got = self._tars.get(tar_path)
+            if got is not None:
+                self._tars.move_to_end(tar_path)
+                return got
+        idx = {}
+        try:
             with tarfile.open(tar_path, "r:") as tf:
                 for m in tf:
                     if m.isfile():
                         idx[m.name] = (m.offset_data, m.size)
-            self._index[tar_path] = idx
-            self._fds[tar_path] = os.open(tar_path, os.O_RDONLY)
-        return idx
+            fd = os.open(tar_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, tarfile.TarError) as e:
+            raise StoredImageError(f"stored shard {tar_path} is unreadable ({type(e).__name__})") from None
+        with self._lock:
+            old = self._tars.pop(tar_path, None)
+            if old is not None:  # another thread indexed it meanwhile
+                os.close(old[0])
+            self._tars[tar_path] = (fd, idx)
+            while len(self._tars) > self.max_tars:
+                os.close(self._tars.popitem(last=False)[1][0])
+        return fd, idx
+
+    def tar_member(self, tar_path: str | Path, member: str) -> bytes:
+        """One member of a tar, read at its offset."""
+        fd, idx = self._tar(str(tar_path))
+        if member not in idx:
+            raise StoredImageError(f"{member} is not in {tar_path}")
+        off, size = idx[member]
+        if size > self.max_bytes:
+            raise StoredImageError(f"{member} in {tar_path} is too large (> {self.max_bytes} bytes)")
+        try:
+            data = os.pread(fd, size, off)
+        except OSError as e:
+            raise StoredImageError(f"{member} in {tar_path} is unreadable ({type(e).__name__})") from None
+        if len(data) != size:
+            raise StoredImageError(f"{member} in {tar_path} is truncated")
+        return data
+
+    def _file(self, path: str) -> bytes:
+        data, why = read_local_file(path, self.max_bytes)
+        if data is None:
+            raise StoredImageError(f"stored image {path}: {why}")
+        return data
 
     def read(self, fmt: str, store: str, shard: str, key: str) -> bytes:
+        """The bytes of one stored image; :class:`StoredImageError` when it cannot be read within the bound."""
         if fmt == "local":
-            with open(key, "rb") as f:
-                return f.read()
+            return self._file(key)
         if fmt == "files":
-            with open(Path(store) / shard / f"{key}.{self.ext}", "rb") as f:
-                return f.read()
+            return self._file(str(Path(store) / shard / f"{key}.{self.ext}"))
         if fmt == "webdataset":
-            tar_path = str(Path(store) / f"{shard}.tar")
-            off, size = self._tar_index(tar_path)[f"{key}.{self.ext}"]
-            return os.pread(self._fds[tar_path], size, off)
+            return self.tar_member(Path(store) / f"{shard}.tar", f"{key}.{self.ext}")
         raise ValueError(f"unknown image store format {fmt!r}")
 
+    def get(self, fmt: str, store: str, shard: str, key: str) -> bytes | None:
+        """:meth:`read`, or None when the image cannot be read (the explorer's "no image")."""
+        try:
+            return self.read(fmt, store, shard, key)
+        except (StoredImageError, ValueError):
+            return None
+
+    def get_member(self, tar_path: str | Path, member: str) -> bytes | None:
+        """:meth:`tar_member`, or None when it cannot be read."""
+        try:
+            return self.tar_member(tar_path, member)
+        except StoredImageError:
+            return None
+
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._index.clear()
+        with self._lock:
+            for fd, _ in self._tars.values():
+                os.close(fd)
+            self._tars.clear()
 
     def __enter__(self) -> "ImageStore":
         return self

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import tarfile
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from markupsafe import Markup, escape
 from tether.digest import update_from_file
 from curate import report
 from curate.catalog import recorded_wordnet_dir
+from curate.imagestore import ImageStore
 
 PAGE_SIZE = 50  # table rows per page
 GRID_SIZE = 24  # thumbnails per page
@@ -85,9 +85,9 @@ class Explorer:
         self.etag_seed = f"{self.catalog.stat().st_mtime_ns}:{self.catalog.stat().st_size}"
         self._lock = threading.RLock()  # re-entrant: cached values are built from other cached values
         self._cache: dict[str, object] = {}
-        self._tar_index: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._thumbs: OrderedDict[tuple[str, int], bytes | None] = OrderedDict()
         self.encode_format = self._encode_format()
+        self.images = ImageStore(self.encode_format)  # the one bounded stored-image reader (curate/imagestore.py)
         self.shards_dir = self._shards_dir()
         self.has_lang = bool(self.con.execute(
             "SELECT 1 FROM duckdb_columns() WHERE database_name = current_database() AND table_name = 'samples' "
@@ -134,6 +134,7 @@ class Explorer:
     def close(self) -> None:
         if self.summary is not None:
             self.summary.close()
+        self.images.close()
         self.con.close()
 
     @contextmanager
@@ -526,7 +527,7 @@ class Explorer:
                 r = S.by_uid("sshard", "shard, key", uid) if S is not None and S.has("sshard") else \
                     cur.execute("SELECT shard, key FROM shard_index WHERE uid = ?", [uid]).fetchall()
                 if r:
-                    data = self._tar_member(self.shards_dir / r[0][0], f"{r[0][1]}.jpg")
+                    data = self.images.get_member(self.shards_dir / r[0][0], f"{r[0][1]}.jpg")
                     if data is not None:
                         return data
             if self.has("downloads"):
@@ -535,7 +536,7 @@ class Explorer:
                     cur.execute("""SELECT format, store, shard, key FROM downloads WHERE uid = ? AND status = 'success'
                                    ORDER BY attempt DESC LIMIT 1""", [uid]).fetchall()
                 if r:
-                    data = self._stored(*r[0])
+                    data = self.images.get(*r[0])
                     if data is not None:
                         return data
             if S is not None:
@@ -545,53 +546,7 @@ class Explorer:
                 r = cur.execute("SELECT path FROM samples WHERE uid = ?", [uid]).fetchall()
         if not r:
             raise NotFound(f"uid {uid!r} is not in this build")
-        if r[0][0]:
-            from curate.sources import read_local_file
-
-            data, _ = read_local_file(r[0][0])
-            return data
-        return None
-
-    def _stored(self, fmt: str, store: str, shard: str, key: str) -> bytes | None:
-        from curate.sources import read_local_file
-
-        if fmt == "local":
-            return read_local_file(key)[0]
-        if fmt == "files":
-            return read_local_file(str(Path(store) / shard / f"{key}.{self.encode_format}"))[0]
-        if fmt == "webdataset":
-            return self._tar_member(Path(store) / f"{shard}.tar", f"{key}.{self.encode_format}")
-        return None
-
-    def _tar_member(self, tar_path: Path, member: str) -> bytes | None:
-        """One member of a tar, read at its offset (the tar's member index is built once and kept, LRU)."""
-        key = str(tar_path)
-        with self._lock:
-            idx = self._tar_index.get(key)
-            if idx is not None:
-                self._tar_index.move_to_end(key)
-        if idx is None:
-            idx = {}
-            try:
-                with tarfile.open(key, "r:") as tf:
-                    for m in tf:
-                        if m.isfile():
-                            idx[m.name] = (m.offset_data, m.size)
-            except (OSError, tarfile.TarError):
-                return None
-            with self._lock:
-                self._tar_index[key] = idx
-                while len(self._tar_index) > 256:
-                    self._tar_index.popitem(last=False)
-        if member not in idx:
-            return None
-        off, size = idx[member]
-        try:
-            with open(key, "rb") as f:
-                f.seek(off)
-                return f.read(size)
-        except OSError:
-            return None
+        return self.images.get("local", "", "", r[0][0]) if r[0][0] else None
 
     def thumbnail(self, uid: str, size: int) -> bytes | None:
         k = (uid, size)

@@ -157,7 +157,7 @@ def test_empty_concept_lists_load_with_card_features(tmp_path):
 
 
 def test_image_store_reads_every_layout(tmp_path):
-    from curate.imagestore import ImageStore
+    from curate.imagestore import ImageStore, StoredImageError
     from curate.shards import ShardWriter, sample_meta
 
     blobs = [bytes([i]) * (100 + 700 * i) for i in range(3)]
@@ -174,6 +174,23 @@ def test_image_store_reads_every_layout(tmp_path):
         assert st.read("local", "", "", str(tmp_path / "local.bin")) == blobs[2]
         with pytest.raises(ValueError):
             st.read("zip", "", "", "")
+        with pytest.raises(StoredImageError, match="not in"):
+            st.read("webdataset", str(tmp_path), "00003", "missing")
+        with pytest.raises(StoredImageError, match="no such file"):
+            st.read("files", str(tmp_path / "files"), "00000", "missing")
+        assert st.get("webdataset", str(tmp_path), "nope", "x") is None and st.get("zip", "", "", "") is None
+    # bounded: a stored image above max_bytes is refused, never read whole; at most max_tars indexes stay open
+    w = ShardWriter(tmp_path / "00004.tar")
+    w.write("000040000", blobs[0], "cap", sample_meta("u", "cap", [], "", "", "", 1, 1))
+    w.commit()
+    with ImageStore("jpg", max_bytes=1000, max_tars=1) as st:
+        assert st.read("webdataset", str(tmp_path), "00003", "000030000") == blobs[0]  # 100 bytes
+        with pytest.raises(StoredImageError, match="too large"):
+            st.read("webdataset", str(tmp_path), "00003", "000030002")  # 1,500 bytes
+        with pytest.raises(StoredImageError, match="too large"):
+            st.read("local", "", "", str(tmp_path / "local.bin"))
+        assert st.read("webdataset", str(tmp_path), "00004", "000040000") == blobs[0]
+        assert list(st._tars) == [str(tmp_path / "00004.tar")]  # the other tar's index and descriptor released
 
 
 def _shard_bytes(folder: Path) -> dict[str, bytes]:

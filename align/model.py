@@ -277,5 +277,11 @@ def load_for_plugins(path: str | Path):
 
     root = Path(path)
     model = AlignedModel.from_pretrained(root)
+    c = model.config
+    v, t, p = c["vision"], c["text"], c["projector"]
+    about = {"vision encoder": f"{v['name']} (layer {v['layer']}, {v['pooling']} pooling)"
+                               + (f" + {len(v['members']) - 1} more" if v.get("members") else ""),
+             "text encoder": str(t["name"]) + (f" + {len(t['members']) - 1} more" if t.get("members") else ""),
+             "projectors": f"image {p['image'].get('kind')}, text {p['text'].get('kind')} → {c['embed_dim']} dims"}
     return LoadedModel(model, [root / CONFIG, root / WEIGHTS],
-                       patch_similarity=model.patch_similarity if model.has_patch_embeddings else None)
+                       patch_similarity=model.patch_similarity if model.has_patch_embeddings else None, about=about)

@@ -120,6 +120,48 @@ def ran_stages(con) -> list[tuple[str, str]]:
     """``(stage, status)`` of every stage that started, in start order."""
     return [(st, status) for st, status, *_ in stage_status(con)]
 
+def overview_counts(cur, has_stages: bool, has_lang: bool) -> dict:
+    """The explorer's overview counts (stages, rejection reasons, sources, languages), straight from the catalog
+    (``cur``: a cursor whose default database is it)."""
+    total = cur.execute("SELECT count(*) FROM samples").fetchone()[0]
+    alive = cur.execute("SELECT count(*) FROM alive").fetchone()[0]
+    stages = [list(r) for r in stage_counts(cur)] if has_stages else []
+    reasons = [list(r) for r in top_reasons(cur, 30)]
+    dead = "SELECT DISTINCT uid FROM decisions WHERE NOT kept"
+    sources = [list(r) for r in cur.execute(f"""
+        SELECT source, count(*), count(*) FILTER (WHERE d.uid IS NULL) FROM samples s
+        LEFT JOIN ({dead}) d USING (uid) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50""").fetchall()]
+    langs = None
+    if has_lang:
+        langs = [list(r) for r in cur.execute(f"""
+            SELECT coalesce(nullif(trim(s.lang), ''), 'und') AS lang, count(*),
+                   count(*) FILTER (WHERE d.uid IS NULL) FROM samples s
+            LEFT JOIN ({dead}) d USING (uid) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50""").fetchall()]
+    return {"total": total, "alive": alive, "stages": stages, "reasons": reasons, "sources": sources,
+            "langs": langs}
+
+
+def concept_sql(has_balance: bool) -> str:
+    """Every concept ``(id, name, gloss, matched, alive, before, after)``, largest first, from the catalog."""
+    br = ("LEFT JOIN (SELECT concept_id, any_value(before) AS before, any_value(after) AS after FROM "
+          "balance_report WHERE stage = 'balance' GROUP BY 1) b USING (concept_id)"
+          if has_balance else "")
+    bcols = "b.before, b.after" if br else "NULL::BIGINT, NULL::BIGINT"
+    return f"""
+        WITH mc AS (SELECT DISTINCT uid, concept_id FROM matches),
+             dead AS (SELECT DISTINCT uid FROM decisions WHERE NOT kept),
+             per AS (SELECT mc.concept_id, count(*) AS matched,
+                            count(*) FILTER (WHERE dead.uid IS NULL) AS alive
+                     FROM mc LEFT JOIN dead USING (uid) GROUP BY 1),
+             ids AS (SELECT concept_id FROM concepts UNION SELECT concept_id FROM per)
+        SELECT ids.concept_id AS id, c.name, c.gloss, coalesce(per.matched, 0) AS matched,
+               coalesce(per.alive, 0) AS alive, {bcols}
+        FROM ids LEFT JOIN (SELECT concept_id, any_value(name) AS name, any_value(gloss) AS gloss
+                            FROM concepts GROUP BY 1) c USING (concept_id)
+             LEFT JOIN per USING (concept_id) {br}
+        ORDER BY 4 DESC, 1"""
+
 
 __all__ = ["stage_status", "stage_counts", "top_reasons", "concept_counts_by_stage", "sample_row", "sample_matches",
-           "sample_decisions", "Explanation", "explain", "ran_stages"]
+           "sample_decisions", "Explanation", "explain", "ran_stages",
+           "overview_counts", "concept_sql"]

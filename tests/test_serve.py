@@ -274,7 +274,7 @@ def test_summary_tables_answer_like_the_catalog(build):
 def test_search_count_cap_and_estimate(build, monkeypatch):
     """Past the count cap a search stops once its page is filled: "N+ results", and an estimate from the part of
     the catalog it searched (the summary path) — here with a cap of 5 on the 60-row build."""
-    from curate import serve
+    from curate.serve import common as serve
 
     with _catalog(build) as con:
         total = con.execute("SELECT count(*) FROM samples").fetchone()[0]

@@ -28,11 +28,15 @@ class LoadedModel:
     ``patch_similarity`` (optional): for models whose image head embeds every patch token,
     ``patch_similarity(image, text) -> [h, w]`` array: the cosine of ``text``'s embedding with the embedding of each
     patch of ``image`` (a PIL image), on the grid the vision encoder sees (its preprocessing's center square);
-    ``None`` for models with pooled heads only."""
+    ``None`` for models with pooled heads only.
+
+    ``about`` (optional): what a viewer may show about the model, label → one line (the explorer's model page);
+    the model object itself is opaque to callers."""
 
     model: Any
     files: list[Path] = field(default_factory=list)
     patch_similarity: Callable[[Any, str], Any] | None = None
+    about: dict[str, str] = field(default_factory=dict)
 
 
 def model_loaders() -> dict[str, Any]:

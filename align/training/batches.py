@@ -17,7 +17,7 @@ from align.data import (BadSample, DataConfig, Sample, SkipLog, _grouped, _paths
                         decode_image, iter_samples, random_resized_crop)
 from align.features import CachedFeatures
 from align.prepare import Piece, PrepPool, PrepSpec
-from align.training.stream import Abandoned, order_seed, shard_windows, windowed_parts
+from align.training.stream import Abandoned, Batch, make_batch, order_seed, shard_windows, windowed_parts
 from tether.progress import progress as tqdm
 from tether.recipe import RecipeError
 
@@ -74,15 +74,14 @@ class CacheBatches:
         return self._crop
 
     def epoch(self, epoch: int, plan: EpochPlan, start: int = 0, cols: slice = slice(None)
-              ) -> Iterator[dict[str, Any]]:
+              ) -> Iterator[Batch]:
         """Global batches ``start..`` of ``plan`` for epoch ``epoch``, columns ``cols`` (this process's slice)."""
         for idx in plan.batches(epoch)[start:, cols]:
             idx = idx.to(self.device)
             img_idx = self.text_image[idx]
             crop = self.crop_choice(epoch)[idx] if self.augment else torch.zeros_like(idx)
-            yield {"image": self.image[img_idx, crop].float(), "text": self.text[idx].float(),
-                   "text_mask": None if self.mask is None else self.mask[idx], "image_ids": img_idx,
-                   "skipped": {}}
+            yield make_batch(self.image[img_idx, crop].float(), self.text[idx].float(),
+                             None if self.mask is None else self.mask[idx], img_idx)
 
 
 # -- the encoders path: the frozen encoders run on every batch's images -------------------------------------------
@@ -217,7 +216,7 @@ class EncoderBatches:
         return SampleWindow(self.units, shards, order_seed(self.seed, epoch, w), w, stop)
 
     def epoch(self, epoch: int, plan: EpochPlan, start: int = 0, cols: slice = slice(None)
-              ) -> Iterator[dict[str, Any]]:
+              ) -> Iterator[Batch]:
         with PrepPool(self.prep, self.num_workers, fn=prepare_train_piece) as pool, \
                 contextlib.closing(windowed_parts(self, epoch, plan, start, cols)) as batches:
             def pieces() -> Iterator[tuple[list, tuple]]:
@@ -227,7 +226,7 @@ class EncoderBatches:
 
             for flat, piece in pool.map(pieces()):
                 if not piece.kept:
-                    yield {"image": None, "skipped": piece.skips}
+                    yield make_batch(skipped=piece.skips)
                     continue
                 captions = [flat[i][2] for i in piece.kept]
                 ids = torch.tensor([flat[i][3] for i in piece.kept], dtype=torch.long)
@@ -238,5 +237,5 @@ class EncoderBatches:
                         txt, m = self.text.tokens(captions)
                     else:
                         txt, m = self.text.pooled(captions), None
-                yield {"image": img.float(), "text": txt.float(), "text_mask": m if self.tokens_text else None,
-                       "image_ids": ids.to(self.device), "skipped": piece.skips}
+                yield make_batch(img.float(), txt.float(), m if self.tokens_text else None, ids.to(self.device),
+                                 piece.skips)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, TypedDict
 
 import numpy as np
 import torch
@@ -33,6 +33,24 @@ from safetensors import safe_open
 from align.features import CorruptCacheError, FeatureCache, read_tensors
 
 # the seeds of the in-memory path (EpochPlan / CacheBatches.crop_choice); window 0 of a one-window epoch uses them
+class Batch(TypedDict):
+    """One micro-batch, as every batch provider yields it (the in-memory cache, the streamed cache, the frozen
+    encoders) and the trainer consumes it."""
+
+    image: torch.Tensor | None  # [B, D] pooled, [B, T, D] tokens; None: every row of this batch failed to decode
+    text: torch.Tensor | None  # [N, D] pooled or [N, L, D] tokens, one row per caption
+    text_mask: torch.Tensor | None  # [N, L] with token text features, else None
+    image_ids: torch.Tensor | None  # [N]: the image of each caption (captions of one image are all positives)
+    skipped: dict  # the decode skips of this batch's rows (a SkipLog dict; {} from a cache)
+
+
+def make_batch(image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+               text_mask: torch.Tensor | None = None, image_ids: torch.Tensor | None = None,
+               skipped: dict | None = None) -> Batch:
+    """A :class:`Batch` with every key present (``image`` None: nothing to train on, only skips to record)."""
+    return Batch(image=image, text=text, text_mask=text_mask, image_ids=image_ids, skipped=skipped or {})
+
+
 _ORDER_SEED, _CROP_SEED, _CROP_BASE = 100_003, 7_919, 1_000_003
 _WINDOW_SALT, _SHARD_SALT = 1_000_000_007, 7_777_777_777
 _ELT = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -203,22 +221,21 @@ class StreamedCacheBatches:
         return Window(self.cache, shards, self.part, self.image_offsets, order_seed(self.seed, epoch, w),
                       crop_seed(self.seed, epoch, w) if self.augment else None, self.views, self.token_len, stop)
 
-    def epoch(self, epoch: int, plan, start: int = 0, cols: slice = slice(None)) -> Iterator[dict[str, Any]]:
+    def epoch(self, epoch: int, plan, start: int = 0, cols: slice = slice(None)) -> Iterator[Batch]:
         """Global batches ``start..`` of ``plan`` for epoch ``epoch``, columns ``cols`` (this process's slice)."""
         with contextlib.closing(windowed_parts(self, epoch, plan, start, cols)) as batches:
             for parts in batches:
                 yield self._to_device(parts)
 
-    def _to_device(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def _to_device(self, parts: list[dict[str, torch.Tensor]]) -> Batch:
         cat = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
         cuda = self.device.type == "cuda"
 
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.pin_memory().to(self.device, non_blocking=True) if cuda else t
 
-        return {"image": move(cat["image"]).float(), "text": move(cat["text"]).float(),
-                "text_mask": move(cat["text_mask"]) if "text_mask" in cat else None,
-                "image_ids": move(cat["image_ids"]), "skipped": {}}
+        return make_batch(move(cat["image"]).float(), move(cat["text"]).float(),
+                          move(cat["text_mask"]) if "text_mask" in cat else None, move(cat["image_ids"]))
 
 
 def shard_windows(costs: np.ndarray, budget: int, seed: int, epoch: int) -> list[list[int]]:

@@ -33,7 +33,7 @@ from align.model import AlignedModel, DualProjector
 from align.prepare import PrepSpec
 from align.training.batches import CacheBatches, EncoderBatches, EpochPlan, TrainPrep, TrainUnits
 from align.training.caches import extract_split, load_encoders, open_checked, pooled_part
-from align.training.stream import Part, StreamedCacheBatches, cache_bytes
+from align.training.stream import Batch, Part, StreamedCacheBatches, cache_bytes
 from align.training.checkpoints import TrainState, resume_checkpoint, save_checkpoint, verify_checkpoint
 from align.training.lock import load_init_model, load_locked_image_head, lock_image_head
 from align.training.trackers import flat_config, make_trackers
@@ -283,7 +283,7 @@ class Trainer:
             self.task.train()
             with contextlib.closing(self._epoch_batches()) as batches:  # closed on a break or an error too
                 for b in batches:
-                    if b.get("skipped"):
+                    if b["skipped"]:
                         self.skips.merge(b["skipped"])  # decode skips of this batch's rows (a SkipLog dict)
                     sync = (state.batch + 1) % tc.grad_accum == 0
                     if b["image"] is not None:
@@ -299,7 +299,7 @@ class Trainer:
         self.bar.close()
         return self.finish()
 
-    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+    def _epoch_batches(self) -> Iterator[Batch]:
         """This process's slice of the rest of the current epoch's global batches; the time spent waiting for
         each batch is added to ``data_wait``."""
         tc, state = self.tc, self.state
@@ -319,7 +319,7 @@ class Trainer:
             if close is not None:
                 close()
 
-    def _forward_backward(self, b: dict[str, Any], sync: bool) -> None:
+    def _forward_backward(self, b: Batch, sync: bool) -> None:
         """Loss and gradients of one micro-batch (no DDP gradient sync unless it ends an accumulation)."""
         accelerator = self.accelerator
         ctx = contextlib.nullcontext() if sync or self.world == 1 else accelerator.no_sync(self.task)

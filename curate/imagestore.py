@@ -20,53 +20,50 @@ class StoredImageError(OSError):
 class ImageStore:
     """Bounded random access to stored image bytes by a ``downloads`` row (format, store, shard, key).
 
-    webdataset: the tar ``store/shard.tar`` is indexed once (member → offset, size) and read with ``pread``;
-    files: ``store/shard/key.<ext>``; local: the file at ``key``. Every read is bounded by ``max_bytes`` (a file
-    or tar member larger than that is refused, never read whole), and at most ``max_tars`` tar indexes and open
-    descriptors are kept (least recently used evicted), so memory and descriptors are set here, not by the build.
-    Thread-safe: the explorer serves pages from several threads.
+    webdataset: the tar ``store/shard.tar`` is indexed once (member → offset, size) and each member read at its
+    offset; files: ``store/shard/key.<ext>``; local: the file at ``key``. Every read is bounded by ``max_bytes`` (a
+    file or tar member larger than that is refused, never read whole), and at most ``max_tars`` tar indexes are
+    kept (least recently used evicted), so memory is set here, not by the build. Thread-safe (the explorer serves
+    pages from several threads): the indexes are shared under a lock, no file descriptor is kept between reads.
     """
 
     def __init__(self, encode_format: str = "jpg", max_bytes: int = MAX_IMAGE_BYTES, max_tars: int = 256):
         self.ext = encode_format
         self.max_bytes, self.max_tars = int(max_bytes), max(1, int(max_tars))
-        self._tars: OrderedDict[str, tuple[int, dict[str, tuple[int, int]]]] = OrderedDict()  # path → (fd, index)
+        self._tars: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()  # path → {member: (offset, size)}
         self._lock = threading.Lock()
 
-    def _tar(self, tar_path: str) -> tuple[int, dict[str, tuple[int, int]]]:
+    def _tar(self, tar_path: str) -> dict[str, tuple[int, int]]:
         with self._lock:
-            got = self._tars.get(tar_path)
-            if got is not None:
+            idx = self._tars.get(tar_path)
+            if idx is not None:
                 self._tars.move_to_end(tar_path)
-                return got
+                return idx
         idx = {}
         try:
             with tarfile.open(tar_path, "r:") as tf:
                 for m in tf:
                     if m.isfile():
                         idx[m.name] = (m.offset_data, m.size)
-            fd = os.open(tar_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except (OSError, tarfile.TarError) as e:
             raise StoredImageError(f"stored shard {tar_path} is unreadable ({type(e).__name__})") from None
         with self._lock:
-            old = self._tars.pop(tar_path, None)
-            if old is not None:  # another thread indexed it meanwhile
-                os.close(old[0])
-            self._tars[tar_path] = (fd, idx)
+            self._tars[tar_path] = idx
             while len(self._tars) > self.max_tars:
-                os.close(self._tars.popitem(last=False)[1][0])
-        return fd, idx
+                self._tars.popitem(last=False)
+        return idx
 
     def tar_member(self, tar_path: str | Path, member: str) -> bytes:
         """One member of a tar, read at its offset."""
-        fd, idx = self._tar(str(tar_path))
+        idx = self._tar(str(tar_path))
         if member not in idx:
             raise StoredImageError(f"{member} is not in {tar_path}")
         off, size = idx[member]
         if size > self.max_bytes:
             raise StoredImageError(f"{member} in {tar_path} is too large (> {self.max_bytes} bytes)")
         try:
-            data = os.pread(fd, size, off)
+            with open(tar_path, "rb") as f:
+                data = os.pread(f.fileno(), size, off)
         except OSError as e:
             raise StoredImageError(f"{member} in {tar_path} is unreadable ({type(e).__name__})") from None
         if len(data) != size:
@@ -105,8 +102,6 @@ class ImageStore:
 
     def close(self) -> None:
         with self._lock:
-            for fd, _ in self._tars.values():
-                os.close(fd)
             self._tars.clear()
 
     def __enter__(self) -> "ImageStore":

@@ -179,7 +179,7 @@ def test_image_store_reads_every_layout(tmp_path):
         with pytest.raises(StoredImageError, match="no such file"):
             st.read("files", str(tmp_path / "files"), "00000", "missing")
         assert st.get("webdataset", str(tmp_path), "nope", "x") is None and st.get("zip", "", "", "") is None
-    # bounded: a stored image above max_bytes is refused, never read whole; at most max_tars indexes stay open
+    # bounded: a stored image above max_bytes is refused, never read whole; at most max_tars indexes are kept
     w = ShardWriter(tmp_path / "00004.tar")
     w.write("000040000", blobs[0], "cap", sample_meta("u", "cap", [], "", "", "", 1, 1))
     w.commit()
@@ -190,7 +190,7 @@ def test_image_store_reads_every_layout(tmp_path):
         with pytest.raises(StoredImageError, match="too large"):
             st.read("local", "", "", str(tmp_path / "local.bin"))
         assert st.read("webdataset", str(tmp_path), "00004", "000040000") == blobs[0]
-        assert list(st._tars) == [str(tmp_path / "00004.tar")]  # the other tar's index and descriptor released
+        assert list(st._tars) == [str(tmp_path / "00004.tar")]  # the other tar's index released
 
 
 def _shard_bytes(folder: Path) -> dict[str, bytes]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from align.data import DataConfig
 from align.features import FeatureConfig
@@ -29,27 +29,26 @@ from tether.encoders import check_layers
 from tether.recipe import RecipeError, Strict, load_recipe, resolve_input, resolve_path
 
 
+# a vision layer: one hidden layer (-1 = final output), or a list of distinct ones read in ONE forward pass and
+# concatenated (a ViT's multi-layer features, cached once): tether.encoders.check_layers
+VisionLayer = Annotated[int | list[int], AfterValidator(check_layers)]
+
+
 class VisionMember(Strict):
     """One more frozen vision encoder of an ensemble (``vision.members``), with its own layer and pooling."""
 
     name: str
-    layer: int | list[int] = -1  # as vision.layer
+    layer: VisionLayer = -1
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     pooling: Literal["cls", "mean", "cls+mean"] = "cls"
-
-    _layers = field_validator("layer")(classmethod(lambda cls, v: check_layers(v)))
 
 
 class VisionConfig(Strict):
     """Frozen vision encoder: hub id or local folder (``${TETHER_SHARED:-../shared}/models/dinov2-small``)."""
 
     name: str
-    # hidden layer to read (-1 = final output), e.g. 11 for the shared DINOv2-S weights; a list (``[9, 10, 11]``)
-    # reads those layers in ONE forward pass and concatenates them (a ViT's multi-layer features, cached once)
-    layer: int | list[int] = -1
+    layer: VisionLayer = -1  # e.g. 11 for the shared DINOv2-S weights, or [9, 10, 11, -1]
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-
-    _layers = field_validator("layer")(classmethod(lambda cls, v: check_layers(v)))
     # an encoder ensemble (tether/ensemble.py): more frozen backbones whose pooled features are concatenated
     # with this one's (pooled as features.pooling); each member has its own cache under features.cache_dir/parts
     members: list[VisionMember] = []

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from curate import report
 from curate.stages import CAPTION_STAGES, Stage
 from tether.clikit import UserError, add_plugins, run_command
 
@@ -63,8 +64,6 @@ def cmd_build(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from curate import report
-
     with _open(args.build) as cat:
         row = report.sample_row(cat.con, args.uid)
         if row is None:
@@ -95,8 +94,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from curate import report
-
     with _open(args.build) as cat:
         total = cat.scalar("SELECT count(*) FROM samples")
         print(f"samples: {total:,}  alive: {cat.scalar('SELECT count(*) FROM alive'):,}")

@@ -40,6 +40,11 @@ def test_a_layer_list_is_one_pass_and_the_concatenation_of_its_layers(tiny_visio
 def test_bad_layers_are_one_line_errors(tmp_path, tiny_vision_dir, text_dir, data_dir):  # noqa: F811
     with pytest.raises(RecipeError, match="layer 7 does not exist"):
         VisionEncoder.load(str(tiny_vision_dir), layer=[1, 7])  # the tiny model has hidden layers 0..2
+    with pytest.raises(RecipeError, match="layer -4 does not exist"):
+        VisionEncoder.load(str(tiny_vision_dir), layer=-4)
+    px = _pixels(VisionEncoder.load(str(tiny_vision_dir)))
+    from_end = VisionEncoder.load(str(tiny_vision_dir), layer=[-3, 1])  # indices from the end still count
+    assert torch.allclose(from_end.tokens(px)[..., :32], from_end.tokens(px, layer=0), atol=1e-6)
     for bad in ([], [1, 1], list(range(9))):
         rp = make_recipe(tmp_path / "r.yaml", tiny_vision_dir, text_dir, data_dir, vision__layer=bad)
         with pytest.raises(RecipeError, match="distinct integers") as e:

@@ -374,9 +374,9 @@ class VisionEncoder(_Frozen):
         self._freeze()
         depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         for k in layer_list(self.layer):
-            if isinstance(depth, int) and not -1 <= k <= depth:
-                raise RecipeError(f"{name}: layer {k} does not exist (the backbone has hidden layers 0..{depth}; "
-                                  f"-1 = the final output)")
+            if isinstance(depth, int) and not -(depth + 1) <= k <= depth:
+                raise RecipeError(f"{name}: layer {k} does not exist (the backbone has hidden layers 0..{depth}, "
+                                  f"or -1..-{depth + 1} from the end; -1 = the final output)")
 
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu", dtype="float32", layer: int = -1,

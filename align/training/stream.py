@@ -32,7 +32,6 @@ from safetensors import safe_open
 
 from align.features import CorruptCacheError, FeatureCache, read_tensors
 
-# the seeds of the in-memory path (EpochPlan / CacheBatches.crop_choice); window 0 of a one-window epoch uses them
 class Batch(TypedDict):
     """One micro-batch, as every batch provider yields it (the in-memory cache, the streamed cache, the frozen
     encoders) and the trainer consumes it."""
@@ -51,6 +50,7 @@ def make_batch(image: torch.Tensor | None = None, text: torch.Tensor | None = No
     return Batch(image=image, text=text, text_mask=text_mask, image_ids=image_ids, skipped=skipped or {})
 
 
+# the seeds of the in-memory path (EpochPlan / CacheBatches.crop_choice); window 0 of a one-window epoch uses them
 _ORDER_SEED, _CROP_SEED, _CROP_BASE = 100_003, 7_919, 1_000_003
 _WINDOW_SALT, _SHARD_SALT = 1_000_000_007, 7_777_777_777
 _ELT = {"float16": 2, "bfloat16": 2, "float32": 4}

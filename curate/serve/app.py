@@ -15,7 +15,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import curate.serve.common as common
-from curate.serve.common import GRID_SIZE, IMAGE_HITS, MAX_PAGE, MAX_QUERY_CHARS, PAGE_SIZE, STATUSES, BadRequest, NotFound
+from curate.serve.common import (GRID_SIZE, IMAGE_HITS, MAX_PAGE, MAX_QUERY_CHARS, PAGE_SIZE, STATUSES, BadRequest,
+                                 NotFound)
 from curate.serve.explorer import Explorer
 from curate.serve.models import ModelIndex
 from curate.serve.render import head_tail_svg, highlight, quote_id
@@ -151,8 +152,9 @@ def concepts_page(request: Request, q: str = "", page: int = 1):
     ql = q.strip().lower()
     if ql:
         rows = [c for c in rows if ql in c["id"].lower() or ql in c["name"].lower() or ql in c["gloss"].lower()]
-    return render_page(request, "concepts.html", title="Concepts", q=q, rows=rows[(page - 1) * PAGE_SIZE:page * PAGE_SIZE],
-                 pager=pager(request, page, len(rows), PAGE_SIZE))
+    return render_page(request, "concepts.html", title="Concepts", q=q,
+                       rows=rows[(page - 1) * PAGE_SIZE:page * PAGE_SIZE],
+                       pager=pager(request, page, len(rows), PAGE_SIZE))
 
 
 @router.get("/concept/{cid:path}", response_class=HTMLResponse)
@@ -164,9 +166,9 @@ def concept_page(request: Request, cid: str, page: int = 1, dpage: int = 1, apag
     c = ex.concept(cid, page, dpage)
     c["n_scored"], c["scored"] = ex.concept_agreement(cid, apage)
     return render_page(request, "concept.html", title=f"Concept {cid}", c=c,
-                 pager=pager(request, page, c["n_kept"], GRID_SIZE),
-                 dpager=pager(request, dpage, c["n_dropped"], GRID_SIZE, "dpage"),
-                 apager=pager(request, apage, c["n_scored"], GRID_SIZE, "apage"))
+                       pager=pager(request, page, c["n_kept"], GRID_SIZE),
+                       dpager=pager(request, dpage, c["n_dropped"], GRID_SIZE, "dpage"),
+                       apager=pager(request, apage, c["n_scored"], GRID_SIZE, "apage"))
 
 
 @router.get("/sample/{uid:path}", response_class=HTMLResponse)
@@ -180,7 +182,7 @@ def sample_page(request: Request, uid: str):
             caps = dict(ex.captions([u for u, _ in hits]))
             near = [(u, sc, caps.get(u, "")) for u, sc in hits]
     return render_page(request, "sample.html", s=s, uid=uid, near=near, title=f"Sample {uid}",
-                patch_maps=mi is not None and mi.patch_similarity is not None)
+                       patch_maps=mi is not None and mi.patch_similarity is not None)
 
 
 @router.get("/images", response_class=HTMLResponse)
@@ -193,7 +195,7 @@ def images_page(request: Request, q: str = "", page: int = 1):
         if m.error:
             raise RuntimeError(f"building the image index failed: {m.error}")
         return render_page(request, "images.html", title="Text → image", q=q, hits=[], indexed=None,
-                     building=m.progress, pager=pager(request, 1, 0, GRID_SIZE))
+                           building=m.progress, pager=pager(request, 1, 0, GRID_SIZE))
     if q:
         top = m.text_to_image(q, IMAGE_HITS)
         n = len(top)
@@ -201,7 +203,7 @@ def images_page(request: Request, q: str = "", page: int = 1):
         caps = dict(_ex(request).captions([u for u, _, _ in top]))
         hits = [{"uid": u, "score": sc, "shared": k, "caption": caps.get(u) or ""} for u, sc, k in top]
     return render_page(request, "images.html", title="Text → image", q=q, hits=hits, building=None,
-                 indexed=len(m.index()[2]) if q else None, pager=pager(request, page, n, GRID_SIZE))
+                       indexed=len(m.index()[2]) if q else None, pager=pager(request, page, n, GRID_SIZE))
 
 
 @router.get("/model", response_class=HTMLResponse)
@@ -214,7 +216,7 @@ def model_page(request: Request, uid: str = "", q: str = ""):
         pmap = {"grid": sims.shape, "min": float(sims.min()), "max": float(sims.max()),
                 "png": "/model/patchmap.png?" + urlencode({"uid": uid, "q": q})}
     return render_page(request, "model.html", title="Model", m=m, reports=m.reports(), uid=uid, q=q,
-                pmap=pmap)
+                       pmap=pmap)
 
 
 @router.get("/model/patchmap.png")
@@ -247,9 +249,10 @@ def search_page(request: Request, q: str = "", concept: str = "", status: str = 
         raise BadRequest(f"unknown source {source!r} (sources: {', '.join(ex.sources()[:20])})")
     res = ex.search(q, concept.strip(), status, source, page)
     return render_page(request, "search.html", title="Search", q=q, concept=concept, status=status, source=source,
-                 statuses=STATUSES, sources=ex.sources(), res=res,
-                 concept_name=(ex.concept_index().get(concept.strip()) or {}).get("name") if concept.strip() else None,
-                 pager=pager(request, page, min(res["n"], common.COUNT_CAP), PAGE_SIZE))
+                       statuses=STATUSES, sources=ex.sources(), res=res,
+                       concept_name=(ex.concept_index().get(concept.strip()) or {}).get("name")
+                       if concept.strip() else None,
+                       pager=pager(request, page, min(res["n"], common.COUNT_CAP), PAGE_SIZE))
 
 
 @router.get("/thumb/{uid:path}")

@@ -128,10 +128,10 @@ class ModelIndex:
                 captions.append(caps.get(uid) or "")
                 flush()
             flush(force=True)
-            # an empty build: the width from one text embedding (the plugin contract promises encode_text only)
-            dim = int(np.asarray(self.model.encode_text([""])).shape[-1]) if not (img_parts and cap_parts) else 0
-            img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
-            cap = np.concatenate(cap_parts) if cap_parts else np.zeros((0, dim), np.float32)
+            if img_parts:  # images and captions are flushed together: both or neither
+                img, cap = np.concatenate(img_parts), np.concatenate(cap_parts)
+            else:  # an empty build: the width of one text embedding (the plugin contract promises encode_text only)
+                img = cap = np.zeros((0, np.asarray(self.model.encode_text([""])).shape[-1]), np.float32)
             grp = np.asarray(group, dtype=np.int64)
             self.cache.mkdir(parents=True, exist_ok=True)
             tmp = self.cache / f".index.{os.getpid()}.npz"

@@ -37,7 +37,8 @@ from pydantic import Field, model_validator
 from curate.catalog import Catalog, recorded_wordnet_dir
 from curate.download import SUCCESS
 from curate.imagededup import _insert, _missing, cached_embeddings, fill_embedding_cache
-from curate.stages import Stage
+from curate.plan import Context, Step
+from curate.stages import Begin, Stage
 from tether.recipe import RecipeError, Strict
 from tether.scorers import ScorerKind
 
@@ -103,13 +104,20 @@ class AgreementResult:
     pairs_checked: int = 0
     pairs_refuted: int = 0
 
-    def summary(self) -> str:
+    @property
+    def rows(self) -> int:
+        return self.candidates
+
+    def words(self) -> str:
         how = ", ".join(f"{k} {v:,}" for k, v in self.dropped.items() if v)
-        s = (f"agreement: done \N{EM DASH} {self.candidates:,} samples ({self.images:,} images) scored, "
+        s = (f"{self.candidates:,} samples ({self.images:,} images) scored, "
              f"{sum(self.dropped.values()):,} dropped" + (f" ({how})" if how else ""))
         if self.pairs_checked:
             s += f"; senses: {self.pairs_refuted:,} of {self.pairs_checked:,} checked matches refuted"
         return s
+
+    def summary(self) -> str:
+        return f"agreement: done \N{EM DASH} {self.words()}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -482,3 +490,29 @@ def card_lines(cat: Catalog, top: int = 10) -> list[str]:
             """SELECT word, concept_id, count(*) FILTER (WHERE NOT kept) AS r, count(*) FROM sense_checks
                GROUP BY 1, 2 HAVING r > 0 ORDER BY 3 DESC, 1, 2 LIMIT ?""", [top]).fetchall()]
     return lines
+
+
+def scorer_digest(name: str | None) -> str | None:
+    """The exact bytes of a local scorer folder's config and weights (None for a hub id): a retrained model at the
+    same path reruns the agreement stage."""
+    from tether.encoders import file_fingerprint
+    from tether.scorers import model_files
+
+    files = model_files(Path(name).expanduser()) if name else []
+    return file_fingerprint(files) if files else None
+
+
+def agreement_step(cfg: AgreementConfig, encode_format: str = "jpg") -> Step:
+    """The ``agreement`` step: its key holds its candidates' digest and the scorer's files; turned off, it only
+    clears what it wrote before (nothing to redo when its input changes)."""
+
+    def inputs(ctx: Context) -> dict:
+        return {"input": candidates_digest(ctx.cat), "scorer_files": scorer_digest(cfg.scorer)} if cfg.enabled else {}
+
+    def run(ctx: Context, how: Begin) -> AgreementResult:
+        return run_agreement(ctx.cat, cfg, ctx.build_dir, encode_format, scorer=ctx.scorer, progress=ctx.progress,
+                             distributor=ctx.distributor)
+
+    return Step(STAGE, "media.agreement", cfg.model_dump() if cfg.enabled else {"enabled": False}, run,
+                inputs=inputs, models=(("media.agreement.scorer", cfg.scorer, ("config.json",)),) if cfg.enabled else (),
+                summary=lambda r: r.words() if cfg.enabled else "off")

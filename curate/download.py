@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.catalog import Catalog, arrow_views
+from curate.plan import Context, Done, Step, run_one
 from curate.stages import Begin, Stage
 from tether.recipe import RecipeError, Strict
 
@@ -96,15 +97,30 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def selection_step() -> Step:
+    """The ``media_rows`` step: (re)load the selection parquet (``ctx.selection``) into ``media_rows``; its key is
+    the file's digest, so the same file loads once."""
+
+    def inputs(ctx: Context) -> dict:
+        if ctx.selection is None or not Path(ctx.selection).exists():
+            raise RecipeError(f"media: selection parquet not found: {ctx.selection}")
+        return {"digest": file_digest(ctx.selection)}
+
+    return Step(Stage.MEDIA_ROWS, "output.selection", {}, lambda ctx, how: _load_rows(ctx.cat, ctx.selection),
+                inputs=inputs, counts="selected rows loaded")
+
+
 def load_selection(cat: Catalog, selection_path: str | Path) -> int:
     """(Re)load the selection parquet into ``media_rows`` (columns uid, url, path, caption, concept_ids, source).
 
     Missing optional columns become NULL; a missing ``uid`` column or duplicate uids are a RecipeError.
     Returns the row count. Skipped when the same file (by digest) is already loaded.
     """
-    digest = file_digest(selection_path)
-    if cat.begin_stage(Stage.MEDIA_ROWS, {"digest": digest}) is Begin.SKIP:
-        return int(cat.scalar("SELECT count(*) FROM media_rows"))
+    run_one(Context(cat, Path("."), selection=Path(selection_path)), selection_step())
+    return int(cat.scalar("SELECT count(*) FROM media_rows"))
+
+
+def _load_rows(cat: Catalog, selection_path: Path) -> int:
     cols = set(pq.read_schema(selection_path).names)
     if "uid" not in cols:
         raise RecipeError(f"{selection_path}: selection parquet has no 'uid' column")
@@ -123,9 +139,7 @@ def load_selection(cat: Catalog, selection_path: str | Path) -> int:
         dup = con.execute("SELECT uid FROM media_rows GROUP BY uid HAVING count(*) > 1 LIMIT 1").fetchone()
         if dup:
             raise RecipeError(f"{selection_path}: duplicate uid {dup[0]!r} in the selection")
-        n = int(con.execute("SELECT count(*) FROM media_rows").fetchone()[0])
-        cat.mark_done(Stage.MEDIA_ROWS, n)
-    return n
+        return int(con.execute("SELECT count(*) FROM media_rows").fetchone()[0])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -360,15 +374,40 @@ def _download_urls(cat: Catalog, cfg: DownloadConfig, rows: list[tuple], build_d
                            "rerun to resume the unfinished shards")
 
 
-def _params(cfg: DownloadConfig, cat: Catalog) -> dict:
+def _params(cfg: DownloadConfig) -> dict:
     d = cfg.model_dump()
     for k in ("processes_count", "thread_count", "distributor", "subjob_size", "local_threads"):
         d.pop(k)  # how to run, not what comes out
-    row = cat.stage_row(Stage.MEDIA_ROWS)
+    return d
+
+
+def _selection_key(ctx: Context) -> dict:
+    row = ctx.cat.stage_row(Stage.MEDIA_ROWS)
     if row is None or row.status != "done":
         raise RecipeError("download: no selection loaded (call load_selection first)")
-    d["selection"] = row.params
-    return d
+    return {"selection": row.params}
+
+
+def download_step(cfg: DownloadConfig) -> Step:
+    """The ``download`` step: every ``media_rows`` row downloaded / checked once; resumable. New or changed
+    settings (or another selection) start over, their folder too; a rerun with the same ones resumes."""
+
+    def run(ctx: Context, how: Begin) -> Done:
+        cat, build_dir = ctx.cat, Path(ctx.build_dir)
+        if how is Begin.FRESH:
+            _clear_dir(build_dir / "media" / "download", build_dir)
+        with cat.transaction() as con:
+            none = con.execute("""SELECT uid FROM media_rows WHERE url IS NULL AND path IS NULL
+                                  AND uid NOT IN (SELECT uid FROM downloads)""").fetchall()
+            _record(con, [Outcome(u, 0, "no_source", "row has neither url nor path") for (u,) in none])
+        _local_rows(cat, cfg, ctx.progress)
+        urls = cat.execute("SELECT uid, url, caption FROM media_rows WHERE path IS NULL AND url IS NOT NULL "
+                           "ORDER BY pos").fetchall()
+        _download_urls(cat, cfg, urls, build_dir, 0, ctx.progress, ctx.distributor)
+        return Done(int(cat.scalar("SELECT count(*) FROM downloads")), download_summary(download_counts(cat)))
+
+    return Step(STAGE, "media.download", _params(cfg), run, resumable=True, inputs=_selection_key,
+                enabled=cfg.enabled)
 
 
 def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True,
@@ -376,23 +415,36 @@ def run_download(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
     """Download / check every ``media_rows`` row once; returns counts per status. Resumable (see module doc).
     ``cluster``: the build's distributor, whose Ray cluster a ``distributor: ray`` download uses
     (:func:`run_img2dataset`)."""
-    build_dir = Path(build_dir)
-    params = _params(cfg, cat)
-    # new or changed settings start over (their folder too); a rerun with the same settings resumes
-    how = cat.begin_stage(STAGE, params, resumable=True)
-    if how is not Begin.SKIP:
-        if how is Begin.FRESH:
-            _clear_dir(build_dir / "media" / "download", build_dir)
-        with cat.transaction() as con:
-            none = con.execute("""SELECT uid FROM media_rows WHERE url IS NULL AND path IS NULL
-                                  AND uid NOT IN (SELECT uid FROM downloads)""").fetchall()
-            _record(con, [Outcome(u, 0, "no_source", "row has neither url nor path") for (u,) in none])
-        _local_rows(cat, cfg, progress)
-        urls = cat.execute("SELECT uid, url, caption FROM media_rows WHERE path IS NULL AND url IS NOT NULL "
-                           "ORDER BY pos").fetchall()
-        _download_urls(cat, cfg, urls, build_dir, 0, progress, cluster)
-        cat.mark_done(STAGE, int(cat.scalar("SELECT count(*) FROM downloads")))
+    step = download_step(cfg.model_copy(update={"enabled": True}))
+    run_one(Context(cat, Path(build_dir), progress=progress, distributor=cluster), step)
     return download_counts(cat)
+
+
+def retry_step(cfg: DownloadConfig) -> Step:
+    """The ``download_retry`` step (only in ``curate retry-failed``'s plan): re-download the failed URL rows into
+    a new attempt folder. A killed retry keeps its attempt number (its key) and its input list."""
+
+    def attempt(ctx: Context) -> dict:
+        row = ctx.cat.stage_row(RETRY_STAGE)
+        if row and row.status == "running":  # a killed retry keeps its attempt number
+            return {"attempt": row.params_dict()["attempt"]}
+        return {"attempt": int(ctx.cat.scalar("SELECT coalesce(max(attempt), 0) FROM downloads")) + 1}
+
+    def run(ctx: Context, how: Begin) -> Done:
+        cat, build_dir = ctx.cat, Path(ctx.build_dir)
+        n = cat.stage_row(RETRY_STAGE).params_dict()["attempt"]
+        listed = _attempt_dir(build_dir, n) / "rows.parquet"
+        if listed.exists():
+            rows = _read_rows(listed)
+        else:
+            rows = cat.execute(
+                """SELECT m.uid, m.url, m.caption FROM media_rows m JOIN downloads d USING (uid)
+                   WHERE d.status <> ? AND m.url IS NOT NULL AND m.path IS NULL ORDER BY m.pos""",
+                [SUCCESS]).fetchall()
+        _download_urls(cat, cfg, rows, build_dir, n, ctx.progress, ctx.distributor)
+        return Done(len(rows), f"{len(rows):,} failed rows retried; {download_summary(download_counts(cat))}")
+
+    return Step(RETRY_STAGE, "media.download", {}, run, resumable=True, inputs=attempt)
 
 
 def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progress: bool = True,
@@ -401,22 +453,15 @@ def retry_failed(cat: Catalog, cfg: DownloadConfig, build_dir: str | Path, progr
 
     Resumable: a killed retry keeps its attempt number (``stages('download_retry')``) and its input list.
     """
-    row = cat.stage_row(RETRY_STAGE)
-    if row and row.status == "running":  # a killed retry keeps its attempt number
-        attempt = row.params_dict()["attempt"]
-    else:
-        attempt = int(cat.scalar("SELECT coalesce(max(attempt), 0) FROM downloads")) + 1
-    cat.begin_stage(RETRY_STAGE, {"attempt": attempt}, resumable=True)
-    listed = _attempt_dir(Path(build_dir), attempt) / "rows.parquet"
-    if listed.exists():
-        rows = _read_rows(listed)
-    else:
-        rows = cat.execute(
-            """SELECT m.uid, m.url, m.caption FROM media_rows m JOIN downloads d USING (uid)
-               WHERE d.status <> ? AND m.url IS NOT NULL AND m.path IS NULL ORDER BY m.pos""", [SUCCESS]).fetchall()
-    _download_urls(cat, cfg, rows, Path(build_dir), attempt, progress, cluster)
-    cat.mark_done(RETRY_STAGE, len(rows))
-    return len(rows)
+    _, res = run_one(Context(cat, Path(build_dir), progress=progress, distributor=cluster), retry_step(cfg))
+    return res.rows if res is not None else 0
+
+
+def download_summary(counts: dict) -> str:
+    """``3 images stored, 57 failed (failed_to_download 57)`` from :func:`download_counts`."""
+    failed = {k: v for k, v in counts.items() if k != SUCCESS}
+    s = f"{counts.get(SUCCESS, 0):,} images stored, {sum(failed.values()):,} failed"
+    return s + (" (" + ", ".join(f"{k} {v:,}" for k, v in failed.items()) + ")" if failed else "")
 
 
 def download_counts(cat: Catalog) -> dict[str, int]:

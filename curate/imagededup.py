@@ -43,7 +43,8 @@ from pydantic import Field
 from curate.catalog import Catalog
 from curate.download import SUCCESS
 from curate.imagestore import ImageStore
-from curate.stages import Stage
+from curate.plan import Context, Done, Step
+from curate.stages import Begin, Stage
 from tether.recipe import Strict
 
 STAGE = Stage.IMAGE_DEDUP
@@ -464,3 +465,20 @@ def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, 
         cat.clear_decisions(STAGE)
         cat.insert_arrow("decisions(uid, stage, kept, reason, ref_uid)", tbl, "uid, stage, kept, reason, ref_uid")
     return res
+
+
+def image_dedup_step(cfg: ImageDedupConfig, encode_format: str = "jpg") -> Step:
+    """The ``image_dedup`` step: its key holds the digest of its candidates (which images, which bytes), so new
+    or returned downloads rerun it."""
+
+    def run(ctx: Context, how: Begin) -> Done:
+        res = run_image_dedup(ctx.cat, cfg, ctx.build_dir, encode_format, encoder=ctx.encoder,
+                              progress=ctx.progress, distributor=ctx.distributor)
+        why = ", ".join(f"{k} {v:,}" for k, v in res.dropped.items())
+        return Done(res.candidates, f"{res.candidates:,} stored images checked, "
+                                    f"{sum(res.dropped.values()):,} dropped as duplicates" + (f" ({why})" if why else ""))
+
+    models = (("media.image_dedup.semantic.encoder", cfg.semantic.encoder, ("config.json", "preprocessor_config.json")),
+              ) if cfg.enabled and cfg.semantic.enabled else ()
+    return Step(STAGE, "media.image_dedup", cfg.model_dump(), run, models=models,
+                inputs=lambda ctx: {"input": candidates_digest(ctx.cat)})

@@ -1,11 +1,12 @@
 """Media stages after selection: download → image dedup → re-balance → shards (recipe section ``media:``).
 
-``curate build`` calls :func:`run_media` once the selection parquet exists; ``curate download BUILD``,
-``curate shard BUILD`` and ``curate retry-failed BUILD`` (registered by :func:`register`) run parts of it on an
-existing build. Every stage records its verdicts in the build's catalog (``decisions`` with stage
-``download`` / ``image_dedup`` / ``rebalance``) and its parameters + input digest in ``stages``, so a rerun
-skips what is done, resumes what was killed, and redoes exactly the stages whose inputs changed (e.g. after
-``retry-failed`` brought back images). Details: docs/media.md.
+:func:`media_steps` is the media part of the build plan (:mod:`curate.plan`): ``curate build`` runs it after the
+caption steps; ``curate download BUILD``, ``curate shard BUILD`` and ``curate retry-failed BUILD`` (registered by
+:func:`register`) run slices of it on an existing build, through the same loop and rule. Every stage records its
+verdicts in the build's catalog (``decisions`` with stage ``download`` / ``image_dedup`` / ``agreement`` /
+``rebalance``) and its key — parameters + input digest — in ``stages``, so a rerun skips what is done, resumes
+what was killed, and redoes exactly the stages whose inputs changed (e.g. after ``retry-failed`` brought back
+images). Details: docs/media.md.
 
 Stage order and inputs:
 
@@ -28,17 +29,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from curate.agreement import AgreementConfig, refuted_pairs_sql, rule_counts, run_agreement
-from curate.agreement import candidates_digest as agreement_input
+from curate.agreement import AgreementConfig, agreement_step, refuted_pairs_sql, rule_counts
 from curate.balance import BalanceConfig, concept_names, floor_note
 from curate.catalog import Catalog
-from curate.download import DownloadConfig, download_counts, load_selection, retry_failed, run_download
-from curate.imagededup import ImageDedupConfig, candidates_digest, run_image_dedup
+from curate.download import DownloadConfig, download_counts, download_step, retry_step, selection_step
+from curate.imagededup import ImageDedupConfig, image_dedup_step
+from curate.plan import Context, Done, Step, between, run_steps
+from curate.shards import ShardConfig, out_dir_of, shard_summary, shards_step
+from curate.stages import Begin, Stage
 from tether.clikit import run_command
 from tether.fileio import check_build_dir, claim_build_dir, claim_output_dir, open_build_dir
 from tether.recipe import RecipeError, Strict, parse, read_yaml
-from curate.shards import ShardConfig, out_dir_of, run_shards
-from curate.stages import Begin, Stage
 
 REBALANCE = Stage.REBALANCE
 DEDUP = Stage.IMAGE_DEDUP
@@ -73,7 +74,7 @@ class MediaRecipe(Strict):
 
 
 # --------------------------------------------------------------------------------------------------------
-# stages
+# steps
 # --------------------------------------------------------------------------------------------------------
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -84,29 +85,11 @@ def _params(cat: Catalog, stage: Stage) -> Optional[dict]:
     return row.params_dict() if row else None
 
 
-def _stage(cat: Catalog, stage: Stage, params: dict, run, clear_later: list[Stage]):
-    """Run ``run()`` unless ``stage`` is done with ``params``; a rerun first clears ``clear_later``."""
-    if cat.begin_stage(stage, params, also_clear=clear_later) is Begin.SKIP:
-        return None
-    out = run()
-    cat.mark_done(stage)
-    return out
-
-
 def _survivors_sql(before_rebalance: bool = False) -> str:
     """Stored media rows no stage rejected (``before_rebalance``: ignoring the re-balance's own verdicts)."""
     skip = f" AND x.stage <> '{REBALANCE.value}'" if before_rebalance else ""
     return f"""SELECT m.uid FROM media_rows m JOIN downloads d USING (uid) WHERE d.status = 'success'
               AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.uid = m.uid AND NOT x.kept{skip})"""
-
-
-def download_summary(counts: dict) -> str:
-    """``3 images stored, 57 failed (failed_to_download 57)`` from :func:`curate.download.download_counts`."""
-    from curate.download import SUCCESS
-
-    failed = {k: v for k, v in counts.items() if k != SUCCESS}
-    s = f"{counts.get(SUCCESS, 0):,} images stored, {sum(failed.values()):,} failed"
-    return s + (" (" + ", ".join(f"{k} {v:,}" for k, v in failed.items()) + ")" if failed else "")
 
 
 def balance_settings(cat: Catalog, cfg: RebalanceConfig) -> BalanceConfig:
@@ -139,53 +122,42 @@ def run_rebalance(cat: Catalog, cfg: RebalanceConfig, progress: bool = True):
                        progress=progress, exclude_pairs_sql=refuted_pairs_sql())
 
 
-def scorer_digest(name: str | None) -> str | None:
-    """The exact bytes of a local scorer folder's config and weights (None for a hub id): a retrained model at the
-    same path reruns the agreement stage."""
-    from tether.encoders import file_fingerprint
-    from tether.scorers import model_files
+def rebalance_step(cfg: RebalanceConfig) -> Step:
+    """The ``rebalance`` step: balancing again over what survived; its key holds the balance settings (the
+    build's own unless overridden) and the digest of the survivors and of the refuted matches. Turned off, it only
+    clears what it wrote before."""
 
-    files = model_files(Path(name).expanduser()) if name else []
-    return file_fingerprint(files) if files else None
-
-
-def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path, progress: bool = True,
-                       encoder=None, distributor=None, scorer=None) -> dict:
-    """Image dedup → agreement → re-balance → shards on the current downloads; returns the media report.
-    ``encoder`` / ``scorer``: already loaded models for SemDeDup / the agreement stage (tests, notebooks)."""
-    build_dir = claim_build_dir(build_dir, cat)
-    fmt = recipe.download.encode_format
-    dedup_params = {**recipe.image_dedup.model_dump(), "input": candidates_digest(cat)}
-    res = _stage(cat, DEDUP, dedup_params,
-                 lambda: run_image_dedup(cat, recipe.image_dedup, build_dir, fmt, encoder=encoder, progress=progress,
-                                         distributor=distributor),
-                 [REBALANCE])
-    if res is not None:
-        how = ", ".join(f"{k} {v:,}" for k, v in res.dropped.items())
-        log(f"  image_dedup: done \N{EM DASH} {res.candidates:,} stored images checked, "
-            f"{sum(res.dropped.values()):,} dropped as duplicates" + (f" ({how})" if how else ""))
-    ag = recipe.agreement
-    ag_params = {"enabled": False}  # off: nothing to redo when its input changes
-    if ag.enabled:
-        ag_params = {**ag.model_dump(), "input": agreement_input(cat), "scorer_files": scorer_digest(ag.scorer)}
-    res = _stage(cat, AGREEMENT, ag_params,
-                 lambda: run_agreement(cat, ag, build_dir, fmt, scorer=scorer, progress=progress,
-                                       distributor=distributor), [REBALANCE])
-    if res is not None and ag.enabled:
-        log(f"  {res.summary()}")
-    bal = balance_settings(cat, recipe.rebalance)
-    if recipe.rebalance.enabled:
+    def inputs(ctx: Context) -> dict:
+        if not cfg.enabled:
+            return {}
+        cat = ctx.cat
         h = hashlib.sha1("\n".join(sorted(r[0] for r in cat.execute(
             _survivors_sql(before_rebalance=True)).fetchall())).encode())
         for u, c in cat.execute(refuted_pairs_sql() + " ORDER BY 1, 2").fetchall():
             h.update(f"\n-{u}\t{c}".encode())
-        rb_params = {"balance": bal.model_dump(), "input": h.hexdigest()[:16]}
-        rep = _stage(cat, REBALANCE, rb_params, lambda: run_rebalance(cat, recipe.rebalance, progress), [])
-        if rep is not None:
-            log(f"  {rep.summary()}")
-    else:
-        with cat.transaction():
-            cat.clear_stage(REBALANCE)
+        return {"balance": balance_settings(cat, cfg).model_dump(), "input": h.hexdigest()[:16]}
+
+    def run(ctx: Context, how: Begin) -> Done:
+        if not cfg.enabled:
+            return Done(None, "off")
+        rep = run_rebalance(ctx.cat, cfg, ctx.progress)
+        return Done(rep.kept, rep.summary())
+
+    return Step(REBALANCE, "media.rebalance", {} if cfg.enabled else {"enabled": False}, run, inputs=inputs)
+
+
+def media_steps(recipe: MediaRecipe) -> list[Step]:
+    """The media part of the build plan, in stage order: selection → download → image dedup → agreement →
+    re-balance → shards. ``curate download`` runs the first two, ``curate shard`` the rest."""
+    fmt = recipe.download.encode_format
+    return [selection_step(), download_step(recipe.download), image_dedup_step(recipe.image_dedup, fmt),
+            agreement_step(recipe.agreement, fmt), rebalance_step(recipe.rebalance), shards_step(recipe.shards, fmt)]
+
+
+def media_report(ctx: Context, recipe: MediaRecipe) -> dict:
+    """``media/report.json`` of the build as it stands (and the build's one line on concepts below the floor)."""
+    cat, build_dir = ctx.cat, Path(ctx.build_dir)
+    bal = balance_settings(cat, recipe.rebalance)
     report: dict = {"downloads": download_counts(cat),
                     "image_dedup": dict(cat.execute(
                         "SELECT split_part(reason, ' (', 1), count(*) FROM decisions WHERE stage = ? "
@@ -198,10 +170,8 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
                     "concepts": concept_losses(cat, bal.floor)}
     report["concepts_short"] = sum(1 for c in report["concepts"] if c["shortfall"] > 0)
     if recipe.shards.enabled:
-        sr = run_shards(cat, recipe.shards, build_dir, fmt, progress=progress)
+        sr = ctx.results.get(Stage.SHARDS) or shard_summary(cat, recipe.shards, build_dir)
         report["shards"] = {"dir": str(sr.out_dir), "shards": sr.shards, "samples": sr.samples}
-        log(f"  shards: done \N{EM DASH} {sr.samples:,} samples in {sr.shards:,} shards at {sr.out_dir} "
-            f"({sr.written} written now)")
     out = build_dir / "media" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
@@ -213,19 +183,29 @@ def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path,
     return report
 
 
+def _context(cat: Catalog, build_dir, progress: bool, distributor=None, **kw) -> Context:
+    return Context(cat, claim_build_dir(build_dir, cat), progress=progress, distributor=distributor, **kw)
+
+
+def run_after_download(cat: Catalog, recipe: MediaRecipe, build_dir: str | Path, progress: bool = True,
+                       encoder=None, distributor=None, scorer=None) -> dict:
+    """Image dedup → agreement → re-balance → shards on the current downloads (the plan's slice after the
+    download); returns the media report. ``encoder`` / ``scorer``: already loaded models for SemDeDup / the
+    agreement stage (tests, notebooks)."""
+    ctx = _context(cat, build_dir, progress, distributor, encoder=encoder, scorer=scorer)
+    run_steps(ctx, between(media_steps(recipe), Stage.IMAGE_DEDUP))
+    return media_report(ctx, recipe)
+
+
 def run_media(cat: Catalog, recipe: MediaRecipe, selection_path: str | Path, build_dir: str | Path,
               progress: bool = True, encoder=None, distributor=None) -> dict:
     """All media stages over the selection parquet (resumable; see the module doc). Returns the report.
     ``distributor`` (:class:`tether.distribute.DistributorConfig`): where SemDeDup's image embedding runs, and the
     Ray cluster of a ``download.distributor: ray`` download."""
-    if selection_path is None or not Path(selection_path).exists():
-        raise RecipeError(f"media: selection parquet not found: {selection_path}")
-    claim_build_dir(build_dir, cat)  # the download stage deletes only inside a marked build folder
-    load_selection(cat, selection_path)
-    if recipe.download.enabled:
-        counts = run_download(cat, recipe.download, build_dir, progress=progress, cluster=distributor)
-        log(f"  download: done \N{EM DASH} {download_summary(counts)}")
-    return run_after_download(cat, recipe, build_dir, progress=progress, encoder=encoder, distributor=distributor)
+    ctx = _context(cat, build_dir, progress, distributor, encoder=encoder,
+                   selection=Path(selection_path) if selection_path is not None else None)
+    run_steps(ctx, media_steps(recipe))
+    return media_report(ctx, recipe)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,20 +248,26 @@ def _cmd(args) -> int:
 
         # the build's distributor: SemDeDup's actors and the Ray cluster of a `download.distributor: ray` download
         dist = parse(DistributorConfig, data.get("distributor") or {}, f"{build}: distributor")
+        steps = media_steps(recipe)
         with open_build_dir(build, create=False), Catalog(build / "catalog.duckdb") as cat:
-            if args.media_cmd == "download":
-                load_selection(cat, _selection_of(build, data, args.selection))
-                print(json.dumps(run_download(cat, recipe.download, build, progress=progress, cluster=dist)))
-            elif args.media_cmd == "retry-failed":
+            ctx = _context(cat, build, progress, dist)
+            if args.media_cmd == "download":  # the plan's slice up to the download (asked for: on even if off)
+                ctx.selection = _selection_of(build, data, args.selection)
+                on = recipe.download.model_copy(update={"enabled": True})
+                run_steps(ctx, [selection_step(), download_step(on)])
+                print(json.dumps(download_counts(cat)))
+            elif args.media_cmd == "retry-failed":  # the retry step (no other plan runs it)
                 if not cat.stage_done(Stage.DOWNLOAD):
                     raise RecipeError(f"{build}: run `curate download {build}` first")
-                n = retry_failed(cat, recipe.download, build, progress=progress, cluster=dist)
-                print(json.dumps({"retried": n, **download_counts(cat)}))
+                run_steps(ctx, [retry_step(recipe.download)])
+                got = ctx.results.get(Stage.DOWNLOAD_RETRY)
+                print(json.dumps({"retried": got.rows if got else 0, **download_counts(cat)}))
                 print(f"now run `curate shard {build}` to dedup, re-balance and re-shard", file=sys.stderr)
-            else:
+            else:  # the plan's slice after the download
                 if not cat.stage_done(Stage.DOWNLOAD):
                     raise RecipeError(f"{build}: run `curate download {build}` first")
-                rep = run_after_download(cat, recipe, build, progress=progress, distributor=dist)
+                run_steps(ctx, between(steps, Stage.IMAGE_DEDUP))
+                rep = media_report(ctx, recipe)
                 print(json.dumps({k: v for k, v in rep.items() if k != "concepts"}))
     except (RecipeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

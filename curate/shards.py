@@ -36,6 +36,7 @@ from pydantic import Field
 from curate.catalog import Catalog
 from curate.download import SUCCESS
 from curate.imagestore import ImageStore
+from curate.plan import Context, Step, run_one
 from curate.stages import Begin, Stage
 from tether.fileio import claim_build_dir, claim_output_dir, is_inside, output_path, remove_path
 from tether.recipe import Strict
@@ -63,6 +64,13 @@ class ShardResult:
     samples: int
     written: int  # shards written by this call (the rest were done before)
     seconds: float
+
+    @property
+    def rows(self) -> int:
+        return self.samples
+
+    def summary(self) -> str:
+        return f"{self.samples:,} samples in {self.shards:,} shards at {self.out_dir} ({self.written} written now)"
 
 
 def shard_order(uids: list[str], seed: int) -> list[str]:
@@ -218,9 +226,60 @@ def _clear_outputs(out: Path, root: Path) -> None:
         remove_path(out / name, root)
 
 
+def _ordered(cat: Catalog, cfg: ShardConfig) -> tuple[dict[str, Survivor], list[str], dict]:
+    """The survivors by uid, their shard order, and what that input is (the step's key entries)."""
+    rows = {r.uid: r for r in _survivors(cat)}
+    order = shard_order(list(rows), cfg.seed)
+    lead = next((i for i, u in enumerate(order) if rows[u].concept_ids), 0)
+    if lead:  # schema inference reads the first samples: lead with one whose concept list is not empty
+        order.insert(0, order.pop(lead))
+    key = {"samples": hashlib.sha1("\n".join(order).encode()).hexdigest()[:16]}
+    refuted = cat.execute("SELECT uid, concept_id FROM sense_checks WHERE NOT kept ORDER BY 1, 2").fetchall()
+    if refuted:  # the image sense check took concepts off some samples: their metadata changed
+        key["refuted_concepts"] = hashlib.sha1("\n".join(f"{u}\t{c}" for u, c in refuted).encode()).hexdigest()[:16]
+    return rows, order, key
+
+
+def shards_step(cfg: ShardConfig, encode_format: str = "jpg", dataset_name: str | None = None) -> Step:
+    """The ``shards`` step: write (or resume, or reshard) the shards of the current survivors (module doc). Its key
+    holds the survivors' order digest; a done step whose shard or index files vanished resumes and rewrites them."""
+    seen: dict = {}
+
+    def inputs(ctx: Context) -> dict:
+        seen["rows"], seen["order"], key = _ordered(ctx.cat, cfg)
+        return {"out": str(out_dir_of(cfg, ctx.build_dir)), **key}
+
+    def outputs_exist(ctx: Context) -> bool:
+        out = out_dir_of(cfg, ctx.build_dir)
+        return (all((out / name).exists() for name in ctx.cat.done_units(STAGE))
+                and all((out / f).exists() for f in ("sizes.json", "index.parquet", "README.md")))
+
+    def run(ctx: Context, how: Begin) -> ShardResult:
+        return _write_shards(ctx.cat, cfg, ctx.build_dir, encode_format, ctx.progress, dataset_name, how,
+                             seen.pop("rows"), seen.pop("order"))
+
+    return Step(STAGE, "media.shards", {"seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard,
+                                        "jpeg_quality": cfg.jpeg_quality}, run, resumable=True, inputs=inputs,
+                outputs_exist=outputs_exist, enabled=cfg.enabled, summary=ShardResult.summary)
+
+
+def shard_summary(cat: Catalog, cfg: ShardConfig, build_dir: str | Path) -> ShardResult:
+    """What the catalog says the shards folder holds (for a skipped step)."""
+    n, samples = cat.one("SELECT count(DISTINCT shard), count(*) FROM shard_index")
+    return ShardResult(out_dir=out_dir_of(cfg, build_dir), shards=int(n), samples=int(samples), written=0,
+                       seconds=0.0)
+
+
 def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_format: str = "jpg",
                progress: bool = True, dataset_name: str | None = None) -> ShardResult:
     """Write (or resume, or reshard) the shards of the current survivors; see the module doc."""
+    ran, res = run_one(Context(cat, Path(build_dir), progress=progress),
+                       shards_step(cfg.model_copy(update={"enabled": True}), encode_format, dataset_name))
+    return res if ran else shard_summary(cat, cfg, build_dir)
+
+
+def _write_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_format: str, progress: bool,
+                  dataset_name: str | None, how: Begin, rows: dict[str, Survivor], order: list[str]) -> ShardResult:
     from tether.progress import progress as tqdm
 
     from curate.hfdataset import write_dataset_card, write_index, write_sizes
@@ -230,19 +289,7 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     out = out_dir_of(cfg, build_dir)
     claim_output_dir(build_dir, out, "media.shards.out")  # outside the build: new/empty/ours, then marked
     root = _owner_of(out, build_dir)
-    rows = {r.uid: r for r in _survivors(cat)}
-    order = shard_order(list(rows), cfg.seed)
-    lead = next((i for i, u in enumerate(order) if rows[u].concept_ids), 0)
-    if lead:  # schema inference reads the first samples: lead with one whose concept list is not empty
-        order.insert(0, order.pop(lead))
-    digest = hashlib.sha1("\n".join(order).encode()).hexdigest()[:16]
-    params = {"seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "out": str(out),
-              "jpeg_quality": cfg.jpeg_quality, "samples": digest}
-    refuted = cat.execute("SELECT uid, concept_id FROM sense_checks WHERE NOT kept ORDER BY 1, 2").fetchall()
-    if refuted:  # the image sense check took concepts off some samples: their metadata changed
-        params["refuted_concepts"] = hashlib.sha1("\n".join(f"{u}\t{c}" for u, c in refuted).encode()).hexdigest()[:16]
-    # same parameters: finish (or re-check) the shards written so far; otherwise start over
-    if cat.begin_stage(STAGE, params, resumable=True) is Begin.FRESH:
+    if how is Begin.FRESH:  # new parameters or survivors: start over; otherwise finish the shards written so far
         _clear_outputs(out, root)
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob(".shard-*.tar.tmp"):
@@ -285,6 +332,5 @@ def run_shards(cat: Catalog, cfg: ShardConfig, build_dir: str | Path, encode_for
     write_index(cat, out)
     write_dataset_card(out, name=dataset_name or cfg.name or Path(build_dir).resolve().name,
                shards=len(plan), samples=len(order), seed=cfg.seed)
-    cat.mark_done(STAGE, len(order))
     return ShardResult(out_dir=out, shards=len(plan), samples=len(order), written=written,
                        seconds=time.time() - t0)

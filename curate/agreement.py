@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 from curate.catalog import Catalog, recorded_wordnet_dir
 from curate.download import SUCCESS
 from curate.imagededup import _insert, _missing, cached_embeddings, fill_embedding_cache
+from curate.judge import record_table
 from curate.plan import Context, Step
 from curate.stages import Begin, Stage
 from tether.recipe import RecipeError, Strict
@@ -391,10 +392,10 @@ def run_agreement(cat: Catalog, cfg: AgreementConfig, build_dir: str | Path, enc
         if reason[i] is None and n_refuted[i]:
             note += f"; image sense check refuted {n_refuted[i]} of {len(r[8] or [])} concepts"
         notes.append(note)
-    tbl = pa.table({"uid": [r[0] for r in rows], "stage": [STAGE.value] * len(rows), "kept": kept, "reason": notes})
+    tbl = pa.table({"uid": [r[0] for r in rows], "kept": kept, "reason": notes})
     with cat.transaction():
         _clear(cat)
-        cat.insert_arrow("decisions(uid, stage, kept, reason)", tbl, "uid, stage, kept, reason")
+        record_table(cat, STAGE, tbl)
         if checks is not None and len(checks["uid"]):
             sc = pa.table({k: checks[k].tolist() for k in ("uid", "concept_id", "word", "own", "best_other",
                                                             "other_id", "prototype", "kept", "reason")})

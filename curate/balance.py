@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
+from curate.judge import Verdicts, record
 from curate.stages import Stage
 from tether.recipe import Strict
 
@@ -163,12 +164,11 @@ def run_balance(cat: Catalog, cfg: BalanceConfig, stage: Stage = Stage.BALANCE, 
     else:
         _coverage(cat, cfg, progress)
     unmatched_reason = "'no concept match (kept)'" if cfg.keep_unmatched else "'no concept match'"
-    cat.execute(f"""INSERT INTO decisions
-        SELECT uid, '{stage}', kept, reason, NULL, concept_id FROM (
+    record(cat, stage, Verdicts(f"""
           SELECT r.uid, r.kept, r.reason, r.concept_id FROM _bres r
           UNION ALL
           SELECT c.uid, {str(cfg.keep_unmatched).lower()}, {unmatched_reason}, NULL FROM _bc c ANTI JOIN _bm USING (uid)
-        )""")
+        """, kept="kept", concept="concept_id"))
     cat.execute(f"""INSERT INTO balance_report
         SELECT '{stage}', n.concept_id, n.n, coalesce(a.after, 0), {cfg.floor},
                greatest({cfg.floor} - coalesce(a.after, 0), 0)

@@ -21,12 +21,13 @@ Each stage reads the ``alive`` view, so it only judges samples that earlier stag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 from pydantic import Field
 
 from curate.catalog import Catalog
+from curate.judge import Judge, Verdicts, record_table
 from curate.stages import Stage
 from tether.recipe import Strict
 
@@ -69,30 +70,33 @@ def exact_key_sql(key: str) -> tuple[str, str]:
 
 
 def run_exact_dedup(cat: Catalog, cfg: DedupConfig, stage: str = Stage.DEDUP) -> int:
-    """Exact duplicates by each configured key in turn (first in (source, row_index) order is kept).
+    """Exact duplicates by each configured key in turn (first in (source, row_index) order is kept); returns the
+    number rejected."""
+    return ExactDedup(cfg, stage).run(cat)
 
-    Hash aggregation, no sort: alive rows are grouped by the 64-bit hash of their key (DuckDB ``hash``; the
+
+class ExactDedup(Judge):
+    """Hash aggregation, no sort: alive rows are grouped by the 64-bit hash of their key (DuckDB ``hash``; the
     chance of any false match among 10M distinct keys is ~3e-6), groups of 2+ are joined back and every row
-    but the first is rejected with ``ref_uid`` = the first.
-    """
-    cat.clear_decisions(stage)
-    total = 0
-    cat.execute("""CREATE OR REPLACE TEMP TABLE _dsrc AS
-        SELECT source, (row_number() OVER (ORDER BY source))::BIGINT << 40 AS base
-        FROM (SELECT DISTINCT source FROM samples)""")
-    for key in cfg.exact:
-        expr, cond = exact_key_sql(key)
-        cat.execute(f"""CREATE OR REPLACE TEMP TABLE _dk AS
-            SELECT a.uid, r.base + a.row_index AS ord, hash({expr}) AS k
-            FROM alive a JOIN _dsrc r USING (source) WHERE {cond}""")
-        total += cat.inserted(f"""INSERT INTO decisions
-            SELECT d.uid, '{stage}', false, 'duplicate {key}', f.first_uid, NULL
-            FROM _dk d JOIN (
-              SELECT k, arg_min(uid, ord) AS first_uid FROM _dk GROUP BY k HAVING count(*) > 1) f USING (k)
-            WHERE d.uid <> f.first_uid""")
-        cat.execute("DROP TABLE _dk")
-    cat.execute("DROP TABLE _dsrc")
-    return total
+    but the first is rejected with ``ref_uid`` = the first. One verdict query per key, in the recipe's order."""
+
+    def __init__(self, cfg: DedupConfig, stage: str = Stage.DEDUP):
+        self.cfg, self.stage = cfg, Stage(stage)
+
+    def verdicts(self, cat: Catalog) -> Iterator[Verdicts]:
+        cat.execute("""CREATE OR REPLACE TEMP TABLE _dsrc AS
+            SELECT source, (row_number() OVER (ORDER BY source))::BIGINT << 40 AS base
+            FROM (SELECT DISTINCT source FROM samples)""")
+        for key in self.cfg.exact:
+            expr, cond = exact_key_sql(key)
+            cat.execute(f"""CREATE OR REPLACE TEMP TABLE _dk AS
+                SELECT a.uid, r.base + a.row_index AS ord, hash({expr}) AS k
+                FROM alive a JOIN _dsrc r USING (source) WHERE {cond}""")
+            yield Verdicts(f"""SELECT d.uid, 'duplicate {key}' AS reason, f.first_uid FROM _dk d JOIN (
+                  SELECT k, arg_min(uid, ord) AS first_uid FROM _dk GROUP BY k HAVING count(*) > 1) f USING (k)
+                WHERE d.uid <> f.first_uid""", ref="first_uid")
+            cat.execute("DROP TABLE _dk")
+        cat.execute("DROP TABLE _dsrc")
 
 
 def _embedding_cache_dir(cat: Catalog, encoder, cfg: NearDupConfig) -> Path | None:
@@ -224,7 +228,7 @@ def run_near_dup(cat: Catalog, cfg: NearDupConfig, stage: str = Stage.NEARDUP, e
     if dropped:
         import pyarrow as pa
 
-        tbl = pa.table({"uid": [d[0] for d in dropped], "ref": [d[1] for d in dropped]})
-        cat.insert_arrow("decisions", tbl,
-                         f"uid, '{stage}', false, 'near-duplicate caption (cos >= {cfg.threshold})', ref, NULL")
+        tbl = pa.table({"uid": [d[0] for d in dropped], "ref_uid": [d[1] for d in dropped],
+                        "reason": [f"near-duplicate caption (cos >= {cfg.threshold})"] * len(dropped)})
+        record_table(cat, stage, tbl)
     return len(dropped)

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.catalog import Catalog, arrow_views
+from curate.judge import Verdicts, record
 from curate.plan import Context, Done, Step, run_one
 from curate.stages import Begin, Stage
 from tether.recipe import RecipeError, Strict
@@ -208,10 +209,9 @@ def _record(con, rows: list[Outcome]) -> None:
         con.execute("DELETE FROM downloads WHERE uid IN (SELECT uid FROM _rec)")
         con.execute("DELETE FROM decisions WHERE stage = $stage AND uid IN (SELECT uid FROM _rec)", {"stage": STAGE})
         con.execute(f"INSERT INTO downloads SELECT {', '.join(_DL_COLS)} FROM _rec")
-        con.execute("""INSERT INTO decisions(uid, stage, kept, reason)
-            SELECT uid, $stage, status = $ok,
-                   CASE WHEN status = $ok THEN status ELSE status || ': ' || coalesce(error, '') END
-            FROM _rec""", {"stage": STAGE, "ok": SUCCESS})
+        record(con, STAGE, Verdicts("""SELECT uid, status = $ok AS ok,
+                   CASE WHEN status = $ok THEN status ELSE status || ': ' || coalesce(error, '') END AS reason
+            FROM _rec""", kept="ok"), {"ok": SUCCESS})
 
 
 def _local_rows(cat: Catalog, cfg: DownloadConfig, progress: bool) -> None:

@@ -10,11 +10,12 @@ to pass); ``languages``: the ``samples.lang`` code that ingest's language identi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Iterator
 
 from pydantic import Field
 
 from curate.catalog import Catalog
+from curate.judge import Judge, Verdicts
 from curate.stages import Stage
 from tether.recipe import RecipeError, Strict
 
@@ -84,11 +85,22 @@ def stop_word_sql(col: str, words: list[str]) -> str:
 
 
 def run_filters(cat: Catalog, cfg: FilterConfig, stage: Stage = Stage.FILTER) -> int:
-    """Reject captions failing the basic filters; returns the number rejected.
+    """Reject captions failing the basic filters; returns the number rejected."""
+    return CaptionFilters(cfg, stage).run(cat)
 
-    The word count and the ASCII test are computed once per caption (``_nw``, ``_ascii``) and shared by the rules.
-    """
-    cat.clear_decisions(stage)
+
+class CaptionFilters(Judge):
+    """The caption filters as one judging query. The word count and the ASCII test are computed once per caption
+    (``_nw``, ``_ascii``) and shared by the rules."""
+
+    def __init__(self, cfg: FilterConfig, stage: Stage = Stage.FILTER):
+        self.cfg, self.stage = cfg, stage
+
+    def verdicts(self, cat: Catalog) -> Iterator[Verdicts]:
+        yield from _verdicts(cat, self.cfg)
+
+
+def _verdicts(cat: Catalog, cfg: FilterConfig) -> Iterator[Verdicts]:
     rules: list[tuple[str, str]] = []
     words = "_nw"
     if cfg.min_chars:
@@ -115,10 +127,9 @@ def run_filters(cat: Catalog, cfg: FilterConfig, stage: Stage = Stage.FILTER) ->
         rules.append((f"{lang} NOT IN ({listed})",
                       f"'language ' || {lang} || ' not in [{', '.join(cfg.languages)}]'"))
     if not rules:
-        return 0
+        return
     case = "CASE " + " ".join(f"WHEN {w} THEN {r}" for w, r in rules) + " END"
-    return cat.inserted(f"""INSERT INTO decisions
-        SELECT uid, '{stage}', false, reason, NULL, NULL FROM (
+    yield Verdicts(f"""SELECT uid, reason FROM (
           SELECT uid, {case} AS reason FROM (
             SELECT uid, caption, lang, {words_sql('caption')} AS _nw, strlen(caption) = length(caption) AS _ascii
             FROM alive)) WHERE reason IS NOT NULL""")

@@ -43,6 +43,7 @@ from pydantic import Field
 from curate.catalog import Catalog
 from curate.download import SUCCESS
 from curate.imagestore import ImageStore
+from curate.judge import record_table
 from curate.plan import Context, Done, Step
 from curate.stages import Begin, Stage
 from tether.recipe import Strict
@@ -455,7 +456,7 @@ def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, 
     g = np.asarray(group, np.int64)
     kept = alive[g] if len(rows) else np.zeros(0, bool)
     tbl = pa.table({
-        "uid": [r[0] for r in rows], "stage": [STAGE] * len(rows), "kept": kept.tolist(),
+        "uid": [r[0] for r in rows], "kept": kept.tolist(),
         "reason": [reason[k] or "unique image" for k in g.tolist()],
         "ref_uid": [base[ref[k]][0] if ref[k] >= 0 else None for k in g.tolist()],
     })
@@ -463,7 +464,7 @@ def run_image_dedup(cat: Catalog, cfg: ImageDedupConfig, build_dir: str | Path, 
                                                        tbl["reason"].to_pylist(), tbl["ref_uid"].to_pylist()) if not k]
     with cat.transaction():
         cat.clear_decisions(STAGE)
-        cat.insert_arrow("decisions(uid, stage, kept, reason, ref_uid)", tbl, "uid, stage, kept, reason, ref_uid")
+        record_table(cat, STAGE, tbl)
     return res
 
 

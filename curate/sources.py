@@ -42,6 +42,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog, arrow_views
+from curate.judge import Verdicts, record
 from curate.stages import Stage
 from tether.recipe import RecipeError, Strict, resolve_path
 from curate.urlpolicy import MAX_URL_CHARS, url_reason
@@ -689,9 +690,8 @@ def _commit_batch(cat: Catalog, source: str, std: pa.Table, uids: pa.Table, icfg
         con.execute("""INSERT INTO samples SELECT uid, $src, row_index, url, path, caption,
                          TRY_CAST(width AS INTEGER), TRY_CAST(height AS INTEGER), extra, lang
                        FROM _ingest ORDER BY row_index""", {"src": source})
-        con.execute("""INSERT INTO decisions SELECT uid, $stage, false, reason,
-                         CASE WHEN reason = 'duplicate uid' THEN dup_ref END, NULL
-                       FROM _ingest WHERE reason IS NOT NULL ORDER BY row_index""", {"stage": STAGE.value})
+        record(con, STAGE, Verdicts("SELECT uid, reason, dup_ref FROM _ingest WHERE reason IS NOT NULL "
+                                    "ORDER BY row_index", ref="CASE WHEN reason = 'duplicate uid' THEN dup_ref END"))
         con.execute("DROP TABLE _ingest")
         cat.add_unit(STAGE, unit)
 

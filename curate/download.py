@@ -155,7 +155,7 @@ def check_local_image(path: str) -> tuple[str, Optional[str], Optional[str], Opt
     from PIL import Image
 
     from curate.reasons import stable_reason
-    from curate.sources import read_local_file
+    from curate.imagestore import read_local_file
 
     data, why = read_local_file(path)  # a regular file of ≤ 64 MB only: /dev/zero or a FIFO is never read
     if data is None:

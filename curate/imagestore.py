@@ -1,16 +1,66 @@
 """Random access to the image bytes the download stage stored (:mod:`curate.download` records where each image
 is: ``downloads(format, store, shard, key)``), and to the members of the build's own shards. The ONE stored-image
-reader: image dedup, the agreement stage, the shard writer and the explorer all read through it."""
+reader: image dedup, the agreement stage, the shard writer and the explorer all read through it — and the bounded
+local-file check and read (:func:`local_file_reason`, :func:`read_local_file`) that ingest and the download use."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tarfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from curate.sources import MAX_IMAGE_BYTES, read_local_file
+MAX_IMAGE_BYTES = 64 << 20  # default ``ingest.max_image_bytes``
+
+
+def local_file_reason(path: str, max_bytes: int, check_files: bool = True) -> str | None:
+    """Why the local image ``path`` cannot be used (None = usable): a NUL in the path, a missing file (only when
+    ``check_files``), anything but a regular file (``/dev/zero``, a FIFO, a folder: never read), a file over
+    ``max_bytes``. ``stat`` only — nothing is opened. Symlinks are followed (a link to a photo is fine)."""
+    if "\x00" in path:
+        return "image path contains NUL bytes"
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "image file not found" if check_files else None
+    except (OSError, ValueError) as e:
+        if not check_files:
+            return None
+        code = errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+        return f"image file not accessible ({code})"
+    if not stat.S_ISREG(st.st_mode):
+        return "image path is not a regular file"
+    if st.st_size > max_bytes:
+        return f"image file too large ({st.st_size} > {max_bytes} bytes)"
+    return None
+
+
+def read_local_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
+    """Read one local image with a bound: ``(data, None)`` or ``(None, reason)``. Only a regular file of at most
+    ``max_bytes`` is read (checked before opening and again on the open descriptor, opened non-blocking so a FIFO
+    swapped in cannot hang, and never more than ``max_bytes + 1`` bytes read)."""
+    why = local_file_reason(path, max_bytes)
+    if why == "image file not found":
+        return None, f"no such file: {path}"
+    if why:
+        return None, why
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None, f"no such file: {path}"
+    except OSError as e:
+        return None, f"image file not accessible ({errno.errorcode.get(e.errno or 0, type(e).__name__)})"
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "image path is not a regular file"
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return None, f"image file too large (> {max_bytes} bytes)"
+    return data, None
 
 
 class StoredImageError(OSError):

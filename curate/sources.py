@@ -29,11 +29,9 @@ rerun skips finished batches and ends with the same catalog as an uninterrupted 
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -42,6 +40,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.catalog import Catalog, arrow_views
+from curate.imagestore import MAX_IMAGE_BYTES, local_file_reason
 from curate.judge import Verdicts, record
 from curate.stages import Stage
 from tether.recipe import RecipeError, Strict, resolve_path
@@ -51,7 +50,6 @@ STAGE = Stage.INGEST
 TEXT_FORMATS = ("csv", "tsv", "flickr", "jsonl")
 CSV_BLOCK_BYTES = 1 << 22  # pyarrow CSV block; quoted fields may hold newlines and straddle blocks
 JSONL_BLOCK_BYTES = 1 << 22
-MAX_IMAGE_BYTES = 64 << 20  # default ``ingest.max_image_bytes``
 
 
 class SourceConfig(Strict):
@@ -470,53 +468,6 @@ def _text_column(tbl: pa.Table, name: str | None) -> tuple[pa.Array, np.ndarray]
             out.append(b.decode("utf-8", errors="replace"))
             bad[i] = True
     return pa.array(out, pa.string()), bad
-
-
-def local_file_reason(path: str, max_bytes: int, check_files: bool = True) -> str | None:
-    """Why the local image ``path`` cannot be used (None = usable): a NUL in the path, a missing file (only when
-    ``check_files``), anything but a regular file (``/dev/zero``, a FIFO, a folder: never read), a file over
-    ``max_bytes``. ``stat`` only — nothing is opened. Symlinks are followed (a link to a photo is fine)."""
-    if "\x00" in path:
-        return "image path contains NUL bytes"
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return "image file not found" if check_files else None
-    except (OSError, ValueError) as e:
-        if not check_files:
-            return None
-        code = errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
-        return f"image file not accessible ({code})"
-    if not stat.S_ISREG(st.st_mode):
-        return "image path is not a regular file"
-    if st.st_size > max_bytes:
-        return f"image file too large ({st.st_size} > {max_bytes} bytes)"
-    return None
-
-
-def read_local_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
-    """Read one local image with a bound: ``(data, None)`` or ``(None, reason)``. Only a regular file of at most
-    ``max_bytes`` is read (checked before opening and again on the open descriptor, opened non-blocking so a FIFO
-    swapped in cannot hang, and never more than ``max_bytes + 1`` bytes read)."""
-    why = local_file_reason(path, max_bytes)
-    if why == "image file not found":
-        return None, f"no such file: {path}"
-    if why:
-        return None, why
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None, f"no such file: {path}"
-    except OSError as e:
-        return None, f"image file not accessible ({errno.errorcode.get(e.errno or 0, type(e).__name__)})"
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, "image path is not a regular file"
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        return None, f"image file too large (> {max_bytes} bytes)"
-    return data, None
 
 
 # a subset of what url_reason accepts: http(s), an ASCII host name[:port], then no control character or space

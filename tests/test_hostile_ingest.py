@@ -21,8 +21,8 @@ from PIL import Image
 from curate.catalog import Catalog
 from curate.cli import main
 from tether.recipe import RecipeError
-from curate.sources import (CSV_BLOCK_BYTES, IngestConfig, SourceConfig, local_file_reason, read_local_file,
-                            run_ingest)
+from curate.imagestore import local_file_reason, read_local_file
+from curate.sources import CSV_BLOCK_BYTES, IngestConfig, SourceConfig, run_ingest
 from curate.reasons import stable_reason
 from curate.urlpolicy import url_reason
 

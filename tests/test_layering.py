@@ -142,3 +142,43 @@ def test_cycle_checker_sees_lazy_and_relative_imports(tmp_path):
     g = module_graph(tmp_path, ("curate",))
     assert g["curate.d"] == {"curate", "curate.a"}  # the package runs too
     assert import_cycles(g) == [["curate.a", "curate.b", "curate.c"]]
+
+
+# curate's own layers, bottom first (docs/architecture.md): a module may import its own layer and the ones below,
+# never one above — the stage modules do not reach the runner, the runner not the programs. Every module of
+# curate must be listed, so a new one takes its place explicitly.
+CURATE_LAYERS = [
+    ("leaves", {"curate", "curate.stages", "curate.reasons", "curate.urlpolicy", "curate.langid", "curate.wordnet",
+                "curate.report", "curate.match.semantic", "curate.serve.common", "curate.serve.render"}),
+    ("storage", {"curate.catalog", "curate.fetch", "curate.imagestore"}),
+    ("plan", {"curate.plan", "curate.judge", "curate.i2d", "curate.hfdataset"}),
+    ("stages", {"curate.sources", "curate.filters", "curate.dedup", "curate.concepts", "curate.match",
+                "curate.match.lexical", "curate.balance", "curate.selection", "curate.download", "curate.imagededup",
+                "curate.agreement", "curate.shards", "curate.card"}),
+    ("media plan", {"curate.media"}),
+    ("recipe", {"curate.config"}),
+    ("build", {"curate.pipeline"}),
+    ("programs", {"curate.cli", "curate.__main__", "curate.serve", "curate.serve.app", "curate.serve.cli",
+                  "curate.serve.explorer", "curate.serve.models", "curate.serve.summary"}),
+]
+
+
+def upward_imports(graph: dict[str, set[str]], layers=CURATE_LAYERS) -> list[str]:
+    rank = {m: i for i, (_, mods) in enumerate(layers) for m in mods}
+    bad = [f"{m}: not in a layer" for m in sorted(graph) if m.split(".")[0] == "curate" and m not in rank]
+    for m in sorted(rank):
+        for dep in sorted(graph.get(m, ())):
+            if dep in rank and rank[dep] > rank[m]:
+                bad.append(f"{m} ({layers[rank[m]][0]}) imports {dep} ({layers[rank[dep]][0]})")
+    return bad
+
+
+def test_curate_has_no_upward_import():
+    assert upward_imports(module_graph()) == []
+
+
+def test_upward_checker_sees_an_upward_and_an_unlisted_module():
+    graph = {"curate.catalog": {"curate.pipeline"}, "curate.pipeline": {"curate.catalog"}, "curate.new": set()}
+    layers = [("low", {"curate.catalog"}), ("high", {"curate.pipeline"})]
+    assert upward_imports(graph, layers) == ["curate.new: not in a layer",
+                                             "curate.catalog (low) imports curate.pipeline (high)"]

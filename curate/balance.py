@@ -73,10 +73,13 @@ class BalanceReport:
     def dropped(self) -> int:
         return self.candidates - self.kept
 
+    def words(self) -> str:
+        return (f"{self.method} kept {self.kept:,} of {self.candidates:,} candidates "
+                f"({self.matched:,} matched, {self.concepts:,} concepts)")
+
     def summary(self) -> str:
         """The stage line (the concepts below the floor are said once, at the end: :func:`floor_note`)."""
-        return (f"{self.stage}: {self.method} kept {self.kept:,} of {self.candidates:,} candidates "
-                f"({self.matched:,} matched, {self.concepts:,} concepts)")
+        return f"{self.stage}: {self.words()}"
 
 
 def floor_note(short: dict[str, int], concepts: int, floor: int, when: str, where: str,

@@ -141,7 +141,7 @@ def rebalance_step(cfg: RebalanceConfig) -> Step:
         if not cfg.enabled:
             return Done(None, "off")
         rep = run_rebalance(ctx.cat, cfg, ctx.progress)
-        return Done(rep.kept, rep.summary())
+        return Done(rep.kept, rep.words())
 
     return Step(REBALANCE, "media.rebalance", {} if cfg.enabled else {"enabled": False}, run, inputs=inputs)
 

@@ -21,6 +21,7 @@ KIND["eval_paper"] = KIND["eval_local"] = Suite  # align eval --suite files (tes
 KIND["loop_agreement"] = MediaRecipe  # a bare media: section (curate shard --recipe; recipes/loop_quickstart.sh)
 KIND["align_flickr8k_ensemble"] = TrainRecipe  # vision.members: an encoder ensemble (tests/test_ensemble.py)
 KIND["align_dinov2_roberta_ensemble"] = TrainRecipe  # the full-scale pair + ensemble members (GPU users)
+KIND["align_flickr8k_dinov2s"] = TrainRecipe  # the best DINOv2-S-based recipe (docs/results.md section 10.2)
 LAUNCH = {"accelerate_cpu"}  # accelerate launch configs (.ci/install makes this one accelerate's default)
 
 
@@ -60,3 +61,12 @@ def test_flickr8k_best_pair_settings():
     assert (r.vision.name, r.text.name) == ("efficientnet-lite0", "all-mpnet-base-v2")
     assert r.features.crops == 4 and r.train.augment and r.train.epochs == 3
     assert r.projector.image.hidden_dim == r.projector.text.hidden_dim == 2048
+
+
+def test_flickr8k_dinov2s_settings():
+    """docs/results.md section 10.2: the dev-chosen DINOv2-S recipe (4 layers in one pass, three text encoders,
+    4 epochs with the STRUCTURE regulariser)."""
+    r = parse(TrainRecipe, read_yaml(RECIPES / "align_flickr8k_dinov2s.yaml"), "dinov2s")
+    assert r.vision.name.endswith("models/dinov2-small") and list(r.vision.layer) == [9, 10, 11, -1]
+    assert [m.name for m in r.text.members] == ["sentence-transformers/all-MiniLM-L6-v2", "use-multilingual-v3"]
+    assert (r.train.epochs, r.loss.structure, r.features.pooling) == (4, 1.0, "cls+mean")

@@ -48,12 +48,6 @@ def record_table(con, stage: Stage, table) -> int:
         return record(raw, stage, v)
 
 
-def rejected_by_reason(cat: Catalog, stage: Stage) -> dict[str, int]:
-    """How many rows ``stage`` rejected, per reason."""
-    return dict(cat.execute("SELECT reason, count(*) FROM decisions WHERE stage = ? AND NOT kept GROUP BY 1 "
-                            "ORDER BY 2 DESC, 1", [Stage(stage).value]).fetchall())
-
-
 class Judge:
     """Base of a judging stage: :meth:`verdicts` yields its :class:`Verdicts` (SQL; setup statements may run
     between yields); :meth:`run` replaces the stage's earlier decisions with them and returns the rows written."""

@@ -145,6 +145,11 @@ def run(args) -> int:
             first = {o: i for i, o in enumerate(owner) if o >= 0}
             refuted |= {k for k in range(len(rows)) if not np.isnan(sims[first[k]]) and sims[first[k]] < cfg.prototype_min}
         found[name] = {(r["uid"], r["concept_id"]) for k, r in enumerate(rows) if k not in refuted} & text
+        if args.show_wrong:  # the wrong kept pairs the check leaves, to read
+            for r in rows:
+                if r["set"] == "kept" and r["correct"] == "0" and (r["uid"], r["concept_id"]) in found[name]:
+                    print(f"  {name} wrong kept: {r['matched_form']} -> {r['concept_name']} ({r['error_class']}): "
+                          f"{r['caption'][:80]}", file=sys.stderr)
         print(f"{name}: {len(keep_idx)} of {len(rows)} labelled pairs checkable, {len(refuted)} refuted",
               file=sys.stderr)
     comparison = compare(rows, found)
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", help="keep the image embeddings here (per scorer and image list) for reruns")
     ap.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE[;KEY=VALUE] of senses settings")
     ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--show-wrong", action="store_true", help="list the wrong kept pairs each variant leaves (stderr)")
     return run_command(run, ap.parse_args(argv))
 
 

@@ -518,6 +518,69 @@ def test_rules_resume_after_kill_same_rows(tmp_path, monkeypatch):
     cat.close()
 
 
+def test_name_and_agreement_helpers():
+    """in_a_name: a capitalised word running on into another capitalised word, not the name's last word, not in
+    title case; singular_phrase_verb: NNS after a singular noun in a phrase a singular determiner opens."""
+    from curate.match.lexical import WORD, in_a_name, singular_phrase_verb
+
+    def name(cap, word):
+        sp = [m.span() for m in WORD.finditer(cap)]
+        j = [cap[a:b].lower() for a, b in sp].index(word)
+        return in_a_name(cap, sp, j, j)
+
+    assert name("A man in a Spider-Man costume .", "spider")          # hyphen-joined
+    assert name("Spider-Man poses .", "spider")                       # hyphen-joined, even first in the caption
+    assert name("Kids on a ride called the Frog Hopper .", "frog")
+    assert not name("Tourists below the Eiffel Tower .", "tower")     # the name's last word: its head
+    assert not name("Frog Hopper ride for kids .", "frog")            # first word, space-joined: case says nothing
+    assert not name("A Frog Sits On A Green Leaf .", "frog")          # title case
+    assert not name("A frog and a Tower .", "frog") and not name("Two guys play Cricket", "cricket")
+    assert not name("A Spider-man", "spider")                         # the next word is not capitalised
+    # tags as the tagger gives them per word of the window
+    assert singular_phrase_verb("A girl swings on a nice", ["DT", "NN", "NNS", "IN", "DT", "JJ"], 2, 1)
+    assert singular_phrase_verb("a green boat paddles through the", ["DT", "JJ", "NN", "NNS", "IN", "DT"], 3, 2)
+    assert not singular_phrase_verb("A few girl swings", ["DT", "JJ", "NN", "NNS"], 3, 1)       # quantifier
+    assert not singular_phrase_verb("The girl swings on", ["DT", "NN", "NNS", "IN"], 2, 1)      # not singular
+    assert not singular_phrase_verb("A heron , wings ,", ["DT", "NN", "NNS"], 2, 1)             # a comma between
+    assert not singular_phrase_verb("a silver helmet , knee pads ,", ["DT", "JJ", "NN", "NN", "NNS"], 4, 2)
+    assert not singular_phrase_verb("a man wearing sunglasses", ["DT", "NN", "VBG", "NNS"], 3, 1)
+    assert not singular_phrase_verb("A girl swings", ["DT", "NN", "VBZ"], 2, 1)                 # tagged a verb
+
+
+def test_names_and_agreement_rules_on_real_wordnet(tmp_path):
+    """names + pos_context in the matcher: Spider-Man and the Frog Hopper are no spider or frog, and "a girl
+    swings" / "a green boat paddles" are verbs the tagger reads as plural nouns, "a brunette girl" an adjective; each with its reason. Off, the
+    precise settings keep them all; the nouns stay either way."""
+    _need_wordnet()
+    pytest.importorskip("spacy")
+    caps = ["A man in a Spider-Man bedspread .", "Kids on a ride called the Frog Hopper .", "A girl swings on a nice day .",
+            "A kayaker in a green boat paddles through the rapids .", "A spider on a web .",
+            "A green frog on a leaf .", "Two girls on the swings .", "A man with two paddles .",
+            "Tourists below the Eiffel Tower .", "A little brunette girl smiles .", "A brunette in a red coat ."]
+    bank = ["n01772222", "n01639765", "n04371774", "n03873416", "n04460130", "n09877856"]
+    cat = _catalog(tmp_path / "c.duckdb", caps)
+    build_concepts(cat, ConceptsConfig(imagenet1k=False, words=bank), progress=False)
+    try:
+        run_match(cat, MatchConfig(lexical=PRECISE), progress=False)
+    except RecipeError as e:
+        pytest.skip(f"no spaCy English pipeline: {e}")
+    before = set(cat.execute("SELECT uid, concept_id FROM matches").fetchall())
+    run_match(cat, MatchConfig(lexical={**PRECISE, "names": True, "pos_context": True}), progress=False)
+    got = set(cat.execute("SELECT uid, concept_id FROM matches").fetchall())
+    gone = {(u, c): r for u, c, r in cat.execute("SELECT uid, concept_id, reason FROM lexical_removed").fetchall()}
+    assert before - got == {("u00000", "n01772222"), ("u00001", "n01639765"), ("u00002", "n04371774"),
+                            ("u00003", "n03873416"), ("u00009", "n09877856")} and got <= before
+    assert gone[("u00000", "n01772222")] == gone[("u00001", "n01639765")] == "in_a_name"
+    assert gone[("u00002", "n04371774")] == gone[("u00003", "n03873416")] == gone[("u00009", "n09877856")] \
+        == "not_a_noun"  # (a brunette girl: an adjective before a noun, whatever the tagger said)
+    assert {("u00004", "n01772222"), ("u00005", "n01639765"), ("u00006", "n04371774"), ("u00007", "n03873416"),
+            ("u00008", "n04460130"), ("u00010", "n09877856")} <= got
+    from curate.match.lexical import card_lines
+
+    assert "| in_a_name | 2 |" in "\n".join(card_lines(cat))
+    cat.close()
+
+
 def test_pos_tagger_aligns_with_normalized_words():
     pytest.importorskip("spacy")
     from curate.concepts import normalize

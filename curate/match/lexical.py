@@ -46,7 +46,7 @@ SensePolicy = Literal["all", "first", "imagenet_first"]
 #: Why a lexical (caption, concept) hit was removed; codes index this tuple (0 = kept). The order is the priority
 #: when one pair has several hits removed for different reasons (form-level rules first).
 REASONS = ("kept", "adjective_form", "rare_sense", "uncounted_sense", "plural_reading", "inside_compound",
-           "not_a_noun")
+           "not_a_noun", "in_a_name")
 REASON_HELP = {
     "adjective_form": "skip_adjectives: the form's word is mostly an adjective (SemCor)",
     "rare_sense": "min_sense_share: a rare sense of the word (SemCor)",
@@ -54,6 +54,7 @@ REASON_HELP = {
     "plural_reading": "own_word_first: the form is a word of its own, not the plural of another concept's word",
     "inside_compound": "compounds: the words are part of a longer compound in the caption",
     "not_a_noun": "pos: the caption uses the word as a verb, adjective or other non-noun",
+    "in_a_name": "names: the word is a non-final part of a capitalised name (a Spider-Man bedspread)",
 }
 R = {name: i for i, name in enumerate(REASONS)}
 WORD = re.compile(r"[^\W_]+")
@@ -66,6 +67,13 @@ PREPOSITIONS = frozenset("on in at with of from into onto by near under over beh
 _CLOSED: frozenset[str] | None = None
 TAG_WINDOW = 3  # words either side of a hit that the POS tagger sees  # spaCy's English stop words, read on first use
 NOUN_TAGS = {"noun": frozenset({"NN", "NNS"}), "noun_or_proper": frozenset({"NN", "NNS", "NNP", "NNPS"})}
+#: pos_context: a noun phrase opened by one of these is singular ("a girl swings": swings is its verb) ...
+SINGULAR_DETERMINERS = frozenset("a an another each every this that".split())
+#: ... unless one of these words follows it ("a few skis", "a couple kites")
+QUANTIFIER_WORDS = frozenset("few couple dozen lot lots bunch pair number hundred hundreds thousand thousands "
+                             "handful variety group series set".split())
+#: the Penn tags a singular noun phrase may have between its determiner and its head
+NP_INNER_TAGS = frozenset({"JJ", "JJR", "JJS", "NN", "NNP"})
 
 
 class LexicalConfig(Strict):
@@ -105,6 +113,16 @@ class LexicalConfig(Strict):
     # a hit are tagged (spacy_model, tagger only).
     pos: Literal["off", "noun", "noun_or_proper"] = "off"
     pos_ambiguity: float = Field(0.2, ge=0.0)
+    # with pos: the words around a tagged hit overrule the tagger (not_a_noun). A hit tagged as a plural noun right
+    # after a singular noun, in a noun phrase that a singular determiner opens, is a verb ("a girl swings on", "a
+    # green boat paddles through"); a form WordNet also lists as an adjective, right before a noun, is one ("a
+    # brunette girl", "a maroon shirt")
+    pos_context: bool = False
+    # a hit whose words are all capitalised and that runs on (space or hyphen) into another capitalised word is a
+    # non-final part of a name: not matched ("a Spider-Man bedspread", "a ride called the Frog Hopper"; the name's
+    # last word, its head, still matches: "the Eiffel Tower" is a tower). A hit that starts the caption needs the
+    # hyphen; captions with more than half of their words capitalised (title case, all caps) are exempt
+    names: bool = False
     lemmatize: bool = Field(False, description="also match spaCy lemmas of each caption (slower; see bench)")
 
     @field_validator("compounds", "pos", mode="before")
@@ -215,8 +233,10 @@ class WordNetFacts:
             f.adjectives = get(adjective_words, d, ratio=cfg.adjective_ratio) or frozenset()
         if cfg.pos != "off":
             f.tag_counts = get(pos_tag_counts, d) or {}
-            f.non_nouns = get(non_noun_lemmas, d) or frozenset()
-            f.modifiers = get(non_noun_lemmas, d, ("index.adj", "index.adv")) or frozenset()
+            # a hyphenated WordNet lemma is also found under its spaced form, as forms are (look-alike → look alike)
+            spaced = lambda ws: frozenset(ws) | {w.replace("-", " ") for w in ws}  # noqa: E731
+            f.non_nouns = spaced(get(non_noun_lemmas, d) or ())
+            f.modifiers = spaced(get(non_noun_lemmas, d, ("index.adj", "index.adv")) or ())
         if cfg.compounds == "wordnet":
             f.collocations = get(noun_collocations, d) or frozenset()
         if cfg.compounds != "off" or cfg.uncounted_senses == "same_kind":
@@ -239,6 +259,50 @@ class FormPlan:
     ambiguous: frozenset[str]
     summary: dict[str, list[str]]
     head_exempt: frozenset[str] = frozenset()  # compounds that do not block their last word (a kind of it)
+    adjectival: frozenset[str] = frozenset()  # ambiguous forms whose (last) word WordNet also lists as an adjective
+
+
+def in_a_name(caption: str, spans: Sequence[tuple[int, int]], first: int, last: int) -> bool:
+    """Whether words ``first``..``last`` of ``caption`` (``spans``: its words' character spans) are a non-final part
+    of a capitalised name (``names``): all capitalised, and run on into a capitalised next word — by a hyphen
+    (``Spider-Man``), or by a space when they do not start the caption (``the Frog Hopper``). A caption with more
+    than half of its words after the first capitalised (title case, all caps) says nothing by its capitals."""
+    if first < 0 or last + 1 >= len(spans):
+        return False
+    words = [caption[a:b] for a, b in spans]
+    if not all(w[:1].isupper() for w in words[first: last + 2]):
+        return False
+    if 2 * sum(w[:1].isupper() for w in words[1:]) > len(words) - 1:
+        return False
+    gap = caption[spans[last][1]: spans[last + 1][0]]
+    return gap == "-" or (gap == " " and first > 0)
+
+
+def before_noun(window: str, tags: Sequence[str], k: int) -> bool:
+    """Whether word ``k`` of the tagged ``window`` stands right before a noun (NN/NNS, a space between): where a
+    word WordNet also lists as an adjective is one (``a brunette girl``, ``a giant slide``), whatever its tag."""
+    found = list(WORD.finditer(window))
+    return (len(found) == len(tags) and k + 1 < len(tags) and tags[k + 1] in ("NN", "NNS")
+            and window[found[k].end(): found[k + 1].start()] == " ")
+
+
+def singular_phrase_verb(window: str, tags: Sequence[str], k: int, form_words: int) -> bool:
+    """Whether the hit ending at word ``k`` of the tagged ``window`` (``form_words`` words) is a verb the tagger
+    read as a plural noun (``pos_context``): tagged NNS, right after a singular noun (NN/NNP, the hit's own first
+    word included: ``boat paddles``), in a phrase of adjectives and nouns that a singular determiner opens — ``a
+    girl swings on``, ``a green boat paddles through``, ``a black shirt swings back``. Not after a quantifier
+    (``a few``, ``a couple``)."""
+    if tags[k] != "NNS" or k < 1 or tags[k - 1] not in ("NN", "NNP"):
+        return False
+    found = list(WORD.finditer(window.lower()))
+    if len(found) != len(tags) or window[found[k - 1].end(): found[k].start()] != " ":
+        return False  # a comma or other mark between the two words: no phrase ("a heron , wings ,")
+    words = [m.group() for m in found]
+    j = k - 1  # back over the phrase's adjectives and nouns, to its determiner; a mark between two words ends it
+    while (j >= 0 and tags[j] in NP_INNER_TAGS and words[j] not in QUANTIFIER_WORDS
+           and (j == 0 or not window[found[j - 1].end(): found[j].start()].strip())):
+        j -= 1
+    return j >= 0 and tags[j] == "DT" and words[j] in SINGULAR_DETERMINERS and j <= k - form_words
 
 
 def pos_ambiguous(word: str, facts: WordNetFacts, ratio: float, inflected: bool = False) -> bool:
@@ -369,6 +433,7 @@ def plan_forms(rows: Iterable[tuple[str, str, int | None, str, bool]], cfg: "Lex
             if any(c in head_cids or head_cids & facts.ancestors(c) for c in own):
                 head_exempt.add(f)
     ambiguous: set[str] = set()
+    adjectival: set[str] = set()
     if cfg.pos != "off":
         lemmas: dict[str, set[str]] = {}
         for form, _, _, lemma, _ in rows:
@@ -381,7 +446,10 @@ def plan_forms(rows: Iterable[tuple[str, str, int | None, str, bool]], cfg: "Lex
                 words = {lm, lm.rpartition(" ")[2]} if inflected else {lm}
                 if any(pos_ambiguous(w, facts, cfg.pos_ambiguity, inflected) for w in words):
                     ambiguous.add(normalize(f))
-    return FormPlan(forms, removed, frozenset(blockers), frozenset(ambiguous), summary, frozenset(head_exempt))
+                    if not inflected and (lm in facts.modifiers or lm.rpartition(" ")[2] in facts.modifiers):
+                        adjectival.add(normalize(f))
+    return FormPlan(forms, removed, frozenset(blockers), frozenset(ambiguous), summary, frozenset(head_exempt),
+                    frozenset(adjectival))
 
 
 class LexicalMatcher:
@@ -398,11 +466,13 @@ class LexicalMatcher:
 
     def __init__(self, form_concepts: dict[str, Sequence[str]], overlaps: Literal["all", "longest"] = "all",
                  removed: dict[str, dict[str, int]] | None = None, blockers: Iterable[str] = (),
-                 ambiguous: Iterable[str] = (), head_exempt: Iterable[str] = ()):
+                 ambiguous: Iterable[str] = (), head_exempt: Iterable[str] = (), adjectival: Iterable[str] = ()):
         self.overlaps = overlaps
         self.compounds = False  # hit-level rules used by match(); RuleMatcher sets them
         self.tagger: Callable[[Sequence[str]], list[list[str] | None]] | None = None
         self.noun_tags = NOUN_TAGS["noun"]
+        self.names = False  # hit-level: non-final words of capitalised names (match_rules)
+        self.agreement = False  # with tagger: singular noun phrase + plural-tagged hit = a verb (match_rules)
         empty = np.zeros(0, dtype=np.int64)
         self.removed: tuple[np.ndarray, ...] = (empty, empty, empty, empty)
         merged: dict[str, dict[str, int]] = {}
@@ -432,6 +502,8 @@ class LexicalMatcher:
         self._filtered = bool(self._reason.any()) or bool(extra)
         amb = {normalize(f) for f in ambiguous}
         self._ambiguous = np.fromiter((f in amb for f in self.forms), dtype=bool, count=len(self.forms))
+        adj = {normalize(f) for f in adjectival}
+        self._adjectival = np.fromiter((f in adj for f in self.forms), dtype=bool, count=len(self.forms))
         exempt = {normalize(f) for f in head_exempt}
         self._head_exempt = [f in exempt for f in self.forms]
         # what a hit may block inside it: its kept concepts (a blocker: none, but it blocks); a form whose every
@@ -501,8 +573,9 @@ class LexicalMatcher:
 
         Pairs a rule removed are not returned: they are left in ``self.removed`` as ``(caption, concept, form,
         reason)`` (:meth:`match_rules`, with this matcher's ``compounds``, ``tagger`` and ``noun_tags``)."""
-        if self._filtered or self.compounds or self.tagger is not None:
-            kept, self.removed = self.match_rules(captions, self.compounds, self.tagger, self.noun_tags, lemma_texts)
+        if self._filtered or self.compounds or self.tagger is not None or self.names:
+            kept, self.removed = self.match_rules(captions, self.compounds, self.tagger, self.noun_tags, lemma_texts,
+                                                  names=self.names, agreement=self.agreement)
             return kept
         empty = np.zeros(0, dtype=np.int64)
         self.removed = (empty, empty, empty, empty)
@@ -520,19 +593,21 @@ class LexicalMatcher:
     def match_rules(self, captions: Sequence[str | None], compounds: bool = False,
                     tagger: Callable[[Sequence[str]], list[list[str] | None]] | None = None,
                     noun_tags: frozenset[str] = NOUN_TAGS["noun"],
-                    lemma_texts: Sequence[str | None] | None = None):
+                    lemma_texts: Sequence[str | None] | None = None, names: bool = False, agreement: bool = False):
         """:meth:`match` with the hit-level rules, and what every rule removed.
 
         ``compounds``: a hit inside a longer hit (a bank form or a blocker) is removed (``inside_compound``).
         ``tagger``: captions → one Penn tag per normalized word (None: cannot say); a hit of an ``ambiguous`` form
         whose last word is not tagged as one of ``noun_tags`` is removed (``not_a_noun``). Only captions with such a
-        hit are tagged. Lemma-text hits (``lemmatize``) get the form-level rules only.
+        hit are tagged; ``agreement``: a plural-tagged hit in a singular noun phrase is not a noun either
+        (:func:`singular_phrase_verb`). ``names``: a hit that is a non-final part of a capitalised name is removed
+        (``in_a_name``, :func:`in_a_name`). Lemma-text hits (``lemmatize``) get the form-level rules only.
 
         Returns ``(cap, concept, form)`` of the kept pairs as :meth:`match` and ``(cap, concept, form, reason)``
         of the removed pairs (not kept through any hit; the highest-priority reason of :data:`REASONS`), both
         sorted by caption then concept.
         """
-        if not compounds and tagger is None:  # form-level rules only: the flat scan, reasons vectorized
+        if not compounds and tagger is None and not names:  # form-level rules only: the flat scan, reasons vectorized
             ri_a, rv_a = self.hits(captions, lemma_texts)
             keep_hit = rv_a < self.n_real
             return self._split(ri_a[keep_hit], rv_a[keep_hit], np.zeros(int(keep_hit.sum()), dtype=np.int64))
@@ -581,6 +656,26 @@ class LexicalMatcher:
             texts[i] = text
         ri_a, rv_a = np.asarray(ri, dtype=np.int64), np.asarray(rv, dtype=np.int64)
         why = np.asarray(rwhy, dtype=np.int64)
+        spans: dict[int, list[tuple[int, int]]] = {}  # caption → its words' character spans, as written
+
+        def word_index(h: int) -> tuple[list[tuple[int, int]], int] | None:
+            """The written words of hit ``h``'s caption and the index of the hit's last word (None: lowercasing
+            changed the words, rare Unicode)."""
+            i = int(ri_a[h])
+            if i not in spans:
+                spans[i] = [m.span() for m in WORD.finditer(captions[i] or "")]
+            sp = spans[i]
+            j = texts[i].count(" ", 0, int(rend[h])) - 1
+            return (sp, j) if len(sp) == texts[i].count(" ") - 1 and 0 <= j < len(sp) else None
+
+        if names and len(rv_a):
+            for h in np.flatnonzero((why == 0) & (np.asarray(rend, dtype=np.int64) >= 0)):
+                cap = captions[int(ri_a[h])] or ""
+                if not any(c.isupper() for c in cap[1:]):
+                    continue
+                at = word_index(int(h))
+                if at is not None and in_a_name(cap, at[0], at[1] - self.form_words[int(rv_a[h])] + 1, at[1]):
+                    why[h] = R["in_a_name"]
         if tagger is not None and len(rv_a):
             end = np.asarray(rend, dtype=np.int64)
             need = np.flatnonzero(self._ambiguous[rv_a] & (why == 0) & (end >= 0))
@@ -591,17 +686,13 @@ class LexicalMatcher:
             if len(need):
                 # the tagger sees the hit with TAG_WINDOW words either side (the caption's own characters: case and
                 # punctuation kept), each distinct window once per call
-                spans: dict[int, list[tuple[int, int]]] = {}
                 asks: list[tuple[int, str, int]] = []
                 for h in need:
-                    i = int(ri_a[h])
-                    cap = captions[i] or ""
-                    if i not in spans:
-                        spans[i] = [m.span() for m in WORD.finditer(cap)]
-                    sp = spans[i]
-                    j = texts[i].count(" ", 0, int(end[h])) - 1
-                    if len(sp) != texts[i].count(" ") - 1 or not 0 <= j < len(sp):
+                    cap = captions[int(ri_a[h])] or ""
+                    at = word_index(int(h))
+                    if at is None:
                         continue  # lowercasing changed the words (rare Unicode): keep the hit
+                    sp, j = at
                     lo = max(0, j - self.form_words[int(rv_a[h])] + 1 - TAG_WINDOW)
                     hi = min(len(sp) - 1, j + TAG_WINDOW)
                     asks.append((int(h), cap[sp[lo][0]: sp[hi][1]], j - lo))
@@ -609,7 +700,10 @@ class LexicalMatcher:
                 tags = dict(zip(windows, tagger(windows)))
                 for h, w, k in asks:
                     words = tags.get(w)
-                    if words and k < len(words) and words[k] not in noun_tags:
+                    if words and k < len(words) and (
+                            words[k] not in noun_tags
+                            or agreement and (singular_phrase_verb(w, words, k, self.form_words[int(rv_a[h])])
+                                              or self._adjectival[rv_a[h]] and before_noun(w, words, k))):
                         why[h] = R["not_a_noun"]
         return self._split(ri_a, rv_a, why)
 
@@ -723,11 +817,12 @@ class RuleMatcher:
     def __init__(self, plan: FormPlan, cfg: "LexicalConfig"):
         self.cfg = cfg
         self.matcher = LexicalMatcher(plan.forms, cfg.overlaps, plan.removed, plan.blockers, plan.ambiguous,
-                                      plan.head_exempt if cfg.compounds != "off" else ())
+                                      plan.head_exempt if cfg.compounds != "off" else (), plan.adjectival)
         m = self.matcher
         m.compounds = cfg.compounds != "off" or cfg.overlaps == "longest"
         m.tagger = self.tagger = PosTagger(cfg.spacy_model) if cfg.pos != "off" and plan.ambiguous else None
         m.noun_tags = NOUN_TAGS.get(cfg.pos, NOUN_TAGS["noun"])
+        m.names, m.agreement = cfg.names, cfg.pos_context
         self.lemmatizer = Lemmatizer(cfg.spacy_model) if cfg.lemmatize else None
 
     def __call__(self, captions: Sequence[str | None]):
@@ -756,7 +851,7 @@ class Lemmatizer:
 
 #: the settings whose precision docs/concepts.md measured ("Concept precision"); the card names them
 RULE_KEYS = ("senses", "skip_adjectives", "adjective_ratio", "min_sense_share", "uncounted_senses", "own_word_first",
-             "compounds", "pos", "pos_ambiguity", "overlaps")
+             "compounds", "pos", "pos_ambiguity", "pos_context", "names", "overlaps")
 
 
 def card_lines(cat) -> list[str]:

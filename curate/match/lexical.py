@@ -472,7 +472,7 @@ class LexicalMatcher:
         self.tagger: Callable[[Sequence[str]], list[list[str] | None]] | None = None
         self.noun_tags = NOUN_TAGS["noun"]
         self.names = False  # hit-level: non-final words of capitalised names (match_rules)
-        self.agreement = False  # with tagger: singular noun phrase + plural-tagged hit = a verb (match_rules)
+        self.context = False  # with tagger: the words around a tagged hit overrule it (pos_context, match_rules)
         empty = np.zeros(0, dtype=np.int64)
         self.removed: tuple[np.ndarray, ...] = (empty, empty, empty, empty)
         merged: dict[str, dict[str, int]] = {}
@@ -575,7 +575,7 @@ class LexicalMatcher:
         reason)`` (:meth:`match_rules`, with this matcher's ``compounds``, ``tagger`` and ``noun_tags``)."""
         if self._filtered or self.compounds or self.tagger is not None or self.names:
             kept, self.removed = self.match_rules(captions, self.compounds, self.tagger, self.noun_tags, lemma_texts,
-                                                  names=self.names, agreement=self.agreement)
+                                                  names=self.names, context=self.context)
             return kept
         empty = np.zeros(0, dtype=np.int64)
         self.removed = (empty, empty, empty, empty)
@@ -593,14 +593,14 @@ class LexicalMatcher:
     def match_rules(self, captions: Sequence[str | None], compounds: bool = False,
                     tagger: Callable[[Sequence[str]], list[list[str] | None]] | None = None,
                     noun_tags: frozenset[str] = NOUN_TAGS["noun"],
-                    lemma_texts: Sequence[str | None] | None = None, names: bool = False, agreement: bool = False):
+                    lemma_texts: Sequence[str | None] | None = None, names: bool = False, context: bool = False):
         """:meth:`match` with the hit-level rules, and what every rule removed.
 
         ``compounds``: a hit inside a longer hit (a bank form or a blocker) is removed (``inside_compound``).
         ``tagger``: captions → one Penn tag per normalized word (None: cannot say); a hit of an ``ambiguous`` form
         whose last word is not tagged as one of ``noun_tags`` is removed (``not_a_noun``). Only captions with such a
-        hit are tagged; ``agreement``: a plural-tagged hit in a singular noun phrase is not a noun either
-        (:func:`singular_phrase_verb`). ``names``: a hit that is a non-final part of a capitalised name is removed
+        hit are tagged; ``context``: nor is a plural-tagged hit in a singular noun phrase, or an adjectival form
+        before a noun (:func:`singular_phrase_verb`, :func:`before_noun`). ``names``: a hit that is a non-final part of a capitalised name is removed
         (``in_a_name``, :func:`in_a_name`). Lemma-text hits (``lemmatize``) get the form-level rules only.
 
         Returns ``(cap, concept, form)`` of the kept pairs as :meth:`match` and ``(cap, concept, form, reason)``
@@ -702,8 +702,8 @@ class LexicalMatcher:
                     words = tags.get(w)
                     if words and k < len(words) and (
                             words[k] not in noun_tags
-                            or agreement and (singular_phrase_verb(w, words, k, self.form_words[int(rv_a[h])])
-                                              or self._adjectival[rv_a[h]] and before_noun(w, words, k))):
+                            or context and (singular_phrase_verb(w, words, k, self.form_words[int(rv_a[h])])
+                                            or self._adjectival[rv_a[h]] and before_noun(w, words, k))):
                         why[h] = R["not_a_noun"]
         return self._split(ri_a, rv_a, why)
 
@@ -822,7 +822,7 @@ class RuleMatcher:
         m.compounds = cfg.compounds != "off" or cfg.overlaps == "longest"
         m.tagger = self.tagger = PosTagger(cfg.spacy_model) if cfg.pos != "off" and plan.ambiguous else None
         m.noun_tags = NOUN_TAGS.get(cfg.pos, NOUN_TAGS["noun"])
-        m.names, m.agreement = cfg.names, cfg.pos_context
+        m.names, m.context = cfg.names, cfg.pos_context
         self.lemmatizer = Lemmatizer(cfg.spacy_model) if cfg.lemmatize else None
 
     def __call__(self, captions: Sequence[str | None]):

@@ -65,7 +65,7 @@ def _export(args: argparse.Namespace) -> int:
     from align.config import load_train_recipe
     from align.model import AlignedModel, DualProjector
     from align.training.caches import load_encoders
-    from align.training.checkpoints import latest_checkpoint
+    from align.training.checkpoints import ema_heads_state, latest_checkpoint
 
     recipe = load_train_recipe(args.config, args.set)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(recipe.output_dir)
@@ -75,7 +75,9 @@ def _export(args: argparse.Namespace) -> int:
     heads = DualProjector.for_encoders(recipe.projector.image, recipe.projector.text, vision, text,
                                        recipe.image_pooling)
     state = load_file(str(ckpt / "model.safetensors"))
-    heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+    # the raw weights, or (train.ema_decay) their moving average: what the run itself saves as its model
+    heads.load_state_dict(ema_heads_state(ckpt) if recipe.train.ema_decay is not None else
+                          {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
     lt = state.get("loss.log_temperature")
     model = AlignedModel.from_parts(heads, vision, text, recipe.projector.image, recipe.projector.text,
                                     pooling=recipe.image_pooling,

@@ -98,6 +98,9 @@ class TrainConfig(Strict):
     warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(None, gt=0)
+    # an exponential moving average of the head weights (decay per optimiser step; the first step's weights start
+    # it): what validation sees and what the saved model holds; None = off
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     augment: bool = True  # cache: pick one of the cached crops per pair; encoders: random resized crop + flip

@@ -319,3 +319,53 @@ def test_structure_regulariser_trains_and_is_logged(tmp_path, tiny_vision_dir, t
     rows = [json.loads(x) for x in (tmp_path / "run" / "logs" / "align" / "log.jsonl").read_text().splitlines()]
     reg = [r["train/structure"] for r in rows if "train/structure" in r]
     assert reg and all(0.0 <= v < 1.0 for v in reg)
+
+
+def test_ema_heads_are_the_moving_average_saved_and_resumed(tmp_path, tiny_vision_dir, text_dir, data_dir):
+    """train.ema_decay: the saved model (and validation) holds the moving average of the raw head weights after
+    each optimiser step, started by the first step's weights; a run killed mid-way and resumed ends with the same
+    average (the checkpoint carries it)."""
+    decay = 0.8
+    over = dict(train__epochs=2, train__checkpoint_every=5, train__ema_decay=decay)
+    expect: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
+
+    def record(trainer):
+        for k, v in trainer.unwrapped.heads.state_dict().items():
+            raw[k] = v = v.detach().float().clone()
+            expect[k] = v if trainer.state.step == 1 else decay * expect[k] + (1 - decay) * v
+        assert trainer.heads is not trainer.unwrapped.heads
+
+    rp = make_recipe(tmp_path / "ref" / "r.yaml", tiny_vision_dir, text_dir, data_dir, **over)
+    ref = train(load_train_recipe(rp), callbacks=[record])
+    assert ref["steps"] == 2 * (200 // 32)
+    saved = load_file(str(tmp_path / "ref" / "run" / "model" / "model.safetensors"))
+    assert saved.keys() == expect.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k].float(), expect[k], rtol=1e-5, atol=1e-6)
+    # not the raw weights: the average lags behind them
+    assert any(not torch.allclose(raw[k], saved[k].float()) for k in saved)
+    # `align export` of the last checkpoint gives the same averaged heads
+    assert cli_main(["export", "--config", str(rp), "--out", str(tmp_path / "exp"), "--no-hf"]) == 0
+    exp = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    assert exp.keys() == saved.keys() and all(torch.equal(exp[k], saved[k]) for k in saved)
+    # the same run without the average saves different weights
+    plain = make_recipe(tmp_path / "plain" / "r.yaml", tiny_vision_dir, text_dir, data_dir,
+                        train__epochs=2, train__checkpoint_every=5)
+    train(load_train_recipe(plain))
+    other = load_file(str(tmp_path / "plain" / "run" / "model" / "model.safetensors"))
+    assert any(not torch.allclose(other[k], saved[k]) for k in saved)
+    # a checkpoint saved without the average does not resume with one (one line, not accelerate's traceback)
+    with pytest.raises(RecipeError, match="no moving average of the heads"):
+        train(load_train_recipe(plain, ["train.ema_decay=0.8"]))
+    # killed after step 8 (checkpoint at step 6 = the end of epoch 0), resumed: the same averaged model
+    kill_r = make_recipe(tmp_path / "kill" / "r.yaml", tiny_vision_dir, text_dir, data_dir, **over)
+    p = _run_killed_after(kill_r, 8)
+    assert p.returncode == -9, p.stderr[-2000:]
+    p = _run_script(kill_r)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "step 6)" in p.stdout + p.stderr
+    got = load_file(str(tmp_path / "kill" / "run" / "model" / "model.safetensors"))
+    for k in saved:
+        torch.testing.assert_close(got[k], saved[k], rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "kill" / "run" / "metrics.json").read_text())["val"] == pytest.approx(ref["val"])

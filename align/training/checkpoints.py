@@ -17,6 +17,9 @@ from tether.recipe import RecipeError
 CKPT_PREFIX = "step-"
 CHECKSUMS = "checksums.json"  # in every checkpoint: size + sha256 of each file, verified before resuming
 LAST_LOSSES = 10  # metrics.json's last_loss: the mean of the run's last 10 micro-batch losses
+# the objects the trainer registers for checkpointing, in this order: accelerate writes the i-th one to
+# custom_checkpoint_<i>.pkl ("ema" only with train.ema_decay)
+CHECKPOINTED = ("scheduler", "state", "ema")
 
 
 @dataclass
@@ -139,3 +142,24 @@ def resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     if not ckpt.is_dir():
         raise RecipeError(f"--resume {resume}: no checkpoint folder there")
     return ckpt
+
+
+def checkpointed_file(ckpt: Path, name: str) -> Path:
+    """The file in ``ckpt`` that holds the registered object ``name`` (one of :data:`CHECKPOINTED`)."""
+    return ckpt / f"custom_checkpoint_{CHECKPOINTED.index(name)}.pkl"
+
+
+def ema_heads_state(ckpt: Path) -> dict:
+    """The moving average of the heads saved in ``ckpt`` (``train.ema_decay``) as a heads ``state_dict``; a
+    checkpoint saved without one → :class:`RecipeError` (one line)."""
+    import torch
+
+    path = checkpointed_file(ckpt, "ema")
+    if not path.is_file():
+        raise RecipeError(f"checkpoint {ckpt} has no moving average of the heads (saved without train.ema_decay): "
+                          "start over (--resume never) or train without train.ema_decay")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise RecipeError(f"checkpoint {ckpt}: {path.name} cannot be read ({type(e).__name__})") from None
+    return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}

@@ -34,7 +34,8 @@ from align.prepare import PrepSpec
 from align.training.batches import CacheBatches, EncoderBatches, EpochPlan, TrainPrep, TrainUnits
 from align.training.caches import extract_split, load_encoders, open_checked, pooled_part
 from align.training.stream import Batch, Part, StreamedCacheBatches, cache_bytes
-from align.training.checkpoints import TrainState, resume_checkpoint, save_checkpoint, verify_checkpoint
+from align.training.checkpoints import (TrainState, ema_heads_state, resume_checkpoint, save_checkpoint,
+                                        verify_checkpoint)
 from align.training.lock import load_init_model, load_locked_image_head, lock_image_head
 from align.training.trackers import flat_config, make_trackers
 from tether.recipe import RecipeError
@@ -152,8 +153,10 @@ class Trainer:
         self.task, self.optimizer, self.scheduler = self._make_optimizer()
         self.unwrapped: AlignTask = self.accelerator.unwrap_model(self.task)
         self.state = TrainState()
-        self.accelerator.register_for_checkpointing(self.scheduler)
-        self.accelerator.register_for_checkpointing(self.state)
+        self.ema = self._make_ema()
+        for obj in (self.scheduler, self.state, self.ema):  # the order of checkpoints.CHECKPOINTED
+            if obj is not None:
+                self.accelerator.register_for_checkpointing(obj)
         self._resume(resume, ignore_rng_state)
         self._start_output()
 
@@ -250,11 +253,27 @@ class Trainer:
         task, optimizer = self.accelerator.prepare(task, optimizer)
         return task, optimizer, scheduler
 
+    def _make_ema(self):
+        """The moving average of the heads (``train.ema_decay``), or None. Its first update copies the weights."""
+        decay = self.tc.ema_decay
+        if decay is None:
+            return None
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        return AveragedModel(self.unwrapped.heads, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @property
+    def heads(self) -> DualProjector:
+        """The heads that are validated and saved: the moving average when ``train.ema_decay`` is set."""
+        return self.unwrapped.heads if self.ema is None else self.ema.module
+
     def _resume(self, resume: str, ignore_rng_state: bool) -> None:
         ckpt = resume_checkpoint(self.out_dir, resume)
         if ckpt is None:
             return
         verify_checkpoint(ckpt, self.accelerator.process_index, ignore_rng_state)
+        if self.ema is not None:
+            ema_heads_state(ckpt)  # one line for a checkpoint saved without the average
         self.accelerator.load_state(str(ckpt))
         s = self.state
         self.accelerator.print(f"resumed from {ckpt} (epoch {s.epoch}, batch {s.batch}, step {s.step})")
@@ -338,6 +357,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.unwrapped.heads)
         self.state.step += 1
         self.state.samples += tc.batch_size * self.world * tc.grad_accum
 
@@ -379,7 +400,7 @@ class Trainer:
         """Retrieval on the validation features into ``state.val`` (and the trackers); nothing without ``val``."""
         if self.val_feats is None:
             return
-        self.state.val = validate(self.unwrapped.heads, self.val_feats, self.device)
+        self.state.val = validate(self.heads, self.val_feats, self.device)
         if log:
             self.accelerator.log({f"val/{k}": v for k, v in self.state.val.items()}, step=self.state.step)
 
@@ -415,7 +436,7 @@ class Trainer:
 
     def _save(self, summary: dict[str, Any]) -> None:
         recipe, out_dir, state = self.recipe, self.out_dir, self.state
-        model = AlignedModel.from_parts(self.unwrapped.heads, self.vision, self.text, recipe.projector.image,
+        model = AlignedModel.from_parts(self.heads, self.vision, self.text, recipe.projector.image,
                                         recipe.projector.text, pooling=recipe.image_pooling,
                                         temperature=summary["temperature"])
         if self.locked is not None:

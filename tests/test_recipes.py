@@ -65,8 +65,9 @@ def test_flickr8k_best_pair_settings():
 
 def test_flickr8k_dinov2s_settings():
     """docs/results.md section 10.2: the dev-chosen DINOv2-S recipe (4 layers in one pass, three text encoders,
-    4 epochs with the STRUCTURE regulariser at weight 2, section 10.3)."""
+    4 epochs with the STRUCTURE regulariser at weight 2, section 10.3; the heads' moving average, 10.4)."""
     r = parse(TrainRecipe, read_yaml(RECIPES / "align_flickr8k_dinov2s.yaml"), "dinov2s")
     assert r.vision.name.endswith("models/dinov2-small") and list(r.vision.layer) == [9, 10, 11, -1]
     assert [m.name for m in r.text.members] == ["sentence-transformers/all-MiniLM-L6-v2", "use-multilingual-v3"]
     assert (r.train.epochs, r.loss.structure, r.features.pooling) == (4, 2.0, "cls+mean")
+    assert r.train.ema_decay == 0.98  # section 10.4
